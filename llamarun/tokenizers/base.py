@@ -1,0 +1,25 @@
+"""The interface every tokenizer implements, so the rest of llamarun never asks which one it has."""
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+    eog_ids: frozenset[int]      # ids that end generation (EOS, end-of-turn tokens)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Text -> ids, with BOS/EOS prepended/appended when asked."""
+
+    def token_bytes(self, token: int, prev: int | None = None) -> bytes:
+        """The raw bytes `token` contributes to the text when it follows `prev`.
+
+        Follows run.c's decode(): the leading space of a piece is dropped right after BOS, and a byte
+        token (`<0x0A>`) is that one raw byte. Special tokens (BOS/EOS) give b"".
+        Bytes, not str: a multi-byte character may be split over several tokens.
+        """
+
+    def decode(self, ids: list[int]) -> str:
+        """ids -> text: the concatenated token_bytes, decoded as UTF-8 (invalid bytes replaced)."""
