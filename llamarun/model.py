@@ -1,0 +1,196 @@
+"""The Llama transformer forward pass and its KV cache, on numpy.
+
+One forward call takes a `Batch`: tokens from one or more independent sequences, each token with its
+own position and sequence id (llama.cpp's `llama_batch`). All tokens go through every layer together
+as one (n_tokens, dim) matrix, so a prompt is a few large matrix products (BLAS) rather than one
+matrix-vector product per token; attention is the only step done per sequence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ModelConfig
+from .kernels.attention import attention as attention_kernel
+from .tensors import GroupQuantized, quantize_groups
+
+
+# ----------------------------------------------------------------------------------------------
+# batch and cache
+
+@dataclass
+class Batch:
+    tokens: np.ndarray    # (n,) int64   token ids
+    pos: np.ndarray       # (n,) int64   position of each token in its sequence
+    seq_ids: np.ndarray   # (n,) int64   which sequence (= KV cache slot) each token belongs to
+    logits: np.ndarray    # (n,) bool    whether to compute the logits of this token
+
+    @classmethod
+    def sequence(cls, tokens, start_pos: int = 0, seq_id: int = 0, all_logits: bool = False) -> Batch:
+        """Consecutive tokens of one sequence; logits for the last one (or for all of them)."""
+        n = len(tokens)
+        want = np.ones(n, bool) if all_logits else np.arange(n) == n - 1
+        return cls(np.asarray(tokens, np.int64), np.arange(start_pos, start_pos + n, dtype=np.int64),
+                   np.full(n, seq_id, np.int64), want)
+
+    @classmethod
+    def of(cls, tokens, pos, seq_ids, logits=None) -> Batch:
+        n = len(tokens)
+        want = np.ones(n, bool) if logits is None else np.asarray(logits, bool)
+        return cls(np.asarray(tokens, np.int64), np.asarray(pos, np.int64), np.asarray(seq_ids, np.int64), want)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+class KVCache:
+    """Keys and values of every layer, for `n_seqs` independent sequences of up to `seq_len` tokens.
+
+    Laid out (layer, seq, kv_head, position, head_dim), so the keys one head attends over are one
+    contiguous (positions, head_dim) matrix that BLAS reads without a copy.
+    """
+
+    def __init__(self, config: ModelConfig, n_seqs: int = 1, seq_len: int | None = None):
+        self.seq_len = seq_len or config.seq_len
+        shape = (config.n_layers, n_seqs, config.n_kv_heads, self.seq_len, config.head_dim)
+        # np.zeros maps untouched pages lazily, so a long context costs memory only as it fills
+        self.k = np.zeros(shape, np.float32)
+        self.v = np.zeros(shape, np.float32)
+
+    @property
+    def n_seqs(self) -> int:
+        return self.k.shape[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# the building blocks
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight, row by row.   x: (n, dim)
+
+    The sum of squares runs left to right in float32, as run.c's loop does: with int8 activations
+    (runq.c) a value that lands within an ulp of a rounding boundary is otherwise quantized one step
+    off, and the logits move by ~1e-2. The cost is nothing next to the matrix products.
+    """
+    ss = np.cumsum(x * x, axis=-1, dtype=np.float32)[:, -1:] / np.float32(x.shape[-1])   # (n, 1)
+    return weight * ((np.float32(1.0) / np.sqrt(ss + np.float32(eps))) * x)
+
+
+def rope_tables(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of every (position, pair) rotation angle, each (seq_len, head_dim // 2).
+
+    Computed in float32 as run.c does (freq = 1/theta^(2i/D), angle = pos * freq), so positions far
+    into the context rotate exactly as the reference engine rotates them.
+    """
+    D = config.head_dim
+    freqs = np.float32(1.0) / np.power(np.float32(config.rope_theta),
+                                       np.arange(0, D, 2, dtype=np.float32) / np.float32(D))
+    angles = np.arange(config.seq_len, dtype=np.float32)[:, None] * freqs[None, :]   # (seq_len, D/2)
+    return np.cos(angles.astype(np.float64)).astype(np.float32), np.sin(angles.astype(np.float64)).astype(np.float32)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by its angle (llama2.c's layout).
+
+    x: (n, heads, head_dim); cos, sin: (n, head_dim // 2) for the tokens' positions.
+    """
+    pairs = x.reshape(*x.shape[:-1], -1, 2)        # (n, heads, D/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = np.empty_like(pairs)
+    out[..., 0] = x0 * c - x1 * s
+    out[..., 1] = x0 * s + x1 * c
+    return out.reshape(x.shape)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(x), rounded as run.c writes it (a multiply by the reciprocal, not a division)."""
+    return x * (np.float32(1.0) / (np.float32(1.0) + np.exp(-x)))
+
+
+def linear(x: np.ndarray, w) -> np.ndarray:
+    """x @ w.T for a weight stored (out_features, in_features).   x: (n, in) -> (n, out)"""
+    if isinstance(w, GroupQuantized):
+        return linear_q8(x, w)
+    if x.shape[0] == 1:
+        return (w @ x[0])[None, :]      # one row: a matrix-vector product reads the weights once
+    return x @ w.T
+
+
+def linear_q8(x: np.ndarray, w: GroupQuantized) -> np.ndarray:
+    """runq.c's int8 matmul: activations quantized per group, integer dot per group, float32 sums.
+
+    out[t, o] = sum_g float(int_dot(xq[t, g], wq[o, g])) * w_scale[o, g] * x_scale[t, g], summed over
+    groups g in order. The integer dots are done as float32 products: every partial sum of a group is
+    an integer below 127*127*group_size < 2^24, so float32 holds it exactly whatever the order.
+    """
+    gs = w.group_size
+    n, n_in = x.shape
+    G = n_in // gs
+    xq = quantize_groups(x, gs)
+    xg = xq.q.reshape(n, G, gs).transpose(1, 0, 2).astype(np.float32)          # (G, n, gs)
+    wg = w.q.reshape(-1, G, gs).transpose(1, 2, 0).astype(np.float32)          # (G, gs, out)
+    int_dots = xg @ wg                                                           # (G, n, out) exact
+    terms = int_dots * w.scale.T[:, None, :] * xq.scale.T[:, :, None]           # (G, n, out)
+    return np.cumsum(terms, axis=0, dtype=np.float32)[-1]                        # left-to-right over groups
+
+
+def embed(table, tokens: np.ndarray) -> np.ndarray:
+    """Rows of the token embedding table (dequantized if the table is int8).   -> (n, dim)"""
+    if isinstance(table, GroupQuantized):
+        return table[tokens].dequantize()
+    return table[tokens].astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# the transformer
+
+class Transformer:
+    def __init__(self, config: ModelConfig, weights: dict):
+        self.config = config
+        self.w = weights
+        self.rope_cos, self.rope_sin = rope_tables(config)
+        self.attention_hook = None   # inspection tools set it: called as hook(layer, batch, probs)
+
+    def forward(self, batch: Batch, cache: KVCache) -> np.ndarray:
+        """Run the batch through the model, filling the cache. -> (n_wanted, vocab) float32 logits."""
+        c, w = self.config, self.w
+        if len(batch) and (batch.pos.max() >= cache.seq_len or batch.pos.min() < 0):
+            raise ValueError(f"positions must lie in [0, {cache.seq_len})")
+        cos, sin = self.rope_cos[batch.pos], self.rope_sin[batch.pos]            # (n, D/2)
+        x = embed(w["tok_embeddings"], batch.tokens)                            # (n, dim)
+        for layer in range(c.n_layers):
+            h = rmsnorm(x, w["attention_norm"][layer], c.norm_eps)
+            x = x + linear(self.attention(h, layer, batch, cache, cos, sin), w["wo"][layer])
+            h = rmsnorm(x, w["ffn_norm"][layer], c.norm_eps)
+            x = x + self.feed_forward(h, layer)
+        x = rmsnorm(x[batch.logits], w["norm"], c.norm_eps)                      # (n_wanted, dim)
+        return linear(x, w["output"])                                            # (n_wanted, vocab)
+
+    def feed_forward(self, h: np.ndarray, layer: int) -> np.ndarray:
+        """SwiGLU: w2(silu(w1 h) * w3 h).   (n, dim) -> (n, dim)"""
+        w = self.w
+        gate = silu(linear(h, w["w1"][layer]))                                   # (n, hidden)
+        return linear(gate * linear(h, w["w3"][layer]), w["w2"][layer])
+
+    def attention(self, h, layer, batch: Batch, cache: KVCache, cos, sin) -> np.ndarray:
+        """Causal grouped-query self-attention; writes this batch's keys/values into the cache.
+
+        h: (n, dim) -> (n, n_heads * head_dim)
+        """
+        c, w = self.config, self.w
+        n, D = len(batch), c.head_dim
+        q = apply_rope(linear(h, w["wq"][layer]).reshape(n, c.n_heads, D), cos, sin)     # (n, H, D)
+        k = apply_rope(linear(h, w["wk"][layer]).reshape(n, c.n_kv_heads, D), cos, sin)  # (n, KV, D)
+        v = linear(h, w["wv"][layer]).reshape(n, c.n_kv_heads, D)                        # (n, KV, D)
+        cache.k[layer, batch.seq_ids, :, batch.pos] = k
+        cache.v[layer, batch.seq_ids, :, batch.pos] = v
+
+        out = np.empty((n, c.n_heads, D), np.float32)
+        record = self.attention_hook is not None
+        probs = np.zeros((n, c.n_heads, int(batch.pos.max()) + 1) if record else (1, 1, 1), np.float32)
+        attention_kernel(q, cache.k[layer], cache.v[layer], batch.seq_ids, batch.pos, out, probs, record)
+        if record:
+            self.attention_hook(layer, batch, probs)    # probs[i, h, :pos[i]+1]: token i's attention
+        return out.reshape(n, c.n_heads * D)

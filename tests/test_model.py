@@ -1,0 +1,128 @@
+"""The forward pass: batches of several sequences, logits where asked, and MQA against a naive reference."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import llamarun
+from llamarun.model import Batch, KVCache, apply_rope, rope_tables
+
+from conftest import SHARED, MODELS, logits_tolerance, require
+
+
+@pytest.fixture(scope="module")
+def gqa():
+    return llamarun.load(str(require(MODELS / "tiny_gqa.bin")))
+
+
+@pytest.fixture(scope="module")
+def mqa_path(tmp_path_factory):
+    """A random multi-query model (4 heads sharing 1 kv head) written by ../shared/tools/mkmodel.py."""
+    path = tmp_path_factory.mktemp("models") / "tiny_mqa.bin"
+    tool = require(SHARED / "tools" / "mkmodel.py")
+    subprocess.run([sys.executable, str(tool), "tiny_mqa", str(path), "3"], check=True)
+    return str(path)
+
+
+def alone(llama, ids):
+    return llama.model.forward(Batch.sequence(ids, all_logits=True), KVCache(llama.config))
+
+
+def test_two_sequences_in_one_batch_give_the_logits_each_gives_alone(gqa):
+    a = [1, 512, 278, 14089, 29892, 727, 471]
+    b = [1, 15043, 3186, 29991, 450]
+    ref_a, ref_b = alone(gqa, a), alone(gqa, b)
+
+    cache = KVCache(gqa.config, n_seqs=2)
+    # prefill both prompts in one batch, interleaved, then decode one token of each together
+    prompt = Batch.of(tokens=a[:4] + b[:3], pos=[0, 1, 2, 3, 0, 1, 2], seq_ids=[0] * 4 + [1] * 3)
+    prefill = gqa.model.forward(prompt, cache)
+    rows = {0: list(prefill[:4]), 1: list(prefill[4:])}
+    for step in range(2):
+        batch = Batch.of(tokens=[a[4 + step], b[3 + step]], pos=[4 + step, 3 + step], seq_ids=[0, 1])
+        out = gqa.model.forward(batch, cache)
+        rows[0].append(out[0])
+        rows[1].append(out[1])
+    tol = logits_tolerance(ref_a[:6], 2e-5)[:, None]
+    assert (np.abs(np.array(rows[0]) - ref_a[:6]) <= tol).all()
+    tol = logits_tolerance(ref_b, 2e-5)[:, None]
+    assert (np.abs(np.array(rows[1]) - ref_b) <= tol).all()
+
+
+def test_logits_are_computed_only_where_asked(gqa):
+    ids = [1, 512, 278, 14089, 29892]
+    full = alone(gqa, ids)
+    batch = Batch.of(ids, range(5), [0] * 5, logits=[False, True, False, False, True])
+    some = gqa.model.forward(batch, KVCache(gqa.config))
+    assert some.shape == (2, 32000)
+    np.testing.assert_allclose(some, full[[1, 4]], atol=1e-5)
+    last = gqa.model.forward(Batch.sequence(ids), KVCache(gqa.config))
+    assert last.shape == (1, 32000)
+
+
+def test_positions_outside_the_cache_are_refused(gqa):
+    with pytest.raises(ValueError):
+        gqa.model.forward(Batch.sequence([1, 2], start_pos=127), KVCache(gqa.config))
+
+
+def test_rope_rotates_interleaved_pairs_by_position_times_frequency():
+    config = llamarun.config.ModelConfig(8, 16, 1, 1, 1, 10, 16, rope_theta=500.0)
+    cos, sin = rope_tables(config)
+    x = np.arange(1, 9, dtype=np.float32).reshape(1, 1, 8)
+    pos = 5
+    out = apply_rope(x, cos[[pos]], sin[[pos]])[0, 0]
+    for i in range(4):
+        angle = pos / 500.0 ** (2 * i / 8)
+        x0, x1 = x[0, 0, 2 * i], x[0, 0, 2 * i + 1]
+        assert out[2 * i] == pytest.approx(x0 * np.cos(angle) - x1 * np.sin(angle), rel=1e-5)
+        assert out[2 * i + 1] == pytest.approx(x0 * np.sin(angle) + x1 * np.cos(angle), rel=1e-5)
+
+
+def naive_forward(w, c, tokens):
+    """llama2.c's run.c forward() written out loop by loop in float64: an independent reference."""
+    D, kv_mul = c.dim // c.n_heads, c.n_heads // c.n_kv_heads
+    f = {k: np.asarray(v, np.float64) for k, v in w.items()}
+    keys = np.zeros((c.n_layers, len(tokens), c.n_kv_heads * D))
+    values = np.zeros_like(keys)
+    out = []
+
+    def rms(x, g):
+        return g * x / np.sqrt(np.mean(x * x) + 1e-5)
+
+    for pos, tok in enumerate(tokens):
+        x = f["tok_embeddings"][tok].copy()
+        for l in range(c.n_layers):
+            h = rms(x, f["attention_norm"][l])
+            q, k, v = f["wq"][l] @ h, f["wk"][l] @ h, f["wv"][l] @ h
+            for i in range(0, c.dim, 2):
+                angle = pos / 10000.0 ** ((i % D) / D)
+                for vec in (q, k) if i < c.n_kv_heads * D else (q,):
+                    v0, v1 = vec[i], vec[i + 1]
+                    vec[i], vec[i + 1] = v0 * np.cos(angle) - v1 * np.sin(angle), v0 * np.sin(angle) + v1 * np.cos(angle)
+            keys[l, pos], values[l, pos] = k, v
+            att_out = np.zeros(c.dim)
+            for head in range(c.n_heads):
+                kh = (head // kv_mul) * D
+                scores = np.array([q[head * D:(head + 1) * D] @ keys[l, t, kh:kh + D] for t in range(pos + 1)])
+                scores = np.exp(scores / np.sqrt(D) - (scores / np.sqrt(D)).max())
+                scores /= scores.sum()
+                att_out[head * D:(head + 1) * D] = sum(a * values[l, t, kh:kh + D] for t, a in enumerate(scores))
+            x = x + f["wo"][l] @ att_out
+            h = rms(x, f["ffn_norm"][l])
+            g1, g3 = f["w1"][l] @ h, f["w3"][l] @ h
+            x = x + f["w2"][l] @ (g1 / (1 + np.exp(-g1)) * g3)
+        out.append(f["output"] @ rms(x, f["norm"]))
+    return np.array(out)
+
+
+def test_multi_query_attention_matches_a_naive_reference(mqa_path):
+    llama = llamarun.load(mqa_path)
+    assert (llama.config.n_heads, llama.config.n_kv_heads) == (4, 1)
+    ids = [1, 450, 4996, 17354, 1701, 432, 17204, 975]
+    ref = naive_forward(llama.checkpoint.weights, llama.config, ids)
+    tol = logits_tolerance(ref, 2e-5)[:, None]
+    assert (np.abs(alone(llama, ids) - ref) <= tol).all()
+    cache = KVCache(llama.config)
+    decoded = np.array([llama.model.forward(Batch.sequence([t], p), cache)[0] for p, t in enumerate(ids)])
+    assert (np.abs(decoded - ref) <= tol).all()
