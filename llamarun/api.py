@@ -1,0 +1,128 @@
+"""The Python API: `llamarun.load(path)` gives a `Llama` that encodes, scores and generates."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import LlamarunError
+from .formats import load_checkpoint
+from .generation import Completion, TokenEvent, generate_stream
+from .model import Batch, KVCache, Transformer
+from .sampling import make_sampler
+from .tokenizers import load_tokenizer
+
+LLAMA2C_BOS, LLAMA2C_EOS = 1, 2
+
+
+def load(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> "Llama":
+    """Load a model (memory-mapped) and, optionally, its tokenizer (tokenizer.bin or tokenizer.model).
+
+    Without a tokenizer the model still works on token ids.
+    """
+    checkpoint = load_checkpoint(path)
+    tok = load_tokenizer(tokenizer, vocab_size=checkpoint.config.vocab_size) if tokenizer is not None else None
+    return Llama(checkpoint, tok)
+
+
+def find_tokenizer(model_path: str | os.PathLike, vocab_size: int) -> str | None:
+    """A tokenizer beside the model (or in the working directory) whose size fits the model, if any."""
+    for folder in (Path(model_path).resolve().parent, Path.cwd()):
+        for name in ("tokenizer.model", "tokenizer.bin"):
+            candidate = folder / name
+            if candidate.is_file():
+                try:
+                    load_tokenizer(candidate, vocab_size=vocab_size)
+                except LlamarunError:
+                    continue
+                return str(candidate)
+    return None
+
+
+class Llama:
+    """A loaded model with its tokenizer: the object the API and the CLI work with."""
+
+    def __init__(self, checkpoint, tokenizer=None):
+        self.checkpoint = checkpoint
+        self.config = checkpoint.config
+        self.model = Transformer(checkpoint.config, checkpoint.weights)
+        self.tokenizer = tokenizer
+
+    def __repr__(self) -> str:
+        return f"Llama({self.checkpoint.path!r}, {self.checkpoint.description}, {self.config})"
+
+    # -- text <-> ids -------------------------------------------------------------------------
+
+    def encode(self, prompt: str | Sequence[int], bos: bool = True) -> list[int]:
+        """Text -> ids (with BOS); a list of ids passes through unchanged."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise LlamarunError("this model was loaded without a tokenizer: pass token ids, or load it with "
+                                    "tokenizer=PATH (CLI: -z PATH)")
+            return self.tokenizer.encode(prompt, bos=bos)
+        return [int(t) for t in prompt]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            raise LlamarunError("this model was loaded without a tokenizer, so it cannot turn ids into text")
+        return self.tokenizer.decode(list(ids))
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def logits(self, ids: Sequence[int] | str) -> np.ndarray:
+        """Teacher-forced logits of every position, in one batched pass.   -> (len(ids), vocab) float32"""
+        ids = self.encode(ids)
+        if len(ids) > self.config.seq_len:
+            raise LlamarunError(f"{len(ids)} tokens do not fit the model's context of {self.config.seq_len}")
+        return self.model.forward(Batch.sequence(ids, all_logits=True), KVCache(self.config, seq_len=len(ids)))
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def stream(self, prompt: str | Sequence[int], max_tokens: int = 256, *, sampler: str = "default",
+               stop: Sequence[str] = (), **sampling) -> "Stream":
+        """Generate lazily: iterate for TokenEvents (ev.token, ev.text); `.completion` holds the result.
+
+        sampling: temperature, top_p, top_k, min_p, repeat_penalty, presence_penalty, frequency_penalty,
+        seed (see llamarun.sampling). sampler="llama2c" draws exactly as llama2.c's run.c and, as run.c,
+        stops only when BOS is drawn.
+        """
+        if isinstance(stop, str):
+            stop = [stop]
+        ids = self.encode(prompt)
+        chosen = make_sampler(sampler, **sampling)
+        if sampler == "llama2c":
+            stop_tokens = frozenset({LLAMA2C_BOS})
+        elif self.tokenizer is not None:
+            stop_tokens = self.tokenizer.eog_ids
+        else:
+            stop_tokens = frozenset({LLAMA2C_EOS})
+        result = Completion("", [])
+        events = generate_stream(self.model, self.tokenizer, ids, chosen, max_tokens=max_tokens,
+                                 stop_tokens=stop_tokens, stop=stop, result=result)
+        return Stream(events, result)
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, **options) -> Completion:
+        """Generate to the end: `.text`, `.tokens`, `.finish_reason` ("stop" or "length")."""
+        s = self.stream(prompt, max_tokens, **options)
+        for _ in s:
+            pass
+        return s.completion
+
+
+class Stream:
+    """An iterator of TokenEvents; once it is exhausted (or abandoned), `.completion` is the result so far."""
+
+    def __init__(self, events: Iterator[TokenEvent], completion: Completion):
+        self._events = events
+        self.completion = completion
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        return self._events
+
+    def __next__(self) -> TokenEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        self._events.close()

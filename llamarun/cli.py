@@ -1,0 +1,252 @@
+"""The command line: `llamarun generate | run | tokenize`.
+
+One rule for every command: the model is -m/--model, the prompt is positional or --prompt, -n is the
+number of new tokens. The exception is `run`, which takes llama2.c's run.c arguments unchanged.
+User errors print one line and exit 1; Ctrl-C keeps what was printed and exits 130.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .errors import LlamarunError
+
+EXIT_USER_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+# ----------------------------------------------------------------------------------------------
+# shared helpers
+
+def open_model(model_path: str, tokenizer_path: str | None, need_tokenizer: bool):
+    """Load the model and its tokenizer: the one given, or one found beside the model that fits."""
+    from .api import Llama, find_tokenizer
+    from .formats import load_checkpoint
+    from .tokenizers import load_tokenizer
+
+    checkpoint = load_checkpoint(model_path)
+    vocab = checkpoint.config.vocab_size
+    path = tokenizer_path or find_tokenizer(model_path, vocab)
+    if path is None and need_tokenizer:
+        raise LlamarunError(f"no tokenizer of {vocab} tokens found beside {model_path}: pass one with -z PATH "
+                            "(or use --ids with an empty prompt for ids-only output)")
+    tokenizer = load_tokenizer(path, vocab_size=vocab) if path else None
+    return Llama(checkpoint, tokenizer)
+
+
+class Output:
+    """Writes text as it streams, flushed, and tolerates a closed pipe (`llamarun ... | head`)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+
+    def text(self, s: str) -> None:
+        self.bytes(s.encode("utf-8", errors="surrogateescape"))
+
+    def bytes(self, b: bytes) -> None:
+        if b:
+            self.stream.buffer.write(b)
+            self.stream.buffer.flush()
+
+
+def prompt_of(args) -> str:
+    if args.prompt is not None and args.prompt_flag is not None:
+        raise LlamarunError("give the prompt once: either as the positional argument or with --prompt")
+    return args.prompt if args.prompt is not None else (args.prompt_flag or "")
+
+
+# ----------------------------------------------------------------------------------------------
+# llamarun generate
+
+def cmd_generate(args) -> int:
+    prompt = prompt_of(args)
+    llama = open_model(args.model, args.tokenizer, need_tokenizer=bool(prompt) or not args.ids)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.sampler != "llama2c":
+        sampling.update(top_k=args.top_k, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                        penalty_last_n=args.repeat_last_n)
+    else:
+        given = [f for f, v in (("--top-k", args.top_k), ("--min-p", args.min_p),
+                                ("--repeat-penalty", args.repeat_penalty),
+                                ("--presence-penalty", args.presence_penalty),
+                                ("--frequency-penalty", args.frequency_penalty)) if v is not None]
+        if given:
+            raise LlamarunError(f"--sampler llama2c uses only --temperature, --top-p and --seed, not {given[0]}")
+    ids = llama.encode(prompt) if llama.tokenizer else [1]
+    stream = llama.stream(ids, args.n, sampler=args.sampler, stop=args.stop or (), **sampling)
+    out = Output()
+    interrupted = False
+    try:
+        if not args.ids:
+            out.text(prompt)
+        for event in stream:
+            if not args.ids:
+                out.text(event.text)
+    except KeyboardInterrupt:
+        interrupted = True
+    result = stream.completion
+    if args.ids:
+        out.text(json.dumps(result.walked) + "\n")
+    else:
+        out.text("\n")
+    reason = "interrupted" if interrupted else result.finish_reason
+    if result.context_full:
+        reason += f" (context full: {llama.config.seq_len} tokens)"
+    print(f"prompt: {len(result.prompt_tokens)} tokens, {result.prefill_tok_s:.1f} tok/s | "
+          f"generated: {len(result.tokens)} tokens, {result.decode_tok_s:.1f} tok/s | finish: {reason}",
+          file=sys.stderr)
+    return EXIT_INTERRUPTED if interrupted else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# llamarun run: llama2.c's run.c, argument for argument
+
+def runc_piece(tokenizer, prev: int, token: int) -> bytes:
+    """What run.c prints for `token` after `prev`: its decode() piece through safe_printf."""
+    from .tokenizers import Llama2cTokenizer
+    if isinstance(tokenizer, Llama2cTokenizer) and token in (1, 2):
+        piece = tokenizer.pieces[token]           # run.c prints "\n</s>\n" for EOS as it is
+    else:
+        piece = tokenizer.token_bytes(token, prev)
+    # safe_printf: a lone byte that is neither printable nor whitespace (a stray UTF-8 fragment) is dropped
+    if len(piece) == 1 and not (0x20 <= piece[0] < 0x7F or piece[0] in b" \t\n\v\f\r"):
+        return b""
+    return piece
+
+
+def cmd_run(args) -> int:
+    if args.mode != "generate":
+        raise LlamarunError(f"run.c mode {args.mode!r} is not supported here: use -m generate")
+    if args.temperature < 0 or not 0 <= args.topp <= 1:
+        raise LlamarunError("run.c needs -t >= 0 and -p in [0, 1]")
+    need_tokenizer = bool(args.input) or not args.ids
+    llama = open_model(args.checkpoint, args.tokenizer, need_tokenizer)
+    seq_len = llama.config.seq_len
+    steps = seq_len if args.steps <= 0 or args.steps > seq_len else args.steps   # run.c's clamp
+    prompt_ids = llama.encode(args.input or "") if llama.tokenizer else [1]
+    if steps < len(prompt_ids):
+        prompt_ids = prompt_ids[:steps]
+        max_new = 0
+    else:
+        max_new = steps - len(prompt_ids) + 1      # run.c samples at positions len(prompt)-1 .. steps-1
+    stream = llama.stream(prompt_ids, max_new, sampler="llama2c", temperature=args.temperature,
+                          top_p=args.topp, seed=args.seed or None)
+    out = Output()
+    prev = prompt_ids[0]
+
+    def show(token):
+        nonlocal prev
+        if not args.ids:
+            out.bytes(runc_piece(llama.tokenizer, prev, token))
+        prev = token
+
+    interrupted = False
+    start = time.perf_counter()
+    try:
+        for token in prompt_ids[1:]:
+            show(token)
+        for event in stream:
+            if event.token is not None:
+                show(event.token)
+    except KeyboardInterrupt:
+        interrupted = True
+    result = stream.completion
+    if args.ids:
+        out.text(json.dumps(result.walked) + "\n")
+    else:
+        out.text("\n")
+    walked = len(result.walked) - 1
+    if walked > 1:
+        print(f"achieved tok/s: {walked / (time.perf_counter() - start):f}", file=sys.stderr)
+    return EXIT_INTERRUPTED if interrupted else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# llamarun tokenize
+
+def cmd_tokenize(args) -> int:
+    from .tokenizers import load_tokenizer
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    elif args.model:
+        tokenizer = open_model(args.model, None, need_tokenizer=True).tokenizer
+    else:
+        raise LlamarunError("pass the tokenizer with -z PATH (or a model with -m to use the tokenizer beside it)")
+    text = prompt_of(args)
+    print(json.dumps(tokenizer.encode(text, bos=not args.no_bos)))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# argument parsing
+
+def add_prompt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", help="the prompt text")
+    p.add_argument("--prompt", dest="prompt_flag", metavar="TEXT", help="the prompt (instead of the positional)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamarun", description="A readable, fast Llama inference engine.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="continue a prompt, streaming the text")
+    add_prompt(g)
+    g.add_argument("-m", "--model", required=True, help="model file (llama2.c .bin)")
+    g.add_argument("-z", "--tokenizer", help="tokenizer.bin or tokenizer.model (default: one beside the model)")
+    g.add_argument("-n", type=int, default=256, help="number of new tokens (default 256)")
+    g.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.95)")
+    g.add_argument("--top-k", type=int, help="keep the K most likely tokens, 0 = all (default 40)")
+    g.add_argument("--min-p", type=float, help="drop tokens below MIN_P x the top probability (default 0.05)")
+    g.add_argument("--repeat-penalty", type=float, help="llama.cpp repetition penalty (default 1.0 = off)")
+    g.add_argument("--repeat-last-n", type=int, help="how many recent tokens the penalties look at (default 64)")
+    g.add_argument("--presence-penalty", type=float, help="OpenAI presence penalty (default 0)")
+    g.add_argument("--frequency-penalty", type=float, help="OpenAI frequency penalty (default 0)")
+    g.add_argument("--stop", action="append", metavar="S", help="stop before this text (repeatable)")
+    g.add_argument("--seed", type=int, help="random seed (default: from the clock)")
+    g.add_argument("--sampler", choices=["default", "llama2c"], default="default",
+                   help="llama2c = run.c's exact sampling and stop rule")
+    g.add_argument("--ids", action="store_true", help="print the walked token ids as JSON instead of text")
+    g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("run", help="llama2.c's run.c, same arguments: run checkpoint [-t -p -s -n -i -z -m]")
+    r.add_argument("checkpoint", help="llama2.c checkpoint (.bin)")
+    r.add_argument("-t", dest="temperature", type=float, default=1.0, help="temperature (default 1.0)")
+    r.add_argument("-p", dest="topp", type=float, default=0.9, help="top-p (default 0.9)")
+    r.add_argument("-s", dest="seed", type=int, default=0, help="random seed (default: time)")
+    r.add_argument("-n", dest="steps", type=int, default=256, help="steps, prompt included (0 = seq_len)")
+    r.add_argument("-i", dest="input", default=None, help="input prompt")
+    r.add_argument("-z", dest="tokenizer", default=None, help="tokenizer (default: tokenizer.bin beside it)")
+    r.add_argument("-m", dest="mode", default="generate", help="mode: generate")
+    r.add_argument("--ids", action="store_true", help="print the walked token ids as JSON instead of text")
+    r.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("tokenize", help="print the token ids of a text (with BOS) as JSON")
+    add_prompt(t)
+    t.add_argument("-z", "--tokenizer", help="tokenizer.bin or tokenizer.model")
+    t.add_argument("-m", "--model", help="a model whose tokenizer to use")
+    t.add_argument("--no-bos", action="store_true", help="do not prepend BOS")
+    t.set_defaults(func=cmd_tokenize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LlamarunError as e:
+        print(f"llamarun: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        sys.stderr.close()   # the reader went away (`| head`): not an error
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The command line as a user meets it: output, exit codes, one-line errors, Ctrl-C."""
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from llamarun.cli import main
+
+from conftest import MODELS, require
+
+
+def model(name):
+    return str(require(MODELS / name))
+
+
+def llamarun(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "llamarun", *args], capture_output=True, text=True, **kw)
+
+
+def test_generate_streams_text_and_reports_speed():
+    r = llamarun("generate", "Once upon a time", "-m", model("tiny_gqa.bin"), "-n", "12", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Once upon a time") and len(r.stdout) > len("Once upon a time ")
+    assert "tok/s" in r.stderr and "generated: 12 tokens" in r.stderr
+
+
+def test_generate_ids_with_llama2c_sampler_walks_like_runc(capsysbinary):
+    case = json.loads(require(MODELS.parent / "golden" / "tiny_untied_greedy.json").read_text())
+    steps = case["steps"] - len(case["prompt_tokens"]) + 1
+    assert main(["generate", case["prompt"], "-m", model("tiny_untied.bin"), "-n", str(steps),
+                 "--sampler", "llama2c", "--temperature", "0", "--ids"]) == 0
+    assert json.loads(capsysbinary.readouterr().out) == case["tokens"]
+
+
+def test_tokenize_prints_ids_with_bos(capsys):
+    assert main(["tokenize", "-z", model("tokenizer.bin"), "Hello world"]) == 0
+    assert json.loads(capsys.readouterr().out) == [1, 15043, 3186]
+    assert main(["tokenize", "-z", model("tokenizer.bin"), "--no-bos", "Hello world"]) == 0
+    assert json.loads(capsys.readouterr().out) == [15043, 3186]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["generate", "Hi", "-m", "/nonexistent/model.bin"], "not found"),
+    (["generate", "Hi", "-m", "{tiny}", "--temperature", "-1"], "temperature"),
+    (["generate", "Hi", "-m", "{tiny}", "--top-p", "1.5"], "top_p"),
+    (["generate", "Hi", "-m", "{tiny}", "--top-k", "-3"], "top_k"),
+    (["generate", "Hi", "-m", "{s260}", "-z", "{tok}"], "512"),
+    (["generate", "Hi", "-m", "{s260}"], "no tokenizer"),
+    (["generate", "Hi", "-m", "{tiny}", "-n", "-4"], "new tokens"),
+    (["generate", "Hi " * 300, "-m", "{tiny}"], "context holds 128"),
+    (["generate", "Hi", "-m", "{tiny}", "--sampler", "llama2c", "--top-k", "5"], "--top-k"),
+    (["run", "{tiny}", "-t", "-2"], "-t"),
+    (["run", "{tiny}", "-m", "chat"], "mode"),
+    (["tokenize", "Hi"], "-z"),
+])
+def test_user_errors_are_one_line(args, words, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)     # no tokenizer.bin in the working directory to be found
+    names = {"{tiny}": model("tiny_gqa.bin"), "{s260}": model("stories260K.bin"), "{tok}": model("tokenizer.bin")}
+    assert main([names.get(a, a) for a in args]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llamarun: error:") and words in lines[0], lines
+
+
+def test_a_user_error_exits_1_without_traceback():
+    r = llamarun("generate", "Hi", "-m", model("tiny_gqa.bin"), "--top-p", "7")
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and "top_p" in r.stderr
+
+
+def test_ctrl_c_keeps_the_output_and_exits_130(tmp_path):
+    # a 512-token context (mkmodel's "gqa" shape) keeps generation going long enough to interrupt it
+    path = tmp_path / "gqa.bin"
+    subprocess.run([sys.executable, str(require(MODELS.parent / "tools" / "mkmodel.py")), "gqa", str(path)], check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "llamarun", "generate", "Once upon a time", "-m", str(path),
+                             "-z", model("tokenizer.bin"), "-n", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    prompt = proc.stdout.read(len("Once upon a time"))
+    first = proc.stdout.read1(100)                                # generated text is streaming
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert prompt == b"Once upon a time" and first
+    assert b"Traceback" not in err and b"interrupted" in err
