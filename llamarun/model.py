@@ -4,6 +4,10 @@ One forward call takes a `Batch`: tokens from one or more independent sequences,
 own position and sequence id (llama.cpp's `llama_batch`). All tokens go through every layer together
 as one (n_tokens, dim) matrix, so a prompt is a few large matrix products (BLAS) rather than one
 matrix-vector product per token; attention is the only step done per sequence.
+
+A decode-sized batch (up to MATVEC_ROWS tokens) goes another way: numba matrix-vector kernels that
+stream each weight once (kernels/matvec.py) and no BLAS call, so that a single thread pool runs
+the whole decode step (why that matters: kernels/matvec.py).
 """
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ModelConfig
-from .kernels.attention import attention as attention_kernel
+from .kernels.attention import BLOCK as KEY_BLOCK, attention as attention_kernel, attention_parallel, key_blocks
+from .kernels.matvec import matvec, matvec3, swiglu
+from .kernels.norm import rmsnorm as rmsnorm_kernel
 from .tensors import GroupQuantized, quantize_groups
 
 
@@ -47,16 +53,19 @@ class Batch:
 class KVCache:
     """Keys and values of every layer, for `n_seqs` independent sequences of up to `seq_len` tokens.
 
-    Laid out (layer, seq, kv_head, position, head_dim), so the keys one head attends over are one
-    contiguous (positions, head_dim) matrix that BLAS reads without a copy.
+    Values are laid out (layer, seq, kv_head, position, head_dim). Keys are stored in blocks of
+    B = KEY_BLOCK positions, each block transposed: (layer, seq, kv_head, position // B, head_dim,
+    position % B), so that the attention kernel computes the scores of consecutive positions
+    together (SIMD across positions, each score still summed over d in order); see
+    kernels/attention.py.
     """
 
     def __init__(self, config: ModelConfig, n_seqs: int = 1, seq_len: int | None = None):
         self.seq_len = seq_len or config.seq_len
-        shape = (config.n_layers, n_seqs, config.n_kv_heads, self.seq_len, config.head_dim)
+        L, KV, S, D = config.n_layers, config.n_kv_heads, self.seq_len, config.head_dim
         # np.zeros maps untouched pages lazily, so a long context costs memory only as it fills
-        self.k = np.zeros(shape, np.float32)
-        self.v = np.zeros(shape, np.float32)
+        self.k = np.zeros((L, n_seqs, KV, key_blocks(S), D, KEY_BLOCK), np.float32)
+        self.v = np.zeros((L, n_seqs, KV, S, D), np.float32)
 
     @property
     def n_seqs(self) -> int:
@@ -67,14 +76,10 @@ class KVCache:
 # the building blocks
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x / sqrt(mean(x^2) + eps) * weight, row by row.   x: (n, dim)
-
-    The sum of squares runs left to right in float32, as run.c's loop does: with int8 activations
-    (runq.c) a value that lands within an ulp of a rounding boundary is otherwise quantized one step
-    off, and the logits move by ~1e-2. The cost is nothing next to the matrix products.
-    """
-    ss = np.cumsum(x * x, axis=-1, dtype=np.float32)[:, -1:] / np.float32(x.shape[-1])   # (n, 1)
-    return weight * ((np.float32(1.0) / np.sqrt(ss + np.float32(eps))) * x)
+    """x / sqrt(mean(x^2) + eps) * weight, row by row, summed as run.c sums.   x: (n, dim)"""
+    out = np.empty(x.shape, np.float32)
+    rmsnorm_kernel(x, weight, eps, out)
+    return out
 
 
 def rope_tables(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -94,6 +99,8 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by its angle (llama2.c's layout).
 
     x: (n, heads, head_dim); cos, sin: (n, head_dim // 2) for the tokens' positions.
+    The forward pass does this rotation inside the attention kernel (with the same float32
+    arithmetic, fused with the cache writes); this is its plain numpy statement.
     """
     pairs = x.reshape(*x.shape[:-1], -1, 2)        # (n, heads, D/2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
@@ -105,16 +112,37 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    """x * sigmoid(x), rounded as run.c writes it (a multiply by the reciprocal, not a division)."""
-    return x * (np.float32(1.0) / (np.float32(1.0) + np.exp(-x)))
+    """x * sigmoid(x), rounded as run.c writes it (a multiply by the reciprocal, not a division).
+
+    In place, overwriting x: at prefill sizes each temporary of the plain expression is megabytes
+    of fresh pages; this needs one.
+    """
+    s = np.negative(x)
+    np.exp(s, out=s)
+    s += np.float32(1.0)
+    np.reciprocal(s, out=s)         # 1 / (1 + exp(-x)), rounded as the division
+    x *= s
+    return x
+
+
+# Up to this many rows (tokens in a batch), a matrix product is a matrix-vector product bound by
+# reading the weights: numba kernels that stream each weight once for all rows. Beyond it, BLAS.
+MATVEC_ROWS = 8
+
+
+def few_rows(x: np.ndarray, w) -> bool:
+    """Whether x @ w.T goes to the matrix-vector kernels (float32 weights, a decode-sized batch)."""
+    return x.shape[0] <= MATVEC_ROWS and isinstance(w, np.ndarray) and w.dtype == np.float32
 
 
 def linear(x: np.ndarray, w) -> np.ndarray:
     """x @ w.T for a weight stored (out_features, in_features).   x: (n, in) -> (n, out)"""
     if isinstance(w, GroupQuantized):
         return linear_q8(x, w)
-    if x.shape[0] == 1:
-        return (w @ x[0])[None, :]      # one row: a matrix-vector product reads the weights once
+    if few_rows(x, w):
+        out = np.empty((x.shape[0], w.shape[0]), np.float32)
+        matvec(x, w, out)
+        return out
     return x @ w.T
 
 
@@ -170,9 +198,14 @@ class Transformer:
 
     def feed_forward(self, h: np.ndarray, layer: int) -> np.ndarray:
         """SwiGLU: w2(silu(w1 h) * w3 h).   (n, dim) -> (n, dim)"""
-        w = self.w
-        gate = silu(linear(h, w["w1"][layer]))                                   # (n, hidden)
-        return linear(gate * linear(h, w["w3"][layer]), w["w2"][layer])
+        w1, w2, w3 = self.w["w1"][layer], self.w["w2"][layer], self.w["w3"][layer]
+        if few_rows(h, w1) and few_rows(h, w3):
+            gate = np.empty((len(h), w1.shape[0]), np.float32)
+            swiglu(h, w1, w3, gate)                                              # one pass over w1, w3
+        else:
+            gate = silu(linear(h, w1))                                           # (n, hidden)
+            gate *= linear(h, w3)
+        return linear(gate, w2)
 
     def attention(self, h, layer, batch: Batch, cache: KVCache, cos, sin) -> np.ndarray:
         """Causal grouped-query self-attention; writes this batch's keys/values into the cache.
@@ -181,16 +214,26 @@ class Transformer:
         """
         c, w = self.config, self.w
         n, D = len(batch), c.head_dim
-        q = apply_rope(linear(h, w["wq"][layer]).reshape(n, c.n_heads, D), cos, sin)     # (n, H, D)
-        k = apply_rope(linear(h, w["wk"][layer]).reshape(n, c.n_kv_heads, D), cos, sin)  # (n, KV, D)
-        v = linear(h, w["wv"][layer]).reshape(n, c.n_kv_heads, D)                        # (n, KV, D)
-        cache.k[layer, batch.seq_ids, :, batch.pos] = k
-        cache.v[layer, batch.seq_ids, :, batch.pos] = v
+        wq, wk, wv = w["wq"][layer], w["wk"][layer], w["wv"][layer]
+        decode = few_rows(h, wq) and few_rows(h, wk) and few_rows(h, wv)
+        if decode:                                                    # one pass over wq, wk, wv
+            q = np.empty((n, wq.shape[0]), np.float32)
+            k = np.empty((n, wk.shape[0]), np.float32)
+            v = np.empty((n, wv.shape[0]), np.float32)
+            matvec3(h, wq, wk, wv, q, k, v)
+        else:
+            q, k, v = linear(h, wq), linear(h, wk), linear(h, wv)
+        q = q.reshape(n, c.n_heads, D)        # (n, H, D)
+        k = k.reshape(n, c.n_kv_heads, D)     # (n, KV, D)
+        v = v.reshape(n, c.n_kv_heads, D)     # (n, KV, D)
 
         out = np.empty((n, c.n_heads, D), np.float32)
         record = self.attention_hook is not None
         probs = np.zeros((n, c.n_heads, int(batch.pos.max()) + 1) if record else (1, 1, 1), np.float32)
-        attention_kernel(q, cache.k[layer], cache.v[layer], batch.seq_ids, batch.pos, out, probs, record)
+        # the kernel applies RoPE to q and k (as apply_rope does), writes k and v into the cache, attends;
+        # on both threads when decoding (numba's pool only), on one between the prefill's BLAS calls
+        kernel = attention_parallel if decode else attention_kernel
+        kernel(q, k, v, cos, sin, cache.k[layer], cache.v[layer], batch.seq_ids, batch.pos, out, probs, record)
         if record:
             self.attention_hook(layer, batch, probs)    # probs[i, h, :pos[i]+1]: token i's attention
         return out.reshape(n, c.n_heads * D)
