@@ -1,0 +1,234 @@
+"""Speed of llamarun on the TinyStories shapes, against the machine's own bounds and llama2.c's run.c.
+
+    python benchmarks/bench_llama2c.py [--shapes s15M,s42M,s110M] [--runs 5] [--threads N]
+
+Random-weight checkpoints of the three TinyStories shapes are written once by
+`../shared/tools/mkmodel.py` into `$LLAMARUN_HOME/bench` (default `~/.cache/llamarun/bench`),
+outside the repository, and reused afterwards.
+
+What is measured, per shape (medians of `--runs` runs, min and max beside, after one warm-up run
+that pays for numba's compilation and for paging the memory-mapped weights in):
+- prefill: one batched forward of a prompt of half the context (at most 256 random token ids) from
+  an empty cache, logits for the last token only;
+- decode: 128 tokens, one forward per token, greedy (argmax), after a short prompt, fresh cache.
+
+And the bounds, measured in the same process between the runs of the model (one bound
+measurement before each run, medians of both), so a machine that is busier for a while (this one
+is shared) lowers both sides alike:
+- decode bound: one token must read every weight once (all matrices including the classifier, one
+  embedding row, the norms), so tok/s <= (numpy fp32 matvec GB/s) / (weight bytes per token);
+- prefill bound: tok/s <= (numpy sgemm GFLOP/s at the model's matrix shapes with as many rows as
+  the prompt) / (FLOPs per token: 2 * matrix params + attention at that prompt length; the
+  classifier counts once per prompt, as only the last token's logits are computed).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+# run.c (-Ofast, 2 OpenMP threads) on this machine, decode tok/s; it reads a prompt one token at a
+# time, so its prefill is no faster than its decode.
+RUNC_DECODE = {"s15M": "250-300", "s42M": "63-75", "s110M": "33-36"}
+
+DECODE_TOKENS = 128
+DECODE_PROMPT = 8          # the "short prompt" before the timed decode
+MAX_PREFILL = 256
+SETTLE = 0.25              # seconds of idle before each measurement (see settled())
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="s15M,s42M,s110M", help="comma-separated mkmodel shape names")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median reported)")
+    p.add_argument("--threads", type=int, default=None, help="BLAS / numba threads (default: all cores)")
+    return p.parse_args()
+
+
+args = parse_args()
+THREADS = args.threads or len(os.sched_getaffinity(0)) or 1
+# the thread pools are sized when numpy (OpenBLAS) and numba load: set them before importing either
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ[var] = str(THREADS)
+
+import numpy as np  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from llamarun.formats import llama2c  # noqa: E402
+from llamarun.model import Batch, KVCache, Transformer  # noqa: E402
+
+SHARED = os.environ.get("LLAMARUN_SHARED") or os.path.join(REPO, "..", "shared")   # as tests/conftest.py
+MKMODEL = os.path.join(SHARED, "tools", "mkmodel.py")
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+
+def model_path(name: str) -> str:
+    """The cached checkpoint of shape `name`, written by mkmodel.py if it is not there yet."""
+    home = os.environ.get("LLAMARUN_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "llamarun")
+    folder = os.path.join(home, "bench")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}.bin")
+    if not os.path.exists(path):
+        print(f"writing {path} with mkmodel.py ...", flush=True)
+        tmp = path + ".part"          # a killed run leaves no truncated checkpoint behind
+        subprocess.run([sys.executable, MKMODEL, name, tmp], check=True)
+        os.replace(tmp, path)
+    return path
+
+
+def decode_bytes(c, w) -> int:
+    """Bytes of weights one decoded token reads: every matrix once, one embedding row, the norms."""
+    layer = sum(w[k].nbytes for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
+    norms = w["attention_norm"].nbytes + w["ffn_norm"].nbytes + w["norm"].nbytes
+    return layer + w["output"].nbytes + 4 * c.dim + norms
+
+
+def prefill_flops(c, w, n: int) -> float:
+    """FLOPs of one batched prefill of n tokens, per token.
+
+    Matrices: 2 * params per token (the classifier only once, for the last token). Attention:
+    token p scores p+1 keys and sums p+1 values, 2 * D FLOPs each, for every head of every layer.
+    """
+    layer_params = sum(w[k][0].size for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")) * c.n_layers
+    matrices = 2.0 * layer_params * n + 2.0 * w["output"].size
+    attention = c.n_layers * c.n_heads * 4.0 * c.head_dim * (n * (n + 1) / 2)
+    return (matrices + attention) / n
+
+
+# ----------------------------------------------------------------------------------------------
+# machine bounds
+
+def seconds(fn, reps: int = 1) -> float:
+    """Median wall time of fn() over reps calls."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+class MatvecBound:
+    """numpy fp32 W @ x on a weight-sized matrix (a 32000 x 768 classifier: 98 MB, beyond any cache)."""
+
+    def __init__(self):
+        rng = np.random.default_rng(0)
+        self.W = rng.standard_normal((32000, 768), dtype=np.float32)
+        self.x = rng.standard_normal(768, dtype=np.float32)
+        self.measure()                      # warm-up: page-in, BLAS threads start
+
+    def measure(self) -> float:
+        """GB/s, median of 7 products."""
+        return self.W.nbytes / seconds(lambda: self.W @ self.x, 7) / 1e9
+
+
+class SgemmBound:
+    """numpy x @ W.T for one layer's matrices (the checkpoint's own, memory-mapped), x with n rows."""
+
+    def __init__(self, w, n: int):
+        rng = np.random.default_rng(0)
+        self.mats = [w[k][0] for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")]
+        self.xs = [rng.standard_normal((n, m.shape[1]), dtype=np.float32) for m in self.mats]
+        self.flops = sum(2.0 * n * m.size for m in self.mats)
+        self.measure()
+
+    def measure(self) -> float:
+        """GFLOP/s, median of 3 passes over the layer."""
+        def layer():
+            for x, m in zip(self.xs, self.mats):
+                x @ m.T
+        return self.flops / seconds(layer, 3) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+
+def prefill_rate(model: Transformer, n: int) -> float:
+    """tok/s of one batched forward of n random tokens from an empty cache, last token's logits."""
+    c = model.config
+    batch = Batch.sequence(np.random.default_rng(1).integers(0, c.vocab_size, n))
+    cache = KVCache(c)
+    t0 = time.perf_counter()
+    model.forward(batch, cache)
+    return n / (time.perf_counter() - t0)
+
+
+def decode_rate(model: Transformer) -> float:
+    """tok/s of DECODE_TOKENS greedy steps, one forward each, after a short prompt (fresh cache)."""
+    c = model.config
+    prompt = np.random.default_rng(2).integers(0, c.vocab_size, DECODE_PROMPT)
+    cache = KVCache(c)
+    logits = model.forward(Batch.sequence(prompt), cache)
+    token, pos = int(np.argmax(logits[0])), DECODE_PROMPT
+    t0 = time.perf_counter()
+    for _ in range(DECODE_TOKENS):
+        logits = model.forward(Batch.sequence([token], pos), cache)
+        token, pos = int(np.argmax(logits[0])), pos + 1
+    return DECODE_TOKENS / (time.perf_counter() - t0)
+
+
+def settled(fn):
+    """fn() after a pause that lets idle thread pools stop spinning: OpenBLAS's threads spin for
+    ~0.1 s after a call, numba's OpenMP threads for a few ms, and a spinning thread of one pool
+    slows the other pool's first calls (the bound's BLAS calls, or the decode's numba kernels)."""
+    time.sleep(SETTLE)
+    return fn()
+
+
+def interleaved(run, bound, runs: int) -> tuple[list[float], list[float]]:
+    """runs x (measure the bound, run the model), after one warm-up run of each."""
+    settled(bound), settled(run)
+    pairs = [(settled(bound), settled(run)) for _ in range(runs)]
+    return [b for b, _ in pairs], [r for _, r in pairs]
+
+
+def stats(xs) -> tuple[float, float, float]:
+    return float(np.median(xs)), float(np.min(xs)), float(np.max(xs))
+
+
+def main():
+    shapes = [s for s in args.shapes.split(",") if s]
+    runs = max(1, args.runs)
+    paths = {name: model_path(name) for name in shapes}
+    print(f"threads {THREADS}, runs {runs} (medians, [min - max])", flush=True)
+    matvec = MatvecBound()
+
+    rows = []
+    for name in shapes:
+        ck = llama2c.load(paths[name])
+        c, w = ck.config, ck.weights
+        model = Transformer(c, w)
+        n = min(c.seq_len // 2, MAX_PREFILL)
+        sgemm = SgemmBound(w, n)
+        gflops, pre = interleaved(lambda: prefill_rate(model, n), sgemm.measure, runs)
+        gbps, dec = interleaved(lambda: decode_rate(model), matvec.measure, runs)
+        gflops, gbps, pre, dec = float(np.median(gflops)), float(np.median(gbps)), stats(pre), stats(dec)
+        decode_bound = gbps * 1e9 / decode_bytes(c, w)
+        prefill_bound = gflops * 1e9 / prefill_flops(c, w, n)
+        print(f"\n{name}: dim {c.dim}, {c.n_layers} layers, {decode_bytes(c, w) / 1e6:.0f} MB of weights "
+              f"per token, prefill prompt {n} tokens; matvec {gbps:.1f} GB/s, sgemm {gflops:.1f} GFLOP/s")
+        print(f"  prefill {pre[0]:8.1f} tok/s [{pre[1]:.1f} - {pre[2]:.1f}]   bound {prefill_bound:8.1f}"
+              f"   {100 * pre[0] / prefill_bound:5.1f}%")
+        print(f"  decode  {dec[0]:8.1f} tok/s [{dec[1]:.1f} - {dec[2]:.1f}]   bound {decode_bound:8.1f}"
+              f"   {100 * dec[0] / decode_bound:5.1f}%   run.c {RUNC_DECODE.get(name, '?')}", flush=True)
+        rows.append((name, n, pre, prefill_bound, dec, decode_bound))
+        del model, w, ck
+
+    print(f"\nthreads {THREADS}, runs {runs}; tok/s, median [min-max]; bounds from the matvec GB/s and "
+          "sgemm GFLOP/s measured between the runs\n")
+    print("| shape | prompt | prefill tok/s | prefill bound | % | decode tok/s | decode bound | % "
+          "| run.c decode (= its prefill) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, n, pre, pb, dec, db in rows:
+        print(f"| {name} | {n} | {pre[0]:.1f} [{pre[1]:.0f}-{pre[2]:.0f}] | {pb:.0f} | {100 * pre[0] / pb:.0f}% "
+              f"| {dec[0]:.1f} [{dec[1]:.1f}-{dec[2]:.1f}] | {db:.1f} | {100 * dec[0] / db:.0f}% "
+              f"| {RUNC_DECODE.get(name, '?')} |")
+
+
+if __name__ == "__main__":
+    main()
