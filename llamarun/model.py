@@ -19,7 +19,6 @@ from .config import ModelConfig
 from .kernels.attention import BLOCK as KEY_BLOCK, attention as attention_kernel, attention_parallel, key_blocks
 from .kernels.matvec import matvec, matvec3, swiglu
 from .kernels.norm import rmsnorm as rmsnorm_kernel
-from .tensors import GroupQuantized, quantize_groups
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,9 +135,13 @@ def few_rows(x: np.ndarray, w) -> bool:
 
 
 def linear(x: np.ndarray, w) -> np.ndarray:
-    """x @ w.T for a weight stored (out_features, in_features).   x: (n, in) -> (n, out)"""
-    if isinstance(w, GroupQuantized):
-        return linear_q8(x, w)
+    """x @ w.T for a weight stored (out_features, in_features).   x: (n, in) -> (n, out)
+
+    float32 weights: the numba matrix-vector kernels for a few rows, BLAS beyond. Quantized weights
+    (llamarun/tensors.py) bring their own product.
+    """
+    if not isinstance(w, np.ndarray):
+        return w.linear(x)
     if few_rows(x, w):
         out = np.empty((x.shape[0], w.shape[0]), np.float32)
         matvec(x, w, out)
@@ -146,29 +149,11 @@ def linear(x: np.ndarray, w) -> np.ndarray:
     return x @ w.T
 
 
-def linear_q8(x: np.ndarray, w: GroupQuantized) -> np.ndarray:
-    """runq.c's int8 matmul: activations quantized per group, integer dot per group, float32 sums.
-
-    out[t, o] = sum_g float(int_dot(xq[t, g], wq[o, g])) * w_scale[o, g] * x_scale[t, g], summed over
-    groups g in order. The integer dots are done as float32 products: every partial sum of a group is
-    an integer below 127*127*group_size < 2^24, so float32 holds it exactly whatever the order.
-    """
-    gs = w.group_size
-    n, n_in = x.shape
-    G = n_in // gs
-    xq = quantize_groups(x, gs)
-    xg = xq.q.reshape(n, G, gs).transpose(1, 0, 2).astype(np.float32)          # (G, n, gs)
-    wg = w.q.reshape(-1, G, gs).transpose(1, 2, 0).astype(np.float32)          # (G, gs, out)
-    int_dots = xg @ wg                                                           # (G, n, out) exact
-    terms = int_dots * w.scale.T[:, None, :] * xq.scale.T[:, :, None]           # (G, n, out)
-    return np.cumsum(terms, axis=0, dtype=np.float32)[-1]                        # left-to-right over groups
-
-
 def embed(table, tokens: np.ndarray) -> np.ndarray:
-    """Rows of the token embedding table (dequantized if the table is int8).   -> (n, dim)"""
-    if isinstance(table, GroupQuantized):
-        return table[tokens].dequantize()
-    return table[tokens].astype(np.float32)
+    """Rows of the token embedding table, as float32.   -> (n, dim)"""
+    if isinstance(table, np.ndarray):
+        return table[tokens].astype(np.float32)
+    return table.rows(tokens)
 
 
 # ----------------------------------------------------------------------------------------------
