@@ -5,10 +5,12 @@ from pathlib import Path
 
 from llamarun.errors import LlamarunError
 from llamarun.tokenizers.base import Tokenizer
+from llamarun.tokenizers.gguf import tokenizer_from_gguf
 from llamarun.tokenizers.llama2c import Llama2cTokenizer
 from llamarun.tokenizers.sentencepiece import SentencePieceTokenizer
 
 __all__ = ["Tokenizer", "Llama2cTokenizer", "SentencePieceTokenizer", "load_tokenizer"]
+__all__ += ["tokenizer_from_gguf"]
 
 
 def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer:

@@ -11,7 +11,11 @@ class Tokenizer(Protocol):
     eog_ids: frozenset[int]      # ids that end generation (EOS, end-of-turn tokens)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """Text -> ids, with BOS/EOS prepended/appended when asked."""
+        """Text -> ids, with BOS/EOS prepended/appended when asked.
+
+        Left out, `bos` follows the tokenizer's convention: always for llama2.c and SentencePiece
+        tokenizers, the file's add_bos_token flag for GGUF ones (SmolLM2 adds none).
+        """
 
     def token_bytes(self, token: int, prev: int | None = None) -> bytes:
         """The raw bytes `token` contributes to the text when it follows `prev`.
