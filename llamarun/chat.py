@@ -1,0 +1,420 @@
+"""Chat: how a conversation is laid out for a model, and a multi-turn session on one KV cache.
+
+- `ChatFormat` turns a list of messages ({"role": ..., "content": ...}) into text and token ids.
+  `ChatFormat.from_template` renders a Hugging Face chat template (jinja2, in the environment that
+  transformers' `apply_chat_template` uses, so the text is the same to the byte);
+  `ChatFormat.llama2()` is Llama 2's [INST] format as llama2.c's run.c builds it in chat mode.
+- `ChatSession` holds a conversation with a model. Every turn renders the whole conversation, but
+  only the tokens the KV cache does not hold yet are prefilled: a turn costs its new tokens only.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+from datetime import datetime
+from typing import Iterator, Sequence
+
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+
+from .errors import LlamarunError
+from .generation import Completion, TokenEvent, generate_stream
+from .model import KVCache
+from .sampling import make_sampler
+
+
+class ContextFull(LlamarunError):
+    """The conversation no longer fits the model's context: start over (ChatSession.reset)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face chat templates
+
+class _TemplateRaised(jinja2.TemplateError):
+    """What a template's `raise_exception(...)` throws: the template refuses the conversation."""
+
+
+def _raise_exception(message):
+    raise _TemplateRaised(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' filter: jinja's own tojson escapes non-ASCII and HTML characters, which the
+    # models never saw in training
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format):
+    return datetime.now().strftime(format)
+
+
+@functools.lru_cache(maxsize=16)
+def compile_chat_template(template: str) -> jinja2.Template:
+    """Compile a chat template in the environment transformers' apply_chat_template uses."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise LlamarunError(f"the chat template does not parse: {e.message} (template line {e.lineno})") from None
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True,
+                         bos_token: str = "", eos_token: str = "", **extra) -> str:
+    """The text of `messages` under a Hugging Face chat template, as apply_chat_template renders it.
+
+    `extra` are further template variables (transformers passes the tokenizer's special tokens and
+    any keyword arguments; `tools` and `documents` are None unless given).
+    """
+    compiled = compile_chat_template(template)
+    variables = dict(tools=None, documents=None, bos_token=bos_token, eos_token=eos_token)
+    variables.update(extra)
+    try:
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+    except _TemplateRaised as e:
+        raise LlamarunError(f"the chat template refused the conversation: {e.message}") from None
+    except Exception as e:   # the template is data from the model file: any failure is its own
+        raise LlamarunError(f"the chat template failed to render: {type(e).__name__}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# chat formats
+
+class ChatFormat:
+    """How a model wants a conversation laid out.
+
+    `render` gives the text (for people and for tests); `encode` gives the token ids the model reads.
+    An assistant message may carry "tokens": the ids the model drew for it. Encoding uses them as they
+    are instead of tokenizing the reply's text again, which could give other ids for the same text
+    (and so a different sequence than the one in the KV cache).
+    """
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        raise NotImplementedError
+
+    def encode(self, messages: list[dict], tokenizer, add_generation_prompt: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    @staticmethod
+    def from_template(template: str, bos: str = "", eos: str = "",
+                      special_tokens: dict[str, int] | None = None) -> "TemplateChatFormat":
+        return TemplateChatFormat(template, bos, eos, special_tokens)
+
+    @staticmethod
+    def llama2() -> "Llama2ChatFormat":
+        return Llama2ChatFormat()
+
+
+def template_messages(messages: list[dict]) -> list[dict]:
+    """The messages as a template sees them: without the "tokens" llamarun keeps beside a reply."""
+    return [{k: v for k, v in m.items() if k != "tokens"} for m in messages]
+
+
+class TemplateChatFormat(ChatFormat):
+    """A Hugging Face (jinja2) chat template, e.g. the `tokenizer.chat_template` of a GGUF file.
+
+    The rendered text holds special tokens as text ("<|im_start|>"); `special_tokens` maps those texts
+    to their ids, so they become one id each rather than being spelled out by the tokenizer. Without
+    it, the BOS and EOS texts map to the tokenizer's bos_id and eos_id.
+    """
+
+    def __init__(self, template: str, bos: str = "", eos: str = "", special_tokens: dict[str, int] | None = None):
+        self.template = template
+        self.bos, self.eos = bos or "", eos or ""
+        self.special_tokens = special_tokens
+        compile_chat_template(template)     # a template that does not parse is refused now, not mid-chat
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return render_chat_template(self.template, template_messages(messages), add_generation_prompt,
+                                    bos_token=self.bos, eos_token=self.eos)
+
+    def encode(self, messages: list[dict], tokenizer, add_generation_prompt: bool = True) -> list[int]:
+        specials = self.specials_of(tokenizer)
+        text = self.render(messages, add_generation_prompt)
+        pieces = self.split_at_replies(messages, add_generation_prompt, text)
+        ids: list[int] = []
+        for piece in pieces:
+            ids += piece if isinstance(piece, list) else encode_with_specials(piece, tokenizer, specials)
+        return ids
+
+    def specials_of(self, tokenizer) -> dict[str, int]:
+        if self.special_tokens is not None:
+            return self.special_tokens
+        pairs = ((self.bos, tokenizer.bos_id), (self.eos, tokenizer.eos_id))
+        return {text: token for text, token in pairs if text and token is not None}
+
+    def split_at_replies(self, messages, add_generation_prompt, text) -> list[str | list[int]]:
+        """The rendered text cut around the replies whose drawn tokens are known: text, ids, text, ...
+
+        The template is rendered again with a marker in place of each such reply; the cut is used only
+        if putting the replies back into that rendering gives the real text exactly (a template that
+        edits a reply, say strips it, keeps its text, and the text is tokenized).
+        """
+        known = [i for i, m in enumerate(messages) if m.get("role") == "assistant" and m.get("tokens") is not None]
+        if not known:
+            return [text]
+        marked = [dict(m) for m in messages]
+        markers = {}
+        for n, i in enumerate(known):
+            marker = f"\ue000{n}\ue001"      # private-use characters: never in a real conversation
+            marked[i]["content"] = marker
+            markers[marker] = messages[i]
+        rendered = self.render(marked, add_generation_prompt)
+        parts = re.split("(" + "|".join(map(re.escape, markers)) + ")", rendered)
+        if sorted(parts[1::2]) != sorted(markers) or \
+                "".join(markers[p]["content"] if p in markers else p for p in parts) != text:
+            return [text]
+        return [list(markers[p]["tokens"]) if p in markers else p for p in parts]
+
+
+def encode_with_specials(text: str, tokenizer, specials: dict[str, int]) -> list[int]:
+    """Token ids of template text: each special token's text is its one id, the rest is tokenized."""
+    if not text:
+        return []
+    if not specials:
+        return tokenizer.encode(text, bos=False)
+    ids: list[int] = []
+    # longest first, so that a special token that begins another one does not cut it
+    pattern = "(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")"
+    for n, part in enumerate(re.split(pattern, text)):
+        if n % 2:
+            ids.append(specials[part])
+        elif part:
+            ids += tokenizer.encode(part, bos=False)
+    return ids
+
+
+LLAMA2_SYSTEM_TURN = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]"
+LLAMA2_USER_TURN = "[INST] {user} [/INST]"
+
+
+class Llama2ChatFormat(ChatFormat):
+    """Llama 2 chat, as llama2.c's run.c runs it: per turn BOS "[INST] {user} [/INST]", the reply, EOS.
+
+    The system prompt goes into the first turn only: "[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST]".
+    run.c encodes each turn's text on its own (with BOS and the dummy-prefix space) and keeps the
+    reply's drawn tokens and the EOS that ended it in the cache; `encode` gives that same sequence.
+    """
+
+    def turns(self, messages: list[dict]) -> tuple[str, list[tuple[str, dict | None]]]:
+        """(system prompt, [(user text, assistant message or None), ...]); roles must alternate."""
+        system = ""
+        if messages and messages[0].get("role") == "system":
+            system, messages = messages[0]["content"], messages[1:]
+        turns = []
+        for n, message in enumerate(messages):
+            expected = "user" if n % 2 == 0 else "assistant"
+            if message.get("role") != expected:
+                raise LlamarunError(f"Llama 2 chat needs an optional system message, then user and assistant "
+                                    f"messages in turn; message {n + 1} is {message.get('role')!r}, not {expected!r}")
+            if expected == "user":
+                turns.append((message["content"], None))
+            else:
+                turns[-1] = (turns[-1][0], message)
+        return system, turns
+
+    @staticmethod
+    def instruction(user: str, system: str, first: bool) -> str:
+        if first and system:
+            return LLAMA2_SYSTEM_TURN.format(system=system, user=user)
+        return LLAMA2_USER_TURN.format(user=user)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        # written with <s> and </s> for BOS and EOS, as Llama 2's Hugging Face template writes them
+        system, turns = self.turns(messages)
+        out = []
+        for n, (user, reply) in enumerate(turns):
+            out.append("<s>" + self.instruction(user, system, n == 0))
+            if reply is not None:
+                out.append(" " + reply["content"].strip() + " </s>")
+        return "".join(out)
+
+    def encode(self, messages: list[dict], tokenizer, add_generation_prompt: bool = True) -> list[int]:
+        system, turns = self.turns(messages)
+        ids: list[int] = []
+        for n, (user, reply) in enumerate(turns):
+            ids += tokenizer.encode(self.instruction(user, system, n == 0), bos=True)
+            if reply is not None:
+                ids += self.reply_ids(reply, tokenizer) + [tokenizer.eos_id]
+        return ids
+
+    @staticmethod
+    def reply_ids(reply: dict, tokenizer) -> list[int]:
+        if reply.get("tokens") is not None:
+            return list(reply["tokens"])
+        # the model writes its reply as "▁word ...": the dummy-prefix space of encode() is that space
+        return tokenizer.encode(reply["content"].strip(), bos=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# the format a model asks for
+
+def _metadata(llama) -> dict:
+    return getattr(llama.checkpoint, "metadata", None) or {}
+
+
+def _as_text(value) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def special_token_text(llama, token_id: int | None) -> str:
+    """How templates write a special token (e.g. "<|im_start|>"): from the model file's vocabulary
+    when it has one, else from the tokenizer."""
+    if token_id is None:
+        return ""
+    tokens = _metadata(llama).get("tokenizer.ggml.tokens")
+    if tokens is not None and 0 <= token_id < len(tokens):
+        return _as_text(tokens[token_id])
+    tokenizer = llama.tokenizer
+    if hasattr(tokenizer, "token_text"):
+        return tokenizer.token_text(token_id)
+    if hasattr(tokenizer, "sp"):                          # SentencePiece: "<s>", "</s>"
+        return tokenizer.sp.IdToPiece(token_id)
+    return tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4     # gguf token types of special tokens
+
+
+def special_tokens_of(llama) -> dict[str, int]:
+    """Text -> id of every special token the model file lists (control and user-defined tokens),
+    plus BOS and EOS."""
+    metadata = _metadata(llama)
+    tokens, types = metadata.get("tokenizer.ggml.tokens"), metadata.get("tokenizer.ggml.token_type")
+    specials = {}
+    if tokens is not None and types is not None:
+        specials = {_as_text(text): token for token, (text, kind) in enumerate(zip(tokens, types))
+                    if int(kind) in (GGUF_CONTROL, GGUF_USER_DEFINED) and text}
+    for token in (llama.tokenizer.bos_id, llama.tokenizer.eos_id):
+        if token is not None and special_token_text(llama, token):
+            specials.setdefault(special_token_text(llama, token), token)
+    return specials
+
+
+def chat_format_for(llama) -> ChatFormat:
+    """The model's own chat template when its file carries one (GGUF `tokenizer.chat_template`),
+    else Llama 2's format (llama2.c checkpoints have no template: run.c chats in Llama 2's format)."""
+    template = _metadata(llama).get("tokenizer.chat_template")
+    if not template:
+        return ChatFormat.llama2()
+    tokenizer = llama.tokenizer
+    return ChatFormat.from_template(_as_text(template), special_token_text(llama, tokenizer.bos_id),
+                                    special_token_text(llama, tokenizer.eos_id), special_tokens_of(llama))
+
+
+# ----------------------------------------------------------------------------------------------
+# a conversation on one KV cache
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class ChatSession:
+    """A conversation with a model that keeps its KV cache from turn to turn.
+
+    `send(text)` renders the whole conversation with the new user message, tokenizes it, and compares
+    the ids with those already in the cache (`cached_ids`). They are normally a prefix of the new ids,
+    and only the rest is prefilled (`last_prefill_tokens`). Where they differ (a template that rewrites
+    earlier turns), the cache is used up to the first difference and refilled from there: still exact.
+    A reply's drawn tokens are kept with it, so the next render holds exactly the ids the cache holds.
+    """
+
+    def __init__(self, llama, chat_format: ChatFormat | None = None, system: str | None = None,
+                 max_tokens: int = 512, history: Sequence[dict] = (), **sampling):
+        if llama.tokenizer is None:
+            raise LlamarunError("chat needs the model's tokenizer: load it with tokenizer=PATH (CLI: -z PATH)")
+        if max_tokens < 1:
+            raise LlamarunError(f"a reply needs room for at least one token, not max_tokens={max_tokens}")
+        self.llama = llama
+        self.tokenizer = llama.tokenizer
+        self.chat_format = chat_format or chat_format_for(llama)
+        self.system = system
+        self.max_tokens = max_tokens
+        self.sampler = make_sampler("default", **sampling)   # one sampler: a seeded chat is repeatable
+        self.stop_tokens = self.tokenizer.eog_ids or frozenset({self.tokenizer.eos_id})
+        self.cache = KVCache(llama.config)
+        self._active: Iterator[TokenEvent] | None = None
+        self.reset(history)
+
+    @property
+    def context(self) -> int:
+        return self.cache.seq_len
+
+    def reset(self, history: Sequence[dict] = ()) -> None:
+        """Forget the conversation (the system prompt stays) and start again at cache position 0."""
+        self._close_active()
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.messages += [dict(m) for m in history]
+        self.cached_ids: list[int] = []       # the ids whose keys and values the cache holds, position by position
+        self.last_prefill_tokens = 0
+
+    def send(self, user_text: str):
+        """Add a user message and stream the reply: an `llamarun.api.Stream` of TokenEvents.
+
+        The reply joins the conversation when the stream ends, is closed, or is interrupted (Ctrl-C):
+        then with what was drawn so far. Raises ContextFull, before anything runs, when the
+        conversation no longer fits the context.
+        """
+        from .api import Stream
+        self._close_active()
+        messages = self.messages + [{"role": "user", "content": user_text}]
+        ids = self.chat_format.encode(messages, self.tokenizer, add_generation_prompt=True)
+        if len(ids) >= self.context:
+            raise ContextFull(f"the conversation is {len(ids)} tokens and the context holds {self.context}: "
+                              "start over (reset) to go on")
+        # Reuse the cache up to the first id that differs; at least one id must run to give logits.
+        start = min(common_prefix_length(self.cached_ids, ids), len(ids) - 1)
+        # Positions from `start` on are about to be overwritten: until the turn ends, trust only those before.
+        self.cached_ids = ids[:start]
+        self.last_prefill_tokens = len(ids) - start
+        result = Completion("", [])
+        events = generate_stream(self.llama.model, self.tokenizer, ids[start:], self.sampler,
+                                 max_tokens=self.max_tokens, stop_tokens=self.stop_tokens,
+                                 cache=self.cache, start_pos=start, result=result)
+        self._active = self._turn(events, messages, ids, result)
+        return Stream(self._active, result)
+
+    def _turn(self, events, messages, ids, result: Completion) -> Iterator[TokenEvent]:
+        finished = False
+        try:
+            yield from events
+            finished = True
+        finally:
+            # runs when the reply ends, and also when it is closed or interrupted part way
+            self._record_turn(messages, ids, result, finished)
+
+    def _record_turn(self, messages, ids, result: Completion, finished: bool) -> None:
+        drawn = result.tokens + ([result.end_token] if result.end_token is not None else [])
+        if drawn or finished:
+            # The prompt ran through, and every drawn token but the last was fed back to draw the
+            # next one; the last (often the end token) never ran, and the next turn prefills it.
+            self.cached_ids = ids + drawn[:-1]
+        # else: interrupted inside the prefill; the cache holds ids[:start] as send() recorded
+        reply = {"role": "assistant", "content": self.reply_text(result.tokens, prev=ids[-1]),
+                 "tokens": list(result.tokens)}
+        self.messages = messages + [reply]
+        self._active = None
+
+    def reply_text(self, tokens: Sequence[int], prev: int) -> str:
+        """The text of the drawn tokens, as the stream showed it (the end token adds nothing)."""
+        data = bytearray()
+        for token in tokens:
+            data += self.tokenizer.token_bytes(token, prev)
+            prev = token
+        return data.decode("utf-8", errors="replace")
+
+    def _close_active(self) -> None:
+        """End a reply that is still streaming, so that it is recorded before the next turn."""
+        if self._active is not None:
+            active, self._active = self._active, None
+            active.close()
