@@ -12,19 +12,40 @@ from .formats import load_checkpoint
 from .generation import Completion, TokenEvent, generate_stream
 from .model import Batch, KVCache, Transformer
 from .sampling import make_sampler
-from .tokenizers import load_tokenizer
+from .tokenizers import load_tokenizer, tokenizer_from_gguf
 
 LLAMA2C_BOS, LLAMA2C_EOS = 1, 2
 
 
-def load(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> "Llama":
-    """Load a model (memory-mapped) and, optionally, its tokenizer (tokenizer.bin or tokenizer.model).
+def load(path: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None) -> "Llama":
+    """Load a model (memory-mapped) with its tokenizer.
 
-    Without a tokenizer the model still works on token ids.
+    path: a llama2.c .bin or a GGUF file; None loads the default model (SmolLM2-135M-Instruct,
+    downloaded once into $LLAMARUN_HOME). tokenizer: tokenizer.bin or tokenizer.model; without one
+    a GGUF file uses the tokenizer it embeds, and a llama2.c model works on token ids only.
     """
+    if path is None:
+        from .hub import ensure_default_model
+        path = ensure_default_model()
     checkpoint = load_checkpoint(path)
-    tok = load_tokenizer(tokenizer, vocab_size=checkpoint.config.vocab_size) if tokenizer is not None else None
+    vocab = checkpoint.config.vocab_size
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer, vocab_size=vocab)
+    else:
+        tok = embedded_tokenizer(checkpoint)
     return Llama(checkpoint, tok)
+
+
+def embedded_tokenizer(checkpoint):
+    """The tokenizer a GGUF file carries in its metadata, or None."""
+    metadata = getattr(checkpoint, "metadata", {})
+    if "tokenizer.ggml.model" not in metadata:
+        return None
+    tok = tokenizer_from_gguf(metadata)
+    if tok.vocab_size != checkpoint.config.vocab_size:
+        raise LlamarunError(f"{checkpoint.path} embeds a tokenizer of {tok.vocab_size} tokens for a vocabulary of "
+                            f"{checkpoint.config.vocab_size}: the file is inconsistent; convert it again")
+    return tok
 
 
 def find_tokenizer(model_path: str | os.PathLike, vocab_size: int) -> str | None:
@@ -55,13 +76,13 @@ class Llama:
 
     # -- text <-> ids -------------------------------------------------------------------------
 
-    def encode(self, prompt: str | Sequence[int], bos: bool = True) -> list[int]:
-        """Text -> ids (with BOS); a list of ids passes through unchanged."""
+    def encode(self, prompt: str | Sequence[int], bos: bool | None = None) -> list[int]:
+        """Text -> ids (BOS as the tokenizer's convention has it, unless `bos` says); ids pass through."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise LlamarunError("this model was loaded without a tokenizer: pass token ids, or load it with "
                                     "tokenizer=PATH (CLI: -z PATH)")
-            return self.tokenizer.encode(prompt, bos=bos)
+            return self.tokenizer.encode(prompt) if bos is None else self.tokenizer.encode(prompt, bos=bos)
         return [int(t) for t in prompt]
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -1,4 +1,4 @@
-"""The command line: `llamarun generate | run | tokenize`.
+"""The command line: `llamarun generate | run | chat | tokenize`.
 
 One rule for every command: the model is -m/--model, the prompt is positional or --prompt, -n is the
 number of new tokens. The exception is `run`, which takes llama2.c's run.c arguments unchanged.
@@ -20,20 +20,21 @@ EXIT_INTERRUPTED = 130
 # ----------------------------------------------------------------------------------------------
 # shared helpers
 
-def open_model(model_path: str, tokenizer_path: str | None, need_tokenizer: bool):
-    """Load the model and its tokenizer: the one given, or one found beside the model that fits."""
-    from .api import Llama, find_tokenizer
-    from .formats import load_checkpoint
+def open_model(model_path: str | None, tokenizer_path: str | None, need_tokenizer: bool):
+    """Load the model (the default one when no path is given) and its tokenizer: the one given with
+    -z, else the one a GGUF file embeds, else one found beside the model whose size fits."""
+    from .api import find_tokenizer, load
     from .tokenizers import load_tokenizer
 
-    checkpoint = load_checkpoint(model_path)
-    vocab = checkpoint.config.vocab_size
-    path = tokenizer_path or find_tokenizer(model_path, vocab)
-    if path is None and need_tokenizer:
-        raise LlamarunError(f"no tokenizer of {vocab} tokens found beside {model_path}: pass one with -z PATH "
-                            "(or use --ids with an empty prompt for ids-only output)")
-    tokenizer = load_tokenizer(path, vocab_size=vocab) if path else None
-    return Llama(checkpoint, tokenizer)
+    llama = load(model_path, tokenizer_path)
+    vocab = llama.config.vocab_size
+    if llama.tokenizer is None:
+        found = find_tokenizer(llama.checkpoint.path, vocab)
+        llama.tokenizer = load_tokenizer(found, vocab_size=vocab) if found else None
+    if llama.tokenizer is None and need_tokenizer:
+        raise LlamarunError(f"no tokenizer of {vocab} tokens found beside {llama.checkpoint.path}: pass one with "
+                            "-z PATH (or use --ids with an empty prompt for ids-only output)")
+    return llama
 
 
 class Output:
@@ -165,18 +166,146 @@ def cmd_run(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# llamarun chat
+
+CONTEXT_FULL_HINT = "context full: /reset to start over"
+
+
+def cmd_chat(args) -> int:
+    """Interactive on a terminal (a `> ` prompt, /reset, /exit); otherwise each stdin line is a message.
+
+    Ctrl-C while a reply streams stops that reply (it stays in the conversation) and returns to the
+    prompt; Ctrl-C at the prompt exits with 130, as llama.cpp does.
+    """
+    from .chat import ChatSession, chat_format_for
+
+    llama = open_model(args.model, args.tokenizer, need_tokenizer=True)
+    session = ChatSession(llama, chat_format_for(llama), system=args.system, max_tokens=args.n,
+                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                          repeat_penalty=args.repeat_penalty, seed=args.seed)
+    out = Output()
+    if args.prompt is not None:
+        finished = chat_turn(session, args.prompt, out)
+        return 0 if finished else EXIT_INTERRUPTED
+    if sys.stdin.isatty():
+        return chat_interactive(session, out)
+    return chat_lines(session, out)
+
+
+def chat_interactive(session, out: Output) -> int:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            out.text("\n")
+            return 0
+        # a KeyboardInterrupt here (Ctrl-C at the prompt) ends the program: main() exits with 130
+        command = line.strip()
+        if not command:
+            continue
+        if command == "/exit":
+            return 0
+        if command == "/reset":
+            session.reset()
+            continue
+        try:
+            chat_turn(session, line, out)      # False (Ctrl-C stopped the reply): back to the prompt
+        except LlamarunError as e:
+            report_chat_error(e)
+
+
+def chat_lines(session, out: Output) -> int:
+    """Each non-empty line of stdin is one user message; each reply is printed on its own line."""
+    failed = False
+    for line in sys.stdin:
+        line = line.rstrip("\r\n")
+        command = line.strip()
+        if not command:
+            continue
+        if command == "/exit":
+            break
+        if command == "/reset":
+            session.reset()
+            continue
+        try:
+            if not chat_turn(session, line, out):
+                return EXIT_INTERRUPTED
+        except LlamarunError as e:
+            report_chat_error(e)               # and go on: a later line may be /reset
+            failed = True
+    return EXIT_USER_ERROR if failed else 0
+
+
+def report_chat_error(e: LlamarunError) -> None:
+    from .chat import ContextFull
+    if isinstance(e, ContextFull):
+        print(f"llamarun: {CONTEXT_FULL_HINT} ({e})", file=sys.stderr)
+    else:
+        print(f"llamarun: error: {e}", file=sys.stderr)
+
+
+def chat_turn(session, text: str, out: Output) -> bool:
+    """Stream one reply to `text`, then end its line. False when Ctrl-C stopped it (it stays in the
+    conversation, cut where it was)."""
+    stream = session.send(text)
+    started = False
+    try:
+        for event in stream:
+            piece = event.text if started else event.text.lstrip()   # the reply's leading space is the
+            started = started or bool(piece)                         # tokenizer's, not the model's words
+            out.text(piece)
+    except KeyboardInterrupt:
+        stream.close()
+        out.text("\n")
+        return False
+    out.text("\n")
+    if stream.completion.context_full:
+        print(f"llamarun: {CONTEXT_FULL_HINT}", file=sys.stderr)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
 # llamarun tokenize
 
 def cmd_tokenize(args) -> int:
     from .tokenizers import load_tokenizer
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
-    elif args.model:
-        tokenizer = open_model(args.model, None, need_tokenizer=True).tokenizer
     else:
-        raise LlamarunError("pass the tokenizer with -z PATH (or a model with -m to use the tokenizer beside it)")
+        tokenizer = open_model(args.model, None, need_tokenizer=True).tokenizer
     text = prompt_of(args)
-    print(json.dumps(tokenizer.encode(text, bos=not args.no_bos)))
+    ids = tokenizer.encode(text, bos=False) if args.no_bos else tokenizer.encode(text)
+    print(json.dumps(ids))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# llamarun pull | models
+
+def cmd_pull(args) -> int:
+    from . import hub
+    name = args.name or hub.DEFAULT_MODEL
+    print(hub.pull(name) if args.force else hub.ensure_model(name))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from . import hub
+    folder = hub.models_dir()
+    models = hub.cached_models()
+    if not models:
+        print(f"no models in {folder} (empty): `llamarun pull` downloads the default model")
+        return 0
+    print(f"models in {folder}:")
+    for path, size, name in models:
+        label = name or ""
+        if name == hub.DEFAULT_MODEL:
+            label += " (default)"
+        print(f"  {path}  {size / 1e6:8.1f} MB  {label}".rstrip())
     return 0
 
 
@@ -194,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue a prompt, streaming the text")
     add_prompt(g)
-    g.add_argument("-m", "--model", required=True, help="model file (llama2.c .bin)")
+    g.add_argument("-m", "--model", help="model file: GGUF or llama2.c .bin (default: SmolLM2-135M-Instruct)")
     g.add_argument("-z", "--tokenizer", help="tokenizer.bin or tokenizer.model (default: one beside the model)")
     g.add_argument("-n", type=int, default=256, help="number of new tokens (default 256)")
     g.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
@@ -224,12 +353,34 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ids", action="store_true", help="print the walked token ids as JSON instead of text")
     r.set_defaults(func=cmd_run)
 
-    t = sub.add_parser("tokenize", help="print the token ids of a text (with BOS) as JSON")
+    c = sub.add_parser("chat", help="chat with an instruction-tuned model (interactive, or one message per stdin line)")
+    c.add_argument("-m", "--model", help="model file: GGUF or llama2.c .bin (default: SmolLM2-135M-Instruct)")
+    c.add_argument("-z", "--tokenizer", help="tokenizer.bin or tokenizer.model (default: one beside the model)")
+    c.add_argument("--system", metavar="TEXT", help="system prompt")
+    c.add_argument("--prompt", metavar="TEXT", help="answer this one message and exit")
+    c.add_argument("-n", type=int, default=512, help="at most N tokens per reply (default 512)")
+    c.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
+    c.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.95)")
+    c.add_argument("--top-k", type=int, help="keep the K most likely tokens, 0 = all (default 40)")
+    c.add_argument("--min-p", type=float, help="drop tokens below MIN_P x the top probability (default 0.05)")
+    c.add_argument("--repeat-penalty", type=float, help="llama.cpp repetition penalty (default 1.0 = off)")
+    c.add_argument("--seed", type=int, help="random seed (default: from the clock)")
+    c.set_defaults(func=cmd_chat)
+
+    t = sub.add_parser("tokenize", help="print the token ids of a text as JSON (BOS as the tokenizer adds it)")
     add_prompt(t)
     t.add_argument("-z", "--tokenizer", help="tokenizer.bin or tokenizer.model")
-    t.add_argument("-m", "--model", help="a model whose tokenizer to use")
+    t.add_argument("-m", "--model", help="a model whose tokenizer to use (default: the default model)")
     t.add_argument("--no-bos", action="store_true", help="do not prepend BOS")
     t.set_defaults(func=cmd_tokenize)
+
+    pl = sub.add_parser("pull", help="download a known model (default: the default model) and print its path")
+    pl.add_argument("name", nargs="?", default=None, help="model name (default: smollm2-135m-instruct-q4_1)")
+    pl.add_argument("--force", action="store_true", help="download again even if the model is cached")
+    pl.set_defaults(func=cmd_pull)
+
+    ms = sub.add_parser("models", help="list the cached models")
+    ms.set_defaults(func=cmd_models)
     return parser
 
 

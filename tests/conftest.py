@@ -46,3 +46,16 @@ def logits_tolerance(reference: np.ndarray, scale: float) -> np.ndarray:
 def golden_tolerance(case: dict) -> float:
     # runq.c's int8 activations make v2 files less tightly defined than float32 ones
     return 1e-4 if case["model"].endswith(".v2.bin") else 2e-5
+
+
+@pytest.fixture(scope="session")
+def smol_path() -> Path:
+    """The default model, SmolLM2-135M-Instruct Q4_1, where `llamarun pull` puts it ($LLAMARUN_HOME)."""
+    from llamarun.hub import default_model_path
+    return require(default_model_path())
+
+
+@pytest.fixture(scope="session")
+def smol_checkpoint(smol_path):
+    from llamarun.formats import load_checkpoint
+    return load_checkpoint(smol_path)

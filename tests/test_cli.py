@@ -53,7 +53,6 @@ def test_tokenize_prints_ids_with_bos(capsys):
     (["generate", "Hi", "-m", "{tiny}", "--sampler", "llama2c", "--top-k", "5"], "--top-k"),
     (["run", "{tiny}", "-t", "-2"], "-t"),
     (["run", "{tiny}", "-m", "chat"], "mode"),
-    (["tokenize", "Hi"], "-z"),
 ])
 def test_user_errors_are_one_line(args, words, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)     # no tokenizer.bin in the working directory to be found

@@ -1,0 +1,1 @@
+"""Looking inside the model: perplexity (and, later, confidence, attention maps, logit lens)."""
