@@ -10,17 +10,15 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 
 from llamarun.errors import LlamarunError
 from llamarun.formats import load_checkpoint
-
-gguf = pytest.importorskip("gguf")
-
-from llamarun.tensors import DEQUANTIZERS, GGMLTensor  # noqa: E402
-from llamarun.formats.gguf import (GGUFCheckpoint, LAYER_NAMES,  # noqa: E402
+from llamarun.formats.gguf import (GGUFCheckpoint, LAYER_NAMES,
                                    load, parse_header)
+from llamarun.tensors import DEQUANTIZERS, GGMLTensor
 
 T = gguf.GGMLQuantizationType
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

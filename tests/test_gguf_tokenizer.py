@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import tokenizers as tk
 
 from llamarun.errors import LlamarunError
 from llamarun.tokenizers import tokenizer_from_gguf
@@ -14,7 +15,6 @@ from llamarun.tokenizers.gguf import (CONTROL, USER_DEFINED, GGUFBpeTokenizer, G
 
 from conftest import GOLDEN, MODELS, require
 
-tk = pytest.importorskip("tokenizers")
 
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOL_GOLDEN = GOLDEN / "smollm2"
@@ -192,7 +192,7 @@ def test_pre_tokenizer_splits_like_the_reference(pre):
 @pytest.mark.parametrize("pre", ["gpt2", "llama-bpe"])
 def test_pre_tokenizer_splits_like_llama_cpps_regex(pre):
     # llama.cpp's own regexes, run by the `regex` package: an independent check of the splits
-    regex = pytest.importorskip("regex")
+    import regex
     pattern = {
         "gpt2": r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
         # llama.cpp spells the case-insensitive contractions out
@@ -281,7 +281,7 @@ SPM_TEXTS = [
 
 @pytest.fixture(scope="module")
 def sp():
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     processor = spm.SentencePieceProcessor()
     processor.Load(str(require(MODELS / "tokenizer.model")))
     return processor

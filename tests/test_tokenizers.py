@@ -32,7 +32,6 @@ def bin_tok() -> Llama2cTokenizer:
 @pytest.fixture(scope="module")
 def sp_tok() -> SentencePieceTokenizer:
     require_shared()
-    pytest.importorskip("sentencepiece")
     return SentencePieceTokenizer.from_file(TOKENIZER_MODEL)
 
 
@@ -310,7 +309,6 @@ def test_invalid_utf8_from_argv_falls_back_to_bytes(bin_tok):
 
 def test_load_tokenizer_picks_by_extension_and_content(tmp_path):
     require_shared()
-    pytest.importorskip("sentencepiece")
     assert isinstance(load_tokenizer(TOKENIZER_BIN), Llama2cTokenizer)
     assert isinstance(load_tokenizer(TOKENIZER_MODEL, vocab_size=32000), SentencePieceTokenizer)
     renamed = tmp_path / "tokenizer.spm"                           # a .model under another name
@@ -320,7 +318,6 @@ def test_load_tokenizer_picks_by_extension_and_content(tmp_path):
 
 def test_vocab_size_mismatch(tmp_path):
     require_shared()
-    pytest.importorskip("sentencepiece")
     for path in (TOKENIZER_BIN, TOKENIZER_MODEL):
         with pytest.raises(LlamarunError, match=r"has 32000 tokens but the model's vocabulary has 512.*-z PATH"):
             load_tokenizer(path, vocab_size=512)
