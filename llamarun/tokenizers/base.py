@@ -27,3 +27,14 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str:
         """ids -> text: the concatenated token_bytes, decoded as UTF-8 (invalid bytes replaced)."""
+
+
+def decode_bytes(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """The concatenated token_bytes of `ids` (each after its predecessor), as UTF-8 with invalid
+    bytes replaced: every tokenizer's decode()."""
+    out = bytearray()
+    prev = None
+    for token in ids:
+        out += tokenizer.token_bytes(token, prev)
+        prev = token
+    return out.decode("utf-8", errors="replace")

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from llamarun.errors import LlamarunError
-from llamarun.tokenizers.base import Tokenizer
+from llamarun.tokenizers.base import Tokenizer, decode_bytes
 from llamarun.tokenizers.llama2c import Llama2cTokenizer, split_code_points
 from llamarun.tokenizers.sentencepiece import SPACE_SYMBOL, UNKNOWN_SURFACE
 
@@ -138,15 +138,6 @@ def with_bos_eos(ids: list[int], vocab: GGUFVocab, bos: bool | None, eos: bool) 
         ids = ids + [vocab.eos_id]
     return ids
 
-
-def decode_bytes(tokenizer, ids: list[int]) -> str:
-    """The concatenated token_bytes of `ids`, as UTF-8 with invalid bytes replaced."""
-    out = bytearray()
-    prev = None
-    for token in ids:
-        out += tokenizer.token_bytes(token, prev)
-        prev = token
-    return out.decode("utf-8", errors="replace")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import struct
 from pathlib import Path
 
 from llamarun.errors import LlamarunError
+from llamarun.tokenizers.base import decode_bytes
 
 BOS_ID = 1
 EOS_ID = 2
@@ -173,12 +174,7 @@ class Llama2cTokenizer:
         return piece
 
     def decode(self, ids: list[int]) -> str:
-        out = bytearray()
-        prev = None
-        for token in ids:
-            out += self.token_bytes(token, prev)
-            prev = token
-        return out.decode("utf-8", errors="replace")
+        return decode_bytes(self, ids)
 
 
 def split_code_points(data: bytes) -> list[bytes]:

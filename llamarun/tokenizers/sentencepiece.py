@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from llamarun.errors import LlamarunError
+from llamarun.tokenizers.base import decode_bytes
 
 SPACE_SYMBOL = "\u2581"                      # '▁': SentencePiece's visible space
 UNKNOWN_SURFACE = " \u2047 ".encode()        # ' ⁇ ': what SentencePiece decodes <unk> to
@@ -87,12 +88,7 @@ class SentencePieceTokenizer:
         return piece
 
     def decode(self, ids: list[int]) -> str:
-        out = bytearray()
-        prev = None
-        for token in ids:
-            out += self.token_bytes(token, prev)
-            prev = token
-        return out.decode("utf-8", errors="replace")
+        return decode_bytes(self, ids)
 
 
 def _id_or_none(token: int, vocab_size: int) -> int | None:
