@@ -19,6 +19,9 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
+from .kernels import ggml as ggml_kernels
+from .kernels.matvec import matvec
+
 
 @dataclass(frozen=True)
 class GroupQuantized:
@@ -141,20 +144,52 @@ DEQUANTIZERS = {
 GGML_TYPES = (_T.F32, *DEQUANTIZERS)   # the tensor types llamarun reads from GGUF files
 
 
+# The types with native kernels (kernels/ggml.py): matrix-vector products that read the blocks as
+# stored, and a decoder for the tiles of the prefill's BLAS products.
+KERNEL_TYPES = frozenset({_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q4_K, _T.Q6_K})
+
+# Up to this many rows of x, a product goes to the matrix-vector kernels (model.MATVEC_ROWS).
+MATVEC_ROWS = 8
+
+# Beyond it, W is dequantized a tile of rows at a time into a reusable float32 buffer of about this
+# many bytes, and each tile multiplied by BLAS: big enough that a BLAS call amortizes its set-up,
+# small enough to stay in L2/L3 while BLAS reads it. Never the whole matrix.
+TILE_BYTES = 1 << 20
+
+_tile_buffers: dict[tuple[int, int], np.ndarray] = {}   # shared: one product at a time (one forward)
+
+
+def _tile_buffer(rows: int, cols: int) -> np.ndarray:
+    """The reusable float32 (rows, cols) tile buffer of this shape (a few shapes per model)."""
+    buffer = _tile_buffers.get((rows, cols))
+    if buffer is None:
+        buffer = _tile_buffers[(rows, cols)] = np.empty((rows, cols), np.float32)
+    return buffer
+
+
 class GGMLTensor:
     """A matrix in one of ggml's block formats, left as the file's bytes (a view of its memory map).
 
     shape is (out_features, in_features); `raw` is (out_features, bytes_per_row) uint8, one row of
-    blocks per output. Dequantized only where used: a few rows for an embedding lookup (`rows`),
-    the whole matrix for a product (`linear`, one tensor at a time, never the whole model).
+    blocks per output. Never dequantized whole by a product: `linear` reads the blocks directly
+    (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, for a few rows of x) or a tile of rows at a time; `rows` for an
+    embedding lookup; `dequantize` when asked for the whole matrix.
+
+    `exact` chooses the arithmetic of the matrix-vector kernels (kernels/ggml.py): True, float32
+    activations times the weights as gguf dequantizes them (what the parity tests run); False,
+    activations quantized to int8 blocks and integer dot products, as llama.cpp does.
     """
 
-    def __init__(self, name: str, qtype, shape: tuple[int, int], raw: np.ndarray):
+    def __init__(self, name: str, qtype, shape: tuple[int, int], raw: np.ndarray, exact: bool = True):
         self.name = name
         self.qtype = qtype                  # GGMLQuantizationType
         self.shape = shape
-        self.raw = raw
+        self.raw = raw.view()
+        self.raw.flags.writeable = False     # as the file's map: one compiled signature for every kernel
+        self.exact = exact
         self._dequantize_rows = DEQUANTIZERS[qtype] or (lambda raw: gguf_quants.dequantize(raw, qtype))
+        self._kernel_type = int(qtype) if qtype in KERNEL_TYPES else None
+        self._tile_rows = max(16, min(shape[0], TILE_BYTES // (4 * shape[1]) // 16 * 16))
 
     @property
     def ggml_type(self) -> str:
@@ -181,7 +216,37 @@ class GGMLTensor:
         return self._dequantize_rows(self.raw).reshape(self.shape)
 
     def linear(self, x: np.ndarray) -> np.ndarray:
-        """x @ W.T for x (n, in_features) float32.   -> (n, out_features)
+        """x @ W.T for x (n, in_features) float32.   -> (n, out_features) float32
 
-        For now the matrix is dequantized for each product and multiplied by BLAS."""
-        return x @ self.dequantize().T
+        Up to MATVEC_ROWS rows (a decode step), a type with a kernel goes to the matrix-vector
+        kernels, exact or fast as `self.exact` says; on numba's thread pool only, no BLAS (why:
+        kernels/matvec.py). More rows (a prompt): BLAS, a tile of W at a time (`_linear_tiled`)."""
+        x = np.ascontiguousarray(x, np.float32)
+        if x.shape[0] > MATVEC_ROWS or self._kernel_type is None:
+            return self._linear_tiled(x)
+        out = np.empty((x.shape[0], self.shape[0]), np.float32)
+        kernel = ggml_kernels.matvec_exact if self.exact else ggml_kernels.matvec_fast
+        kernel(self._kernel_type, self.raw, x, out)
+        return out
+
+    def _linear_tiled(self, x: np.ndarray) -> np.ndarray:
+        """x @ W.T, W dequantized TILE_BYTES at a time into a reused buffer, each tile multiplied by
+        BLAS (or, for a decode-sized x of a type without a kernel, by the numba matvec kernel)."""
+        n, (rows, cols) = x.shape[0], self.shape
+        out = np.empty((n, rows), np.float32)
+        tile = _tile_buffer(self._tile_rows, cols)
+        part = np.empty((n, self._tile_rows), np.float32)   # BLAS's out: np.dot wants it contiguous
+        for start in range(0, rows, self._tile_rows):
+            stop = min(start + self._tile_rows, rows)
+            w = tile[:stop - start]
+            if self._kernel_type is not None:
+                ggml_kernels.dequantize_rows(self._kernel_type, self.raw[start:stop], w)
+            else:
+                w[...] = self._dequantize_rows(self.raw[start:stop]).reshape(w.shape)
+            if n <= MATVEC_ROWS:
+                matvec(x, w, out[:, start:stop])
+            else:
+                dest = part if stop - start == len(part[0]) else np.empty((n, stop - start), np.float32)
+                np.dot(x, w.T, out=dest)
+                out[:, start:stop] = dest
+        return out

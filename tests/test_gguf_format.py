@@ -116,7 +116,9 @@ def test_smol_rows_and_linear_of_a_q4_1_matrix(smol):
     ids = np.array([575, 0, 300])
     assert np.array_equal(bits(w.rows(ids)), bits(full[ids]))
     x = np.random.default_rng(0).standard_normal((3, 1536)).astype(np.float32)
-    assert np.array_equal(bits(w.linear(x)), bits(x @ full.T))
+    # the kernel's weights are gguf's to the bit; only its float32 sum runs in another order than
+    # BLAS's: within the bound of any order, 1536 * 2^-24 * sum |x w| (tests/test_kernels.py)
+    assert np.all(np.abs(w.linear(x) - x @ full.T) <= 1536 * 2.0 ** -24 * (np.abs(x) @ np.abs(full).T))
 
 
 def test_smol_tensors_are_views_of_the_memory_map(smol):
