@@ -1,4 +1,4 @@
-"""The command line: `llamarun generate | run | chat | tokenize`.
+"""The command line: `llamarun generate | run | chat | tokenize | pull | models | bench | quantize`.
 
 One rule for every command: the model is -m/--model, the prompt is positional or --prompt, -n is the
 number of new tokens. The exception is `run`, which takes llama2.c's run.c arguments unchanged.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -310,7 +311,85 @@ def cmd_models(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# llamarun quantize
+
+def cmd_quantize(args) -> int:
+    from .quantize import measure_quality, quantize
+    written = quantize(args.input, args.output, args.type, args.group_size)
+    print(f"wrote {args.output}: {written}")
+    for line in measure_quality(args.input, args.output).lines():
+        print(line)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# llamarun bench
+
+def cmd_bench(args) -> int:
+    """llama-bench's tests on one model (and llama.cpp beside it when llama_cpp is installed)."""
+    from .api import load
+    from .bench import check_settings, format_report, run_bench
+    check_settings(args.n_prompt, args.n_gen, args.depth, args.repetitions)   # before the model loads
+    llama = load(args.model)
+    report = run_bench(llama, n_prompt=args.n_prompt, n_gen=args.n_gen, depth=args.depth,
+                       repetitions=args.repetitions,
+                       progress=lambda message: print(f"  {message} ...", file=sys.stderr, flush=True))
+    print(format_report(report))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# --threads: one size for numba's thread pool and BLAS's
+
+POOL_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def apply_threads(n: int | None) -> None:
+    """Make numba's kernels and BLAS's products use n threads (None: leave both at all cores).
+
+    Thread pools take their size from the environment when their library loads, so the variables are
+    set for the libraries still to load (numba itself when it is not imported yet; OpenBLAS and
+    OpenMP runtimes that load later, e.g. scipy's OpenBLAS, which numba brings in on first use).
+    Those already loaded are limited at run time: numba with set_num_threads (at most the pool it
+    was imported with), numpy's OpenBLAS (and any OpenMP runtime) with threadpoolctl. NUMBA_NUM_THREADS
+    is left alone once numba is imported: changing it after numba's threads started makes numba
+    refuse to compile.
+    """
+    if n is None:
+        return
+    if n < 1:
+        raise LlamarunError(f"--threads must be at least 1, not {n}")
+    numba = sys.modules.get("numba")
+    if numba is not None and n > numba.config.NUMBA_NUM_THREADS:
+        raise LlamarunError(f"--threads {n}: numba started with {numba.config.NUMBA_NUM_THREADS} threads; set "
+                            f"NUMBA_NUM_THREADS={n} in the environment to use more")
+    if numba is None:
+        os.environ["NUMBA_NUM_THREADS"] = str(n)
+    for var in POOL_VARIABLES:
+        os.environ[var] = str(n)
+    if numba is not None:
+        numba.set_num_threads(n)
+    if "numpy" in sys.modules:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=n)        # BLAS and OpenMP
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    """--threads for a command that runs a model."""
+    p.add_argument("--threads", type=int, metavar="N", help="threads for numba and BLAS (default: all cores)")
+
+
+# ----------------------------------------------------------------------------------------------
 # argument parsing
+
+def add_sampling(p: argparse.ArgumentParser) -> None:
+    """The sampler's flags (None = the sampler's default, see llamarun/sampling.py)."""
+    p.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--top-k", type=int, help="keep the K most likely tokens, 0 = all (default 40)")
+    p.add_argument("--min-p", type=float, help="drop tokens below MIN_P x the top probability (default 0.05)")
+    p.add_argument("--repeat-penalty", type=float, help="llama.cpp repetition penalty (default 1.0 = off)")
+
 
 def add_prompt(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="the prompt text")
@@ -326,11 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-m", "--model", help="model file: GGUF or llama2.c .bin (default: SmolLM2-135M-Instruct)")
     g.add_argument("-z", "--tokenizer", help="tokenizer.bin or tokenizer.model (default: one beside the model)")
     g.add_argument("-n", type=int, default=256, help="number of new tokens (default 256)")
-    g.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
-    g.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.95)")
-    g.add_argument("--top-k", type=int, help="keep the K most likely tokens, 0 = all (default 40)")
-    g.add_argument("--min-p", type=float, help="drop tokens below MIN_P x the top probability (default 0.05)")
-    g.add_argument("--repeat-penalty", type=float, help="llama.cpp repetition penalty (default 1.0 = off)")
+    add_sampling(g)
     g.add_argument("--repeat-last-n", type=int, help="how many recent tokens the penalties look at (default 64)")
     g.add_argument("--presence-penalty", type=float, help="OpenAI presence penalty (default 0)")
     g.add_argument("--frequency-penalty", type=float, help="OpenAI frequency penalty (default 0)")
@@ -339,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", choices=["default", "llama2c"], default="default",
                    help="llama2c = run.c's exact sampling and stop rule")
     g.add_argument("--ids", action="store_true", help="print the walked token ids as JSON instead of text")
+    add_threads(g)
     g.set_defaults(func=cmd_generate)
 
     r = sub.add_parser("run", help="llama2.c's run.c, same arguments: run checkpoint [-t -p -s -n -i -z -m]")
@@ -351,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-z", dest="tokenizer", default=None, help="tokenizer (default: tokenizer.bin beside it)")
     r.add_argument("-m", dest="mode", default="generate", help="mode: generate")
     r.add_argument("--ids", action="store_true", help="print the walked token ids as JSON instead of text")
+    add_threads(r)
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("chat", help="chat with an instruction-tuned model (interactive, or one message per stdin line)")
@@ -359,12 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", metavar="TEXT", help="system prompt")
     c.add_argument("--prompt", metavar="TEXT", help="answer this one message and exit")
     c.add_argument("-n", type=int, default=512, help="at most N tokens per reply (default 512)")
-    c.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
-    c.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.95)")
-    c.add_argument("--top-k", type=int, help="keep the K most likely tokens, 0 = all (default 40)")
-    c.add_argument("--min-p", type=float, help="drop tokens below MIN_P x the top probability (default 0.05)")
-    c.add_argument("--repeat-penalty", type=float, help="llama.cpp repetition penalty (default 1.0 = off)")
+    add_sampling(c)
     c.add_argument("--seed", type=int, help="random seed (default: from the clock)")
+    add_threads(c)
     c.set_defaults(func=cmd_chat)
 
     t = sub.add_parser("tokenize", help="print the token ids of a text as JSON (BOS as the tokenizer adds it)")
@@ -381,12 +455,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     ms = sub.add_parser("models", help="list the cached models")
     ms.set_defaults(func=cmd_models)
+
+    b = sub.add_parser("bench", help="prompt processing and generation speed, as llama.cpp's llama-bench "
+                                     "(and llama.cpp beside it when llama_cpp is installed)")
+    b.add_argument("-m", "--model", help="model file: GGUF or llama2.c .bin (default: SmolLM2-135M-Instruct)")
+    b.add_argument("-p", dest="n_prompt", type=int, default=512, metavar="N",
+                   help="prompt processing: tok/s of one batched forward of N tokens (default 512; 0 = skip)")
+    b.add_argument("-n", dest="n_gen", type=int, default=128, metavar="N",
+                   help="text generation: tok/s of N single-token forwards (default 128; 0 = skip)")
+    b.add_argument("-d", dest="depth", type=int, default=0, metavar="N",
+                   help="depth: N tokens already in the cache before each test (default 0)")
+    b.add_argument("-r", dest="repetitions", type=int, default=5, metavar="N",
+                   help="timed runs of each test, after one warm-up (default 5)")
+    add_threads(b)
+    b.set_defaults(func=cmd_bench)
+
+    qz = sub.add_parser("quantize", help="write a quantized copy of a model (GGUF q8_0/q4_0/q4_1, llama2.c int8) "
+                                         "and print what it costs in perplexity")
+    qz.add_argument("input", help="model to quantize: GGUF (for .gguf output) or float32 llama2.c .bin (for .bin)")
+    qz.add_argument("output", help="the file to write: OUT.gguf or OUT.bin (llama2.c version 2)")
+    qz.add_argument("--type", required=True, help="q8_0, q4_0, q4_1 (GGUF output) or int8 (llama2.c output)")
+    qz.add_argument("--group-size", type=int, metavar="G", help="int8 group size (default 64; must divide dim "
+                                                                "and hidden_dim)")
+    add_threads(qz)
+    qz.set_defaults(func=cmd_quantize)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        apply_threads(getattr(args, "threads", None))    # before numpy or numba do any work
         return args.func(args)
     except LlamarunError as e:
         print(f"llamarun: error: {e}", file=sys.stderr)
