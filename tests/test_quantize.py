@@ -21,27 +21,15 @@ import llamarun
 from llamarun.cli import main
 from llamarun.errors import LlamarunError
 from llamarun.formats import llama2c, load_checkpoint
-from llamarun.formats.gguf import LAYER_NAMES, parse_header
+from llamarun.formats.gguf import parse_header
 from llamarun.quantize import measure_quality, metadata_value_types, quality_ids, quantize, quantize_q80
 
 from conftest import MODELS, require
+from test_gguf_format import bits, llamarun_tensor
 
 T = gguf.GGMLQuantizationType
 MATRICES = ("tok_embeddings", "wq", "wk", "wv", "wo", "w1", "w2", "w3")
 NORMS = ("attention_norm", "ffn_norm", "norm")
-
-
-def bits(a) -> np.ndarray:
-    return np.ascontiguousarray(a, np.float32).view(np.uint32)
-
-
-def llamarun_tensor(weights: dict, gguf_name: str):
-    """weights[...] for a llama.cpp tensor name ('blk.3.attn_q.weight' -> weights['wq'][3])."""
-    globals_ = {"token_embd.weight": "tok_embeddings", "output_norm.weight": "norm", "output.weight": "output"}
-    if gguf_name in globals_:
-        return weights[globals_[gguf_name]]
-    _, layer, kind, _ = gguf_name.split(".")
-    return weights[LAYER_NAMES[kind]][int(layer)]
 
 
 def header_bytes(path) -> bytes:
