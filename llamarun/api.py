@@ -12,22 +12,28 @@ from .formats import load_checkpoint
 from .generation import Completion, TokenEvent, generate_stream
 from .model import Batch, KVCache, Transformer
 from .sampling import make_sampler
+from .tensors import set_exact
 from .tokenizers import load_tokenizer, tokenizer_from_gguf
 
 LLAMA2C_BOS, LLAMA2C_EOS = 1, 2
 
 
-def load(path: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None) -> "Llama":
+def load(path: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
+         exact: bool = False) -> "Llama":
     """Load a model (memory-mapped) with its tokenizer.
 
     path: a llama2.c .bin or a GGUF file; None loads the default model (SmolLM2-135M-Instruct,
     downloaded once into $LLAMARUN_HOME). tokenizer: tokenizer.bin or tokenizer.model; without one
     a GGUF file uses the tokenizer it embeds, and a llama2.c model works on token ids only.
+    exact: quantized GGUF weights multiply float32 activations (the reference arithmetic, what the
+    parity tests check); the default, fast, quantizes the activations of a decode step to int8
+    blocks as llama.cpp does (held to: perplexity within 2% of exact, tests/test_fast_path.py).
     """
     if path is None:
         from .hub import ensure_default_model
         path = ensure_default_model()
     checkpoint = load_checkpoint(path)
+    set_exact(checkpoint.weights, exact)
     vocab = checkpoint.config.vocab_size
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer, vocab_size=vocab)

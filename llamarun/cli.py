@@ -21,13 +21,13 @@ EXIT_INTERRUPTED = 130
 # ----------------------------------------------------------------------------------------------
 # shared helpers
 
-def open_model(model_path: str | None, tokenizer_path: str | None, need_tokenizer: bool):
+def open_model(model_path: str | None, tokenizer_path: str | None, need_tokenizer: bool, exact: bool = False):
     """Load the model (the default one when no path is given) and its tokenizer: the one given with
     -z, else the one a GGUF file embeds, else one found beside the model whose size fits."""
     from .api import find_tokenizer, load
     from .tokenizers import load_tokenizer
 
-    llama = load(model_path, tokenizer_path)
+    llama = load(model_path, tokenizer_path, exact=exact)
     vocab = llama.config.vocab_size
     if llama.tokenizer is None:
         found = find_tokenizer(llama.checkpoint.path, vocab)
@@ -64,7 +64,7 @@ def prompt_of(args) -> str:
 
 def cmd_generate(args) -> int:
     prompt = prompt_of(args)
-    llama = open_model(args.model, args.tokenizer, need_tokenizer=bool(prompt) or not args.ids)
+    llama = open_model(args.model, args.tokenizer, need_tokenizer=bool(prompt) or not args.ids, exact=args.exact)
     sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.sampler != "llama2c":
         sampling.update(top_k=args.top_k, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
@@ -180,7 +180,7 @@ def cmd_chat(args) -> int:
     """
     from .chat import ChatSession, chat_format_for
 
-    llama = open_model(args.model, args.tokenizer, need_tokenizer=True)
+    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact)
     session = ChatSession(llama, chat_format_for(llama), system=args.system, max_tokens=args.n,
                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                           repeat_penalty=args.repeat_penalty, seed=args.seed)
@@ -330,7 +330,7 @@ def cmd_bench(args) -> int:
     from .api import load
     from .bench import check_settings, format_report, run_bench
     check_settings(args.n_prompt, args.n_gen, args.depth, args.repetitions)   # before the model loads
-    llama = load(args.model)
+    llama = load(args.model, exact=args.exact)
     report = run_bench(llama, n_prompt=args.n_prompt, n_gen=args.n_gen, depth=args.depth,
                        repetitions=args.repetitions,
                        progress=lambda message: print(f"  {message} ...", file=sys.stderr, flush=True))
@@ -382,6 +382,12 @@ def add_threads(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------------
 # argument parsing
 
+def add_exact(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--exact", action="store_true",
+                   help="float32 activations for quantized GGUF weights (the reference arithmetic); "
+                        "default: int8 activations in the decode step, as llama.cpp")
+
+
 def add_sampling(p: argparse.ArgumentParser) -> None:
     """The sampler's flags (None = the sampler's default, see llamarun/sampling.py)."""
     p.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
@@ -415,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llama2c = run.c's exact sampling and stop rule")
     g.add_argument("--ids", action="store_true", help="print the walked token ids as JSON instead of text")
     add_threads(g)
+    add_exact(g)
     g.set_defaults(func=cmd_generate)
 
     r = sub.add_parser("run", help="llama2.c's run.c, same arguments: run checkpoint [-t -p -s -n -i -z -m]")
@@ -439,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling(c)
     c.add_argument("--seed", type=int, help="random seed (default: from the clock)")
     add_threads(c)
+    add_exact(c)
     c.set_defaults(func=cmd_chat)
 
     t = sub.add_parser("tokenize", help="print the token ids of a text as JSON (BOS as the tokenizer adds it)")
@@ -468,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-r", dest="repetitions", type=int, default=5, metavar="N",
                    help="timed runs of each test, after one warm-up (default 5)")
     add_threads(b)
+    add_exact(b)
     b.set_defaults(func=cmd_bench)
 
     qz = sub.add_parser("quantize", help="write a quantized copy of a model (GGUF q8_0/q4_0/q4_1, llama2.c int8) "

@@ -395,7 +395,7 @@ def quality_ids(llama, text: str = QUALITY_TEXT) -> tuple[list[int], str]:
 def measure_quality(src: str | os.PathLike, dst: str | os.PathLike, text: str = QUALITY_TEXT) -> Quality:
     """Score the same ids under the input model and its quantized copy (both loaded as
     `llamarun.load` loads them): perplexity, mean |logit error|, top-1 agreement, file sizes."""
-    before, after = load(src), load(dst)
+    before, after = load(src, exact=True), load(dst, exact=True)
     ids, scored_on = quality_ids(before, text)
     ctx = min(before.config.seq_len, MAX_CONTEXT)
     runs = []

@@ -250,3 +250,13 @@ class GGMLTensor:
                 np.dot(x, w.T, out=dest)
                 out[:, start:stop] = dest
         return out
+
+
+def set_exact(weights: dict, exact: bool) -> None:
+    """Choose the arithmetic of every GGML tensor among `weights` (per-layer lists included):
+    exact (float32 activations, what the parity tests run) or fast (int8 activations, as llama.cpp).
+    llama2.c's int8 tensors always follow runq.c, the reference they are tested against."""
+    for value in weights.values():
+        for tensor in value if isinstance(value, list) else [value]:
+            if isinstance(tensor, GGMLTensor):
+                tensor.exact = exact

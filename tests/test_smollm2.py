@@ -22,7 +22,7 @@ def cases():
 
 @pytest.fixture(scope="module")
 def smol(smol_path):
-    return llamarun.load(smol_path)
+    return llamarun.load(smol_path, exact=True)      # the reference arithmetic
 
 
 def prompt_text(llama, case) -> str:
