@@ -46,9 +46,7 @@ REFERENCE = {    # not measured here; see the docstring
     "transformers fp32": {"prefill": "", "decode": "~9"},
 }
 
-DECODE_PROMPT = 8          # the "short prompt" before the timed decode
 OPEN_RUNS = 5              # fresh processes for the open time
-SETTLE = 0.25              # seconds of idle before each measurement (see settled())
 
 
 def parse_args():
@@ -76,7 +74,7 @@ import numpy as np  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import llamarun.formats.gguf  # noqa: E402  (GGUF's reader, and the gguf package, imported before any timed load)
-from llamarun.model import Batch, KVCache, Transformer  # noqa: E402
+from common import DECODE_PROMPT, decode_rate, interleaved, prefill_rate, seconds, stats  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - IMPORT_START
 
@@ -135,16 +133,6 @@ def prefill_flops(c, w, n: int) -> float:
 # ----------------------------------------------------------------------------------------------
 # machine bounds
 
-def seconds(fn, reps: int = 1) -> float:
-    """Median wall time of fn() over reps calls."""
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def as_float32(t) -> np.ndarray:
     return t if isinstance(t, np.ndarray) else t.dequantize()
 
@@ -183,52 +171,6 @@ class SgemmBound:
 
 # ----------------------------------------------------------------------------------------------
 # the model
-
-def prefill_rate(model: Transformer, n: int) -> float:
-    """tok/s of one batched forward of n random tokens from an empty cache, last token's logits."""
-    c = model.config
-    batch = Batch.sequence(np.random.default_rng(1).integers(0, c.vocab_size, n))
-    cache = KVCache(c)
-    t0 = time.perf_counter()
-    model.forward(batch, cache)
-    return n / (time.perf_counter() - t0)
-
-
-def decode_rate(model: Transformer, gen: int) -> float:
-    """tok/s of `gen` greedy steps, one forward each, after a short prompt (fresh cache)."""
-    c = model.config
-    prompt = np.random.default_rng(2).integers(0, c.vocab_size, DECODE_PROMPT)
-    cache = KVCache(c)
-    logits = model.forward(Batch.sequence(prompt), cache)
-    token, pos = int(np.argmax(logits[0])), DECODE_PROMPT
-    t0 = time.perf_counter()
-    for _ in range(gen):
-        logits = model.forward(Batch.sequence([token], pos), cache)
-        token, pos = int(np.argmax(logits[0])), pos + 1
-    return gen / (time.perf_counter() - t0)
-
-
-def settled(fn):
-    """fn() after a pause that lets idle thread pools stop spinning: OpenBLAS's threads spin for
-    ~0.1 s after a call, numba's OpenMP threads for a few ms, and a spinning thread of one pool
-    slows the other pool's first calls."""
-    time.sleep(SETTLE)
-    return fn()
-
-
-def interleaved(run, bound, runs: int) -> tuple[list[float], list[float]]:
-    """runs x (measure the bound, run the model), after one warm-up run of each."""
-    settled(bound), settled(run)
-    pairs = [(settled(bound), settled(run)) for _ in range(runs)]
-    return [b for b, _ in pairs], [r for _, r in pairs]
-
-
-def stats(xs) -> tuple[float, float, float]:
-    return float(np.median(xs)), float(np.min(xs)), float(np.max(xs))
-
-
-# ----------------------------------------------------------------------------------------------
-# fresh processes: open time, peak RSS
 
 def vm_hwm_mb() -> float:
     """This process's peak resident memory (VmHWM), MiB."""

@@ -27,16 +27,13 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 
 # run.c (-Ofast, 2 OpenMP threads) on this machine, decode tok/s; it reads a prompt one token at a
 # time, so its prefill is no faster than its decode.
 RUNC_DECODE = {"s15M": "250-300", "s42M": "63-75", "s110M": "33-36"}
 
 DECODE_TOKENS = 128
-DECODE_PROMPT = 8          # the "short prompt" before the timed decode
 MAX_PREFILL = 256
-SETTLE = 0.25              # seconds of idle before each measurement (see settled())
 
 
 def parse_args():
@@ -58,7 +55,8 @@ import numpy as np  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from llamarun.formats import llama2c  # noqa: E402
-from llamarun.model import Batch, KVCache, Transformer  # noqa: E402
+from llamarun.model import Transformer  # noqa: E402
+from common import decode_rate, interleaved, prefill_rate, seconds, stats  # noqa: E402
 
 SHARED = os.environ.get("LLAMARUN_SHARED") or os.path.join(REPO, "..", "shared")   # as tests/conftest.py
 MKMODEL = os.path.join(SHARED, "tools", "mkmodel.py")
@@ -103,16 +101,6 @@ def prefill_flops(c, w, n: int) -> float:
 # ----------------------------------------------------------------------------------------------
 # machine bounds
 
-def seconds(fn, reps: int = 1) -> float:
-    """Median wall time of fn() over reps calls."""
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 class MatvecBound:
     """numpy fp32 W @ x on a weight-sized matrix (a 32000 x 768 classifier: 98 MB, beyond any cache)."""
 
@@ -148,49 +136,6 @@ class SgemmBound:
 # ----------------------------------------------------------------------------------------------
 # the model
 
-def prefill_rate(model: Transformer, n: int) -> float:
-    """tok/s of one batched forward of n random tokens from an empty cache, last token's logits."""
-    c = model.config
-    batch = Batch.sequence(np.random.default_rng(1).integers(0, c.vocab_size, n))
-    cache = KVCache(c)
-    t0 = time.perf_counter()
-    model.forward(batch, cache)
-    return n / (time.perf_counter() - t0)
-
-
-def decode_rate(model: Transformer) -> float:
-    """tok/s of DECODE_TOKENS greedy steps, one forward each, after a short prompt (fresh cache)."""
-    c = model.config
-    prompt = np.random.default_rng(2).integers(0, c.vocab_size, DECODE_PROMPT)
-    cache = KVCache(c)
-    logits = model.forward(Batch.sequence(prompt), cache)
-    token, pos = int(np.argmax(logits[0])), DECODE_PROMPT
-    t0 = time.perf_counter()
-    for _ in range(DECODE_TOKENS):
-        logits = model.forward(Batch.sequence([token], pos), cache)
-        token, pos = int(np.argmax(logits[0])), pos + 1
-    return DECODE_TOKENS / (time.perf_counter() - t0)
-
-
-def settled(fn):
-    """fn() after a pause that lets idle thread pools stop spinning: OpenBLAS's threads spin for
-    ~0.1 s after a call, numba's OpenMP threads for a few ms, and a spinning thread of one pool
-    slows the other pool's first calls (the bound's BLAS calls, or the decode's numba kernels)."""
-    time.sleep(SETTLE)
-    return fn()
-
-
-def interleaved(run, bound, runs: int) -> tuple[list[float], list[float]]:
-    """runs x (measure the bound, run the model), after one warm-up run of each."""
-    settled(bound), settled(run)
-    pairs = [(settled(bound), settled(run)) for _ in range(runs)]
-    return [b for b, _ in pairs], [r for _, r in pairs]
-
-
-def stats(xs) -> tuple[float, float, float]:
-    return float(np.median(xs)), float(np.min(xs)), float(np.max(xs))
-
-
 def main():
     shapes = [s for s in args.shapes.split(",") if s]
     runs = max(1, args.runs)
@@ -206,7 +151,7 @@ def main():
         n = min(c.seq_len // 2, MAX_PREFILL)
         sgemm = SgemmBound(w, n)
         gflops, pre = interleaved(lambda: prefill_rate(model, n), sgemm.measure, runs)
-        gbps, dec = interleaved(lambda: decode_rate(model), matvec.measure, runs)
+        gbps, dec = interleaved(lambda: decode_rate(model, DECODE_TOKENS), matvec.measure, runs)
         gflops, gbps, pre, dec = float(np.median(gflops)), float(np.median(gbps)), stats(pre), stats(dec)
         decode_bound = gbps * 1e9 / decode_bytes(c, w)
         prefill_bound = gflops * 1e9 / prefill_flops(c, w, n)
