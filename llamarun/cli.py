@@ -47,6 +47,10 @@ class Output:
     def text(self, s: str) -> None:
         self.bytes(s.encode("utf-8", errors="surrogateescape"))
 
+    def end(self, result, ids: bool) -> None:
+        """Close a generation: the walked ids as one JSON list (--ids), else the final newline."""
+        self.text(json.dumps(result.walked) + "\n" if ids else "\n")
+
     def bytes(self, b: bytes) -> None:
         if b:
             self.stream.buffer.write(b)
@@ -90,10 +94,7 @@ def cmd_generate(args) -> int:
     except KeyboardInterrupt:
         interrupted = True
     result = stream.completion
-    if args.ids:
-        out.text(json.dumps(result.walked) + "\n")
-    else:
-        out.text("\n")
+    out.end(result, args.ids)
     reason = "interrupted" if interrupted else result.finish_reason
     if result.context_full:
         reason += f" (context full: {llama.config.seq_len} tokens)"
@@ -156,10 +157,7 @@ def cmd_run(args) -> int:
     except KeyboardInterrupt:
         interrupted = True
     result = stream.completion
-    if args.ids:
-        out.text(json.dumps(result.walked) + "\n")
-    else:
-        out.text("\n")
+    out.end(result, args.ids)
     walked = len(result.walked) - 1
     if walked > 1:
         print(f"achieved tok/s: {walked / (time.perf_counter() - start):f}", file=sys.stderr)
