@@ -59,3 +59,28 @@ def smol_path() -> Path:
 def smol_checkpoint(smol_path):
     from llamarun.formats import load_checkpoint
     return load_checkpoint(smol_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# a headless browser, for the pages llamarun writes or serves (attention report, chat page)
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium driven by selenium (Debian's `chromium` and `chromium-driver`, which .ci/run
+    installs; nothing is downloaded). `browser.get_log("browser")` holds the page's console messages."""
+    require(CHROMIUM)
+    require(CHROMEDRIVER)
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-dev-shm-usage", "--window-size=1200,900"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    yield driver
+    driver.quit()
