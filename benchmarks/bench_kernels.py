@@ -16,6 +16,10 @@ waits for a scheduler time slice to get its second core, ~10 ms; see kernels/mat
 kernels' runs are interleaved exact, fast, exact, ... so that a machine that is busier for a while
 slows both alike.)
 
+INT8 is llama2.c's version-2 format (int8 groups of 64, a float32 scale each) on its own kernel
+(kernels/int8.py, runq.c's arithmetic: int8 activations too, so its figure is in the exact column
+and the fast one is empty), at the s110M TinyStories shapes.
+
 The K-quants' super-blocks are 256 values: their rows of 576 are benchmarked as 768 (the next multiple
 of 256; SmolLM2's own files use no K-quant at 576).
 
@@ -40,12 +44,14 @@ from gguf import GGMLQuantizationType as T
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from llamarun.tensors import GGMLTensor  # noqa: E402
+from llamarun.tensors import GGMLTensor, GroupQuantized, quantize_groups  # noqa: E402
 
 # block values, block bytes, byte offsets of the f16 scales in a block
 LAYOUTS = {T.Q8_0: (32, 34, [0]), T.Q4_0: (32, 18, [0]), T.Q4_1: (32, 20, [0, 2]),
            T.Q4_K: (256, 144, [0, 2]), T.Q6_K: (256, 210, [208])}
 SHAPES = [(576, 1536), (1536, 576), (576, 576), (49152, 576)]
+# llama2.c's int8 groups (type INT8: version-2 checkpoints, group 64), at the s110M TinyStories shapes
+INT8_SHAPES = [(768, 2048), (2048, 768), (768, 768), (32000, 768)]
 
 
 def random_blocks(qtype, rows: int, n_in: int, rng) -> np.ndarray:
@@ -85,7 +91,7 @@ def measure(candidates: dict, runs: int, min_time: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--types", default="Q4_1,Q4_0,Q8_0,Q4_K,Q6_K")
+    parser.add_argument("--types", default="Q4_1,Q4_0,Q8_0,Q4_K,Q6_K,INT8")
     parser.add_argument("--threads", type=int, default=None, help="numba threads (default: all)")
     parser.add_argument("--min-time", type=float, default=0.05, help="seconds per run (default 0.05)")
     parser.add_argument("--cpu-time", action="store_true", help="time by process CPU time (see above)")
@@ -103,6 +109,9 @@ def main() -> None:
     print(f"{'type':5} {'shape':>10} {'rows':>4} | {'exact G w/s':>17} {'GB/s':>5} | {'fast G w/s':>17} {'GB/s':>5}"
           f" | {'numpy fp32 G w/s':>17} {'GB/s':>5}")
     for name in args.types.split(","):
+        if name.strip() == "INT8":
+            bench_int8(rng, args)
+            continue
         qtype = T[name.strip()]
         block = LAYOUTS[qtype][0]
         for out_features, in_features in SHAPES:
@@ -126,6 +135,27 @@ def main() -> None:
                     cells.append(f"{weights / median / 1e9:7.2f} [{weights / best / 1e9:7.2f}] "
                                  f"{nbytes / median / 1e9:5.1f}")
                 print(f"{name:5} {f'{out_features}x{n_in}':>10} {n:4} | " + " | ".join(cells), flush=True)
+
+
+def bench_int8(rng, args) -> None:
+    """llama2.c's int8 groups (kernels/int8.py: runq.c's arithmetic, its only one: in the exact column)
+    beside numpy's fp32 product."""
+    for out_features, in_features in INT8_SHAPES:
+        g = quantize_groups(rng.standard_normal((out_features, in_features)).astype(np.float32), 64)
+        tensor = GroupQuantized(g.q, g.scale, 64)
+        w32 = tensor.dequantize()
+        for n in (1, 8):
+            x = rng.standard_normal((n, in_features)).astype(np.float32)
+            numpy_product = (lambda: w32 @ x[0]) if n == 1 else (lambda: x @ w32.T)
+            result = measure({"numpy": numpy_product}, args.runs, args.min_time)
+            result |= measure({"exact": lambda: tensor.linear(x)}, args.runs, args.min_time)
+            weights = out_features * in_features
+            cells = []
+            for key, nbytes in (("exact", tensor.nbytes), ("numpy", w32.nbytes)):
+                median, best = result[key]
+                cells.append(f"{weights / median / 1e9:7.2f} [{weights / best / 1e9:7.2f}] {nbytes / median / 1e9:5.1f}")
+            print(f"{'INT8':5} {f'{out_features}x{in_features}':>10} {n:4} | {cells[0]} | {'-':>23} | {cells[1]}",
+                  flush=True)
 
 
 if __name__ == "__main__":

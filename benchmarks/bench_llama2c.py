@@ -1,10 +1,13 @@
 """Speed of llamarun on the TinyStories shapes, against the machine's own bounds and llama2.c's run.c.
 
-    python benchmarks/bench_llama2c.py [--shapes s15M,s42M,s110M] [--runs 5] [--threads N]
+    python benchmarks/bench_llama2c.py [--shapes s15M,s42M,s110M] [--runs 5] [--threads N] [--int8]
 
 Random-weight checkpoints of the three TinyStories shapes are written once by
 `../shared/tools/mkmodel.py` into `$LLAMARUN_HOME/bench` (default `~/.cache/llamarun/bench`),
-outside the repository, and reused afterwards.
+outside the repository, and reused afterwards. With --int8 each is also quantized once by
+`llamarun quantize` to llama2.c's version 2 (int8, group 64, as export.py writes it) and that file is
+measured instead: runq.c's arithmetic on the int8 kernels (kernels/int8.py). (s15M's rows
+of 288 take groups of 32, as export.py would halve 64 to.)
 
 What is measured, per shape (medians of `--runs` runs, min and max beside, after one warm-up run
 that pays for numba's compilation and for paging the memory-mapped weights in):
@@ -32,6 +35,7 @@ import sys
 # time, so its prefill is no faster than its decode.
 RUNC_DECODE = {"s15M": "250-300", "s42M": "63-75", "s110M": "33-36"}
 
+
 DECODE_TOKENS = 128
 MAX_PREFILL = 256
 
@@ -41,10 +45,13 @@ def parse_args():
     p.add_argument("--shapes", default="s15M,s42M,s110M", help="comma-separated mkmodel shape names")
     p.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median reported)")
     p.add_argument("--threads", type=int, default=None, help="BLAS / numba threads (default: all cores)")
+    p.add_argument("--int8", action="store_true", help="measure the version-2 int8 (group 64) files")
     return p.parse_args()
 
 
 args = parse_args()
+if args.int8:
+    RUNC_DECODE = {}        # (runq.c was not measured here)
 THREADS = args.threads or len(os.sched_getaffinity(0)) or 1
 # the thread pools are sized when numpy (OpenBLAS) and numba load: set them before importing either
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
@@ -76,6 +83,16 @@ def model_path(name: str) -> str:
         tmp = path + ".part"          # a killed run leaves no truncated checkpoint behind
         subprocess.run([sys.executable, MKMODEL, name, tmp], check=True)
         os.replace(tmp, path)
+    if args.int8:
+        fp32, path = path, os.path.join(folder, f"{name}.int8.bin")
+        if not os.path.exists(path):
+            from llamarun.quantize import quantize
+            print(f"writing {path} with llamarun quantize ...", flush=True)
+            c = llama2c.load(fp32).config
+            group = 64                     # as export.py: halved until it divides the rows (s15M: 32)
+            while c.dim % group or c.hidden_dim % group:
+                group //= 2
+            quantize(fp32, path, "int8", group_size=group)
     return path
 
 
@@ -92,8 +109,8 @@ def prefill_flops(c, w, n: int) -> float:
     Matrices: 2 * params per token (the classifier only once, for the last token). Attention:
     token p scores p+1 keys and sums p+1 values, 2 * D FLOPs each, for every head of every layer.
     """
-    layer_params = sum(w[k][0].size for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")) * c.n_layers
-    matrices = 2.0 * layer_params * n + 2.0 * w["output"].size
+    layer_params = sum(np.prod(w[k][0].shape) for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")) * c.n_layers
+    matrices = 2.0 * layer_params * n + 2.0 * np.prod(w["output"].shape)
     attention = c.n_layers * c.n_heads * 4.0 * c.head_dim * (n * (n + 1) / 2)
     return (matrices + attention) / n
 
@@ -120,7 +137,9 @@ class SgemmBound:
 
     def __init__(self, w, n: int):
         rng = np.random.default_rng(0)
-        self.mats = [w[k][0] for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")]
+        # int8 weights: the bound of the same shapes in float32 (BLAS has no int8 product)
+        self.mats = [m if isinstance(m, np.ndarray) else m.dequantize()
+                     for m in (w[k][0] for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"))]
         self.xs = [rng.standard_normal((n, m.shape[1]), dtype=np.float32) for m in self.mats]
         self.flops = sum(2.0 * n * m.size for m in self.mats)
         self.measure()
@@ -140,7 +159,8 @@ def main():
     shapes = [s for s in args.shapes.split(",") if s]
     runs = max(1, args.runs)
     paths = {name: model_path(name) for name in shapes}
-    print(f"threads {THREADS}, runs {runs} (medians, [min - max])", flush=True)
+    print(f"threads {THREADS}, runs {runs} (medians, [min - max]){', int8 (v2)' if args.int8 else ''}",
+          flush=True)
     matvec = MatvecBound()
 
     rows = []

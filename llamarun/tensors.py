@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from .kernels import ggml as ggml_kernels
+from .kernels import int8 as int8_kernels
 from .kernels.matvec import matvec
 
 
@@ -50,7 +51,21 @@ class GroupQuantized:
         """Rows `ids` as float32 (runq.c dequantizes its embedding table the same way)."""
         return self[np.asarray(ids, np.int64)].dequantize()
 
+    def on_kernels(self, x: np.ndarray) -> bool:
+        """Whether x @ W.T runs on the numba kernels (a decode-sized x; kernels/int8.py)."""
+        return x.shape[0] <= MATVEC_ROWS and self.q.ndim == 2
+
     def linear(self, x: np.ndarray) -> np.ndarray:
+        """x @ W.T as runq.c computes it: a decode-sized x on the numba kernels (kernels/int8.py, no
+        float32 copy of W), more rows (a prompt) through BLAS (`linear_blas`), bit for bit alike."""
+        if not self.on_kernels(x):
+            return self.linear_blas(x)
+        x = np.ascontiguousarray(x, np.float32)
+        out = np.empty((x.shape[0], self.q.shape[0]), np.float32)
+        int8_kernels.matvec(self.q, self.scale, self.group_size, x, out)
+        return out
+
+    def linear_blas(self, x: np.ndarray) -> np.ndarray:
         """runq.c's int8 matmul: activations quantized per group, integer dot per group, float32 sums.
 
         out[t, o] = sum_g float(int_dot(xq[t, g], wq[o, g])) * w_scale[o, g] * x_scale[t, g], summed
@@ -229,6 +244,10 @@ class GGMLTensor:
         kernel(self._kernel_type, self.raw, x, out)
         return out
 
+    def on_kernels(self, x: np.ndarray) -> bool:
+        """Whether x @ W.T runs on the matrix-vector kernels (a decode-sized x, a type with a kernel)."""
+        return x.shape[0] <= MATVEC_ROWS and self._kernel_type is not None
+
     def _linear_tiled(self, x: np.ndarray) -> np.ndarray:
         """x @ W.T, W dequantized TILE_BYTES at a time into a reused buffer, each tile multiplied by
         BLAS (or, for a decode-sized x of a type without a kernel, by the numba matvec kernel)."""
@@ -250,6 +269,44 @@ class GGMLTensor:
                 np.dot(x, w.T, out=dest)
                 out[:, start:stop] = dest
         return out
+
+
+# ----------------------------------------------------------------------------------------------
+# fused products of a decode step (quantized weights): one kernel call for the matrices that read
+# the same x, each value computed as `linear` computes it (why: kernels/ggml.py, "fused products")
+
+def fusable(x: np.ndarray, *weights) -> bool:
+    """Whether linear3 / swiglu take these weights for this x: all on their kernels, all one kind
+    (GGML tensors equally exact, or llama2.c int8 of one group size)."""
+    if all(isinstance(w, GGMLTensor) and w.on_kernels(x) for w in weights):
+        return len({w.exact for w in weights}) == 1
+    if all(isinstance(w, GroupQuantized) and w.on_kernels(x) for w in weights):
+        return len({w.group_size for w in weights}) == 1
+    return False
+
+
+def linear3(x: np.ndarray, a, b, c) -> tuple[np.ndarray, ...]:
+    """(x @ A.T, x @ B.T, x @ C.T) in one kernel call (x quantized once), for `fusable` weights."""
+    x = np.ascontiguousarray(x, np.float32)
+    outs = tuple(np.empty((x.shape[0], w.shape[0]), np.float32) for w in (a, b, c))
+    if isinstance(a, GroupQuantized):
+        int8_kernels.matvec3((a.q, b.q, c.q), (a.scale, b.scale, c.scale), a.group_size, x, *outs)
+    else:
+        kernel = ggml_kernels.matvec3_exact if a.exact else ggml_kernels.matvec3_fast
+        kernel((a._kernel_type, b._kernel_type, c._kernel_type), (a.raw, b.raw, c.raw), x, outs)
+    return outs
+
+
+def swiglu(x: np.ndarray, w1, w3) -> np.ndarray:
+    """silu(x @ W1.T) * (x @ W3.T) in one kernel call, for `fusable` weights.   -> (n, hidden)"""
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty((x.shape[0], w1.shape[0]), np.float32)
+    if isinstance(w1, GroupQuantized):
+        int8_kernels.swiglu(w1.q, w1.scale, w3.q, w3.scale, w1.group_size, x, out)
+    else:
+        kernel = ggml_kernels.swiglu_exact if w1.exact else ggml_kernels.swiglu_fast
+        kernel((w1._kernel_type, w3._kernel_type), (w1.raw, w3.raw), x, out)
+    return out
 
 
 def set_exact(weights: dict, exact: bool) -> None:

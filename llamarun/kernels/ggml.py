@@ -36,6 +36,7 @@ reused float32 buffer (single-threaded, between BLAS calls); see GGMLTensor.line
 """
 import numba
 import numpy as np
+from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -361,17 +362,39 @@ def matvec_exact(qt, raw, x, out):
 
 
 # ----------------------------------------------------------------------------------------------
-# fast: int8 activations, an integer dot product per group of 32
+# fast: int8 activations, integer dot products
 #
 # numba types every integer expression as int64, so a dot product of bytes written as a numba loop
-# compiles to scalar 64-bit multiplies (measured: slower than the float path). The integer dot
-# products are written instead as LLVM vector code, one small intrinsic per way of unpacking the
-# weights' quants: load the 16 or 32 bytes as one vector, unpack to int8 values, widen to int32,
-# multiply by the activations and add up (`llvm.vector.reduce.add`). LLVM turns the widening
-# multiply-add into pmaddwd (AVX2: 16 products per instruction); it is plain LLVM IR, so any CPU
-# target compiles it.
+# compiles to scalar 64-bit multiplies (measured: slower than the float path). The integer products
+# are written instead as LLVM vector code in small intrinsics.
+#
+# Q8_0, Q4_0 and Q4_1 (the types of the common GGUF files, SmolLM2's among them) have one intrinsic
+# each for a whole row (`_row_dot_fast`), llama.cpp's AVX2 loop in LLVM IR: per 32-value block, the
+# 32 byte products summed pairwise into 8 int32 lanes (pmaddubsw then pmaddwd: two instructions),
+# converted to float and multiply-added, scaled by d_w d_x, into 8 float lanes that live in a register
+# for the whole row; one horizontal sum per row. The earlier form (one intrinsic per block, summed to a
+# scalar there, then scaled and added to a scalar) spent most of its time in that per-block
+# horizontal sum and the scalar chain: the row intrinsics measured 1.7-2.0x faster (Q4_1, SmolLM2's
+# shapes, benchmarks/bench_kernels.py). pmaddubsw and psignb are x86 AVX2 instructions, used when
+# the CPU has them; elsewhere the same sums are plain LLVM vector IR (the result is the same: every
+# integer sum is exact). The K-quants keep a per-block intrinsic (`_isum_nibbles_at`, `_isum_q6`):
+# their 6-bit scales make each block's scale a small computation anyway.
 
-_I8, _I32 = ir.IntType(8), ir.IntType(32)
+_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+
+
+def _vector(element, n):
+    return ir.VectorType(element, n)
+
+
+def _host_has_avx2() -> bool:
+    """Whether numba compiles for a CPU with AVX2 (the host, unless NUMBA_CPU_NAME says otherwise)."""
+    if numba.config.CPU_NAME not in (None, "host"):
+        return False
+    return bool(llvm_binding.get_host_cpu_features().get("avx2", False))
+
+
+AVX2 = _host_has_avx2()
 
 
 def _contiguous_bytes(*array_types) -> bool:
@@ -380,60 +403,189 @@ def _contiguous_bytes(*array_types) -> bool:
                for t in array_types)
 
 
+def _data(context, builder, array_type, array):
+    """The data pointer of a numba array value."""
+    return context.make_array(array_type)(context, builder, value=array).data
+
+
+def _load(builder, base, offset, value_type):
+    """A value of value_type read at byte/element `offset` of pointer `base` (no alignment assumed)."""
+    pointer = builder.bitcast(builder.gep(base, [offset]), value_type.as_pointer())
+    value = builder.load(pointer)
+    value.align = 1
+    return value
+
+
 def _load_bytes(context, builder, array_type, array, offset, n):
-    """<n x i8> from byte `offset` of a contiguous 1-D uint8/int8 array (no alignment assumed)."""
-    data = context.make_array(array_type)(context, builder, value=array).data
-    pointer = builder.bitcast(builder.gep(data, [offset]), ir.VectorType(_I8, n).as_pointer())
-    vector = builder.load(pointer)
-    vector.align = 1
-    return vector
+    """<n x i8> from byte `offset` of a contiguous 1-D uint8/int8 array."""
+    return _load(builder, _data(context, builder, array_type, array), offset, _vector(_I8, n))
 
 
 def _bytes(n, value):
-    return ir.Constant(ir.VectorType(_I8, n), [value] * n)
+    return ir.Constant(_vector(_I8, n), [value] * n)
+
+
+def _function(builder, name, return_type, argument_types):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(return_type, argument_types), name)
 
 
 def _splat_shift(builder, shift, n):
     """<n x i8> filled with a run-time shift count."""
-    one = builder.insert_element(ir.Constant(ir.VectorType(_I8, n), ir.Undefined),
+    one = builder.insert_element(ir.Constant(_vector(_I8, n), ir.Undefined),
                                  builder.trunc(shift, _I8), ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(_I32, n), [0] * n))
+    return builder.shuffle_vector(one, one, ir.Constant(_vector(_I32, n), [0] * n))
+
+
+def _splat_float(builder, value, n):
+    one = builder.insert_element(ir.Constant(_vector(_F32, n), ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, one, ir.Constant(_vector(_I32, n), [0] * n))
 
 
 def _int_dot(builder, w, w_signed, x):
     """sum of w[i] * x[i] as int32, for <n x i8> vectors w (signed or unsigned) and x (signed)."""
     n = w.type.count
-    wide = ir.VectorType(_I32, n)
+    wide = _vector(_I32, n)
     products = builder.mul(builder.sext(w, wide) if w_signed else builder.zext(w, wide), builder.sext(x, wide))
-    reduce_add = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [wide]),
-                                                f"llvm.vector.reduce.add.v{n}i32")
-    return builder.call(reduce_add, [products])
+    return builder.call(_function(builder, f"llvm.vector.reduce.add.v{n}i32", _I32, [wide]), [products])
 
 
-@intrinsic
-def _isum_q8(typingctx, w, p, x, c):
-    """sum over i < 32 of int8(w[p + i]) * x[c + i]   (w: a row of bytes, x: int8 activations)"""
-    if not _contiguous_bytes(w, x):
-        return None
+def _pairwise_add(builder, v):
+    """<2n x i32> -> <n x i32>: v[2i] + v[2i+1]."""
+    n = v.type.count // 2
+    even = builder.shuffle_vector(v, v, ir.Constant(_vector(_I32, n), list(range(0, 2 * n, 2))))
+    odd = builder.shuffle_vector(v, v, ir.Constant(_vector(_I32, n), list(range(1, 2 * n, 2))))
+    return builder.add(even, odd)
+
+
+def _dot8_unsigned(builder, w, x):
+    """<32 x i8> w (unsigned) times <32 x i8> x (signed, |x| <= 127) -> <8 x i32>, lane i the sum of
+    products 4i..4i+3. AVX2: pmaddubsw (products summed in pairs to int16, saturating: exact here, as
+    the callers' w are nibbles (<= 15) or magnitudes <= 128, so a pair is at most 2 * 128 * 127 < 2^15),
+    then pmaddwd by ones (pairs of those to int32)."""
+    if AVX2:
+        pairs = builder.call(_function(builder, "llvm.x86.avx2.pmadd.ub.sw", _vector(_I16, 16),
+                                       [_vector(_I8, 32)] * 2), [w, x])
+        ones = ir.Constant(_vector(_I16, 16), [1] * 16)
+        return builder.call(_function(builder, "llvm.x86.avx2.pmadd.wd", _vector(_I32, 8),
+                                      [_vector(_I16, 16)] * 2), [pairs, ones])
+    products = builder.mul(builder.zext(w, _vector(_I32, 32)), builder.sext(x, _vector(_I32, 32)))
+    return _pairwise_add(builder, _pairwise_add(builder, products))
+
+
+def _dot8_signed(builder, w, x):
+    """_dot8_unsigned for signed w: |w| times x with w's sign moved onto x (llama.cpp's trick; exact,
+    as |w| <= 128 and |x| <= 127 keep each pair's sum within int16)."""
+    if AVX2:
+        magnitude = builder.call(_function(builder, "llvm.abs.v32i8", _vector(_I8, 32), [_vector(_I8, 32), ir.IntType(1)]),
+                                 [w, ir.Constant(ir.IntType(1), 0)])
+        signed_x = builder.call(_function(builder, "llvm.x86.avx2.psign.b", _vector(_I8, 32), [_vector(_I8, 32)] * 2),
+                                [x, w])
+        return _dot8_unsigned(builder, magnitude, signed_x)
+    products = builder.mul(builder.sext(w, _vector(_I32, 32)), builder.sext(x, _vector(_I32, 32)))
+    return _pairwise_add(builder, _pairwise_add(builder, products))
+
+
+def _multiply_add(builder, a, b, c):
+    """a * b + c, the same rounding wherever it is used (so that a row's result never depends on
+    which kernel variant computed it): one fused multiply-add with AVX2 (every AVX2 CPU has FMA),
+    else a multiply and an add. (llvm.fmuladd would leave the choice to the code generator.)"""
+    if AVX2:
+        name = f"llvm.fma.v{a.type.count}f32" if isinstance(a.type, ir.VectorType) else "llvm.fma.f32"
+        return builder.call(_function(builder, name, a.type, [a.type] * 3), [a, b, c])
+    return builder.fadd(builder.fmul(a, b), c)
+
+
+def _lanes_total(builder, v):
+    """The sum of 8 float lanes as a fixed tree (halves added, then quarters, then the pair): three
+    dependent adds instead of the seven of a left-to-right sum, in the same order every time."""
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        low = builder.shuffle_vector(v, v, ir.Constant(_vector(_I32, n), list(range(n))))
+        high = builder.shuffle_vector(v, v, ir.Constant(_vector(_I32, n), list(range(n, 2 * n))))
+        v = builder.fadd(low, high)
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+def _rows_dot_fast_codegen(qt, n_rows):
+    """Code for n_rows rows of int8 activations times one weight row of type qt (Q8_0, Q4_0, Q4_1),
+    summed over the blocks g:
+        Q8_0  d_w d_x[g] sum(q_w q_x)
+        Q4_0  d_w d_x[g] sum(n_w q_x) - 8 d_w s_x[g]        (s_x = d_x sum(q_x))
+        Q4_1  d_w d_x[g] sum(n_w q_x) + m_w s_x[g]
+    The first terms go to 8 float lanes per activation row (registers), the s_x terms to a scalar
+    per row. A block of weights is loaded and unpacked once for all the rows: with several rows (a
+    batch of sequences decoded together) that is the part they share. Each row's arithmetic is the
+    same whatever n_rows is.
+
+    Arguments: (row, xq, xd, xs, j, out): row the weight row's bytes; xq (n, in) int8, xd and xs
+    (n, in / 32) float32, all C-contiguous; rows j .. j + n_rows - 1 of them; out (n_rows,) float32."""
+    block_bytes = {Q8_0: Q8_0_BYTES, Q4_0: Q4_0_BYTES, Q4_1: Q4_1_BYTES}[qt]
 
     def codegen(context, builder, sig, args):
-        q = _load_bytes(context, builder, sig.args[0], args[0], args[1], 32)
-        return _int_dot(builder, q, True, _load_bytes(context, builder, sig.args[2], args[2], args[3], 32))
-    return types.int32(w, p, x, c), codegen
+        row, xq, xd, xs = (_data(context, builder, t, a) for t, a in zip(sig.args[:4], args[:4]))
+        j, out = args[4], _data(context, builder, sig.args[5], args[5])
+        n_in, groups = cgutils.unpack_tuple(builder, context.make_array(sig.args[1])(context, builder, value=args[1]).shape, 2)[1], \
+            cgutils.unpack_tuple(builder, context.make_array(sig.args[2])(context, builder, value=args[2]).shape, 2)[1]
+        index = lambda v: builder.sext(v, ir.IntType(64)) if v.type.width < 64 else v   # noqa: E731
+        j = index(j)
+        zero8 = ir.Constant(_vector(_F32, 8), [0.0] * 8)
+        lanes = [cgutils.alloca_once_value(builder, zero8) for _ in range(n_rows)]        # registers after mem2reg
+        offsets = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(n_rows)]
+        with cgutils.for_range(builder, groups) as loop:
+            g = loop.index
+            p = builder.mul(g, ir.Constant(g.type, block_bytes))
+            at = lambda k: builder.add(p, ir.Constant(p.type, k))   # noqa: E731
+            # the block's f16 scales (d, and Q4_1's m after it) as one load of four halves converted
+            # together (vcvtph2ps from memory): read one at a time, LLVM inserted each into a register
+            # that the previous block's arithmetic wrote, chaining the blocks (measured 1.3x slower)
+            halves = builder.fpext(_load(builder, row, p, _vector(ir.HalfType(), 4)), _vector(_F32, 4))
+            d = builder.extract_element(halves, ir.Constant(_I32, 0))
+            if qt == Q8_0:
+                w = _load(builder, row, at(2), _vector(_I8, 32))
+            else:
+                q = _load(builder, row, at(block_bytes - 16), _vector(_I8, 16))
+                w = builder.shuffle_vector(builder.and_(q, _bytes(16, 15)), builder.lshr(q, _bytes(16, 4)),
+                                           ir.Constant(_vector(_I32, 32), list(range(32))))
+                m = (builder.extract_element(halves, ir.Constant(_I32, 1)) if qt == Q4_1
+                     else builder.fmul(d, ir.Constant(_F32, -8.0)))
+            for k in range(n_rows):
+                r = builder.add(j, ir.Constant(j.type, k))
+                x = _load(builder, xq, builder.add(builder.mul(r, n_in), builder.mul(g, ir.Constant(g.type, QK))),
+                          _vector(_I8, 32))
+                block = builder.add(builder.mul(r, groups), g)
+                isum = _dot8_signed(builder, w, x) if qt == Q8_0 else _dot8_unsigned(builder, w, x)
+                if qt != Q8_0:
+                    s_x = builder.load(builder.gep(xs, [block]))
+                    builder.store(_multiply_add(builder, m, s_x, builder.load(offsets[k])), offsets[k])
+                scale = builder.fmul(d, builder.load(builder.gep(xd, [block])))
+                products = builder.sitofp(isum, _vector(_F32, 8))
+                builder.store(_multiply_add(builder, products, _splat_float(builder, scale, 8), builder.load(lanes[k])),
+                              lanes[k])
+        for k in range(n_rows):
+            total = builder.fadd(_lanes_total(builder, builder.load(lanes[k])), builder.load(offsets[k]))
+            builder.store(total, builder.gep(out, [ir.Constant(ir.IntType(64), k)]))
+        return context.get_dummy_value()
+    return codegen
 
 
-@intrinsic
-def _isum_nibbles(typingctx, w, p, x, c):
-    """sum over i < 16 of (w[p + i] & 15) * x[c + i] + (w[p + i] >> 4) * x[c + 16 + i]  (Q4_0, Q4_1)"""
-    if not _contiguous_bytes(w, x):
-        return None
+def _rows_dot_fast_intrinsic(qt, n_rows):
+    def typer(typingctx, row, xq, xd, xs, j, out):
+        matrices = (xq, xd, xs)
+        if not (_contiguous_bytes(row) and all(isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C"
+                                               for t in matrices)
+                and xq.dtype == types.int8 and xd.dtype == xs.dtype == types.float32
+                and isinstance(j, types.Integer) and isinstance(out, types.Array) and out.dtype == types.float32):
+            return None
+        return types.void(row, xq, xd, xs, j, out), _rows_dot_fast_codegen(qt, n_rows)
+    return intrinsic(typer)
 
-    def codegen(context, builder, sig, args):
-        q = _load_bytes(context, builder, sig.args[0], args[0], args[1], 16)
-        low, high = builder.and_(q, _bytes(16, 15)), builder.lshr(q, _bytes(16, 4))
-        values = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
-        return _int_dot(builder, values, False, _load_bytes(context, builder, sig.args[2], args[2], args[3], 32))
-    return types.int32(w, p, x, c), codegen
+
+# one and four rows of activations, for each type with a row kernel
+_ROWS = {(qt, n): _rows_dot_fast_intrinsic(qt, n) for qt in (Q8_0, Q4_0, Q4_1) for n in (1, 4)}
+_rows1_q8_0, _rows4_q8_0 = _ROWS[Q8_0, 1], _ROWS[Q8_0, 4]
+_rows1_q4_0, _rows4_q4_0 = _ROWS[Q4_0, 1], _ROWS[Q4_0, 4]
+_rows1_q4_1, _rows4_q4_1 = _ROWS[Q4_1, 1], _ROWS[Q4_1, 4]
 
 
 @intrinsic
@@ -498,65 +650,189 @@ def quantize_activations(x, xq, xd, xsum):
 
 
 @numba.njit(inline="always")
-def _row_fast(qt, row, xr, xd, xsum, j):
-    """Weight row `row` (type qt) times row j of the quantized activations (xr = xq[j]): per group of
-    32, the integer dot product, scaled as the type says. (The branch is taken once per row: inside
-    the loop over groups it cost a third of the speed.)"""
+def _quantized(x):
+    """x (n, in) float32 -> (xq int8, xd, xs): the activation blocks and their d_x and s_x = d_x sum(q_x)."""
+    xq = np.empty(x.shape, np.int8)
+    xd = np.empty((x.shape[0], x.shape[1] // QK), np.float32)
+    xsum = np.empty((x.shape[0], x.shape[1] // QK), np.int32)
+    quantize_activations(x, xq, xd, xsum)
+    return xq, xd, xd * xsum.astype(np.float32)
+
+
+@numba.njit(inline="always")
+def _k_quant_row(qt, row, xq, xd, xs):
+    """A Q4_K or Q6_K weight row times one row of quantized activations (xq (in,), xd and xs (in / 32,)):
+    per 32-value sub-block, an integer dot product scaled as the type says."""
     acc = np.float32(0.0)
-    if qt == Q4_1:
-        for g in range(xd.shape[1]):
-            p, dx = g * Q4_1_BYTES, xd[j, g]
-            isum = _isum_nibbles(row, p + 4, xr, g * QK)
-            acc += _f16(row, p) * dx * np.float32(isum) + _f16(row, p + 2) * (dx * np.float32(xsum[j, g]))
-    elif qt == Q8_0:
-        for g in range(xd.shape[1]):
-            p = g * Q8_0_BYTES
-            acc += _f16(row, p) * xd[j, g] * np.float32(_isum_q8(row, p + 2, xr, g * QK))
-    elif qt == Q4_0:        # sum((n - 8) q) = sum(n q) - 8 sum(q), in integers
-        for g in range(xd.shape[1]):
-            p = g * Q4_0_BYTES
-            isum = _isum_nibbles(row, p + 2, xr, g * QK) - 8 * xsum[j, g]
-            acc += _f16(row, p) * xd[j, g] * np.float32(isum)
-    elif qt == Q4_K:
-        for b in range(xd.shape[1] // 8):
+    if qt == Q4_K:
+        for b in range(xd.shape[0] // 8):
             p = b * Q4_K_BYTES
             d, dmin = _f16(row, p), _f16(row, p + 2)
             for s in range(8):
                 g = 8 * b + s
                 q, shift, ds, ms = _q4_k_params(row, p, s, d, dmin)
-                dx = xd[j, g]
-                isum = _isum_nibbles_at(row, q, shift, xr, g * QK)
-                acc += ds * dx * np.float32(isum) - ms * (dx * np.float32(xsum[j, g]))
+                isum = _isum_nibbles_at(row, q, shift, xq, g * QK)
+                acc += ds * xd[g] * np.float32(isum) - ms * xs[g]
     else:
-        for b in range(xd.shape[1] // 8):
+        for b in range(xd.shape[0] // 8):
             p = b * Q6_K_BYTES
             d = _f16(row, p + 208)
             for s in range(8):
                 g = 8 * b + s
                 ql, sl, qh, sh, da, db = _q6_k_params(row, p, s, d)   # da, db: d * the 16-value scales
-                isum_a = _isum_q6(row, ql, sl, qh, sh, xr, g * QK)
-                isum_b = _isum_q6(row, ql + 16, sl, qh + 16, sh, xr, g * QK + 16)
-                acc += xd[j, g] * (da * np.float32(isum_a) + db * np.float32(isum_b))
+                isum_a = _isum_q6(row, ql, sl, qh, sh, xq, g * QK)
+                isum_b = _isum_q6(row, ql + 16, sl, qh + 16, sh, xq, g * QK + 16)
+                acc += xd[g] * (da * np.float32(isum_a) + db * np.float32(isum_b))
     return acc
+
+
+@numba.njit(inline="always")
+def _rows_fast(qt, row, xq, xd, xs, out):
+    """out[j] = weight row `row` (type qt) times row j of the quantized activations, for every j:
+    four rows at a time where the type has a four-row kernel (the weights unpacked once for the four),
+    then one at a time. out: (n,) float32 scratch."""
+    n = xq.shape[0]
+    j = 0
+    if qt == Q4_1:
+        while j + 4 <= n:
+            _rows4_q4_1(row, xq, xd, xs, j, out[j:])
+            j += 4
+        while j < n:
+            _rows1_q4_1(row, xq, xd, xs, j, out[j:])
+            j += 1
+    elif qt == Q8_0:
+        while j + 4 <= n:
+            _rows4_q8_0(row, xq, xd, xs, j, out[j:])
+            j += 4
+        while j < n:
+            _rows1_q8_0(row, xq, xd, xs, j, out[j:])
+            j += 1
+    elif qt == Q4_0:
+        while j + 4 <= n:
+            _rows4_q4_0(row, xq, xd, xs, j, out[j:])
+            j += 4
+        while j < n:
+            _rows1_q4_0(row, xq, xd, xs, j, out[j:])
+            j += 1
+    else:
+        for j in range(n):
+            out[j] = _k_quant_row(qt, row, xq[j], xd[j], xs[j])
 
 
 @numba.njit(parallel=True, cache=True)
 def matvec_fast(qt, raw, x, out):
     """out = x @ W.T, W of ggml type qt given as its raw bytes (out_features, row bytes) uint8, x
-    (n, in) float32 quantized here (quantize_activations, in the same call: one call per product),
-    out (n, out_features) float32. Rows of x one at a time (the weight row stays in L1)."""
-    xq = np.empty(x.shape, np.int8)
-    xd = np.empty((x.shape[0], x.shape[1] // QK), np.float32)
-    xsum = np.empty((x.shape[0], x.shape[1] // QK), np.int32)
-    quantize_activations(x, xq, xd, xsum)
+    (n, in) float32 quantized here (in the same call: one call per product), out (n, out_features)
+    float32. A row's result does not depend on the other rows in the batch."""
+    xq, xd, xs = _quantized(x)
     rows, n = raw.shape[0], x.shape[0]
     tasks = min(TASKS, rows)
     for t in numba.prange(tasks):
+        column = np.empty(n, np.float32)
         start, stop = _task_rows(t, tasks, rows)
         for o in range(start, stop):
-            row = raw[o]
+            _rows_fast(qt, raw[o], xq, xd, xs, column)
             for j in range(n):
-                out[j, o] = _row_fast(qt, row, xq[j], xd, xsum, j)
+                out[j, o] = column[j]
+
+
+# ----------------------------------------------------------------------------------------------
+# fused products of a decode step: several matrices that read the same activations, in one call
+#
+# A decode step of a small model is many short products (SmolLM2: 30 layers x 7 matrices, 40-60 us
+# each); each call from Python costs its dispatch and a start of the thread pool (~4 us), and the
+# fast path quantized x once per matrix. q, k and v read the same normalized x, and so do the FFN's
+# gate and up projections: one call each quantizes x once and runs all their rows in one parallel
+# loop. Each output value is computed exactly as the single-matrix kernels compute it.
+
+@numba.njit(inline="always")
+def _row_exact(qt, row, x, j, acc):
+    """Weight row `row` (type qt) times row j of float32 x, as matvec_exact computes it."""
+    _row_dot(qt, row, x.shape[1] // QK, x, j, acc)
+    return _lanes_sum(acc)
+
+
+@numba.njit(inline="always")
+def _part(r, ra, rb):
+    """Row r of the stacked rows of three matrices (ra, rb, then the rest): (which matrix, its row)."""
+    if r < ra:
+        return 0, r
+    if r < ra + rb:
+        return 1, r - ra
+    return 2, r - ra - rb
+
+
+# Exact and fast are separate functions (not one with a flag): each compiles only its own arithmetic,
+# which keeps the first-ever compilation of a decode step short.
+
+@numba.njit(parallel=True, cache=True)
+def matvec3_exact(qts, raws, x, outs):
+    """outs[i] = x @ raws[i].T for the three matrices raws (types qts), float32 x, all their rows in
+    one parallel loop (tasks over the stacked rows, so each matrix gets threads in proportion)."""
+    ra, rb = raws[0].shape[0], raws[1].shape[0]
+    total = ra + rb + raws[2].shape[0]
+    tasks = min(TASKS, total)
+    for t in numba.prange(tasks):
+        acc = np.zeros(LANES, np.float32)
+        start, stop = _task_rows(t, tasks, total)
+        for r in range(start, stop):
+            i, o = _part(r, ra, rb)
+            for j in range(x.shape[0]):
+                outs[i][j, o] = _row_exact(qts[i], raws[i][o], x, j, acc)
+
+
+@numba.njit(parallel=True, cache=True)
+def matvec3_fast(qts, raws, x, outs):
+    """matvec3_exact with int8 activations: x quantized once for the three matrices."""
+    xq, xd, xs = _quantized(x)
+    ra, rb = raws[0].shape[0], raws[1].shape[0]
+    total = ra + rb + raws[2].shape[0]
+    tasks = min(TASKS, total)
+    for t in numba.prange(tasks):
+        column = np.empty(x.shape[0], np.float32)
+        start, stop = _task_rows(t, tasks, total)
+        for r in range(start, stop):
+            i, o = _part(r, ra, rb)
+            _rows_fast(qts[i], raws[i][o], xq, xd, xs, column)
+            for j in range(x.shape[0]):
+                outs[i][j, o] = column[j]
+
+
+@numba.njit(inline="always")
+def _silu_times(a, b):
+    """silu(a) * b, silu(a) = a * (1 / (1 + exp(-a))), rounded as run.c and model.silu round it."""
+    return a * (np.float32(1.0) / (np.float32(1.0) + np.exp(-a))) * b
+
+
+@numba.njit(parallel=True, cache=True)
+def swiglu_exact(qts, raws, x, out):
+    """out = silu(x @ W1.T) * (x @ W3.T) for raws = (W1, W3) of types qts: the FFN's gated hidden
+    units, one pass over both matrices, float32 x."""
+    rows = raws[0].shape[0]
+    tasks = min(TASKS, rows)
+    for t in numba.prange(tasks):
+        acc = np.zeros(LANES, np.float32)
+        start, stop = _task_rows(t, tasks, rows)
+        for o in range(start, stop):
+            for j in range(x.shape[0]):
+                out[j, o] = _silu_times(_row_exact(qts[0], raws[0][o], x, j, acc),
+                                        _row_exact(qts[1], raws[1][o], x, j, acc))
+
+
+@numba.njit(parallel=True, cache=True)
+def swiglu_fast(qts, raws, x, out):
+    """swiglu_exact with int8 activations, x quantized once for both matrices."""
+    xq, xd, xs = _quantized(x)
+    rows = raws[0].shape[0]
+    tasks = min(TASKS, rows)
+    for t in numba.prange(tasks):
+        gate, up = np.empty(x.shape[0], np.float32), np.empty(x.shape[0], np.float32)
+        start, stop = _task_rows(t, tasks, rows)
+        for o in range(start, stop):
+            _rows_fast(qts[0], raws[0][o], xq, xd, xs, gate)
+            _rows_fast(qts[1], raws[1][o], xq, xd, xs, up)
+            for j in range(x.shape[0]):
+                out[j, o] = _silu_times(gate[j], up[j])
 
 
 # ----------------------------------------------------------------------------------------------

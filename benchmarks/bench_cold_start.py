@@ -1,0 +1,71 @@
+"""Cold start: a new process, from its start to the first generated token, and its peak memory.
+
+    python benchmarks/bench_cold_start.py [-m MODEL] [--runs 5]
+
+Each run is a fresh `python` process that imports llamarun, loads the model (default: SmolLM2-135M-
+Instruct Q4_1), reads a short prompt and draws one token; the time is the wall clock from before the
+process starts to that token, as a user waits for it. Two cases:
+- warm: numba's on-disk cache of compiled kernels is filled (the normal case after the first run on a
+  machine); median of --runs runs, min and max beside;
+- first ever: the same with an empty cache directory (NUMBA_CACHE_DIR pointed at a new folder), so
+  every kernel compiles: what the first run on a new machine pays, once.
+Beside each: the process's peak resident memory (VmHWM) against the model file's size.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+CHILD = r"""
+import sys, time
+import llamarun
+llm = llamarun.load(sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] else None)
+stream = llm.stream("Once upon a time", 1, temperature=0)
+next(iter(stream))
+print("FIRST_TOKEN", time.time())
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM"):
+        print("PEAK_KB", line.split()[1])
+"""
+
+
+def run_once(model: str | None, env: dict) -> tuple[float, float]:
+    """(seconds from process start to first token, peak RSS MiB) of one fresh process."""
+    start = time.time()
+    out = subprocess.run([sys.executable, "-c", CHILD, model or ""], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    fields = dict(line.split(" ", 1) for line in out.splitlines() if line.startswith(("FIRST_TOKEN", "PEAK_KB")))
+    return float(fields["FIRST_TOKEN"]) - start, int(fields["PEAK_KB"]) / 1024
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-m", "--model", default=None, help="model file (default: SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--runs", type=int, default=5)
+    args = p.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from llamarun.hub import ensure_default_model
+    model = args.model or str(ensure_default_model())
+    size = os.path.getsize(model) / 2**20
+
+    env = dict(os.environ)
+    run_once(model, env)                                  # fills the kernel cache if it is empty
+    warm = [run_once(model, env) for _ in range(args.runs)]
+    with tempfile.TemporaryDirectory() as cache:
+        first, first_peak = run_once(model, {**env, "NUMBA_CACHE_DIR": cache})
+
+    seconds = [s for s, _ in warm]
+    print(f"model {os.path.basename(model)} ({size:.0f} MiB)")
+    print(f"cold start, kernel cache warm: {statistics.median(seconds):.2f} s median "
+          f"[{min(seconds):.2f} - {max(seconds):.2f}] over {args.runs} runs; "
+          f"peak RSS {statistics.median(p for _, p in warm):.0f} MiB")
+    print(f"first ever (kernels compiling): {first:.1f} s; peak RSS {first_peak:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
