@@ -11,10 +11,12 @@ the whole decode step (why that matters: kernels/matvec.py).
 """
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import tensors
 from .config import ModelConfig
 from .kernels.attention import BLOCK as KEY_BLOCK, attention as attention_kernel, attention_parallel, key_blocks
 from .kernels.matvec import matvec, matvec3, swiglu
@@ -49,6 +51,18 @@ class Batch:
         return len(self.tokens)
 
 
+def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """float32 zeros whose memory is committed a 4 KiB page at a time, as it is written, so that a long
+    context costs memory only as it fills. (np.zeros maps fresh pages too, but asks the kernel for
+    transparent huge pages on large arrays: the first token then writes one position in every
+    2 MiB slab of a (layer, head), and commits the whole cache: 377 MB for SmolLM2's 8192 positions.)"""
+    count = int(np.prod(shape))
+    buffer = mmap.mmap(-1, max(4 * count, 1))                     # anonymous, zero-filled
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buffer.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buffer, np.float32, count).reshape(shape)
+
+
 class KVCache:
     """Keys and values of every layer, for `n_seqs` independent sequences of up to `seq_len` tokens.
 
@@ -62,9 +76,8 @@ class KVCache:
     def __init__(self, config: ModelConfig, n_seqs: int = 1, seq_len: int | None = None):
         self.seq_len = seq_len or config.seq_len
         L, KV, S, D = config.n_layers, config.n_kv_heads, self.seq_len, config.head_dim
-        # np.zeros maps untouched pages lazily, so a long context costs memory only as it fills
-        self.k = np.zeros((L, n_seqs, KV, key_blocks(S), D, KEY_BLOCK), np.float32)
-        self.v = np.zeros((L, n_seqs, KV, S, D), np.float32)
+        self.k = lazy_zeros((L, n_seqs, KV, key_blocks(S), D, KEY_BLOCK))
+        self.v = lazy_zeros((L, n_seqs, KV, S, D))
 
     @property
     def n_seqs(self) -> int:
@@ -110,6 +123,53 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out.reshape(x.shape)
 
 
+# Query rows per block of the BLAS attention: each block scores only the keys up to its last
+# position (a causal prompt then computes ~60% of the full square at 512 tokens), and its scores
+# stay small: (heads, 128, context) floats.
+QUERY_BLOCK = 128
+
+
+def attention_blas(q, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs, record: bool, bias):
+    """The prefill's attention as matrix products (the fast path): what the attention kernel computes,
+    with BLAS's summation order instead of run.c's, and the scores scaled through q (q / sqrt(D):
+    exact when D is a power of 4, as 64 and 256 are). On SmolLM2's 512-token prompt, the one-thread
+    kernel took ~30% of the prefill.
+
+    q: (n, H, D), k, v: (n, KV, D) before RoPE; k_cache, v_cache: one layer's caches (KVCache's
+    layouts); seq_ids, pos: (n,) the tokens' sequences and positions; out: (n, H, D) written; probs:
+    (n, H, T_max) written if record; bias: (S,) added to the scaled scores of each key position, or
+    empty. (The attention kernels' arguments, with the same meaning.)
+    """
+    n, H, D = q.shape
+    KV = k.shape[1]
+    G = H // KV                                             # query heads per kv head
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q *= np.float32(1.0) / np.float32(np.sqrt(np.float32(D)))
+    heads, dims = np.arange(KV)[None, :, None], np.arange(D)[None, None, :]
+    column = (seq_ids[:, None, None], heads, (pos // KEY_BLOCK)[:, None, None], dims, (pos % KEY_BLOCK)[:, None, None])
+    k_cache[column] = k                                     # (n, KV, D) into the blocked, transposed layout
+    v_cache[seq_ids[:, None], heads[..., 0], pos[:, None]] = v
+    for s in np.unique(seq_ids):
+        rows = np.flatnonzero(seq_ids == s)
+        rows = rows[np.argsort(pos[rows], kind="stable")]
+        keys = k_cache[s].transpose(0, 1, 3, 2).reshape(KV, -1, D)                 # (KV, S', D), a copy
+        for start in range(0, len(rows), QUERY_BLOCK):
+            r = rows[start:start + QUERY_BLOCK]
+            m, T = len(r), int(pos[r].max()) + 1
+            qb = q[r].reshape(m, KV, G, D).transpose(1, 2, 0, 3).reshape(KV, G * m, D)
+            scores = (qb @ keys[:, :T].transpose(0, 2, 1)).reshape(KV, G, m, T)     # (KV, G, m, T)
+            if len(bias):
+                scores += bias[:T]
+            scores += np.where(np.arange(T)[None, :] > pos[r][:, None], np.float32(-np.inf), np.float32(0.0))
+            scores -= scores.max(axis=-1, keepdims=True)
+            np.exp(scores, out=scores)
+            scores /= scores.sum(axis=-1, keepdims=True)
+            if record:
+                probs[r, :, :T] = scores.reshape(H, m, T).transpose(1, 0, 2)
+            heads_out = scores.reshape(KV, G * m, T) @ v_cache[s, :, :T]              # (KV, G*m, D)
+            out[r] = heads_out.reshape(KV, G, m, D).transpose(2, 0, 1, 3).reshape(m, H, D)
+
+
 def silu(x: np.ndarray) -> np.ndarray:
     """x * sigmoid(x), rounded as run.c writes it (a multiply by the reciprocal, not a division).
 
@@ -117,7 +177,8 @@ def silu(x: np.ndarray) -> np.ndarray:
     of fresh pages; this needs one.
     """
     s = np.negative(x)
-    np.exp(s, out=s)
+    with np.errstate(over="ignore"):    # exp(-x) = inf for x < -88: silu is then -0.0, as in run.c
+        np.exp(s, out=s)
     s += np.float32(1.0)
     np.reciprocal(s, out=s)         # 1 / (1 + exp(-x)), rounded as the division
     x *= s
@@ -132,6 +193,12 @@ MATVEC_ROWS = 8
 def few_rows(x: np.ndarray, w) -> bool:
     """Whether x @ w.T goes to the matrix-vector kernels (float32 weights, a decode-sized batch)."""
     return x.shape[0] <= MATVEC_ROWS and isinstance(w, np.ndarray) and w.dtype == np.float32
+
+
+def on_numba(x: np.ndarray, w) -> bool:
+    """Whether x @ w.T runs on a numba matrix-vector kernel (no BLAS): a decode step whose products
+    all do can run its attention on numba's threads too (kernels/matvec.py says why it matters)."""
+    return few_rows(x, w) or (isinstance(w, (tensors.GGMLTensor, tensors.GroupQuantized)) and w.on_kernels(x))
 
 
 def linear(x: np.ndarray, w) -> np.ndarray:
@@ -149,6 +216,31 @@ def linear(x: np.ndarray, w) -> np.ndarray:
     return x @ w.T
 
 
+def linear3(x: np.ndarray, wa, wb, wc) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x @ wa.T, x @ wb.T, x @ wc.T): attention's q, k and v from one x, in one pass over the
+    three weights when decoding (one kernel call instead of three)."""
+    if few_rows(x, wa) and few_rows(x, wb) and few_rows(x, wc):
+        outs = tuple(np.empty((x.shape[0], w.shape[0]), np.float32) for w in (wa, wb, wc))
+        matvec3(x, wa, wb, wc, *outs)
+        return outs
+    if tensors.fusable(x, wa, wb, wc):
+        return tensors.linear3(x, wa, wb, wc)
+    return linear(x, wa), linear(x, wb), linear(x, wc)
+
+
+def gated_units(x: np.ndarray, w1, w3) -> np.ndarray:
+    """silu(x @ w1.T) * (x @ w3.T): SwiGLU's hidden units, one pass over w1 and w3 when decoding."""
+    if few_rows(x, w1) and few_rows(x, w3):
+        gate = np.empty((len(x), w1.shape[0]), np.float32)
+        swiglu(x, w1, w3, gate)
+        return gate
+    if tensors.fusable(x, w1, w3):
+        return tensors.swiglu(x, w1, w3)
+    gate = silu(linear(x, w1))                                                   # (n, hidden)
+    gate *= linear(x, w3)
+    return gate
+
+
 def embed(table, tokens: np.ndarray) -> np.ndarray:
     """Rows of the token embedding table, as float32.   -> (n, dim)"""
     if isinstance(table, np.ndarray):
@@ -160,11 +252,19 @@ def embed(table, tokens: np.ndarray) -> np.ndarray:
 # the transformer
 
 class Transformer:
-    def __init__(self, config: ModelConfig, weights: dict):
+    def __init__(self, config: ModelConfig, weights: dict, exact: bool = True):
         self.config = config
         self.w = weights
+        # exact: a prefill attends with run.c's arithmetic (the attention kernel: its summation order,
+        # so that a prompt read in one batch equals the same prompt read token by token, bit for bit);
+        # else through BLAS (attention_blas). Decode steps always take the kernel.
+        self.exact = exact
         self.rope_cos, self.rope_sin = rope_tables(config)
         self.attention_hook = None   # inspection tools set it: called as hook(layer, batch, probs)
+        self.residual_hook = None    # the logit lens sets it: called as hook(layer, x) after each layer
+        # attention emphasis (inspect/emphasis.py) sets it: per layer, (seq_len,) float32 added to the
+        # scaled scores of the keys at each position, for every sequence of a batch; empty = none
+        self.attention_bias = [np.zeros(0, np.float32)] * config.n_layers
 
     def forward(self, batch: Batch, cache: KVCache) -> np.ndarray:
         """Run the batch through the model, filling the cache. -> (n_wanted, vocab) float32 logits."""
@@ -178,19 +278,15 @@ class Transformer:
             x = x + linear(self.attention(h, layer, batch, cache, cos, sin), w["wo"][layer])
             h = rmsnorm(x, w["ffn_norm"][layer], c.norm_eps)
             x = x + self.feed_forward(h, layer)
+            if self.residual_hook is not None:
+                self.residual_hook(layer, x)                                     # x: (n, dim) residual stream
         x = rmsnorm(x[batch.logits], w["norm"], c.norm_eps)                      # (n_wanted, dim)
         return linear(x, w["output"])                                            # (n_wanted, vocab)
 
     def feed_forward(self, h: np.ndarray, layer: int) -> np.ndarray:
         """SwiGLU: w2(silu(w1 h) * w3 h).   (n, dim) -> (n, dim)"""
         w1, w2, w3 = self.w["w1"][layer], self.w["w2"][layer], self.w["w3"][layer]
-        if few_rows(h, w1) and few_rows(h, w3):
-            gate = np.empty((len(h), w1.shape[0]), np.float32)
-            swiglu(h, w1, w3, gate)                                              # one pass over w1, w3
-        else:
-            gate = silu(linear(h, w1))                                           # (n, hidden)
-            gate *= linear(h, w3)
-        return linear(gate, w2)
+        return linear(gated_units(h, w1, w3), w2)                                # (n, hidden) -> (n, dim)
 
     def attention(self, h, layer, batch: Batch, cache: KVCache, cos, sin) -> np.ndarray:
         """Causal grouped-query self-attention; writes this batch's keys/values into the cache.
@@ -200,14 +296,8 @@ class Transformer:
         c, w = self.config, self.w
         n, D = len(batch), c.head_dim
         wq, wk, wv = w["wq"][layer], w["wk"][layer], w["wv"][layer]
-        decode = few_rows(h, wq) and few_rows(h, wk) and few_rows(h, wv)
-        if decode:                                                    # one pass over wq, wk, wv
-            q = np.empty((n, wq.shape[0]), np.float32)
-            k = np.empty((n, wk.shape[0]), np.float32)
-            v = np.empty((n, wv.shape[0]), np.float32)
-            matvec3(h, wq, wk, wv, q, k, v)
-        else:
-            q, k, v = linear(h, wq), linear(h, wk), linear(h, wv)
+        decode = on_numba(h, wq) and on_numba(h, wk) and on_numba(h, wv)
+        q, k, v = linear3(h, wq, wk, wv)
         q = q.reshape(n, c.n_heads, D)        # (n, H, D)
         k = k.reshape(n, c.n_kv_heads, D)     # (n, KV, D)
         v = v.reshape(n, c.n_kv_heads, D)     # (n, KV, D)
@@ -216,9 +306,11 @@ class Transformer:
         record = self.attention_hook is not None
         probs = np.zeros((n, c.n_heads, int(batch.pos.max()) + 1) if record else (1, 1, 1), np.float32)
         # the kernel applies RoPE to q and k (as apply_rope does), writes k and v into the cache, attends;
-        # on both threads when decoding (numba's pool only), on one between the prefill's BLAS calls
-        kernel = attention_parallel if decode else attention_kernel
-        kernel(q, k, v, cos, sin, cache.k[layer], cache.v[layer], batch.seq_ids, batch.pos, out, probs, record)
+        # on both threads when decoding (numba's pool only); a prefill: run.c's arithmetic on one thread
+        # between its BLAS calls (exact), or matrix products (attention_blas, the fast path)
+        kernel = attention_parallel if decode else attention_kernel if self.exact else attention_blas
+        kernel(q, k, v, cos, sin, cache.k[layer], cache.v[layer], batch.seq_ids, batch.pos, out, probs, record,
+               self.attention_bias[layer])
         if record:
             self.attention_hook(layer, batch, probs)    # probs[i, h, :pos[i]+1]: token i's attention
         return out.reshape(n, c.n_heads * D)

@@ -67,10 +67,19 @@ def _scores(qr, keys, T, scores):
 
 
 @numba.njit(error_model="numpy")
-def _softmax(scores, T, scale):
-    """scores[:T] / scale, then softmax, max-subtracted, as run.c (float32, sums left to right)."""
+def _softmax(scores, T, scale, bias):
+    """scores[:T] / scale, plus bias[:T] if given, then softmax, max-subtracted, as run.c (float32,
+    sums left to right).
+
+    bias: (S,) added to the scaled scores of key positions (attention emphasis: log(F) at the keys
+    to emphasise, so their weights are multiplied by F before renormalising), or empty for none:
+    the plain run's arithmetic, untouched.
+    """
     for t in range(T):
         scores[t] = scores[t] / scale
+    if bias.shape[0] > 0:
+        for t in range(T):
+            scores[t] += bias[t]
     best = scores[0]
     for t in range(1, T):
         if scores[t] > best:
@@ -139,7 +148,7 @@ def _store(k, v, cos, sin, k_cache, v_cache, seq_ids, pos):
 
 
 @numba.njit(error_model="numpy")
-def _attend(job, q, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out, record):
+def _attend(job, q, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out, record, bias):
     """Attention of one (token i, head h) pair, job = i * H + h."""
     n, H, D = q.shape
     i, h = job // H, job % H
@@ -150,7 +159,7 @@ def _attend(job, q, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out, re
     acc = np.empty(D, np.float32)
     _rope(q[i, h], cos[i], sin[i], qr)
     _scores(qr, k_cache[seq, kv], T, scores)
-    _softmax(scores, T, np.float32(math.sqrt(np.float32(D))))
+    _softmax(scores, T, np.float32(math.sqrt(np.float32(D))), bias)
     _weighted_values(scores, v_cache[seq, kv], T, acc)
     for d in range(D):
         out[i, h, d] = acc[d]
@@ -166,24 +175,26 @@ def _attend(job, q, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out, re
 # (Two functions rather than one compiled twice: numba's cache would give both the same entry.)
 
 @numba.njit(error_model="numpy", cache=True)
-def attention(q, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out, record):
+def attention(q, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out, record, bias):
     """Rotate this batch's queries and keys, store its keys and values, attend.
 
     q: (n, H, D) queries and k, v: (n, KV, D) keys and values of the batch's tokens, before RoPE;
     cos, sin: (n, D/2) the rotation angles of each token's position;
     k_cache: (n_seqs, KV, blocks, D, BLOCK) keys, block b holding positions b*BLOCK onwards,
     transposed; v_cache: (n_seqs, KV, S, D) values (one layer's caches);
-    seq_ids, pos: (n,) int64; out: (n, H, D) written; probs_out: (n, H, T_max), written if record.
+    seq_ids, pos: (n,) int64; out: (n, H, D) written; probs_out: (n, H, T_max), written if record;
+    bias: (S,) float32 added to the scaled scores of key positions 0..S-1, the same for every
+    sequence and head of the batch (attention emphasis, llamarun/inspect/emphasis.py), or empty.
     Token i attends to positions 0..pos[i] of cache slot seq_ids[i] (its own key included).
     """
     _store(k, v, cos, sin, k_cache, v_cache, seq_ids, pos)
     for job in range(q.shape[0] * q.shape[1]):
-        _attend(job, q, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out, record)
+        _attend(job, q, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out, record, bias)
 
 
 @numba.njit(error_model="numpy", parallel=True, cache=True)
-def attention_parallel(q, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out, record):
+def attention_parallel(q, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out, record, bias):
     """`attention` with the (token, head) pairs shared among numba's threads."""
     _store(k, v, cos, sin, k_cache, v_cache, seq_ids, pos)
     for job in numba.prange(q.shape[0] * q.shape[1]):
-        _attend(job, q, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out, record)
+        _attend(job, q, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out, record, bias)
