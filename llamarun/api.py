@@ -12,7 +12,7 @@ from .formats import load_checkpoint
 from .generation import Completion, TokenEvent, generate_stream
 from .model import Batch, KVCache, Transformer
 from .sampling import make_sampler
-from .tensors import set_exact
+from .tensors import GGMLTensor, set_exact
 from .tokenizers import load_tokenizer, tokenizer_from_gguf
 
 LLAMA2C_BOS, LLAMA2C_EOS = 1, 2
@@ -39,7 +39,7 @@ def load(path: str | os.PathLike | None = None, tokenizer: str | os.PathLike | N
         tok = load_tokenizer(tokenizer, vocab_size=vocab)
     else:
         tok = embedded_tokenizer(checkpoint)
-    return Llama(checkpoint, tok)
+    return Llama(checkpoint, tok, exact=exact)
 
 
 def embedded_tokenizer(checkpoint):
@@ -71,10 +71,13 @@ def find_tokenizer(model_path: str | os.PathLike, vocab_size: int) -> str | None
 class Llama:
     """A loaded model with its tokenizer: the object the API and the CLI work with."""
 
-    def __init__(self, checkpoint, tokenizer=None):
+    def __init__(self, checkpoint, tokenizer=None, exact: bool = True):
         self.checkpoint = checkpoint
         self.config = checkpoint.config
-        self.model = Transformer(checkpoint.config, checkpoint.weights)
+        # run.c's attention arithmetic when exact is asked and for llama2.c checkpoints (run.c is their
+        # reference); GGUF files on the fast path attend through BLAS in the prefill
+        exact = exact or not isinstance(checkpoint.weights["wq"][0], GGMLTensor)
+        self.model = Transformer(checkpoint.config, checkpoint.weights, exact=exact)
         self.tokenizer = tokenizer
 
     def __repr__(self) -> str:
@@ -108,12 +111,15 @@ class Llama:
     # -- generation ---------------------------------------------------------------------------
 
     def stream(self, prompt: str | Sequence[int], max_tokens: int = 256, *, sampler: str = "default",
-               stop: Sequence[str] = (), **sampling) -> "Stream":
+               stop: Sequence[str] = (), confidence: bool = False, confidence_top: int = 5,
+               **sampling) -> "Stream":
         """Generate lazily: iterate for TokenEvents (ev.token, ev.text); `.completion` holds the result.
 
         sampling: temperature, top_p, top_k, min_p, repeat_penalty, presence_penalty, frequency_penalty,
         seed (see llamarun.sampling). sampler="llama2c" draws exactly as llama2.c's run.c and, as run.c,
-        stops only when BOS is drawn.
+        stops only when BOS is drawn. confidence=True: each event's `.confidence` (and the completion's
+        `.confidence` list) holds the token's probability, sampling probability, logit margins,
+        entropy and `confidence_top` alternatives (llamarun.inspect.confidence.TokenConfidence).
         """
         if isinstance(stop, str):
             stop = [stop]
@@ -127,7 +133,8 @@ class Llama:
             stop_tokens = frozenset({LLAMA2C_EOS})
         result = Completion("", [])
         events = generate_stream(self.model, self.tokenizer, ids, chosen, max_tokens=max_tokens,
-                                 stop_tokens=stop_tokens, stop=stop, result=result)
+                                 stop_tokens=stop_tokens, stop=stop, result=result, confidence=confidence,
+                                 confidence_top=confidence_top)
         return Stream(events, result)
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, **options) -> Completion:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from .errors import LlamarunError
+from .inspect.confidence import TokenConfidence, measure, token_text
 from .model import Batch, KVCache, Transformer
 
 
@@ -20,6 +21,7 @@ from .model import Batch, KVCache, Transformer
 class TokenEvent:
     token: int | None     # the drawn id; None for the last event that only flushes held-back text
     text: str             # text released by this event (may be "" while text is held back)
+    confidence: TokenConfidence | None = None   # how sure the model was of `token` (when asked)
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Completion:
     end_token: int | None = None       # the end token that stopped generation, if one did
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    confidence: list[TokenConfidence] = field(default_factory=list)   # one per `tokens` entry, when asked
 
     @property
     def walked(self) -> list[int]:
@@ -102,25 +105,31 @@ def check_prompt(prompt_ids: Sequence[int], start_pos: int, context: int, vocab_
 def generate_stream(model: Transformer, tokenizer, prompt_ids: Sequence[int], sampler, *, max_tokens: int,
                     stop_tokens: frozenset[int] = frozenset(), stop: Sequence[str] = (),
                     cache: KVCache | None = None, start_pos: int = 0, seq_id: int = 0,
-                    result: Completion | None = None) -> Iterator[TokenEvent]:
+                    result: Completion | None = None, confidence: bool = False,
+                    confidence_top: int = 5) -> Iterator[TokenEvent]:
     """An iterator of one TokenEvent per new token, filling `result` (a Completion) as it goes.
 
     The cache may already hold `start_pos` tokens of this sequence (a chat's earlier turns); the
     prompt continues from there. Without a tokenizer the events carry ids only (text is "").
+    confidence: each event (and `result.confidence`) carries the token's confidence figures, with
+    the `confidence_top` most probable alternatives (llamarun/inspect/confidence.py).
     Bad input is refused here, before anything runs.
     """
     cache = cache or KVCache(model.config)
     check_prompt(prompt_ids, start_pos, cache.seq_len, model.config.vocab_size)
     if max_tokens < 0:
         raise LlamarunError(f"the number of new tokens must be >= 0, not {max_tokens}")
+    if confidence_top < 0:
+        raise LlamarunError(f"the number of alternatives must be >= 0, not {confidence_top}")
     result = result if result is not None else Completion("", [])
     result.prompt_tokens = list(prompt_ids)
+    top = confidence_top if confidence else None
     return _generate(model, tokenizer, list(prompt_ids), sampler, max_tokens, stop_tokens, stop, cache,
-                     start_pos, seq_id, result)
+                     start_pos, seq_id, result, top)
 
 
 def _generate(model, tokenizer, prompt_ids, sampler, max_tokens, stop_tokens, stop, cache, start_pos, seq_id,
-              result: Completion) -> Iterator[TokenEvent]:
+              result: Completion, confidence_top: int | None) -> Iterator[TokenEvent]:
     context = cache.seq_len
     text = TextAssembler(stop) if tokenizer is not None else None
     pieces = []
@@ -139,24 +148,30 @@ def _generate(model, tokenizer, prompt_ids, sampler, max_tokens, stop_tokens, st
     prev = prompt_ids[-1]
 
     for n in range(1, max_tokens + 1):
+        # the distribution is taken before the draw, with the same history (it draws no coin)
+        sampled = sampler.distribution(logits, history) if confidence_top is not None else None
         token = int(sampler.sample(logits, history))
         history.append(token)
         if token in stop_tokens:
             result.finish_reason, result.end_token = "stop", token
             break
         result.tokens.append(token)
+        conf = None
+        if sampled is not None:
+            conf = measure(logits, token, sampled, confidence_top, lambda t: token_text(tokenizer, t, prev))
+            result.confidence.append(conf)
         piece = release(text.push(tokenizer.token_bytes(token, prev))) if text else ""
         prev = token
         if text and text.stopped:
             result.finish_reason = "stop"
-            yield TokenEvent(token, piece)
+            yield TokenEvent(token, piece, conf)
             break
         last = n == max_tokens or pos >= context
         if last:
             result.context_full = n < max_tokens
             if text:
                 piece += release(text.flush())
-        yield TokenEvent(token, piece)
+        yield TokenEvent(token, piece, conf)
         if last:
             break
         logits = model.forward(Batch.sequence([token], pos, seq_id), cache)[0]

@@ -33,17 +33,24 @@ def token_nll(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:
     return log_norm - z[np.arange(len(targets)), targets]
 
 
-def perplexity(model, ids: Sequence[int], ctx: int,
-               progress: Callable[[int, int], None] | None = None) -> Perplexity:
-    """Perplexity of `ids` in chunks of `ctx` tokens; progress(done_chunks, total_chunks) if given."""
+def check_inputs(model, ids: Sequence[int], ctx: int) -> None:
+    """Refuse what cannot be scored, in one sentence each."""
     if ctx < 2:
         raise LlamarunError(f"the perplexity context must be at least 2 tokens, not {ctx}")
     if ctx > model.config.seq_len:
         raise LlamarunError(f"a context of {ctx} tokens exceeds the model's {model.config.seq_len}")
     if len(ids) < 2:
         raise LlamarunError("the text is too short to score: it needs at least 2 tokens")
+
+
+def perplexity(model, ids: Sequence[int], ctx: int,
+               progress: Callable[[int, int], None] | None = None) -> Perplexity:
+    """Perplexity of `ids` in chunks of `ctx` tokens; progress(done_chunks, total_chunks) if given."""
+    check_inputs(model, ids, ctx)
     starts = range(0, len(ids), ctx)
     total, scored = 0.0, 0
+    if progress:
+        progress(0, len(starts))
     for done, start in enumerate(starts, 1):
         chunk = list(ids[start:start + ctx])
         if len(chunk) >= 2:
