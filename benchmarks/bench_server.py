@@ -1,0 +1,120 @@
+"""Throughput and latency of `llamarun serve` on SmolLM2 at concurrency 1, 2, 4, 8, 16.
+
+Starts `python -m llamarun serve` on a free loopback port, sends `concurrency` streaming chat requests
+at a time (each a prompt from PROMPTS, greedy, a fixed number of tokens), and prints per level:
+aggregate generated tok/s, p50/p95 time to first token, p50/p95 inter-token latency; and the
+single-stream decode rate of `llamarun generate` (the API's generation loop) for comparison.
+
+    python benchmarks/bench_server.py            # 64 tokens per request, 2 rounds per level
+    python benchmarks/bench_server.py --quick    # 16 tokens, 1 round, concurrency 1, 4, 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain what a hash table is.",
+    "What is the capital of France?",
+    "Give me three tips for learning to cook.",
+    "Describe a sunset in two sentences.",
+    "How do airplanes stay in the air?",
+    "Tell me a fun fact about octopuses.",
+    "What is photosynthesis?",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_stream(url: str, prompt: str, max_tokens: int) -> dict:
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": True}
+    t0 = time.perf_counter()
+    times = []
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    times.append(time.perf_counter())
+    return {"ttft": times[0] - t0 if times else float("nan"), "gaps": np.diff(times).tolist(), "tokens": len(times),
+            "start": t0, "end": time.perf_counter()}
+
+
+def level(url: str, concurrency: int, max_tokens: int, rounds: int) -> dict:
+    jobs = [PROMPTS[i % len(PROMPTS)] for i in range(concurrency * rounds)]
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda p: one_stream(url, p, max_tokens), jobs))
+    wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+    gaps = [g for r in results for g in r["gaps"]]
+    ttft = [r["ttft"] for r in results]
+    return {"concurrency": concurrency, "tok_s": sum(r["tokens"] for r in results) / wall,
+            "ttft50": np.percentile(ttft, 50), "ttft95": np.percentile(ttft, 95),
+            "itl50": np.percentile(gaps, 50) if gaps else float("nan"),
+            "itl95": np.percentile(gaps, 95) if gaps else float("nan")}
+
+
+def generate_rate(max_tokens: int) -> float:
+    """Decode tok/s of one stream through the API's generation loop (what `llamarun generate` runs)."""
+    import llamarun
+    from llamarun.chat import chat_format_for
+    llama = llamarun.load()
+    ids = chat_format_for(llama).encode([{"role": "user", "content": PROMPTS[0]}], llama.tokenizer)
+    llama.generate(ids, 4, temperature=0)                                   # compile, warm up
+    return llama.generate(ids, max_tokens, temperature=0).decode_tok_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="16 tokens, one round, concurrency 1, 4, 8")
+    ap.add_argument("-n", type=int, help="tokens per request (default 64; 16 with --quick)")
+    args = ap.parse_args()
+    levels = [1, 4, 8] if args.quick else [1, 2, 4, 8, 16]
+    max_tokens = args.n or (16 if args.quick else 64)
+    rounds = 1 if args.quick else 2
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "llamarun", "serve", "--port", str(port), "--parallel",
+                               str(max(levels)), "--ctx", "512"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                httpx.get(url + "/health")
+                break
+            except httpx.TransportError:
+                if server.poll() is not None:
+                    sys.exit("the server did not start")
+                time.sleep(0.2)
+        for c in levels:                                                    # compile every batch shape first
+            level(url, c, 4, 1)
+        rows = [level(url, c, max_tokens, rounds) for c in levels]
+    finally:
+        server.terminate()
+        server.wait(30)
+    single = generate_rate(max_tokens)
+    print(f"SmolLM2-135M-Instruct Q4_1, {max_tokens} tokens per request, greedy; `llamarun generate` "
+          f"single stream: {single:.1f} tok/s")
+    print("| concurrency | aggregate tok/s | x single stream | TTFT p50 / p95 (ms) | ITL p50 / p95 (ms) |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    base = rows[0]["tok_s"]
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f} | "
+              f"{r['ttft50'] * 1e3:.0f} / {r['ttft95'] * 1e3:.0f} | {r['itl50'] * 1e3:.0f} / {r['itl95'] * 1e3:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

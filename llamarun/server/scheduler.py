@@ -1,0 +1,287 @@
+"""Continuous batching: many requests decoded together, one forward pass per step.
+
+The scheduler owns the model and a KV cache with one slot per sequence (`--parallel` slots of
+`--ctx` positions each). One worker thread runs `step()` in a loop; between two steps it admits
+waiting requests into free slots, so a new request never waits for the others to finish. A step
+is one `Transformer.forward` over one `Batch` holding
+
+- one decode row per running sequence (the token it drew last step, at its next position), then
+- a chunk of the prompt of a sequence still being prefilled (its logits only at the prompt's end).
+
+Chunked prefill: while some sequences are decoding, a long prompt is fed a chunk per step, sized
+so that a step costs at most about (1 + PREFILL_SHARE) times a decode-only step (measured, per
+number of decode rows, as the machine runs), so running streams keep their pace while the prompt
+goes in. With nobody decoding, the prompt goes in chunks of PREFILL_CHUNK tokens.
+
+The handlers (async, in the event loop) talk to the worker through `submit` and each request's
+`emit` callback, which the worker calls for every event; the handler makes it thread-safe
+(loop.call_soon_threadsafe). Cancelling a request (a client that went away) frees its slot at the
+next step.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numba
+import numpy as np
+
+from ..generation import TextAssembler
+from ..model import MATVEC_ROWS, Batch, KVCache
+
+log = logging.getLogger("llamarun.server")
+
+PREFILL_CHUNK = 256     # prompt tokens per forward when no stream is waiting on the step
+PREFILL_SHARE = 1.0     # while streams decode, a step may take this much longer than a decode-only step
+MIN_TIMING_SAMPLES = 2  # decode-only steps timed (per number of rows) before prefill rides along
+
+
+class QueueFull(Exception):
+    """More requests are waiting for a slot than the queue allows."""
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]        # the most probable tokens and their log probabilities
+
+
+@dataclass
+class Event:
+    """What the worker reports for a request: text released by one drawn token, or the end."""
+    text: str = ""
+    logprob: TokenLogprob | None = None  # the drawn token's (when the request asked for logprobs)
+    finish_reason: str | None = None     # last event: "stop", "length", "cancelled", "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_tokens: int
+    sampler: object                      # llamarun.sampling.Sampler: the request's own, with its seed
+    emit: Callable[[Event], None]        # called from the worker thread
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None          # None: no logprobs; k: the drawn token's and the top k
+    cancelled: bool = False              # set by the handler; the worker frees the slot
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Sequence:
+    """A request in its cache slot: what is left to prefill, what it drew, where it is."""
+
+    def __init__(self, request: Request, slot: int, tokenizer, stop_tokens: frozenset[int]):
+        self.request, self.slot = request, slot
+        self.pending = list(request.prompt)      # prompt ids not yet run
+        self.pos = 0                             # next position to fill in the slot
+        self.history = list(request.prompt)      # for the sampler's penalties
+        self.prev = request.prompt[-1]           # the token before the next one (for token_bytes)
+        self.next_token: int | None = None       # drawn, not yet run through the model
+        self.generated = 0
+        self.text = TextAssembler(request.stop)
+        self.tokenizer, self.stop_tokens = tokenizer, stop_tokens
+
+    @property
+    def decoding(self) -> bool:
+        return self.next_token is not None
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log p of every token, from the raw logits (float64).   (vocab,) -> (vocab,)"""
+    z = logits.astype(np.float64)
+    z -= z.max()
+    return z - np.log(np.exp(z).sum())
+
+
+def token_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
+    lp = log_softmax(logits)
+    top = np.argsort(-lp, kind="stable")[:k] if k else np.array([], np.int64)
+    return TokenLogprob(token, float(lp[token]), [(int(t), float(lp[t])) for t in top])
+
+
+class Scheduler:
+    """Slots, admission, chunked prefill and batched decode for one model (see the module doc)."""
+
+    def __init__(self, llama, parallel: int = 4, ctx: int = 2048, queue: int = 64):
+        if parallel < 1:
+            raise ValueError("parallel must be >= 1")
+        self.llama, self.model, self.tokenizer = llama, llama.model, llama.tokenizer
+        self.ctx, self.queue_limit = ctx, queue
+        self.cache = KVCache(llama.config, n_seqs=parallel, seq_len=ctx)
+        self.stop_tokens = self.tokenizer.eog_ids or frozenset({self.tokenizer.eos_id})
+        self.free = list(range(parallel))
+        self.waiting: deque[Request] = deque()
+        self.active: list[Sequence] = []
+        self.lock = threading.Condition()
+        self.running = False
+        self.thread: threading.Thread | None = None
+        self.decode_seconds: dict[int, list[float]] = {}   # decode rows -> recent decode-only step times
+        self.chunk: dict[int, int] = {}                     # decode rows -> prompt tokens that ride along
+        self.steps = 0
+        self.threads = numba.get_num_threads()
+
+    # -- the handlers' side (any thread) -------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        with self.lock:
+            if len(self.waiting) >= self.queue_limit + len(self.free):
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting for a slot")
+            self.waiting.append(request)
+            self.lock.notify()
+
+    @property
+    def parallel(self) -> int:
+        return self.cache.n_seqs
+
+    def start(self) -> None:
+        self.running = True
+        self.thread = threading.Thread(target=self.run, name="llamarun-scheduler", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel what is still waiting or running, and end the worker."""
+        with self.lock:
+            self.running = False
+            self.lock.notify()
+        if self.thread is not None:
+            self.thread.join(timeout)
+        for request in [s.request for s in self.active] + list(self.waiting):
+            request.emit(Event(finish_reason="cancelled"))
+        self.active, self.waiting = [], deque()
+
+    # -- the worker ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        numba.set_num_threads(self.threads)     # numba's thread count is per thread: take the creator's
+        while True:
+            with self.lock:
+                while self.running and not self.waiting and not self.active:
+                    self.lock.wait()
+                if not self.running:
+                    return
+                self.admit()
+            try:
+                self.step()
+            except Exception:               # a bug must not hang every client: end their requests
+                log.exception("a decode step failed")
+                for seq in list(self.active):
+                    self.finish(seq, "error")
+
+    def admit(self) -> None:
+        """Waiting requests into free slots, oldest first (called with the lock held)."""
+        while self.waiting and self.free:
+            request = self.waiting.popleft()
+            if request.cancelled:
+                request.emit(Event(finish_reason="cancelled"))
+                continue
+            self.active.append(Sequence(request, self.free.pop(0), self.tokenizer, self.stop_tokens))
+
+    def release(self, seq: Sequence) -> None:
+        self.active.remove(seq)
+        with self.lock:
+            self.free.append(seq.slot)
+
+    def step(self) -> None:
+        """One forward: a row per decoding sequence, then a prefill chunk; sample; report."""
+        for seq in [s for s in self.active if s.request.cancelled]:
+            seq.request.emit(Event(finish_reason="cancelled", prompt_tokens=len(seq.request.prompt),
+                                   completion_tokens=seq.generated))
+            self.release(seq)
+        decoding = [s for s in self.active if s.decoding]
+        prefilling = [s for s in self.active if not s.decoding]
+        if not decoding and not prefilling:
+            return
+        rows = [(s, [s.next_token], s.pos) for s in decoding]
+        budget = self.prefill_budget(len(decoding))
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            chunk = seq.pending[:budget]
+            rows.append((seq, chunk, seq.pos))
+            budget -= len(chunk)
+
+        tokens, pos, seq_ids, want = [], [], [], []
+        for seq, chunk, start in rows:
+            n = len(chunk)
+            tokens += chunk
+            pos += range(start, start + n)
+            seq_ids += [seq.slot] * n
+            last = seq.decoding or n == len(seq.pending)         # the prompt's end gives the first logits
+            want += [False] * (n - 1) + [last]
+        t0 = time.perf_counter()
+        logits = self.model.forward(Batch.of(tokens, pos, seq_ids, want), self.cache)
+        seconds = time.perf_counter() - t0
+        self.record_time(len(decoding), len(tokens) - len(decoding), seconds)
+        self.steps += 1
+
+        i = 0
+        for seq, chunk, start in rows:
+            seq.pos = start + len(chunk)
+            if seq.decoding:
+                seq.next_token = None
+            else:
+                del seq.pending[:len(chunk)]
+                if seq.pending:
+                    continue                                  # more prompt to go: no logits yet
+            self.advance(seq, logits[i])
+            i += 1
+
+    def prefill_budget(self, n_decoding: int) -> int:
+        """How many prompt tokens ride along with `n_decoding` decode rows in this step.
+
+        Nobody decoding: a full chunk. Otherwise a chunk steered by what the steps cost: it grows by
+        one while a step stays within (1 + PREFILL_SHARE) decode-only steps of this many rows, and
+        shrinks by a third when a step goes over. No prompt rides along until decode-only steps of this
+        size have been timed (the first steps after the number of streams changes).
+        """
+        if n_decoding == 0:
+            return PREFILL_CHUNK
+        if len(self.decode_seconds.get(n_decoding, ())) < MIN_TIMING_SAMPLES:
+            return 0
+        # Beyond MATVEC_ROWS rows BLAS takes over, with a fixed cost per forward that a small chunk
+        # does not repay: while few streams run, stay within the matrix-vector rows.
+        room = MATVEC_ROWS - n_decoding if n_decoding < MATVEC_ROWS else PREFILL_CHUNK
+        return max(1, min(room, self.chunk.get(n_decoding, 1)))
+
+    def record_time(self, n_decoding: int, n_prefill: int, seconds: float) -> None:
+        """Time a step: decode-only steps set the pace, mixed steps steer the prefill chunk."""
+        if n_prefill == 0:
+            times = self.decode_seconds.setdefault(n_decoding, [])
+            times.append(seconds)
+            del times[:-8]                                  # the recent ones: the machine's load changes
+        elif n_decoding:
+            target = (1 + PREFILL_SHARE) * float(np.median(self.decode_seconds[n_decoding]))
+            self.chunk[n_decoding] = n_prefill + 1 if seconds <= target else max(1, n_prefill * 2 // 3)
+
+    def advance(self, seq: Sequence, logits: np.ndarray) -> None:
+        """Draw the sequence's next token from its logits and report it; end it if it is done."""
+        request = seq.request
+        token = int(request.sampler.sample(logits, seq.history))
+        seq.history.append(token)
+        logprob = token_logprob(logits, token, request.logprobs) if request.logprobs is not None else None
+        if token in seq.stop_tokens:
+            self.finish(seq, "stop", seq.text.flush())
+            return
+        seq.generated += 1
+        text = seq.text.push(self.tokenizer.token_bytes(token, seq.prev))
+        seq.prev = token
+        if seq.text.stopped:
+            self.finish(seq, "stop", text, logprob)
+        elif seq.generated >= request.max_tokens or seq.pos >= self.ctx:
+            self.finish(seq, "length", text + seq.text.flush(), logprob)
+        else:
+            request.emit(Event(text, logprob))
+            seq.next_token = token
+
+    def finish(self, seq: Sequence, reason: str, text: str = "", logprob: TokenLogprob | None = None) -> None:
+        seq.request.emit(Event(text, logprob, reason, len(seq.request.prompt), seq.generated))
+        self.release(seq)

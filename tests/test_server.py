@@ -1,0 +1,319 @@
+"""`llamarun serve`, driven by the official `openai` client (and httpx for malformed input).
+
+The server runs in-process (uvicorn in a thread, on a free loopback port) on SmolLM2; the SIGTERM
+test starts `python -m llamarun serve` as a subprocess. References are independent of the server:
+`Llama.generate` (generation.py's loop) for greedy text, `Llama.logits` (one teacher-forced pass) for
+log probabilities.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+KEY = "sekret"
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+class Running:
+    """A uvicorn server in a thread, on port 0 (the system picks a free one)."""
+
+    def __init__(self, app):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def client(self, key=KEY, **kw) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def llama(smol_path):
+    import llamarun
+    return llamarun.load(smol_path, exact=True)     # float32 activations: decode rows match a prefill pass
+
+
+@pytest.fixture(scope="module")
+def server(llama):
+    from llamarun.server import create_app
+    running = Running(create_app(llama, "smollm2", parallel=4, ctx=512, queue=64, api_key=KEY, max_body=20_000))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def one_slot(llama):
+    """One slot and a queue of one: for the busy and disconnect tests."""
+    from llamarun.server import create_app
+    running = Running(create_app(llama, "smollm2", parallel=1, ctx=512, queue=1))
+    yield running
+    running.stop()
+
+
+def chat_ids(llama, messages):
+    from llamarun.chat import chat_format_for
+    return chat_format_for(llama).encode(messages, llama.tokenizer, add_generation_prompt=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# the endpoints
+
+def test_chat_greedy_matches_generate(server, llama):
+    reply = server.client().chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=12,
+                                                    temperature=0)
+    ids = chat_ids(llama, MESSAGES)
+    expected = llama.generate(ids, 12, temperature=0)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == expected.text
+    assert choice.finish_reason == expected.finish_reason
+    assert reply.usage.prompt_tokens == len(ids)
+    assert reply.usage.completion_tokens == len(expected.tokens)
+    assert reply.usage.total_tokens == len(ids) + len(expected.tokens)
+    assert reply.object == "chat.completion" and reply.model == "smollm2"
+
+
+def test_chat_stream_is_the_same_text(server):
+    client = server.client()
+    whole = client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=10, temperature=0)
+    chunks = list(client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1    # it streamed
+    assert text == whole.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completion_logprobs_are_the_models(server, llama):
+    prompt = "The capital of France is"
+    reply = server.client().completions.create(model="smollm2", prompt=prompt, max_tokens=6, temperature=0,
+                                               logprobs=3)
+    choice = reply.choices[0]
+    ids = llama.encode(prompt)
+    drawn = [llama.tokenizer.encode(t, bos=False) for t in choice.logprobs.tokens]
+    tokens = llama.generate(ids, 6, temperature=0).tokens
+    assert "".join(choice.logprobs.tokens) == choice.text == llama.decode(tokens)
+    # the reference: log-softmax of one teacher-forced pass over prompt + reply
+    logits = llama.logits(ids + tokens).astype(np.float64)
+    ref = logits - logits.max(-1, keepdims=True)
+    ref -= np.log(np.exp(ref).sum(-1, keepdims=True))
+    for i, token in enumerate(tokens):
+        row = ref[len(ids) - 1 + i]
+        assert choice.logprobs.token_logprobs[i] == pytest.approx(row[token], abs=2e-3)
+        top = choice.logprobs.top_logprobs[i]
+        assert len(top) == 3
+        assert max(top.values()) == pytest.approx(row.max(), abs=2e-3)
+    assert choice.logprobs.text_offset[0] == 0 and drawn
+
+
+def test_chat_logprobs_shape(server):
+    reply = server.client().chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=4, temperature=0,
+                                                    logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    for item in content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == 2
+        assert item.top_logprobs[0].logprob >= item.logprob - 1e-9     # greedy: the drawn one is the top
+
+
+def test_stop_string_and_seed(server):
+    client = server.client()
+    plain = client.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=12, temperature=0)
+    stop = plain.choices[0].text.strip()[:2] or "5"
+    cut = client.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].text
+    a, b = (client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=8, temperature=1.0,
+                                      seed=7, presence_penalty=0.5, frequency_penalty=0.5,
+                                      extra_body={"top_k": 40, "min_p": 0.05}) for _ in range(2))
+    assert a.choices[0].text == b.choices[0].text
+    assert a.choices[0].finish_reason == "length"
+
+
+def test_models_and_health(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == ["smollm2"]
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["slots"] == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input, keys, limits
+
+def post(server, path, content, key=KEY):
+    return httpx.post(server.url + path, content=content, timeout=30,
+                      headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize("body", ['{"messages": [', '[1, 2]', '{"messages": "hi"}',
+                                  '{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}',
+                                  '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}',
+                                  '{"messages": [{"role": "wizard", "content": "hi"}]}'])
+def test_malformed_or_wrong_types_are_400(server, body):
+    response = post(server, "/v1/chat/completions", body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_unsupported_values_are_400(server):
+    client = server.client()
+    with pytest.raises(openai.BadRequestError, match="n=1"):
+        client.chat.completions.create(model="smollm2", messages=MESSAGES, n=2)
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.chat.completions.create(model="smollm2", messages=MESSAGES,
+                                       tools=[{"type": "function", "function": {"name": "f"}}])
+
+
+def test_prompt_beyond_the_context_is_400(server):
+    with pytest.raises(openai.BadRequestError, match="context of a slot"):
+        server.client().completions.create(model="smollm2", prompt="hello " * 100, max_tokens=500)
+
+
+def test_api_key(server):
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key="wrong").models.list()
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    assert post(server, "/v1/completions", '{"prompt": "hi"}', key="nope").status_code == 401
+
+
+def test_body_over_max_body_is_413(server):
+    big = json.dumps({"prompt": "x" * 30_000, "max_tokens": 1})
+    assert post(server, "/v1/completions", big).status_code == 413
+
+
+def long_stream(running, max_tokens=400):
+    """A streaming request that runs for a while; returns the open response (a context manager)."""
+    body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": max_tokens, "temperature": 0, "stream": True}  # counts on
+    return httpx.stream("POST", running.url + "/v1/completions", json=body, timeout=60)
+
+
+def test_busy_server_says_503_with_retry_after(one_slot):
+    with long_stream(one_slot) as first:                       # takes the slot
+        next(first.iter_lines())
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(httpx.post, one_slot.url + "/v1/completions", timeout=60,
+                                  json={"prompt": "Hi", "max_tokens": 1})
+            deadline = time.time() + 20
+            while httpx.get(one_slot.url + "/health").json()["waiting"] < 1:
+                assert time.time() < deadline
+                time.sleep(0.02)
+            refused = httpx.post(one_slot.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
+            assert refused.status_code == 503
+            assert refused.headers["Retry-After"] == "1"
+            assert refused.json()["error"]["type"] == "server_error"
+            first.close()                                    # the waiting one now gets the slot
+            assert waiting.result().status_code == 200
+
+
+def test_disconnect_frees_the_slot(one_slot):
+    with long_stream(one_slot, max_tokens=480) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    t0 = time.time()
+    reply = one_slot.client().completions.create(model="smollm2", prompt="Hi", max_tokens=2)
+    assert reply.choices[0].text is not None
+    assert time.time() - t0 < 15            # the abandoned stream's ~480 tokens would take far longer
+    assert httpx.get(one_slot.url + "/health").json()["slots_busy"] == 0
+
+
+def test_bounded_load(server):
+    """64 requests, 16 at a time, mixed lengths, every fourth abandoned mid-stream: no 5xx, whole streams."""
+    def one(i):
+        body = {"messages": [{"role": "user", "content": f"Count to {i % 7 + 1}."}], "max_tokens": 1 + i % 6,
+                "temperature": 0.7, "seed": i, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {KEY}"}) as response:
+            if response.status_code != 200:
+                return response.status_code, None
+            events = []
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if i % 4 == 3 and len(events) == 2:
+                        return 200, "cancelled"
+            return 200, events
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(64)))
+    assert all(status == 200 for status, _ in results)
+    for status, events in results:
+        if events == "cancelled":
+            continue
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert [c["choices"][0]["finish_reason"] for c in chunks][-1] in ("stop", "length")
+        assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    deadline = time.time() + 20
+    while (health := httpx.get(server.url + "/health").json())["slots_busy"]:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert health["status"] == "ok" and health["waiting"] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the process: command line, SIGTERM
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_finishes_in_flight_work_and_exits(smol_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llamarun", "serve", "-m", str(smol_path), "--port", str(port),
+                             "--parallel", "2", "--ctx", "256"], stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.time() < deadline, "the server did not start"
+                time.sleep(0.1)
+        body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"                    # the in-flight stream was finished whole
+        assert proc.wait(30) == 0
+        stderr = proc.stderr.read()
+        assert "Traceback" not in stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_rejects_bad_flags():
+    out = subprocess.run([sys.executable, "-m", "llamarun", "serve", "--parallel", "0"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.strip() == "llamarun: error: --parallel must be at least 1, not 0"
