@@ -1,4 +1,5 @@
-"""The command line: `llamarun generate | run | chat | tokenize | pull | models | bench | quantize`.
+"""The command line: `llamarun generate | run | chat | tokenize | pull | models | bench | quantize |
+perplexity | lens | attention | serve`.
 
 One rule for every command: the model is -m/--model, the prompt is positional or --prompt, -n is the
 number of new tokens. The exception is `run`, which takes llama2.c's run.c arguments unchanged.
@@ -66,8 +67,45 @@ def prompt_of(args) -> str:
 # ----------------------------------------------------------------------------------------------
 # llamarun generate
 
+class ColouredOutput:
+    """--confidence: each token's text coloured by its probability under the model (rich writes plain
+    text when stdout is not a terminal). Text held back (a split UTF-8 character, a possible stop
+    string) takes the colour of the token that releases it."""
+
+    def __init__(self):
+        from rich.console import Console
+        self.console = Console(highlight=False, emoji=False, markup=False, soft_wrap=True)
+
+    def text(self, s: str, confidence) -> None:
+        from rich.text import Text
+        from .inspect.confidence import colour
+        if s:
+            self.console.print(Text(s, style=colour(confidence) or ""), end="")
+
+
+def check_writable(path: str) -> None:
+    """Fail before a long generation, not after it, when an output file cannot be written."""
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise LlamarunError(f"cannot write {path}: {e.strerror}") from None
+
+
+def write_confidence_json(path: str, figures) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump([c.as_dict() for c in figures], f, ensure_ascii=False, indent=1)
+    except OSError as e:
+        raise LlamarunError(f"cannot write {path}: {e.strerror}") from None
+
+
 def cmd_generate(args) -> int:
+    from .inspect.confidence import LEGEND
+    from .inspect.emphasis import emphasize
     prompt = prompt_of(args)
+    if args.confidence_json is not None:
+        check_writable(args.confidence_json)
     llama = open_model(args.model, args.tokenizer, need_tokenizer=bool(prompt) or not args.ids, exact=args.exact)
     sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.sampler != "llama2c":
@@ -82,18 +120,28 @@ def cmd_generate(args) -> int:
         if given:
             raise LlamarunError(f"--sampler llama2c uses only --temperature, --top-p and --seed, not {given[0]}")
     ids = llama.encode(prompt) if llama.tokenizer else [1]
-    stream = llama.stream(ids, args.n, sampler=args.sampler, stop=args.stop or (), **sampling)
+    emphasize(llama, ids, args.emphasize or [])
+    measured = args.confidence or args.confidence_json is not None
+    stream = llama.stream(ids, args.n, sampler=args.sampler, stop=args.stop or (), confidence=measured,
+                          **sampling)
     out = Output()
+    coloured = ColouredOutput() if args.confidence and not args.ids else None
+    if coloured:
+        print(LEGEND, file=sys.stderr)
     interrupted = False
     try:
         if not args.ids:
             out.text(prompt)
         for event in stream:
-            if not args.ids:
+            if coloured:
+                coloured.text(event.text, event.confidence)
+            elif not args.ids:
                 out.text(event.text)
     except KeyboardInterrupt:
         interrupted = True
     result = stream.completion
+    if args.confidence_json is not None:
+        write_confidence_json(args.confidence_json, result.confidence)
     out.end(result, args.ids)
     reason = "interrupted" if interrupted else result.finish_reason
     if result.context_full:
@@ -268,6 +316,37 @@ def chat_turn(session, text: str, out: Output) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
+# llamarun attention
+
+def cmd_attention(args) -> int:
+    """Generate greedily (by default) and write every layer's and head's attention map: --out HTML
+    page, --png folder of one image per layer."""
+    from .inspect.attention import record_attention
+    from .inspect.report import write_html, write_pngs
+    if not args.out and not args.png:
+        raise LlamarunError("say where to write the maps: --out report.html and/or --png DIR")
+    if args.out:
+        check_writable(args.out)
+    prompt = prompt_of(args)
+    if not prompt:
+        raise LlamarunError("attention needs a prompt")
+    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact)
+    record = record_attention(llama, prompt, args.n, emphasis=args.emphasize or [], temperature=args.temperature,
+                              top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                              repeat_penalty=args.repeat_penalty, seed=args.seed)
+    print(prompt + record.generated)
+    if args.out:
+        print(f"wrote {write_html(record, args.out)}", file=sys.stderr)
+    if args.png:
+        try:
+            written = write_pngs(record, args.png)
+        except OSError as e:
+            raise LlamarunError(f"cannot write the PNG files to {args.png}: {e.strerror}") from None
+        print(f"wrote {len(written)} PNG files to {args.png}", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # llamarun tokenize
 
 def cmd_tokenize(args) -> int:
@@ -337,6 +416,93 @@ def cmd_bench(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# llamarun perplexity | lens
+
+def read_text_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise LlamarunError(f"no such file: {path}") from None
+    except UnicodeDecodeError:
+        raise LlamarunError(f"{path} is not UTF-8 text") from None
+    except OSError as e:
+        raise LlamarunError(f"cannot read {path}: {e.strerror}") from None
+    if not text.strip():
+        raise LlamarunError(f"{path} is empty: there is no text to score")
+    return text
+
+
+def cmd_perplexity(args) -> int:
+    """PPL of a text file: chunks of --ctx tokens, each one batched pass (llamarun/inspect/perplexity.py)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from .inspect.perplexity import check_inputs, perplexity
+
+    text = read_text_file(args.file)
+    if args.ctx is not None and args.ctx < 2:
+        raise LlamarunError(f"--ctx must be at least 2 tokens, not {args.ctx}")
+    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact)
+    ctx = args.ctx if args.ctx is not None else min(512, llama.config.seq_len)
+    ids = llama.tokenizer.encode(text, bos=False)     # no special tokens, as the reference scores text
+    check_inputs(llama.model, ids, ctx)               # before the progress bar takes the terminal
+    columns = (TextColumn("perplexity"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("perplexity", total=None)
+        result = perplexity(llama.model, ids, ctx,
+                            progress=lambda done, total: bar.update(task, completed=done, total=total))
+    print(f"{len(ids)} tokens, {result.scored} scored in {result.chunks} chunks of up to {ctx}; "
+          f"mean NLL {result.nll:.4f} nats/token", file=sys.stderr)
+    print(f"PPL = {result.ppl:.4f}")
+    return 0
+
+
+def cmd_lens(args) -> int:
+    """The logit lens as a table: per layer, the top tokens the final norm and classifier read."""
+    from rich.console import Console
+    from rich.table import Table
+    from .inspect.confidence import token_text
+    from .inspect.lens import logit_lens
+
+    if args.top < 1:
+        raise LlamarunError(f"--top must be at least 1, not {args.top}")
+    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact)
+    ids = llama.encode(prompt_of(args))
+    lens = logit_lens(llama.model, ids, args.pos, args.top)
+    here = ids[lens.pos]
+    shown = token_text(llama.tokenizer, here, ids[lens.pos - 1] if lens.pos else None)
+    table = Table(title=f"logit lens at position {lens.pos} ({shown!r}): the next token read after each layer")
+    table.add_column("layer", justify="right")
+    for rank in range(1, len(lens.layers[0].tokens) + 1):
+        table.add_column(f"#{rank}")
+    for row in lens.layers:
+        table.add_row(str(row.layer), *(f"{token_text(llama.tokenizer, t, here)!r} {p:.3f}"
+                                        for t, p in zip(row.tokens, row.probs)))
+    # piped output is not cut to 80 columns: a wide table stays one row per layer
+    Console(highlight=False, width=None if sys.stdout.isatty() else 40 + 24 * args.top).print(table)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# llamarun serve
+
+def cmd_serve(args) -> int:
+    """An OpenAI-compatible HTTP server with continuous batching (llamarun/server/)."""
+    from pathlib import Path
+    from .server import serve
+    for flag, value, low in (("--parallel", args.parallel, 1), ("--ctx", args.ctx, 2), ("--queue", args.queue, 0),
+                             ("--max-body", args.max_body, 1), ("--port", args.port, 0)):
+        if value is not None and value < low:
+            raise LlamarunError(f"{flag} must be at least {low}, not {value}")
+    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact)
+    ctx = args.ctx if args.ctx is not None else min(2048, llama.config.seq_len)
+    serve(llama, Path(llama.checkpoint.path).stem, host=args.host, port=args.port, parallel=args.parallel,
+          ctx=ctx, queue=args.queue, api_key=args.api_key, max_body=args.max_body)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # --threads: one size for numba's thread pool and BLAS's
 
 POOL_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -395,6 +561,12 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat-penalty", type=float, help="llama.cpp repetition penalty (default 1.0 = off)")
 
 
+def add_emphasize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--emphasize", action="append", metavar="WORD:FACTOR[@LAYERS]",
+                   help="multiply the attention paid to the prompt's tokens of WORD by FACTOR (log(FACTOR) added "
+                        "to their attention scores), in LAYERS (e.g. @0-5 or @3,7,9; default all); repeatable")
+
+
 def add_prompt(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="the prompt text")
     p.add_argument("--prompt", dest="prompt_flag", metavar="TEXT", help="the prompt (instead of the positional)")
@@ -418,6 +590,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", choices=["default", "llama2c"], default="default",
                    help="llama2c = run.c's exact sampling and stop rule")
     g.add_argument("--ids", action="store_true", help="print the walked token ids as JSON instead of text")
+    g.add_argument("--confidence", action="store_true",
+                   help="colour each token by its probability under the model: green >= 0.5, yellow >= 0.2, "
+                        "red below (plain text when stdout is not a terminal)")
+    g.add_argument("--confidence-json", metavar="FILE",
+                   help="write one JSON object per generated token: token (id), text, prob (softmax of the raw "
+                        "logits), sampled_prob (under the distribution sampled from: after penalties, "
+                        "temperature, top-k/p, min-p; 1 when greedy), margin (1st - 2nd largest logit), "
+                        "margin2 (1st - 3rd), entropy (of the model's distribution, nats), top (the 5 most "
+                        "probable tokens: token, text, prob, sampled_prob)")
+    add_emphasize(g)
     add_threads(g)
     add_exact(g)
     g.set_defaults(func=cmd_generate)
@@ -446,6 +628,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads(c)
     add_exact(c)
     c.set_defaults(func=cmd_chat)
+
+    at = sub.add_parser("attention", help="write every layer's and head's attention over the prompt and its "
+                                          "continuation: an HTML page (--out) and/or PNG files (--png)")
+    add_prompt(at)
+    at.add_argument("-m", "--model", help="model file: GGUF or llama2.c .bin (default: SmolLM2-135M-Instruct)")
+    at.add_argument("-z", "--tokenizer", help="tokenizer.bin or tokenizer.model (default: one beside the model)")
+    at.add_argument("-n", type=int, default=16, help="number of new tokens (default 16)")
+    at.add_argument("--out", metavar="FILE", help="write the self-contained HTML report here")
+    at.add_argument("--png", metavar="DIR", help="write one PNG per layer (mean over heads, then each head) here")
+    add_sampling(at)
+    at.add_argument("--seed", type=int, help="random seed (default: from the clock)")
+    at.set_defaults(temperature=0.0)                    # greedy unless asked: a map one can reproduce
+    add_emphasize(at)
+    add_threads(at)
+    add_exact(at)
+    at.set_defaults(func=cmd_attention)
 
     t = sub.add_parser("tokenize", help="print the token ids of a text as JSON (BOS as the tokenizer adds it)")
     add_prompt(t)
@@ -486,6 +684,46 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "and hidden_dim)")
     add_threads(qz)
     qz.set_defaults(func=cmd_quantize)
+
+    pp = sub.add_parser("perplexity", help="perplexity of a text file (consecutive chunks of --ctx tokens, "
+                                           "each scored from an empty cache); prints PPL = <value>")
+    pp.add_argument("file", help="a UTF-8 text file (tokenized without BOS/EOS)")
+    pp.add_argument("-m", "--model", help="model file: GGUF or llama2.c .bin (default: SmolLM2-135M-Instruct)")
+    pp.add_argument("-z", "--tokenizer", help="tokenizer.bin or tokenizer.model (default: one beside the model)")
+    pp.add_argument("--ctx", type=int, metavar="N", help="tokens per chunk (default: 512 or the model's "
+                                                         "context if shorter)")
+    add_threads(pp)
+    add_exact(pp)
+    pp.set_defaults(func=cmd_perplexity)
+
+    ln = sub.add_parser("lens", help="logit lens: per layer, the next tokens the final norm and classifier "
+                                     "read from the residual stream at one position")
+    add_prompt(ln)
+    ln.add_argument("-m", "--model", help="model file: GGUF or llama2.c .bin (default: SmolLM2-135M-Instruct)")
+    ln.add_argument("-z", "--tokenizer", help="tokenizer.bin or tokenizer.model (default: one beside the model)")
+    ln.add_argument("--pos", type=int, metavar="P", help="the position to read, 0-based; negative counts "
+                                                         "from the end (default: the last)")
+    ln.add_argument("--top", type=int, default=5, metavar="K", help="tokens shown per layer (default 5)")
+    add_threads(ln)
+    add_exact(ln)
+    ln.set_defaults(func=cmd_lens)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and text completions, streamed "
+                                      "or not) that decodes concurrent requests together; a chat page at /")
+    sv.add_argument("-m", "--model", help="model file: GGUF or llama2.c .bin (default: SmolLM2-135M-Instruct)")
+    sv.add_argument("-z", "--tokenizer", help="tokenizer.bin or tokenizer.model (default: one beside the model)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    sv.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    sv.add_argument("--parallel", type=int, default=4, metavar="N", help="sequence slots decoded together (default 4)")
+    sv.add_argument("--ctx", type=int, metavar="N", help="context of each slot (default 2048, or the model's if shorter)")
+    sv.add_argument("--queue", type=int, default=64, metavar="N",
+                    help="requests that may wait for a slot; more get 503 (default 64)")
+    sv.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES",
+                    help="largest request body; larger gets 413 (default 1 MiB)")
+    add_threads(sv)
+    add_exact(sv)
+    sv.set_defaults(func=cmd_serve)
     return parser
 
 
