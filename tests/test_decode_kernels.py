@@ -72,7 +72,7 @@ def test_fast_rows_do_not_depend_on_the_batch(qtype):
 
 
 @pytest.mark.parametrize("group_size", [64, 32, 48])
-@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("n", [1, 3, 8, 40])      # 40: a prompt's rows go to the kernels too
 def test_int8_kernel_is_runq_bit_for_bit(group_size, n):
     rng = np.random.default_rng(group_size + n)
     n_in = 384
