@@ -273,6 +273,16 @@ class Transformer:
         # scaled scores of the keys at each position, for every sequence of a batch; empty = none
         self.attention_bias = [np.zeros(0, np.float32)] * config.n_layers
 
+    @property
+    def matvec_rows(self) -> int:
+        """Batches up to this many tokens run on the matrix-vector kernels (each token's arithmetic then
+        independent of the others in the batch); larger ones through BLAS. The fast path's quantized
+        kernels take short prompts too (tensors.FAST_KERNEL_ROWS)."""
+        wq = self.layers[0]["wq"] if self.layers else None
+        if isinstance(wq, tensors.GGMLTensor) and not wq.exact and wq.on_kernels(np.empty((1, 0))):
+            return tensors.FAST_KERNEL_ROWS
+        return MATVEC_ROWS
+
     def forward(self, batch: Batch, cache: KVCache) -> np.ndarray:
         """Run the batch through the model, filling the cache. -> (n_wanted, vocab) float32 logits."""
         c, w = self.config, self.w

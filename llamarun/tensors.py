@@ -166,8 +166,13 @@ GGML_TYPES = (_T.F32, *DEQUANTIZERS)   # the tensor types llamarun reads from GG
 # stored, and a decoder for the tiles of the prefill's BLAS products.
 KERNEL_TYPES = frozenset({_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q4_K, _T.Q6_K})
 
-# Up to this many rows of x, a product goes to the matrix-vector kernels (model.MATVEC_ROWS).
+# Up to this many rows of x, a product goes to the matrix-vector kernels (model.MATVEC_ROWS)...
 MATVEC_ROWS = 8
+# ...and on the fast path up to this many: short prompts and prompt chunks too. Their int8 kernels
+# share each weight block among 4 rows, and the tiled BLAS path has a fixed cost per forward (every
+# tile decoded on one thread, BLAS's threads woken per tile). SmolLM2, a 16 / 32 / 64-token forward:
+# 82 / 133 / 221 ms on the kernels, 390 / 380 / 514 ms through BLAS; BLAS wins from ~300 rows.
+FAST_KERNEL_ROWS = 128
 
 # Beyond it, W is dequantized a tile of rows at a time into a reusable float32 buffer of about this
 # many bytes, and each tile multiplied by BLAS: big enough that a BLAS call amortizes its set-up,
@@ -236,11 +241,12 @@ class GGMLTensor:
     def linear(self, x: np.ndarray) -> np.ndarray:
         """x @ W.T for x (n, in_features) float32.   -> (n, out_features) float32
 
-        Up to MATVEC_ROWS rows (a decode step), a type with a kernel goes to the matrix-vector
-        kernels, exact or fast as `self.exact` says; on numba's thread pool only, no BLAS (why:
-        kernels/matvec.py). More rows (a prompt): BLAS, a tile of W at a time (`_linear_tiled`)."""
+        A type with a kernel goes to the matrix-vector kernels, exact or fast as `self.exact` says, for
+        up to MATVEC_ROWS rows (a decode step; fast: FAST_KERNEL_ROWS, short prompts too); on numba's
+        thread pool only, no BLAS (why: kernels/matvec.py). More rows (a prompt): BLAS, a tile of W at
+        a time (`_linear_tiled`)."""
         x = np.ascontiguousarray(x, np.float32)
-        if x.shape[0] > MATVEC_ROWS or self._kernel_type is None:
+        if not self.on_kernels(x):
             return self._linear_tiled(x)
         out = np.empty((x.shape[0], self.shape[0]), np.float32)
         kernel = ggml_kernels.matvec_exact if self.exact else ggml_kernels.matvec_fast
@@ -248,8 +254,9 @@ class GGMLTensor:
         return out
 
     def on_kernels(self, x: np.ndarray) -> bool:
-        """Whether x @ W.T runs on the matrix-vector kernels (a decode-sized x, a type with a kernel)."""
-        return x.shape[0] <= MATVEC_ROWS and self._kernel_type is not None
+        """Whether x @ W.T runs on the matrix-vector kernels: a type with a kernel, and a decode-sized x
+        (exact) or up to FAST_KERNEL_ROWS rows (fast)."""
+        return self._kernel_type is not None and x.shape[0] <= (MATVEC_ROWS if self.exact else FAST_KERNEL_ROWS)
 
     def _linear_tiled(self, x: np.ndarray) -> np.ndarray:
         """x @ W.T, W dequantized TILE_BYTES at a time into a reused buffer, each tile multiplied by

@@ -11,7 +11,8 @@ is one `Transformer.forward` over one `Batch` holding
 Chunked prefill: while some sequences are decoding, a long prompt is fed a chunk per step, sized
 so that a step costs at most about (1 + PREFILL_SHARE) times a decode-only step (measured, per
 number of decode rows, as the machine runs), so running streams keep their pace while the prompt
-goes in. With nobody decoding, the prompt goes in chunks of PREFILL_CHUNK tokens.
+goes in. With nobody decoding, the prompt goes in chunks of PREFILL_CHUNK tokens (on the fast path:
+of the model's `matvec_rows`, which its int8 kernels read faster than BLAS reads tiles).
 
 The handlers (async, in the event loop) talk to the worker through `submit` and each request's
 `emit` callback, which the worker calls for every event; the handler makes it thread-safe
@@ -243,13 +244,15 @@ class Scheduler:
         shrinks by a third when a step goes over. No prompt rides along until decode-only steps of this
         size have been timed (the first steps after the number of streams changes).
         """
+        # Beyond the model's matvec_rows BLAS takes over, with a fixed cost per forward that a small
+        # chunk does not repay, and (fast path) float activations where the kernels quantize them: a
+        # prompt that fits the kernels is read as `Llama.generate` reads it alone.
+        rows = self.model.matvec_rows
         if n_decoding == 0:
-            return PREFILL_CHUNK
+            return rows if rows > MATVEC_ROWS else PREFILL_CHUNK
         if len(self.decode_seconds.get(n_decoding, ())) < MIN_TIMING_SAMPLES:
             return 0
-        # Beyond MATVEC_ROWS rows BLAS takes over, with a fixed cost per forward that a small chunk
-        # does not repay: while few streams run, stay within the matrix-vector rows.
-        room = MATVEC_ROWS - n_decoding if n_decoding < MATVEC_ROWS else PREFILL_CHUNK
+        room = rows - n_decoding if n_decoding < rows else PREFILL_CHUNK
         return max(1, min(room, self.chunk.get(n_decoding, 1)))
 
     def record_time(self, n_decoding: int, n_prefill: int, seconds: float) -> None:
