@@ -47,9 +47,39 @@ def _isum_run(typingctx, w, p, x, c, n):
     return types.int32(w, p, x, c, n), codegen
 
 
+def _isum_fixed(blocks):
+    """An intrinsic for sum over i < 32 * blocks of w[p + i] * x[c + i] as int32, with no loop: the
+    common group sizes (32, 64) as straight-line code. (Through _isum_run's loop of one or two trips,
+    s15M's 32000 x 288 classifier ran at 12.7 G weights/s; straight: 20.1.)"""
+    def typer(typingctx, w, p, x, c):
+        if not _contiguous_bytes(w, x):
+            return None
+
+        def codegen(context, builder, sig, args):
+            w_data, x_data = _data(context, builder, sig.args[0], args[0]), _data(context, builder, sig.args[2], args[2])
+            lanes = None
+            for b in range(blocks):
+                k = ir.Constant(args[1].type, 32 * b)
+                w_k = _load(builder, w_data, builder.add(args[1], k), _vector(_I8, 32))
+                x_k = _load(builder, x_data, builder.add(args[3], k), _vector(_I8, 32))
+                part = _dot8_signed(builder, w_k, x_k)
+                lanes = part if lanes is None else builder.add(lanes, part)
+            reduce_add = _function(builder, "llvm.vector.reduce.add.v8i32", _I32, [_vector(_I32, 8)])
+            return builder.call(reduce_add, [lanes])
+        return types.int32(w, p, x, c), codegen
+    return intrinsic(typer)
+
+
+_isum32, _isum64 = _isum_fixed(1), _isum_fixed(2)
+
+
 @numba.njit(inline="always")
 def _group_isum(w, x, c, gs):
     """sum over the group of G values at c of w[i] * x[i], in integers."""
+    if gs == 32:
+        return _isum32(w, c, x, c)
+    if gs == 64:
+        return _isum64(w, c, x, c)
     if gs % 32 == 0:
         return _isum_run(w, c, x, c, gs)
     total = 0
