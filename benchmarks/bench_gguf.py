@@ -74,11 +74,11 @@ import numpy as np  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import llamarun.formats.gguf  # noqa: E402  (GGUF's reader, and the gguf package, imported before any timed load)
-from common import DECODE_PROMPT, decode_rate, interleaved, prefill_rate, seconds, stats  # noqa: E402
+from common import (DECODE_PROMPT, MATRICES, MatvecBound, SgemmBound, decode_rate, interleaved,  # noqa: E402
+                    prefill_rate, stats)
 
 IMPORT_SECONDS = time.perf_counter() - IMPORT_START
 
-MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,45 +128,6 @@ def prefill_flops(c, w, n: int) -> float:
     layers, classifier = matrix_params(c, w)
     attention = c.n_layers * c.n_heads * 4.0 * c.head_dim * (n * (n + 1) / 2)
     return (2.0 * layers * n + 2.0 * classifier + attention) / n
-
-
-# ----------------------------------------------------------------------------------------------
-# machine bounds
-
-def as_float32(t) -> np.ndarray:
-    return t if isinstance(t, np.ndarray) else t.dequantize()
-
-
-class MatvecBound:
-    """numpy fp32 W @ x on the classifier's shape (49152 x 576 for SmolLM2: 113 MB, beyond any cache)."""
-
-    def __init__(self, shape):
-        rng = np.random.default_rng(0)
-        self.W = rng.standard_normal(shape, dtype=np.float32)
-        self.x = rng.standard_normal(shape[1], dtype=np.float32)
-        self.measure()                      # warm-up: page-in, BLAS threads start
-
-    def measure(self) -> float:
-        """GB/s, median of 7 products."""
-        return self.W.nbytes / seconds(lambda: self.W @ self.x, 7) / 1e9
-
-
-class SgemmBound:
-    """numpy x @ W.T for one layer's matrices (layer 0's, dequantized to float32), x with n rows."""
-
-    def __init__(self, w, n: int):
-        rng = np.random.default_rng(0)
-        self.mats = [np.ascontiguousarray(as_float32(w[k][0])) for k in MATRICES]
-        self.xs = [rng.standard_normal((n, m.shape[1]), dtype=np.float32) for m in self.mats]
-        self.flops = sum(2.0 * n * m.size for m in self.mats)
-        self.measure()
-
-    def measure(self) -> float:
-        """GFLOP/s, median of 3 passes over the layer."""
-        def layer():
-            for x, m in zip(self.xs, self.mats):
-                x @ m.T
-        return self.flops / seconds(layer, 3) / 1e9
 
 
 # ----------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from llamarun.formats import llama2c  # noqa: E402
 from llamarun.model import Transformer  # noqa: E402
-from common import decode_rate, interleaved, prefill_rate, seconds, stats  # noqa: E402
+from common import MatvecBound, SgemmBound, decode_rate, interleaved, prefill_rate, stats  # noqa: E402
 
 SHARED = os.environ.get("LLAMARUN_SHARED") or os.path.join(REPO, "..", "shared")   # as tests/conftest.py
 MKMODEL = os.path.join(SHARED, "tools", "mkmodel.py")
@@ -116,43 +116,6 @@ def prefill_flops(c, w, n: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# machine bounds
-
-class MatvecBound:
-    """numpy fp32 W @ x on a weight-sized matrix (a 32000 x 768 classifier: 98 MB, beyond any cache)."""
-
-    def __init__(self):
-        rng = np.random.default_rng(0)
-        self.W = rng.standard_normal((32000, 768), dtype=np.float32)
-        self.x = rng.standard_normal(768, dtype=np.float32)
-        self.measure()                      # warm-up: page-in, BLAS threads start
-
-    def measure(self) -> float:
-        """GB/s, median of 7 products."""
-        return self.W.nbytes / seconds(lambda: self.W @ self.x, 7) / 1e9
-
-
-class SgemmBound:
-    """numpy x @ W.T for one layer's matrices (the checkpoint's own, memory-mapped), x with n rows."""
-
-    def __init__(self, w, n: int):
-        rng = np.random.default_rng(0)
-        # int8 weights: the bound of the same shapes in float32 (BLAS has no int8 product)
-        self.mats = [m if isinstance(m, np.ndarray) else m.dequantize()
-                     for m in (w[k][0] for k in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"))]
-        self.xs = [rng.standard_normal((n, m.shape[1]), dtype=np.float32) for m in self.mats]
-        self.flops = sum(2.0 * n * m.size for m in self.mats)
-        self.measure()
-
-    def measure(self) -> float:
-        """GFLOP/s, median of 3 passes over the layer."""
-        def layer():
-            for x, m in zip(self.xs, self.mats):
-                x @ m.T
-        return self.flops / seconds(layer, 3) / 1e9
-
-
-# ----------------------------------------------------------------------------------------------
 # the model
 
 def main():
@@ -161,7 +124,7 @@ def main():
     paths = {name: model_path(name) for name in shapes}
     print(f"threads {THREADS}, runs {runs} (medians, [min - max]){', int8 (v2)' if args.int8 else ''}",
           flush=True)
-    matvec = MatvecBound()
+    matvec = MatvecBound((32000, 768))   # a s110M-sized classifier: 98 MB, beyond any cache
 
     rows = []
     for name in shapes:

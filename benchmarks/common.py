@@ -63,3 +63,47 @@ def interleaved(run, bound, runs: int) -> tuple[list[float], list[float]]:
 
 def stats(xs) -> tuple[float, float, float]:
     return float(np.median(xs)), float(np.min(xs)), float(np.max(xs))
+
+
+# ----------------------------------------------------------------------------------------------
+# the machine's bounds, measured between a model's runs
+
+MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+def as_float32(t) -> np.ndarray:
+    """A weight matrix for BLAS: numpy arrays as they are, quantized tensors dequantized to float32."""
+    return t if isinstance(t, np.ndarray) else t.dequantize()
+
+
+class MatvecBound:
+    """numpy fp32 W @ x on a matrix of `shape` big enough to stream from memory (a classifier's)."""
+
+    def __init__(self, shape):
+        rng = np.random.default_rng(0)
+        self.W = rng.standard_normal(shape, dtype=np.float32)
+        self.x = rng.standard_normal(shape[1], dtype=np.float32)
+        self.measure()                      # warm-up: page-in, BLAS threads start
+
+    def measure(self) -> float:
+        """GB/s, median of 7 products."""
+        return self.W.nbytes / seconds(lambda: self.W @ self.x, 7) / 1e9
+
+
+class SgemmBound:
+    """numpy x @ W.T for one layer's matrices (layer 0's, as float32: BLAS has no quantized product),
+    x with n rows."""
+
+    def __init__(self, w, n: int):
+        rng = np.random.default_rng(0)
+        self.mats = [np.ascontiguousarray(as_float32(w[k][0])) for k in MATRICES]
+        self.xs = [rng.standard_normal((n, m.shape[1]), dtype=np.float32) for m in self.mats]
+        self.flops = sum(2.0 * n * m.size for m in self.mats)
+        self.measure()
+
+    def measure(self) -> float:
+        """GFLOP/s, median of 3 passes over the layer."""
+        def layer():
+            for x, m in zip(self.xs, self.mats):
+                x @ m.T
+        return self.flops / seconds(layer, 3) / 1e9

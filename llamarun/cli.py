@@ -567,6 +567,11 @@ def add_emphasize(p: argparse.ArgumentParser) -> None:
                         "to their attention scores), in LAYERS (e.g. @0-5 or @3,7,9; default all); repeatable")
 
 
+def add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", help="model file: GGUF or llama2.c .bin (default: SmolLM2-135M-Instruct)")
+    p.add_argument("-z", "--tokenizer", help="tokenizer.bin or tokenizer.model (default: one beside the model)")
+
+
 def add_prompt(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="the prompt text")
     p.add_argument("--prompt", dest="prompt_flag", metavar="TEXT", help="the prompt (instead of the positional)")
@@ -578,8 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue a prompt, streaming the text")
     add_prompt(g)
-    g.add_argument("-m", "--model", help="model file: GGUF or llama2.c .bin (default: SmolLM2-135M-Instruct)")
-    g.add_argument("-z", "--tokenizer", help="tokenizer.bin or tokenizer.model (default: one beside the model)")
+    add_model(g)
     g.add_argument("-n", type=int, default=256, help="number of new tokens (default 256)")
     add_sampling(g)
     g.add_argument("--repeat-last-n", type=int, help="how many recent tokens the penalties look at (default 64)")
@@ -618,8 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("chat", help="chat with an instruction-tuned model (interactive, or one message per stdin line)")
-    c.add_argument("-m", "--model", help="model file: GGUF or llama2.c .bin (default: SmolLM2-135M-Instruct)")
-    c.add_argument("-z", "--tokenizer", help="tokenizer.bin or tokenizer.model (default: one beside the model)")
+    add_model(c)
     c.add_argument("--system", metavar="TEXT", help="system prompt")
     c.add_argument("--prompt", metavar="TEXT", help="answer this one message and exit")
     c.add_argument("-n", type=int, default=512, help="at most N tokens per reply (default 512)")
@@ -632,8 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     at = sub.add_parser("attention", help="write every layer's and head's attention over the prompt and its "
                                           "continuation: an HTML page (--out) and/or PNG files (--png)")
     add_prompt(at)
-    at.add_argument("-m", "--model", help="model file: GGUF or llama2.c .bin (default: SmolLM2-135M-Instruct)")
-    at.add_argument("-z", "--tokenizer", help="tokenizer.bin or tokenizer.model (default: one beside the model)")
+    add_model(at)
     at.add_argument("-n", type=int, default=16, help="number of new tokens (default 16)")
     at.add_argument("--out", metavar="FILE", help="write the self-contained HTML report here")
     at.add_argument("--png", metavar="DIR", help="write one PNG per layer (mean over heads, then each head) here")
@@ -688,8 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("perplexity", help="perplexity of a text file (consecutive chunks of --ctx tokens, "
                                            "each scored from an empty cache); prints PPL = <value>")
     pp.add_argument("file", help="a UTF-8 text file (tokenized without BOS/EOS)")
-    pp.add_argument("-m", "--model", help="model file: GGUF or llama2.c .bin (default: SmolLM2-135M-Instruct)")
-    pp.add_argument("-z", "--tokenizer", help="tokenizer.bin or tokenizer.model (default: one beside the model)")
+    add_model(pp)
     pp.add_argument("--ctx", type=int, metavar="N", help="tokens per chunk (default: 512 or the model's "
                                                          "context if shorter)")
     add_threads(pp)
@@ -699,8 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     ln = sub.add_parser("lens", help="logit lens: per layer, the next tokens the final norm and classifier "
                                      "read from the residual stream at one position")
     add_prompt(ln)
-    ln.add_argument("-m", "--model", help="model file: GGUF or llama2.c .bin (default: SmolLM2-135M-Instruct)")
-    ln.add_argument("-z", "--tokenizer", help="tokenizer.bin or tokenizer.model (default: one beside the model)")
+    add_model(ln)
     ln.add_argument("--pos", type=int, metavar="P", help="the position to read, 0-based; negative counts "
                                                          "from the end (default: the last)")
     ln.add_argument("--top", type=int, default=5, metavar="K", help="tokens shown per layer (default 5)")
@@ -710,8 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and text completions, streamed "
                                       "or not) that decodes concurrent requests together; a chat page at /")
-    sv.add_argument("-m", "--model", help="model file: GGUF or llama2.c .bin (default: SmolLM2-135M-Instruct)")
-    sv.add_argument("-z", "--tokenizer", help="tokenizer.bin or tokenizer.model (default: one beside the model)")
+    add_model(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     sv.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/ routes")
