@@ -518,15 +518,16 @@ def _rows_dot_fast_codegen(qt, n_rows):
     batch of sequences decoded together) that is the part they share. Each row's arithmetic is the
     same whatever n_rows is.
 
-    Arguments: (row, xq, xd, xs, j, out): row the weight row's bytes; xq (n, in) int8, xd and xs
+    Arguments: (raw, o, xq, xd, xs, j, out): row o of the weight matrix raw's bytes; xq (n, in) int8, xd and xs
     (n, in / 32) float32, all C-contiguous; rows j .. j + n_rows - 1 of them; out (n_rows,) float32."""
     block_bytes = {Q8_0: Q8_0_BYTES, Q4_0: Q4_0_BYTES, Q4_1: Q4_1_BYTES}[qt]
 
     def codegen(context, builder, sig, args):
-        row, xq, xd, xs = (_data(context, builder, t, a) for t, a in zip(sig.args[:4], args[:4]))
-        j, out = args[4], _data(context, builder, sig.args[5], args[5])
-        n_in, groups = cgutils.unpack_tuple(builder, context.make_array(sig.args[1])(context, builder, value=args[1]).shape, 2)[1], \
-            cgutils.unpack_tuple(builder, context.make_array(sig.args[2])(context, builder, value=args[2]).shape, 2)[1]
+        row = _row_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        xq, xd, xs = (_data(context, builder, t, a) for t, a in zip(sig.args[2:5], args[2:5]))
+        j, out = args[5], _data(context, builder, sig.args[6], args[6])
+        n_in, groups = cgutils.unpack_tuple(builder, context.make_array(sig.args[2])(context, builder, value=args[2]).shape, 2)[1], \
+            cgutils.unpack_tuple(builder, context.make_array(sig.args[3])(context, builder, value=args[3]).shape, 2)[1]
         index = lambda v: builder.sext(v, ir.IntType(64)) if v.type.width < 64 else v   # noqa: E731
         j = index(j)
         zero8 = ir.Constant(_vector(_F32, 8), [0.0] * 8)
@@ -569,15 +570,28 @@ def _rows_dot_fast_codegen(qt, n_rows):
     return codegen
 
 
+def _row_pointer(context, builder, matrix_type, matrix, o_type, o):
+    """A pointer to the first byte of row o of a C-contiguous 2-D array of bytes. (The kernels take
+    (matrix, o) rather than the row `matrix[o]`: a view made in compiled code counts a reference to
+    the matrix, an atomic add on memory that every thread of a parallel loop shares, twice per row.)"""
+    array = context.make_array(matrix_type)(context, builder, value=matrix)
+    stride = cgutils.unpack_tuple(builder, array.strides, 2)[0]
+    return builder.gep(array.data, [builder.mul(context.cast(builder, o, o_type, types.intp), stride)])
+
+
+def _bytes_matrix(t) -> bool:
+    return isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" and t.dtype in (types.uint8, types.int8)
+
+
 def _rows_dot_fast_intrinsic(qt, n_rows):
-    def typer(typingctx, row, xq, xd, xs, j, out):
+    def typer(typingctx, raw, o, xq, xd, xs, j, out):
         matrices = (xq, xd, xs)
-        if not (_contiguous_bytes(row) and all(isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C"
+        if not (_bytes_matrix(raw) and isinstance(o, types.Integer) and all(isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C"
                                                for t in matrices)
                 and xq.dtype == types.int8 and xd.dtype == xs.dtype == types.float32
                 and isinstance(j, types.Integer) and isinstance(out, types.Array) and out.dtype == types.float32):
             return None
-        return types.void(row, xq, xd, xs, j, out), _rows_dot_fast_codegen(qt, n_rows)
+        return types.void(raw, o, xq, xd, xs, j, out), _rows_dot_fast_codegen(qt, n_rows)
     return intrinsic(typer)
 
 
@@ -686,35 +700,68 @@ def _k_quant_row(qt, row, xq, xd, xs):
     return acc
 
 
+# How far ahead of the row being read the kernels ask for the weights (software prefetch, below).
+PREFETCH_BYTES = 2048
+
+
+@intrinsic
+def _prefetch_ahead(typingctx, raw, o, distance):
+    """Ask the CPU to bring into cache the bytes [distance, distance + row bytes) past the start of
+    row o of the matrix raw: one prefetch per 64-byte line.
+
+    Why: the weights are read once per token, from memory. The hardware prefetcher stops at every
+    4 KiB page (the file's memory map has no huge pages), and a row of a small model (360 bytes of
+    Q4_1 at SmolLM2's 576 inputs) is too short a stream for it to get going: the kernels streamed the
+    model at 4-6 GB/s of the machine's 13-18. Prefetches are hints: past the end of the matrix
+    they are dropped, never a fault."""
+    if not (_bytes_matrix(raw) and isinstance(o, types.Integer) and isinstance(distance, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        row_bytes = cgutils.unpack_tuple(builder, context.make_array(sig.args[0])(context, builder, value=args[0]).shape, 2)[1]
+        start = builder.ptrtoint(_row_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1]), ir.IntType(64))
+        start = builder.add(start, context.cast(builder, args[2], sig.args[2], types.int64))
+        prefetch = _function(builder, "llvm.prefetch.p0i8", ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
+        with cgutils.for_range(builder, builder.udiv(builder.add(row_bytes, ir.Constant(ir.IntType(64), 63)),
+                                                      ir.Constant(ir.IntType(64), 64))) as loop:
+            address = builder.add(start, builder.mul(loop.index, ir.Constant(ir.IntType(64), 64)))
+            builder.call(prefetch, [builder.inttoptr(address, ir.IntType(8).as_pointer()), ir.Constant(_I32, 0),
+                                    ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+    return types.void(raw, o, distance), codegen
+
+
 @numba.njit(inline="always")
-def _rows_fast(qt, row, xq, xd, xs, out):
-    """out[j] = weight row `row` (type qt) times row j of the quantized activations, for every j:
-    four rows at a time where the type has a four-row kernel (the weights unpacked once for the four),
-    then one at a time. out: (n,) float32 scratch."""
+def _rows_fast(qt, raw, o, xq, xd, xs, out):
+    """out[j] = row o of the weight matrix raw (type qt) times row j of the quantized activations,
+    for every j: four rows at a time where the type has a four-row kernel (the weights unpacked once
+    for the four), then one at a time. out: (n,) float32 scratch."""
+    _prefetch_ahead(raw, o, PREFETCH_BYTES)
     n = xq.shape[0]
     j = 0
     if qt == Q4_1:
         while j + 4 <= n:
-            _rows4_q4_1(row, xq, xd, xs, j, out[j:])
+            _rows4_q4_1(raw, o, xq, xd, xs, j, out[j:])
             j += 4
         while j < n:
-            _rows1_q4_1(row, xq, xd, xs, j, out[j:])
+            _rows1_q4_1(raw, o, xq, xd, xs, j, out[j:])
             j += 1
     elif qt == Q8_0:
         while j + 4 <= n:
-            _rows4_q8_0(row, xq, xd, xs, j, out[j:])
+            _rows4_q8_0(raw, o, xq, xd, xs, j, out[j:])
             j += 4
         while j < n:
-            _rows1_q8_0(row, xq, xd, xs, j, out[j:])
+            _rows1_q8_0(raw, o, xq, xd, xs, j, out[j:])
             j += 1
     elif qt == Q4_0:
         while j + 4 <= n:
-            _rows4_q4_0(row, xq, xd, xs, j, out[j:])
+            _rows4_q4_0(raw, o, xq, xd, xs, j, out[j:])
             j += 4
         while j < n:
-            _rows1_q4_0(row, xq, xd, xs, j, out[j:])
+            _rows1_q4_0(raw, o, xq, xd, xs, j, out[j:])
             j += 1
     else:
+        row = raw[o]
         for j in range(n):
             out[j] = _k_quant_row(qt, row, xq[j], xd[j], xs[j])
 
@@ -731,7 +778,7 @@ def matvec_fast(qt, raw, x, out):
         column = np.empty(n, np.float32)
         start, stop = _task_rows(t, tasks, rows)
         for o in range(start, stop):
-            _rows_fast(qt, raw[o], xq, xd, xs, column)
+            _rows_fast(qt, raw, o, xq, xd, xs, column)
             for j in range(n):
                 out[j, o] = column[j]
 
@@ -793,7 +840,7 @@ def matvec3_fast(qts, raws, x, outs):
         start, stop = _task_rows(t, tasks, total)
         for r in range(start, stop):
             i, o = _part(r, ra, rb)
-            _rows_fast(qts[i], raws[i][o], xq, xd, xs, column)
+            _rows_fast(qts[i], raws[i], o, xq, xd, xs, column)
             for j in range(x.shape[0]):
                 outs[i][j, o] = column[j]
 
@@ -829,8 +876,8 @@ def swiglu_fast(qts, raws, x, out):
         gate, up = np.empty(x.shape[0], np.float32), np.empty(x.shape[0], np.float32)
         start, stop = _task_rows(t, tasks, rows)
         for o in range(start, stop):
-            _rows_fast(qts[0], raws[0][o], xq, xd, xs, gate)
-            _rows_fast(qts[1], raws[1][o], xq, xd, xs, up)
+            _rows_fast(qts[0], raws[0], o, xq, xd, xs, gate)
+            _rows_fast(qts[1], raws[1], o, xq, xd, xs, up)
             for j in range(x.shape[0]):
                 out[j, o] = _silu_times(gate[j], up[j])
 
