@@ -7,13 +7,16 @@ matrix-vector product per token; attention is the only step done per sequence.
 
 A decode-sized batch (up to MATVEC_ROWS tokens) goes another way: numba matrix-vector kernels that
 stream each weight once (kernels/matvec.py) and no BLAS call, so that a single thread pool runs
-the whole decode step (why that matters: kernels/matvec.py).
+the whole decode step (why that matters: kernels/matvec.py). On the fast path (ggml weights, int8
+activations) such a batch runs as one compiled call for the whole model (`CompiledForward`,
+kernels/step.py): the same arithmetic, without a return to Python between kernels.
 """
 from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from . import tensors
@@ -21,6 +24,7 @@ from .config import ModelConfig
 from .kernels.attention import BLOCK as KEY_BLOCK, attention as attention_kernel, attention_parallel, key_blocks
 from .kernels.matvec import matvec, matvec3, swiglu
 from .kernels.norm import rmsnorm as rmsnorm_kernel
+from .kernels.step import forward_fast, forward_int8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,6 +253,91 @@ def embed(table, tokens: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
+# the whole forward pass in one compiled call (the fast path's decode steps)
+
+def _layers_of_rows(a: np.ndarray) -> bool:
+    """Whether a (layers, rows, cols) array has contiguous rows in each layer (the layers themselves
+    may lie apart, by any stride that is a whole number of elements)."""
+    return (a.strides[2] == a.itemsize and a.strides[1] == a.shape[2] * a.itemsize
+            and a.strides[0] % a.itemsize == 0 and a.strides[0] >= a.shape[1] * a.strides[1])
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    """A 1-D view of the memory from a's first element to its last (a (layers, rows, cols) array whose
+    layers lie apart: the gaps are seen too, never read). No copy."""
+    span = (a.shape[0] - 1) * (a.strides[0] // a.itemsize) + a.shape[1] * a.shape[2]
+    return np.lib.stride_tricks.as_strided(a, shape=(span,), strides=(a.itemsize,), writeable=False)
+
+
+class CompiledForward:
+    """Transformer.forward for a batch the kernels take whole (a decode step, a short prompt) as one
+    call of kernels/step.py, which runs every layer on one start of the thread pool: the same values,
+    bit for bit, without ~6 kernel calls from Python per layer. Two kinds of weights have it:
+    ggml types with a kernel on the fast path (`forward_fast`), and llama2.c's int8 groups
+    (`forward_int8`).
+
+    It holds the weights as those functions take them, made once, no copies: for ggml, numba typed
+    lists of each layer's raw bytes (views of the file's memory map); for int8, the file's stacked
+    (n_layers, out, in) values and scales. The norms are stacked (a few KB)."""
+
+    MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")     # the order of the step functions' arguments
+    ROWS = tensors.FAST_KERNEL_ROWS                            # batches up to this many tokens
+
+    def __init__(self, config: ModelConfig, weights: dict, layers: list[dict]):
+        self.config = config
+        self.attention_norm = np.stack([lw["attention_norm"] for lw in layers]).astype(np.float32)
+        self.ffn_norm = np.stack([lw["ffn_norm"] for lw in layers]).astype(np.float32)
+        self.norm = np.asarray(weights["norm"], np.float32)
+        output = weights["output"]
+        if isinstance(output, tensors.GGMLTensor):
+            from numba.typed import List
+            self.int8 = False
+            self.qts = np.array([[int(lw[name].qtype) for name in self.MATRICES] for lw in layers], np.int64)
+            self.raws = tuple(List([lw[name].raw for lw in layers]) for name in self.MATRICES)
+            self.output_qt, self.output = int(output.qtype), output.raw
+        else:
+            from numba.typed import List
+            self.int8 = True
+            self.group_size = output.group_size
+            stacked = [weights[name] for name in self.MATRICES]
+            self.values, self.scales = List([_flat(w.q) for w in stacked]), List([_flat(w.scale) for w in stacked])
+            self.layouts = np.array([(w.q.strides[0], w.scale.strides[0] // 4, *w.q.shape[1:]) for w in stacked], np.int64)
+            self.output = (output.q, output.scale)
+
+    @staticmethod
+    def supports(weights: dict, layers: list[dict]) -> bool:
+        """Whether every product has a kernel the step functions take: ggml types on the fast path, or
+        llama2.c int8 groups of one size stored stacked by layer."""
+        output = weights["output"]
+        matrices = [lw[name] for lw in layers for name in CompiledForward.MATRICES] + [output]
+        if not layers:
+            return False
+        if all(isinstance(w, tensors.GGMLTensor) for w in matrices):
+            return all(not w.exact and w.qtype in tensors.KERNEL_TYPES for w in matrices)
+        if all(isinstance(w, tensors.GroupQuantized) for w in matrices):
+            stacked = [weights[name] for name in CompiledForward.MATRICES]
+            return (all(w.q.ndim == 3 and w.q.shape[0] == len(layers) and _layers_of_rows(w.q) and _layers_of_rows(w.scale)
+                        for w in stacked)
+                    and output.q.flags.c_contiguous and output.scale.flags.c_contiguous
+                    and len({w.group_size for w in matrices}) == 1)
+        return False
+
+    def __call__(self, x: np.ndarray, batch: Batch, cache: KVCache, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        c = self.config
+        wanted = np.flatnonzero(batch.logits)
+        logits = np.empty((len(wanted), c.vocab_size), np.float32)
+        eps = np.float32(c.norm_eps)
+        rest = (cos, sin, cache.k, cache.v, batch.seq_ids, batch.pos, wanted, c.n_heads, logits, numba.get_num_threads())
+        if self.int8:
+            forward_int8(x, self.values, self.scales, self.layouts, self.group_size, self.attention_norm,
+                         self.ffn_norm, self.norm, *self.output, eps, *rest)
+        else:
+            forward_fast(x, self.qts, *self.raws, self.attention_norm, self.ffn_norm, self.norm, self.output_qt,
+                         self.output, eps, *rest)
+        return logits
+
+
+# ----------------------------------------------------------------------------------------------
 # the transformer
 
 # the per-layer weights (the checkpoint formats' names)
@@ -272,6 +361,7 @@ class Transformer:
         # attention emphasis (inspect/emphasis.py) sets it: per layer, (seq_len,) float32 added to the
         # scaled scores of the keys at each position, for every sequence of a batch; empty = none
         self.attention_bias = [np.zeros(0, np.float32)] * config.n_layers
+        self._compiled: CompiledForward | None | bool = False      # made at first use (False: not yet)
 
     @property
     def matvec_rows(self) -> int:
@@ -290,6 +380,9 @@ class Transformer:
             raise ValueError(f"positions must lie in [0, {cache.seq_len})")
         cos, sin = self.rope_cos[batch.pos], self.rope_sin[batch.pos]            # (n, D/2)
         x = embed(w["tok_embeddings"], batch.tokens)                            # (n, dim)
+        compiled = self.compiled_forward()
+        if compiled is not None and len(batch) <= compiled.ROWS and not self.inspecting:
+            return compiled(x, batch, cache, cos, sin)
         for layer in range(c.n_layers):
             lw = self.layers[layer]
             h = rmsnorm(x, lw["attention_norm"], c.norm_eps)
@@ -300,6 +393,20 @@ class Transformer:
                 self.residual_hook(layer, x)                                     # x: (n, dim) residual stream
         x = rmsnorm(x[batch.logits], w["norm"], c.norm_eps)                      # (n_wanted, dim)
         return linear(x, w["output"])                                            # (n_wanted, vocab)
+
+    @property
+    def inspecting(self) -> bool:
+        """Whether an inspection tool looks inside (hooks, attention emphasis): the layer-by-layer path."""
+        return (self.attention_hook is not None or self.residual_hook is not None
+                or any(len(b) for b in self.attention_bias))
+
+    def compiled_forward(self) -> CompiledForward | None:
+        """The one-call forward for kernel-sized batches, where every weight has a fast kernel (else None).
+        Made at first use: `exact` may change after the model is built (tensors.set_exact)."""
+        if self._compiled is False:
+            ok = CompiledForward.supports(self.w, self.layers)
+            self._compiled = CompiledForward(self.config, self.w, self.layers) if ok else None
+        return self._compiled
 
     def feed_forward(self, h: np.ndarray, layer: int) -> np.ndarray:
         """SwiGLU: w2(silu(w1 h) * w3 h).   (n, dim) -> (n, dim)"""

@@ -74,18 +74,35 @@ _isum32, _isum64 = _isum_fixed(1), _isum_fixed(2)
 
 
 @numba.njit(inline="always")
+def _isum_at(w, p, x, c, gs):
+    """sum over i < G of w[p + i] * x[c + i], in integers: one group's integer dot product."""
+    if gs == 32:
+        return _isum32(w, p, x, c)
+    if gs == 64:
+        return _isum64(w, p, x, c)
+    if gs % 32 == 0:
+        return _isum_run(w, p, x, c, gs)
+    total = 0
+    for i in range(gs):
+        total += np.int32(w[p + i]) * np.int32(x[c + i])
+    return np.int32(total)
+
+
+@numba.njit(inline="always")
 def _group_isum(w, x, c, gs):
     """sum over the group of G values at c of w[i] * x[i], in integers."""
-    if gs == 32:
-        return _isum32(w, c, x, c)
-    if gs == 64:
-        return _isum64(w, c, x, c)
-    if gs % 32 == 0:
-        return _isum_run(w, c, x, c, gs)
-    total = 0
-    for i in range(c, c + gs):
-        total += np.int32(w[i]) * np.int32(x[i])
-    return np.int32(total)
+    return _isum_at(w, c, x, c, gs)
+
+
+@numba.njit(inline="always")
+def row_at(w, p, ws, s, x, c, xs, xg, gs, groups):
+    """_row on flat arrays, with no views made: the weight row at w[p:], its scales at ws[s:], the
+    quantized x row at x[c:] and its scales at xs[xg:]. (A view made in compiled code counts a
+    reference to its array, an atomic add that every thread of a parallel loop shares.)"""
+    val = np.float32(0.0)
+    for g in range(groups):
+        val += np.float32(_isum_at(w, p + g * gs, x, c + g * gs, gs)) * ws[s + g] * xs[xg + g]
+    return val
 
 
 @numba.njit(inline="always")

@@ -1,0 +1,353 @@
+"""A whole forward pass of a decode-sized batch as one compiled function, on one parallel region.
+
+Why: the kernels of a decode step are short. SmolLM2's step is 30 layers of six kernel calls (norm,
+q/k/v, attention, wo, gate/up, down), 15-50 us each; from Python every call pays its dispatch and a
+start and join of numba's thread pool (~12 us: a 69 KB product took 17 us). Here the threads are
+started once per step and walk the layers together, each taking its share of every product, and
+meet at a barrier where the next product needs the whole of the last one (llama.cpp's graph compute
+does the same with its own thread pool). SmolLM2 Q4_1, one token, 2 threads: 94 steps/s layer by
+layer, 122 as one call (same session, interleaved runs). Per layer:
+
+    every thread: h = rmsnorm(x), quantized to int8 blocks (its own copy: cheaper than a barrier)
+    rows of wq | wk | wv split among the threads                           -> q, k, v      barrier
+    (token, kv head) pairs split: rotate k (RoPE), write k and v to the cache             barrier
+    (token, head) pairs split: attention                                   -> a            barrier
+    every thread: quantize a; rows of wo split: x[:, o] += (a @ wo.T)[:, o]                barrier
+    every thread: h = rmsnorm(x), quantized; rows of w1 and w3 split: g = silu(h w1) (h w3) barrier
+    every thread: quantize g; rows of w2 split: x[:, o] += (g @ w2.T)[:, o]                barrier
+
+and at the end: rmsnorm of the rows whose logits are wanted, rows of the classifier split.
+`forward_fast` takes ggml weights (int8 activations, the fast path); `forward_int8` llama2.c's int8
+groups (runq.c's arithmetic).
+
+No array views in the loops over rows: a view made in compiled code counts a reference to its
+array, an atomic add on memory that both threads share; one per weight row made the two-thread
+step slower than one thread. The kernels take (matrix, row index) instead.
+Every value is computed by the same functions and in the same order as the one-call-per-kernel
+path (Transformer.forward on the kernels), so the two agree bit for bit (tests/test_step.py).
+
+The barrier is a counter and a generation number, both atomic: the last thread to arrive resets
+the counter and bumps the generation, the others spin on the generation with the CPU's `pause`,
+and after SPINS rounds yield the core (sched_yield) at every round: on a busy 2-core machine the
+thread being waited for may have lost its core, and spinning on would keep it from getting it back.
+"""
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import int8
+from .attention import BLOCK, _attend, _rope
+from .ggml import _part, _quantized, _rows_fast, _silu_times, _task_rows, quantize_activations
+from .norm import rmsnorm
+
+SPINS = 20000   # pauses (~ 40 ns each) before a waiting thread starts yielding its core
+
+
+# ----------------------------------------------------------------------------------------------
+# the barrier
+
+def _element_pointer(context, builder, array_type, array, index):
+    data = context.make_array(array_type)(context, builder, value=array).data
+    return builder.gep(data, [index])
+
+
+@intrinsic
+def _atomic_add(typingctx, array, index, value):
+    """array[index] += value as one atomic (sequentially consistent) operation; returns the old value."""
+    if not (isinstance(array, types.Array) and array.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        pointer = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        value = context.cast(builder, args[2], sig.args[2], types.int64)
+        return builder.atomic_rmw("add", pointer, value, "seq_cst")
+    return types.int64(array, index, value), codegen
+
+
+@intrinsic
+def _atomic_load(typingctx, array, index):
+    """array[index], read atomically (never cached in a register across a spin loop)."""
+    if not (isinstance(array, types.Array) and array.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.load_atomic(_element_pointer(context, builder, sig.args[0], args[0], args[1]), "seq_cst", 8)
+    return types.int64(array, index), codegen
+
+
+def _void_call(name, return_type=ir.VoidType()):
+    @intrinsic
+    def call(typingctx):
+        def codegen(context, builder, sig, args):
+            builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(return_type, []), name), [])
+            return context.get_dummy_value()
+        return types.void(), codegen
+    return call
+
+
+_pause = _void_call("llvm.x86.sse2.pause")                     # a spin-wait hint to the CPU
+_yield = _void_call("sched_yield", ir.IntType(32))              # libc: give the core to another thread
+
+
+@numba.njit(inline="always")
+def barrier(state, n_threads):
+    """Wait until all n_threads threads have arrived. state: int64 [count, generation], zeros at first."""
+    generation = _atomic_load(state, 1)
+    if _atomic_add(state, 0, 1) == n_threads - 1:
+        state[0] = 0
+        _atomic_add(state, 1, 1)
+    else:
+        spins = 0
+        while _atomic_load(state, 1) == generation:
+            spins += 1
+            if spins < SPINS:
+                _pause()
+            else:
+                _yield()
+
+
+# ----------------------------------------------------------------------------------------------
+# the pieces of a layer, for thread t of n_threads
+
+@numba.njit(inline="always")
+def _quantize_into(x, xq, xd, xsum, xs):
+    """x (n, in) float32 -> int8 blocks, as the kernels quantize their input (ggml.quantize_activations)."""
+    quantize_activations(x, xq, xd, xsum)
+    for j in range(xd.shape[0]):
+        for g in range(xd.shape[1]):
+            xs[j, g] = xd[j, g] * np.float32(xsum[j, g])
+
+
+@numba.njit(inline="always")
+def _store_keys_values(t, n_threads, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, kr):
+    """This thread's share of the (token, kv head) pairs: rotate the key, write key and value to the
+    cache (attention._store's arithmetic). k, v: (n, KV, D)."""
+    n, KV, D = k.shape
+    start, stop = _task_rows(t, n_threads, n * KV)
+    for pair in range(start, stop):
+        i, kv = pair // KV, pair % KV
+        seq, p = seq_ids[i], pos[i]
+        b, tt = p // BLOCK, p % BLOCK
+        _rope(k[i, kv], cos[i], sin[i], kr)
+        for d in range(D):
+            k_cache[seq, kv, b, d, tt] = kr[d]
+            v_cache[seq, kv, p, d] = v[i, kv, d]
+
+
+@numba.njit(inline="always")
+def _attention(t, n_threads, state, q, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, out, kr):
+    """The attention of a layer, this thread's share, from q, k, v (all complete: after a barrier)
+    to out (complete after the last barrier here): keys and values into the cache, then the
+    (token, head) pairs, each as the attention kernel computes it (run.c's arithmetic)."""
+    _store_keys_values(t, n_threads, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, kr)
+    barrier(state, n_threads)
+    no_probs, no_bias = np.empty((1, 1, 1), np.float32), np.empty(0, np.float32)
+    start, stop = _task_rows(t, n_threads, q.shape[0] * q.shape[1])
+    for job in range(start, stop):
+        _attend(job, q, cos, sin, k_cache, v_cache, seq_ids, pos, out, no_probs, False, no_bias)
+    barrier(state, n_threads)
+
+
+@numba.njit(inline="always")
+def _add_product(t, n_threads, qt, raw, xq, xd, xs, x, column):
+    """x += (quantized activations) @ W.T for this thread's share of W's rows (the residual add)."""
+    start, stop = _task_rows(t, n_threads, raw.shape[0])
+    for o in range(start, stop):
+        _rows_fast(qt, raw, o, xq, xd, xs, column)
+        for j in range(x.shape[0]):
+            x[j, o] = x[j, o] + column[j]
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def forward_fast(x, qts, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, output_qt, output,
+                 eps, cos, sin, k_cache, v_cache, seq_ids, pos, wanted, n_heads, logits, n_threads):
+    """The forward pass of a batch of n tokens on the fast path (int8 activations, ggml weights).
+
+    x: (n, dim) float32, the tokens' embeddings, updated in place into the last residual stream;
+    qts: (n_layers, 7) the ggml types of wq, wk, wv, wo, w1, w2, w3; those seven: typed lists of
+    each layer's raw matrix (out_features, row bytes) uint8; attention_norm, ffn_norm: (n_layers,
+    dim) float32; norm: (dim,); output: the classifier's raw matrix, of type output_qt;
+    cos, sin: (n, head_dim / 2) the tokens' rotations; k_cache, v_cache: KVCache.k / .v (all layers);
+    seq_ids, pos: (n,) int64; wanted: the indices of the tokens whose logits are computed;
+    logits: (len(wanted), vocab) float32, written; n_threads: numba.get_num_threads() of the caller
+    (one iteration of the parallel loop per thread: the barriers need them all running at once;
+    asked by the caller, as numba's get_num_threads in compiled code makes the function uncacheable).
+    """
+    n, dim = x.shape
+    n_layers = qts.shape[0]
+    D = 2 * cos.shape[1]
+    H, KV = n_heads, k_cache.shape[2]
+    hidden = w1[0].shape[0]
+    q = np.empty((n, H, D), np.float32)
+    k = np.empty((n, KV, D), np.float32)
+    v = np.empty((n, KV, D), np.float32)
+    a = np.empty((n, H, D), np.float32)
+    g = np.empty((n, hidden), np.float32)
+    state = np.zeros(2, np.int64)
+    for t in numba.prange(n_threads):
+        # this thread's scratch: the normalized x and every product's quantized input
+        h = np.empty((n, dim), np.float32)
+        hq, hd, hsum, hs = (np.empty((n, dim), np.int8), np.empty((n, dim // 32), np.float32),
+                            np.empty((n, dim // 32), np.int32), np.empty((n, dim // 32), np.float32))
+        aq, ad, asum, as_ = (np.empty((n, H * D), np.int8), np.empty((n, H * D // 32), np.float32),
+                             np.empty((n, H * D // 32), np.int32), np.empty((n, H * D // 32), np.float32))
+        gq, gd, gsum, gs = (np.empty((n, hidden), np.int8), np.empty((n, hidden // 32), np.float32),
+                            np.empty((n, hidden // 32), np.int32), np.empty((n, hidden // 32), np.float32))
+        column, up = np.empty(n, np.float32), np.empty(n, np.float32)
+        kr = np.empty(D, np.float32)
+        a2 = a.reshape((n, H * D))
+        for layer in range(n_layers):
+            # attention: q, k, v from the normalized x
+            rmsnorm(x, attention_norm[layer], eps, h)
+            _quantize_into(h, hq, hd, hsum, hs)
+            raws = (wq[layer], wk[layer], wv[layer])
+            outs = (q.reshape((n, H * D)), k.reshape((n, KV * D)), v.reshape((n, KV * D)))
+            ra, rb = raws[0].shape[0], raws[1].shape[0]
+            start, stop = _task_rows(t, n_threads, ra + rb + raws[2].shape[0])
+            for r in range(start, stop):
+                i, o = _part(r, ra, rb)
+                _rows_fast(qts[layer, i], raws[i], o, hq, hd, hs, column)
+                for j in range(n):
+                    outs[i][j, o] = column[j]
+            barrier(state, n_threads)
+            _attention(t, n_threads, state, q, k, v, cos, sin, k_cache[layer], v_cache[layer], seq_ids, pos, a, kr)
+            _quantize_into(a2, aq, ad, asum, as_)
+            _add_product(t, n_threads, qts[layer, 3], wo[layer], aq, ad, as_, x, column)
+            barrier(state, n_threads)
+
+            # feed-forward: SwiGLU
+            rmsnorm(x, ffn_norm[layer], eps, h)
+            _quantize_into(h, hq, hd, hsum, hs)
+            gate_raw, up_raw = w1[layer], w3[layer]    # once per layer: a typed list's item costs a call
+            gate_qt, up_qt = qts[layer, 4], qts[layer, 6]
+            start, stop = _task_rows(t, n_threads, hidden)
+            for o in range(start, stop):
+                _rows_fast(gate_qt, gate_raw, o, hq, hd, hs, column)
+                _rows_fast(up_qt, up_raw, o, hq, hd, hs, up)
+                for j in range(n):
+                    g[j, o] = _silu_times(column[j], up[j])
+            barrier(state, n_threads)
+            _quantize_into(g, gq, gd, gsum, gs)
+            _add_product(t, n_threads, qts[layer, 5], w2[layer], gq, gd, gs, x, column)
+            barrier(state, n_threads)
+
+        # the classifier, for the wanted tokens
+        m = wanted.shape[0]
+        xw = np.empty((m, dim), np.float32)
+        for r in range(m):
+            for i in range(dim):
+                xw[r, i] = x[wanted[r], i]
+        hw = np.empty((m, dim), np.float32)
+        rmsnorm(xw, norm, eps, hw)
+        wq_, wd_, wsum_, ws_ = _quantized_parts(hw)
+        out_column = np.empty(m, np.float32)
+        start, stop = _task_rows(t, n_threads, output.shape[0])
+        for o in range(start, stop):
+            _rows_fast(output_qt, output, o, wq_, wd_, ws_, out_column)
+            for r in range(m):
+                logits[r, o] = out_column[r]
+
+
+@numba.njit(inline="always")
+def _quantized_parts(x):
+    """x quantized as the kernels quantize it: (xq, xd, xsum, xs)."""
+    xq = np.empty(x.shape, np.int8)
+    xd = np.empty((x.shape[0], x.shape[1] // 32), np.float32)
+    xsum = np.empty((x.shape[0], x.shape[1] // 32), np.int32)
+    xs = np.empty((x.shape[0], x.shape[1] // 32), np.float32)
+    _quantize_into(x, xq, xd, xsum, xs)
+    return xq, xd, xsum, xs
+
+
+# ----------------------------------------------------------------------------------------------
+# llama2.c's int8 groups (version-2 checkpoints): the same walk, runq.c's products (kernels/int8.py)
+
+@numba.njit(inline="always")
+def _int8_rows(t, n_threads, w, ws, layout, layer, xq, xs, gs, out, add):
+    """This thread's share of the rows of one layer's matrix times every row of the quantized x (xq (n,
+    in), xs (n, G)): out[j, o] = the product, or out[j, o] += it when `add` (the residual stream).
+
+    w, ws: the matrix's int8 values and group scales as flat arrays over every layer; layout: (stride
+    of a layer in w, the same in ws, rows, in) (see CompiledForward: a v2 file keeps each layer's
+    scales after its values, so the layers are not one contiguous array). Flat indexing throughout:
+    no views (int8.row_at)."""
+    w_layer, s_layer, rows, n_in = layout[0], layout[1], layout[2], layout[3]
+    groups = n_in // gs
+    xqf, xsf = xq.reshape(-1), xs.reshape(-1)
+    start, stop = _task_rows(t, n_threads, rows)
+    for o in range(start, stop):
+        p, q = layer * w_layer + o * n_in, layer * s_layer + o * groups
+        for j in range(out.shape[0]):
+            value = int8.row_at(w, p, ws, q, xqf, j * n_in, xsf, j * groups, gs, groups)
+            out[j, o] = out[j, o] + value if add else value
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def forward_int8(x, values, scales, layouts, gs, attention_norm, ffn_norm, norm, output, outputs, eps, cos, sin,
+                 k_cache, v_cache, seq_ids, pos, wanted, n_heads, logits, n_threads):
+    """forward_fast for llama2.c's int8 checkpoints: activations quantized per group of gs as runq.c
+    quantizes them, runq.c's products.
+
+    values, scales: typed lists of wq, wk, wv, wo, w1, w2, w3's int8 values and group scales, each a
+    flat view over all layers as the file stores them; layouts: (7, 4) int64, per matrix (layer stride
+    of its values, of its scales, rows, in); output, outputs: the classifier's values and scales,
+    (vocab, dim) and (vocab, dim / gs), the same layout for one layer. The rest as forward_fast."""
+    n, dim = x.shape
+    n_layers = attention_norm.shape[0]
+    D = 2 * cos.shape[1]
+    H, KV = n_heads, k_cache.shape[2]
+    hidden = layouts[4, 2]
+    wq, wk, wv, wo, w1, w2, w3 = values[0], values[1], values[2], values[3], values[4], values[5], values[6]
+    sq, sk, sv, so, s1, s2, s3 = scales[0], scales[1], scales[2], scales[3], scales[4], scales[5], scales[6]
+    q = np.empty((n, H, D), np.float32)
+    k = np.empty((n, KV, D), np.float32)
+    v = np.empty((n, KV, D), np.float32)
+    a = np.empty((n, H, D), np.float32)
+    g = np.empty((n, hidden), np.float32)
+    up = np.empty((n, hidden), np.float32)
+    output_layout = np.array([0, 0, output.shape[0], output.shape[1]], np.int64)
+    state = np.zeros(2, np.int64)
+    for t in numba.prange(n_threads):
+        h = np.empty((n, dim), np.float32)
+        hq, hs = np.empty((n, dim), np.int8), np.empty((n, dim // gs), np.float32)
+        aq, as_ = np.empty((n, H * D), np.int8), np.empty((n, H * D // gs), np.float32)
+        gq, gs_ = np.empty((n, hidden), np.int8), np.empty((n, hidden // gs), np.float32)
+        kr = np.empty(D, np.float32)
+        for layer in range(n_layers):
+            rmsnorm(x, attention_norm[layer], eps, h)
+            int8.quantize(h, gs, hq, hs)
+            _int8_rows(t, n_threads, wq, sq, layouts[0], layer, hq, hs, gs, q.reshape((n, H * D)), False)
+            _int8_rows(t, n_threads, wk, sk, layouts[1], layer, hq, hs, gs, k.reshape((n, KV * D)), False)
+            _int8_rows(t, n_threads, wv, sv, layouts[2], layer, hq, hs, gs, v.reshape((n, KV * D)), False)
+            barrier(state, n_threads)
+            _attention(t, n_threads, state, q, k, v, cos, sin, k_cache[layer], v_cache[layer], seq_ids, pos, a, kr)
+            int8.quantize(a.reshape((n, H * D)), gs, aq, as_)
+            _int8_rows(t, n_threads, wo, so, layouts[3], layer, aq, as_, gs, x, True)
+            barrier(state, n_threads)
+
+            rmsnorm(x, ffn_norm[layer], eps, h)
+            int8.quantize(h, gs, hq, hs)
+            _int8_rows(t, n_threads, w1, s1, layouts[4], layer, hq, hs, gs, g, False)
+            _int8_rows(t, n_threads, w3, s3, layouts[6], layer, hq, hs, gs, up, False)
+            start, stop = _task_rows(t, n_threads, hidden)
+            for o in range(start, stop):
+                for j in range(n):
+                    g[j, o] = _silu_times(g[j, o], up[j, o])
+            barrier(state, n_threads)
+            int8.quantize(g, gs, gq, gs_)
+            _int8_rows(t, n_threads, w2, s2, layouts[5], layer, gq, gs_, gs, x, True)
+            barrier(state, n_threads)
+
+        m = wanted.shape[0]
+        xw = np.empty((m, dim), np.float32)
+        for r in range(m):
+            for i in range(dim):
+                xw[r, i] = x[wanted[r], i]
+        hw = np.empty((m, dim), np.float32)
+        rmsnorm(xw, norm, eps, hw)
+        oq, os_ = np.empty((m, dim), np.int8), np.empty((m, dim // gs), np.float32)
+        int8.quantize(hw, gs, oq, os_)
+        _int8_rows(t, n_threads, output.reshape(-1), outputs.reshape(-1), output_layout, 0, oq, os_, gs, logits, False)

@@ -1,0 +1,122 @@
+"""The one-call forward (kernels/step.py): every layer of a kernel-sized batch in one compiled function,
+its threads meeting at barriers. It must give what the layer-by-layer path gives, bit for bit: the
+logits and the KV cache, for prompts, decode steps of several sequences, and batches that want only
+some logits, on one thread and on two. The layer-by-layer path's kernels are tied to gguf's
+dequantization (tests/test_kernels.py) and the fast path to the exact one (tests/test_fast_path.py).
+"""
+import numba
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from llamarun.config import ModelConfig
+from llamarun.model import Batch, CompiledForward, KVCache, Transformer
+from llamarun.tensors import GGMLTensor, set_exact
+
+from test_kernels import random_blocks
+
+
+def random_model(types: dict, seed: int = 0) -> Transformer:
+    """A fast-path model of random ggml blocks: dim 256, hidden 512 (K-quants take rows of 256 values),
+    2 layers, 4 heads, 2 kv heads."""
+    c = ModelConfig(dim=256, hidden_dim=512, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=64)
+    rng = np.random.default_rng(seed)
+    shapes = {"wq": (c.dim, c.dim), "wk": (c.kv_dim, c.dim), "wv": (c.kv_dim, c.dim), "wo": (c.dim, c.dim),
+              "w1": (c.hidden_dim, c.dim), "w2": (c.dim, c.hidden_dim), "w3": (c.hidden_dim, c.dim)}
+
+    def matrix(name, qtype, shape):
+        return GGMLTensor(name, qtype, shape, random_blocks(qtype, *shape, rng, scale=0.05), exact=False)
+
+    weights = {name: [matrix(name, types.get(name, T.Q4_1), shape) for _ in range(c.n_layers)]
+               for name, shape in shapes.items()}
+    for name in ("attention_norm", "ffn_norm"):
+        weights[name] = [rng.uniform(0.5, 1.5, c.dim).astype(np.float32) for _ in range(c.n_layers)]
+    weights["norm"] = rng.uniform(0.5, 1.5, c.dim).astype(np.float32)
+    weights["tok_embeddings"] = weights["output"] = matrix("token_embd", types.get("output", T.Q8_0),
+                                                           (c.vocab_size, c.dim))
+    return Transformer(c, weights, exact=False)
+
+
+BATCHES = [
+    Batch.sequence(list(range(5, 17)), 0, 0),                                    # a prompt: 12 tokens
+    Batch.of([20, 21, 22], [12, 0, 0], [0, 1, 2]),                               # three sequences
+    Batch.of([30, 31, 32, 33, 34], [13, 1, 1, 2, 3], [0, 1, 2, 2, 2], [1, 1, 0, 1, 1]),   # some logits
+    Batch.sequence([40], 14, 0),                                                 # one decode step
+]
+
+
+def both_paths(model: Transformer, batches, n_seqs=3, seq_len=64):
+    """(logits and cache of the one-call forward, the same of the layer-by-layer path)."""
+    compiled = model.compiled_forward()
+    assert compiled is not None
+    results = []
+    for use in (compiled, None):
+        model._compiled = use
+        cache = KVCache(model.config, n_seqs, seq_len)
+        results.append(([model.forward(b, cache) for b in batches], cache))
+    model._compiled = compiled
+    return results
+
+
+def assert_same(results):
+    (a, cache_a), (b, cache_b) = results
+    for x, y in zip(a, b):
+        assert x.shape == y.shape and np.all(np.isfinite(x))
+        assert np.array_equal(x, y)
+    assert np.array_equal(cache_a.k, cache_b.k) and np.array_equal(cache_a.v, cache_b.v)
+
+
+@pytest.mark.parametrize("types", [
+    {},                                                                          # Q4_1, a Q8_0 classifier
+    {"wq": T.Q8_0, "wk": T.Q4_0, "wv": T.Q6_K, "w1": T.Q4_K, "w2": T.Q6_K, "w3": T.Q4_0, "output": T.Q4_K},
+], ids=["q4_1", "mixed"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_call_forward_equals_the_layer_by_layer_path(types, threads):
+    model = random_model(types)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        assert_same(both_paths(model, BATCHES))
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_smollm2_decode_steps_equal_the_layer_by_layer_path(smol_checkpoint):
+    set_exact(smol_checkpoint.weights, False)        # the fixture's weights are shared: set back below
+    try:
+        model = Transformer(smol_checkpoint.config, smol_checkpoint.weights, exact=False)
+        prompt = Batch.sequence([1, 504, 3458, 282, 4649, 314, 216], 0, 0)
+        steps = [Batch.sequence([100 + i], 7 + i, 0) for i in range(3)]
+        two = Batch.of([7, 8], [10, 0], [0, 1])
+        assert_same(both_paths(model, [prompt, *steps, two], n_seqs=2, seq_len=128))
+    finally:
+        set_exact(smol_checkpoint.weights, True)
+
+
+def test_exact_weights_and_inspection_keep_the_layer_by_layer_path():
+    model = random_model({})
+    for w in model.layers[1].values():
+        if isinstance(w, GGMLTensor):
+            w.exact = True
+    assert not CompiledForward.supports(model.w, model.layers)
+    model = random_model({})
+    seen = []
+    model.attention_hook = lambda layer, batch, probs: seen.append(layer)
+    model.forward(Batch.sequence([1, 2, 3]), KVCache(model.config))
+    assert seen == [0, 1]                  # the hook ran: the one-call forward was not taken
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_one_call_forward_equals_the_layer_by_layer_path(threads):
+    """llama2.c's version-2 checkpoint (int8 groups of 64, written by llama2.c's export.py)."""
+    from conftest import SHARED, require
+    from llamarun.formats import load_checkpoint
+    checkpoint = load_checkpoint(require(SHARED / "models" / "tiny_q8.v2.bin"))
+    model = Transformer(checkpoint.config, checkpoint.weights)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        assert model.compiled_forward() is not None and model.compiled_forward().int8
+        assert_same(both_paths(model, BATCHES, seq_len=model.config.seq_len))
+    finally:
+        numba.set_num_threads(before)
