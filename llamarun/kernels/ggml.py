@@ -731,6 +731,28 @@ def _prefetch_ahead(typingctx, raw, o, distance):
     return types.void(raw, o, distance), codegen
 
 
+@intrinsic
+def prefetch_bytes(typingctx, data, start, count):
+    """_prefetch_ahead for a C-contiguous array of any type: the lines of bytes [start, start + count)
+    from its first element (which may lie past its end: a prefetch is dropped there, never a fault)."""
+    if not (isinstance(data, types.Array) and data.layout == "C" and isinstance(start, types.Integer)
+            and isinstance(count, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        array = context.make_array(sig.args[0])(context, builder, value=args[0])
+        first = builder.add(builder.ptrtoint(array.data, ir.IntType(64)), context.cast(builder, args[1], sig.args[1], types.int64))
+        count = context.cast(builder, args[2], sig.args[2], types.int64)
+        prefetch = _function(builder, "llvm.prefetch.p0i8", ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
+        with cgutils.for_range(builder, builder.udiv(builder.add(count, ir.Constant(ir.IntType(64), 63)),
+                                                      ir.Constant(ir.IntType(64), 64))) as loop:
+            address = builder.add(first, builder.mul(loop.index, ir.Constant(ir.IntType(64), 64)))
+            builder.call(prefetch, [builder.inttoptr(address, ir.IntType(8).as_pointer()), ir.Constant(_I32, 0),
+                                    ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+    return types.void(data, start, count), codegen
+
+
 @numba.njit(inline="always")
 def _rows_fast(qt, raw, o, xq, xd, xs, out):
     """out[j] = row o of the weight matrix raw (type qt) times row j of the quantized activations,

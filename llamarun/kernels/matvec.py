@@ -18,6 +18,8 @@ import math
 import numba
 import numpy as np
 
+from .ggml import PREFETCH_BYTES, prefetch_bytes
+
 
 # One weight row per task, read start to end: each thread then walks its share of the matrix as
 # one sequential stream, which the hardware prefetcher follows. (Four rows at a time in lock-step,
@@ -40,7 +42,10 @@ def _dot(x, j, w, o):
 
 @numba.njit
 def _row(x, w, out, o):
-    """out[:, o] = x @ w[o]: row o of w, read once from memory, then from L1 for every row of x."""
+    """out[:, o] = x @ w[o]: row o of w, read once from memory, then from L1 for every row of x.
+    The rows PREFETCH_BYTES ahead are asked for meanwhile (why: kernels/ggml.py's _prefetch_ahead)."""
+    row_bytes = 4 * w.shape[1]
+    prefetch_bytes(w, o * row_bytes + PREFETCH_BYTES, row_bytes)
     for j in range(x.shape[0]):
         out[j, o] = _dot(x, j, w, o)
 
@@ -80,6 +85,9 @@ def swiglu(x, w1, w3, out):
 
     x: (n, dim), w1, w3: (hidden, dim), out: (n, hidden). Each thread streams its share of both.
     """
+    row_bytes = 4 * w1.shape[1]
     for o in numba.prange(w1.shape[0]):
+        prefetch_bytes(w1, o * row_bytes + PREFETCH_BYTES, row_bytes)
+        prefetch_bytes(w3, o * row_bytes + PREFETCH_BYTES, row_bytes)
         for j in range(x.shape[0]):
             out[j, o] = _silu(_dot(x, j, w1, o)) * _dot(x, j, w3, o)

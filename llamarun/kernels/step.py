@@ -40,7 +40,7 @@ from numba.extending import intrinsic
 
 from . import int8
 from .attention import BLOCK, _attend, _rope
-from .ggml import _part, _quantized, _rows_fast, _silu_times, _task_rows, quantize_activations
+from .ggml import PREFETCH_BYTES, _part, _rows_fast, _silu_times, _task_rows, prefetch_bytes, quantize_activations
 from .norm import rmsnorm
 
 SPINS = 20000   # pauses (~ 40 ns each) before a waiting thread starts yielding its core
@@ -280,6 +280,7 @@ def _int8_rows(t, n_threads, w, ws, layout, layer, xq, xs, gs, out, add):
     start, stop = _task_rows(t, n_threads, rows)
     for o in range(start, stop):
         p, q = layer * w_layer + o * n_in, layer * s_layer + o * groups
+        prefetch_bytes(w, p + PREFETCH_BYTES, n_in)
         for j in range(out.shape[0]):
             value = int8.row_at(w, p, ws, q, xqf, j * n_in, xsf, j * groups, gs, groups)
             out[j, o] = out[j, o] + value if add else value
