@@ -704,6 +704,17 @@ def _k_quant_row(qt, row, xq, xd, xs):
 PREFETCH_BYTES = 2048
 
 
+def _prefetch_lines(builder, first, count):
+    """Prefetch (for reading, into every cache level) each 64-byte line of the bytes [first, first +
+    count): first an int64 address, count an int64."""
+    prefetch = _function(builder, "llvm.prefetch.p0i8", ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
+    line = ir.Constant(ir.IntType(64), 64)
+    with cgutils.for_range(builder, builder.udiv(builder.add(count, ir.Constant(ir.IntType(64), 63)), line)) as loop:
+        address = builder.add(first, builder.mul(loop.index, line))
+        builder.call(prefetch, [builder.inttoptr(address, ir.IntType(8).as_pointer()), ir.Constant(_I32, 0),
+                                ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+
 @intrinsic
 def _prefetch_ahead(typingctx, raw, o, distance):
     """Ask the CPU to bring into cache the bytes [distance, distance + row bytes) past the start of
@@ -721,12 +732,7 @@ def _prefetch_ahead(typingctx, raw, o, distance):
         row_bytes = cgutils.unpack_tuple(builder, context.make_array(sig.args[0])(context, builder, value=args[0]).shape, 2)[1]
         start = builder.ptrtoint(_row_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1]), ir.IntType(64))
         start = builder.add(start, context.cast(builder, args[2], sig.args[2], types.int64))
-        prefetch = _function(builder, "llvm.prefetch.p0i8", ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
-        with cgutils.for_range(builder, builder.udiv(builder.add(row_bytes, ir.Constant(ir.IntType(64), 63)),
-                                                      ir.Constant(ir.IntType(64), 64))) as loop:
-            address = builder.add(start, builder.mul(loop.index, ir.Constant(ir.IntType(64), 64)))
-            builder.call(prefetch, [builder.inttoptr(address, ir.IntType(8).as_pointer()), ir.Constant(_I32, 0),
-                                    ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        _prefetch_lines(builder, start, row_bytes)
         return context.get_dummy_value()
     return types.void(raw, o, distance), codegen
 
@@ -742,13 +748,7 @@ def prefetch_bytes(typingctx, data, start, count):
     def codegen(context, builder, sig, args):
         array = context.make_array(sig.args[0])(context, builder, value=args[0])
         first = builder.add(builder.ptrtoint(array.data, ir.IntType(64)), context.cast(builder, args[1], sig.args[1], types.int64))
-        count = context.cast(builder, args[2], sig.args[2], types.int64)
-        prefetch = _function(builder, "llvm.prefetch.p0i8", ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
-        with cgutils.for_range(builder, builder.udiv(builder.add(count, ir.Constant(ir.IntType(64), 63)),
-                                                      ir.Constant(ir.IntType(64), 64))) as loop:
-            address = builder.add(first, builder.mul(loop.index, ir.Constant(ir.IntType(64), 64)))
-            builder.call(prefetch, [builder.inttoptr(address, ir.IntType(8).as_pointer()), ir.Constant(_I32, 0),
-                                    ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        _prefetch_lines(builder, first, context.cast(builder, args[2], sig.args[2], types.int64))
         return context.get_dummy_value()
     return types.void(data, start, count), codegen
 

@@ -236,12 +236,7 @@ def forward_fast(x, qts, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, n
 
         # the classifier, for the wanted tokens
         m = wanted.shape[0]
-        xw = np.empty((m, dim), np.float32)
-        for r in range(m):
-            for i in range(dim):
-                xw[r, i] = x[wanted[r], i]
-        hw = np.empty((m, dim), np.float32)
-        rmsnorm(xw, norm, eps, hw)
+        hw = _normalized_rows(x, wanted, norm, eps)
         wq_, wd_, wsum_, ws_ = _quantized_parts(hw)
         out_column = np.empty(m, np.float32)
         start, stop = _task_rows(t, n_threads, output.shape[0])
@@ -249,6 +244,18 @@ def forward_fast(x, qts, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, n
             _rows_fast(output_qt, output, o, wq_, wd_, ws_, out_column)
             for r in range(m):
                 logits[r, o] = out_column[r]
+
+
+@numba.njit(inline="always")
+def _normalized_rows(x, wanted, norm, eps):
+    """rmsnorm of the rows `wanted` of x (the tokens whose logits are computed).   -> (len(wanted), dim)"""
+    xw = np.empty((wanted.shape[0], x.shape[1]), np.float32)
+    for r in range(wanted.shape[0]):
+        for i in range(x.shape[1]):
+            xw[r, i] = x[wanted[r], i]
+    out = np.empty(xw.shape, np.float32)
+    rmsnorm(xw, norm, eps, out)
+    return out
 
 
 @numba.njit(inline="always")
@@ -343,12 +350,7 @@ def forward_int8(x, values, scales, layouts, gs, attention_norm, ffn_norm, norm,
             barrier(state, n_threads)
 
         m = wanted.shape[0]
-        xw = np.empty((m, dim), np.float32)
-        for r in range(m):
-            for i in range(dim):
-                xw[r, i] = x[wanted[r], i]
-        hw = np.empty((m, dim), np.float32)
-        rmsnorm(xw, norm, eps, hw)
+        hw = _normalized_rows(x, wanted, norm, eps)
         oq, os_ = np.empty((m, dim), np.int8), np.empty((m, dim // gs), np.float32)
         int8.quantize(hw, gs, oq, os_)
         _int8_rows(t, n_threads, output.reshape(-1), outputs.reshape(-1), output_layout, 0, oq, os_, gs, logits, False)
