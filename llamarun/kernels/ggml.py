@@ -397,6 +397,17 @@ def _host_has_avx2() -> bool:
 AVX2 = _host_has_avx2()
 
 
+def _host_has_vnni() -> bool:
+    """Whether the CPU also has 256-bit VNNI (vpdpbusd: AVX512-VNNI with AVX512-VL, or AVX-VNNI)."""
+    if not AVX2:
+        return False
+    features = llvm_binding.get_host_cpu_features()
+    return bool((features.get("avx512vnni") and features.get("avx512vl")) or features.get("avxvnni"))
+
+
+VNNI = _host_has_vnni()
+
+
 def _contiguous_bytes(*array_types) -> bool:
     """Whether these numba types are all contiguous 1-D arrays of bytes (what _load_bytes reads)."""
     return all(isinstance(t, types.Array) and t.ndim == 1 and t.layout == "C" and t.dtype in (types.uint8, types.int8)
@@ -462,6 +473,12 @@ def _dot8_unsigned(builder, w, x):
     products 4i..4i+3. AVX2: pmaddubsw (products summed in pairs to int16, saturating: exact here, as
     the callers' w are nibbles (<= 15) or magnitudes <= 128, so a pair is at most 2 * 128 * 127 < 2^15),
     then pmaddwd by ones (pairs of those to int32)."""
+    if VNNI:
+        # vpdpbusd: the same four products per int32 lane, summed in one instruction (exact, no
+        # saturation), so the same values as the two-instruction form below
+        words = _vector(_I32, 8)
+        return builder.call(_function(builder, "llvm.x86.avx512.vpdpbusd.256", words, [words] * 3),
+                            [ir.Constant(words, [0] * 8), builder.bitcast(w, words), builder.bitcast(x, words)])
     if AVX2:
         pairs = builder.call(_function(builder, "llvm.x86.avx2.pmadd.ub.sw", _vector(_I16, 16),
                                        [_vector(_I8, 32)] * 2), [w, x])
@@ -519,7 +536,9 @@ def _rows_dot_fast_codegen(qt, n_rows):
     same whatever n_rows is.
 
     Arguments: (raw, o, xq, xd, xs, j, out): row o of the weight matrix raw's bytes; xq (n, in) int8, xd and xs
-    (n, in / 32) float32, all C-contiguous; rows j .. j + n_rows - 1 of them; out (n_rows,) float32."""
+    (n, in / 32) float32, all C-contiguous; rows j .. j + n_rows - 1 of them, whose results go to
+    out[j .. j + n_rows - 1] (out (n,) float32: whole, not a view out[j:], which would count a
+    reference per call)."""
     block_bytes = {Q8_0: Q8_0_BYTES, Q4_0: Q4_0_BYTES, Q4_1: Q4_1_BYTES}[qt]
 
     def codegen(context, builder, sig, args):
@@ -565,7 +584,7 @@ def _rows_dot_fast_codegen(qt, n_rows):
                               lanes[k])
         for k in range(n_rows):
             total = builder.fadd(_lanes_total(builder, builder.load(lanes[k])), builder.load(offsets[k]))
-            builder.store(total, builder.gep(out, [ir.Constant(ir.IntType(64), k)]))
+            builder.store(total, builder.gep(out, [builder.add(j, ir.Constant(ir.IntType(64), k))]))
         return context.get_dummy_value()
     return codegen
 
@@ -763,24 +782,24 @@ def _rows_fast(qt, raw, o, xq, xd, xs, out):
     j = 0
     if qt == Q4_1:
         while j + 4 <= n:
-            _rows4_q4_1(raw, o, xq, xd, xs, j, out[j:])
+            _rows4_q4_1(raw, o, xq, xd, xs, j, out)
             j += 4
         while j < n:
-            _rows1_q4_1(raw, o, xq, xd, xs, j, out[j:])
+            _rows1_q4_1(raw, o, xq, xd, xs, j, out)
             j += 1
     elif qt == Q8_0:
         while j + 4 <= n:
-            _rows4_q8_0(raw, o, xq, xd, xs, j, out[j:])
+            _rows4_q8_0(raw, o, xq, xd, xs, j, out)
             j += 4
         while j < n:
-            _rows1_q8_0(raw, o, xq, xd, xs, j, out[j:])
+            _rows1_q8_0(raw, o, xq, xd, xs, j, out)
             j += 1
     elif qt == Q4_0:
         while j + 4 <= n:
-            _rows4_q4_0(raw, o, xq, xd, xs, j, out[j:])
+            _rows4_q4_0(raw, o, xq, xd, xs, j, out)
             j += 4
         while j < n:
-            _rows1_q4_0(raw, o, xq, xd, xs, j, out[j:])
+            _rows1_q4_0(raw, o, xq, xd, xs, j, out)
             j += 1
     else:
         row = raw[o]

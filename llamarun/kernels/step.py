@@ -40,7 +40,7 @@ from numba.extending import intrinsic
 
 from . import int8
 from .attention import BLOCK, _attend, _rope
-from .ggml import PREFETCH_BYTES, _part, _rows_fast, _silu_times, _task_rows, prefetch_bytes, quantize_activations
+from .ggml import PREFETCH_BYTES, _rows_fast, _silu_times, _task_rows, prefetch_bytes, quantize_activations
 from .norm import rmsnorm
 
 SPINS = 20000   # pauses (~ 40 ns each) before a waiting thread starts yielding its core
@@ -152,13 +152,15 @@ def _attention(t, n_threads, state, q, k, v, cos, sin, k_cache, v_cache, seq_ids
 
 
 @numba.njit(inline="always")
-def _add_product(t, n_threads, qt, raw, xq, xd, xs, x, column):
-    """x += (quantized activations) @ W.T for this thread's share of W's rows (the residual add)."""
+def _product(t, n_threads, qt, raw, xq, xd, xs, out, column, add):
+    """out = (quantized activations) @ W.T for this thread's share of W's rows, or out += it when `add`
+    (the residual stream). (Each matrix is split between the threads on its own: a tuple of matrices
+    indexed per row would count a reference to the shared matrix per row, see the module doc.)"""
     start, stop = _task_rows(t, n_threads, raw.shape[0])
     for o in range(start, stop):
         _rows_fast(qt, raw, o, xq, xd, xs, column)
-        for j in range(x.shape[0]):
-            x[j, o] = x[j, o] + column[j]
+        for j in range(out.shape[0]):
+            out[j, o] = out[j, o] + column[j] if add else column[j]
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -203,19 +205,13 @@ def forward_fast(x, qts, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, n
             # attention: q, k, v from the normalized x
             rmsnorm(x, attention_norm[layer], eps, h)
             _quantize_into(h, hq, hd, hsum, hs)
-            raws = (wq[layer], wk[layer], wv[layer])
-            outs = (q.reshape((n, H * D)), k.reshape((n, KV * D)), v.reshape((n, KV * D)))
-            ra, rb = raws[0].shape[0], raws[1].shape[0]
-            start, stop = _task_rows(t, n_threads, ra + rb + raws[2].shape[0])
-            for r in range(start, stop):
-                i, o = _part(r, ra, rb)
-                _rows_fast(qts[layer, i], raws[i], o, hq, hd, hs, column)
-                for j in range(n):
-                    outs[i][j, o] = column[j]
+            _product(t, n_threads, qts[layer, 0], wq[layer], hq, hd, hs, q.reshape((n, H * D)), column, False)
+            _product(t, n_threads, qts[layer, 1], wk[layer], hq, hd, hs, k.reshape((n, KV * D)), column, False)
+            _product(t, n_threads, qts[layer, 2], wv[layer], hq, hd, hs, v.reshape((n, KV * D)), column, False)
             barrier(state, n_threads)
             _attention(t, n_threads, state, q, k, v, cos, sin, k_cache[layer], v_cache[layer], seq_ids, pos, a, kr)
             _quantize_into(a2, aq, ad, asum, as_)
-            _add_product(t, n_threads, qts[layer, 3], wo[layer], aq, ad, as_, x, column)
+            _product(t, n_threads, qts[layer, 3], wo[layer], aq, ad, as_, x, column, True)
             barrier(state, n_threads)
 
             # feed-forward: SwiGLU
@@ -231,7 +227,7 @@ def forward_fast(x, qts, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, n
                     g[j, o] = _silu_times(column[j], up[j])
             barrier(state, n_threads)
             _quantize_into(g, gq, gd, gsum, gs)
-            _add_product(t, n_threads, qts[layer, 5], w2[layer], gq, gd, gs, x, column)
+            _product(t, n_threads, qts[layer, 5], w2[layer], gq, gd, gs, x, column, True)
             barrier(state, n_threads)
 
         # the classifier, for the wanted tokens
