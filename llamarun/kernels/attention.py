@@ -168,6 +168,21 @@ def _attend(job, q, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out, re
             probs_out[i, h, t] = scores[t]
 
 
+@numba.njit(error_model="numpy", cache=True)
+def rope(x, cos, sin, out):
+    """out[i, h] = x[i, h] rotated by token i's angles (model.apply_rope's arithmetic, as a loop: the
+    numpy statement makes four temporaries the size of x).   x, out: (n, heads, D); cos, sin: (n, D/2)"""
+    for i in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            _rope(x[i, h], cos[i], sin[i], out[i, h])
+
+
+@numba.njit(error_model="numpy", cache=True)
+def store(k, v, cos, sin, k_cache, v_cache, seq_ids, pos):
+    """Rotate the batch's keys and write keys and values into one layer's cache (`_store`), on its own."""
+    _store(k, v, cos, sin, k_cache, v_cache, seq_ids, pos)
+
+
 # Two entry points, the same arithmetic. The prefill runs between OpenBLAS's matrix products, whose
 # threads spin for a while after each call and keep the other core busy: a parallel region there
 # waits for them (see matvec.py), so the prefill attends on one thread. The decode step runs only
