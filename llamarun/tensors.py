@@ -176,9 +176,9 @@ FAST_KERNEL_ROWS = 128
 
 # Beyond it, W is dequantized a tile of rows at a time into a reusable float32 buffer of about this
 # many bytes, and each tile multiplied by BLAS: big enough that a BLAS call amortizes its set-up,
-# small enough to stay in L3 while BLAS reads it. Never the whole matrix. (SmolLM2's 512-token
-# prompt, 5 runs each: 1 MiB 417-423 tok/s, 4 MiB 430, 8 MiB 439: within the noise above 4 MiB.)
-TILE_BYTES = 1 << 22
+# small enough to stay in L2/L3 while BLAS reads it. Never the whole matrix. (SmolLM2's 512-token
+# prompt: 4 MiB tiles were ~3% faster, within the noise, and cost 6.5 MB more at the peak.)
+TILE_BYTES = 1 << 20
 
 _tile_buffers: dict[tuple[int, int], np.ndarray] = {}   # shared: one product at a time (one forward)
 
