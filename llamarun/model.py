@@ -25,7 +25,7 @@ from .kernels.attention import BLOCK as KEY_BLOCK, attention as attention_kernel
 from .kernels.attention import rope as rope_kernel, store as store_kernel
 from .kernels.matvec import matvec, matvec3, swiglu
 from .kernels.norm import rmsnorm as rmsnorm_kernel
-from .kernels.step import forward_fast, forward_int8
+from .kernels.step import forward_fast, forward_int8, threads_run_together
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,7 +407,7 @@ class Transformer:
         """The one-call forward for kernel-sized batches, where every weight has a fast kernel (else None).
         Made at first use: `exact` may change after the model is built (tensors.set_exact)."""
         if self._compiled is False:
-            ok = CompiledForward.supports(self.w, self.layers)
+            ok = CompiledForward.supports(self.w, self.layers) and threads_run_together()
             self._compiled = CompiledForward(self.config, self.w, self.layers) if ok else None
         return self._compiled
 

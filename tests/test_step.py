@@ -120,3 +120,11 @@ def test_int8_one_call_forward_equals_the_layer_by_layer_path(threads):
         assert_same(both_paths(model, BATCHES, seq_len=model.config.seq_len))
     finally:
         numba.set_num_threads(before)
+
+
+def test_a_threading_layer_that_may_serialize_the_loop_keeps_the_layer_by_layer_path(monkeypatch):
+    """Under TBB two iterations of the parallel loop may run on one thread: the barriers would hang."""
+    monkeypatch.setattr(numba, "threading_layer", lambda: "tbb")
+    model = random_model({})
+    assert model.compiled_forward() is None
+    assert np.all(np.isfinite(model.forward(Batch.sequence([1, 2, 3]), KVCache(model.config))))

@@ -109,6 +109,20 @@ def barrier(state, n_threads):
                 _yield()
 
 
+@numba.njit(parallel=True, cache=True)
+def _touch(a):
+    for i in numba.prange(a.shape[0]):
+        a[i] = i
+
+
+def threads_run_together() -> bool:
+    """Whether numba's threading layer runs every iteration of a parallel loop of n_threads iterations
+    at once, one per thread, as the barriers need: OpenMP and numba's workqueue do; TBB may run two
+    iterations one after the other on one thread, and the first barrier would then wait forever."""
+    _touch(np.zeros(2))                        # the layer is chosen at the first parallel call
+    return numba.threading_layer() in ("omp", "workqueue")
+
+
 # ----------------------------------------------------------------------------------------------
 # the pieces of a layer, for thread t of n_threads
 
