@@ -79,6 +79,17 @@ def test_rope_rotates_interleaved_pairs_by_position_times_frequency():
         assert out[2 * i + 1] == pytest.approx(x0 * np.sin(angle) + x1 * np.cos(angle), rel=1e-5)
 
 
+def test_the_prefill_rope_kernel_is_apply_rope_bit_for_bit():
+    """kernels/attention.rope (the fast prefill's RoPE) against apply_rope, checked above by its angles."""
+    from llamarun.kernels.attention import rope
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((37, 3, 64)).astype(np.float32)
+    cos, sin = (rng.uniform(-1, 1, (37, 32)).astype(np.float32) for _ in range(2))
+    out = np.empty_like(x)
+    rope(x, cos, sin, out)
+    assert np.array_equal(out, apply_rope(x, cos, sin))
+
+
 def naive_forward(w, c, tokens):
     """llama2.c's run.c forward() written out loop by loop in float64: an independent reference."""
     D, kv_mul = c.dim // c.n_heads, c.n_heads // c.n_kv_heads

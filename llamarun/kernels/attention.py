@@ -174,7 +174,10 @@ def rope(x, cos, sin, out):
     numpy statement makes four temporaries the size of x).   x, out: (n, heads, D); cos, sin: (n, D/2)"""
     for i in range(x.shape[0]):
         for h in range(x.shape[1]):
-            _rope(x[i, h], cos[i], sin[i], out[i, h])
+            for j in range(x.shape[2] // 2):        # _rope's arithmetic, indexed in place (no views)
+                x0, x1 = x[i, h, 2 * j], x[i, h, 2 * j + 1]
+                out[i, h, 2 * j] = x0 * cos[i, j] - x1 * sin[i, j]
+                out[i, h, 2 * j + 1] = x0 * sin[i, j] + x1 * cos[i, j]
 
 
 @numba.njit(error_model="numpy", cache=True)
