@@ -8,8 +8,9 @@ matrix-vector product per token; attention is the only step done per sequence.
 A decode-sized batch (up to MATVEC_ROWS tokens) goes another way: numba matrix-vector kernels that
 stream each weight once (kernels/matvec.py) and no BLAS call, so that a single thread pool runs
 the whole decode step (why that matters: kernels/matvec.py). On the fast path (ggml weights, int8
-activations) such a batch runs as one compiled call for the whole model (`CompiledForward`,
-kernels/step.py): the same arithmetic, without a return to Python between kernels.
+activations) and for llama2.c's int8 files, a batch of up to 128 tokens runs as one compiled call
+for the whole model (`CompiledForward`, kernels/step.py): the same arithmetic, without a return to
+Python between kernels.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+from numba.typed import List
 
 from . import tensors
 from .config import ModelConfig
@@ -293,13 +295,11 @@ class CompiledForward:
         self.norm = np.asarray(weights["norm"], np.float32)
         output = weights["output"]
         if isinstance(output, tensors.GGMLTensor):
-            from numba.typed import List
             self.int8 = False
             self.qts = np.array([[int(lw[name].qtype) for name in self.MATRICES] for lw in layers], np.int64)
             self.raws = tuple(List([lw[name].raw for lw in layers]) for name in self.MATRICES)
             self.output_qt, self.output = int(output.qtype), output.raw
         else:
-            from numba.typed import List
             self.int8 = True
             self.group_size = output.group_size
             stacked = [weights[name] for name in self.MATRICES]

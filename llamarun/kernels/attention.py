@@ -136,15 +136,22 @@ def _store(k, v, cos, sin, k_cache, v_cache, seq_ids, pos):
     tokens of its sequence in the same batch.
     """
     n, KV, D = k.shape
-    kr = np.empty(D, np.float32)
-    for i in range(n):
+    _store_pairs(0, n * KV, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, np.empty(D, np.float32))
+
+
+@numba.njit(error_model="numpy")
+def _store_pairs(start, stop, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, kr):
+    """_store for the (token, kv head) pairs start .. stop - 1 (pair = token * KV + kv head), kr: (D,)
+    scratch. (The one-call forward gives each thread a share of the pairs.)"""
+    KV, D = k.shape[1], k.shape[2]
+    for pair in range(start, stop):
+        i, kv = pair // KV, pair % KV
         seq, p = seq_ids[i], pos[i]
+        _rope(k[i, kv], cos[i], sin[i], kr)
         b, tt = p // BLOCK, p % BLOCK
-        for kv in range(KV):
-            _rope(k[i, kv], cos[i], sin[i], kr)
-            for d in range(D):
-                k_cache[seq, kv, b, d, tt] = kr[d]
-                v_cache[seq, kv, p, d] = v[i, kv, d]
+        for d in range(D):
+            k_cache[seq, kv, b, d, tt] = kr[d]
+            v_cache[seq, kv, p, d] = v[i, kv, d]
 
 
 @numba.njit(error_model="numpy")

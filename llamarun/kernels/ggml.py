@@ -688,8 +688,18 @@ def _quantized(x):
     xq = np.empty(x.shape, np.int8)
     xd = np.empty((x.shape[0], x.shape[1] // QK), np.float32)
     xsum = np.empty((x.shape[0], x.shape[1] // QK), np.int32)
+    xs = np.empty((x.shape[0], x.shape[1] // QK), np.float32)
+    quantize_into(x, xq, xd, xsum, xs)
+    return xq, xd, xs
+
+
+@numba.njit(inline="always")
+def quantize_into(x, xq, xd, xsum, xs):
+    """_quantized into given buffers (xsum: the int32 sums of the blocks, scratch)."""
     quantize_activations(x, xq, xd, xsum)
-    return xq, xd, xd * xsum.astype(np.float32)
+    for j in range(xd.shape[0]):
+        for g in range(xd.shape[1]):
+            xs[j, g] = xd[j, g] * np.float32(xsum[j, g])
 
 
 @numba.njit(inline="always")
@@ -735,31 +745,10 @@ def _prefetch_lines(builder, first, count):
 
 
 @intrinsic
-def _prefetch_ahead(typingctx, raw, o, distance):
-    """Ask the CPU to bring into cache the bytes [distance, distance + row bytes) past the start of
-    row o of the matrix raw: one prefetch per 64-byte line.
-
-    Why: the weights are read once per token, from memory. The hardware prefetcher stops at every
-    4 KiB page (the file's memory map has no huge pages), and a row of a small model (360 bytes of
-    Q4_1 at SmolLM2's 576 inputs) is too short a stream for it to get going: the kernels streamed the
-    model at 4-6 GB/s of the machine's 13-18. Prefetches are hints: past the end of the matrix
-    they are dropped, never a fault."""
-    if not (_bytes_matrix(raw) and isinstance(o, types.Integer) and isinstance(distance, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        row_bytes = cgutils.unpack_tuple(builder, context.make_array(sig.args[0])(context, builder, value=args[0]).shape, 2)[1]
-        start = builder.ptrtoint(_row_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1]), ir.IntType(64))
-        start = builder.add(start, context.cast(builder, args[2], sig.args[2], types.int64))
-        _prefetch_lines(builder, start, row_bytes)
-        return context.get_dummy_value()
-    return types.void(raw, o, distance), codegen
-
-
-@intrinsic
 def prefetch_bytes(typingctx, data, start, count):
-    """_prefetch_ahead for a C-contiguous array of any type: the lines of bytes [start, start + count)
-    from its first element (which may lie past its end: a prefetch is dropped there, never a fault)."""
+    """Prefetch the lines of bytes [start, start + count) from the first element of a C-contiguous
+    array of any type (they may lie past its end: a prefetch is dropped there, never a fault). Why:
+    _prefetch_ahead."""
     if not (isinstance(data, types.Array) and data.layout == "C" and isinstance(start, types.Integer)
             and isinstance(count, types.Integer)):
         return None
@@ -770,6 +759,19 @@ def prefetch_bytes(typingctx, data, start, count):
         _prefetch_lines(builder, first, context.cast(builder, args[2], sig.args[2], types.int64))
         return context.get_dummy_value()
     return types.void(data, start, count), codegen
+
+
+@numba.njit(inline="always")
+def _prefetch_ahead(raw, o, distance):
+    """Ask the CPU to bring into cache the bytes [distance, distance + row bytes) past the start of
+    row o of the matrix raw (C-contiguous bytes): one prefetch per 64-byte line.
+
+    Why: the weights are read once per token, from memory. The hardware prefetcher stops at every
+    4 KiB page (the file's memory map has no huge pages), and a row of a small model (360 bytes of
+    Q4_1 at SmolLM2's 576 inputs) is too short a stream for it to get going: the kernels streamed the
+    model at 4-6 GB/s of the machine's 13-18. Prefetches are hints: past the end of the matrix
+    they are dropped, never a fault."""
+    prefetch_bytes(raw, o * raw.shape[1] + distance, raw.shape[1])
 
 
 @numba.njit(inline="always")

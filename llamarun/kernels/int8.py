@@ -89,12 +89,6 @@ def _isum_at(w, p, x, c, gs):
 
 
 @numba.njit(inline="always")
-def _group_isum(w, x, c, gs):
-    """sum over the group of G values at c of w[i] * x[i], in integers."""
-    return _isum_at(w, c, x, c, gs)
-
-
-@numba.njit(inline="always")
 def row_at(w, p, ws, s, x, c, xs, xg, gs, groups):
     """_row on flat arrays, with no views made: the weight row at w[p:], its scales at ws[s:], the
     quantized x row at x[c:] and its scales at xs[xg:]. (A view made in compiled code counts a
@@ -108,10 +102,7 @@ def row_at(w, p, ws, s, x, c, xs, xg, gs, groups):
 @numba.njit(inline="always")
 def _row(wq, ws, xq, xs, gs):
     """One output of runq.c's matmul: a weight row (wq (in,) int8, ws (G,)) times one quantized x row."""
-    val = np.float32(0.0)
-    for g in range(ws.shape[0]):
-        val += np.float32(_group_isum(wq, xq, g * gs, gs)) * ws[g] * xs[g]
-    return val
+    return row_at(wq, 0, ws, 0, xq, 0, xs, 0, gs, ws.shape[0])
 
 
 @numba.njit(cache=True)

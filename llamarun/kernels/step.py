@@ -39,8 +39,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import int8
-from .attention import BLOCK, _attend, _rope
-from .ggml import PREFETCH_BYTES, _rows_fast, _silu_times, _task_rows, prefetch_bytes, quantize_activations
+from .attention import _attend, _store_pairs
+from .ggml import PREFETCH_BYTES, _quantized, _rows_fast, _silu_times, _task_rows, prefetch_bytes, quantize_into
 from .norm import rmsnorm
 
 SPINS = 20000   # pauses (~ 40 ns each) before a waiting thread starts yielding its core
@@ -127,36 +127,12 @@ def threads_run_together() -> bool:
 # the pieces of a layer, for thread t of n_threads
 
 @numba.njit(inline="always")
-def _quantize_into(x, xq, xd, xsum, xs):
-    """x (n, in) float32 -> int8 blocks, as the kernels quantize their input (ggml.quantize_activations)."""
-    quantize_activations(x, xq, xd, xsum)
-    for j in range(xd.shape[0]):
-        for g in range(xd.shape[1]):
-            xs[j, g] = xd[j, g] * np.float32(xsum[j, g])
-
-
-@numba.njit(inline="always")
-def _store_keys_values(t, n_threads, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, kr):
-    """This thread's share of the (token, kv head) pairs: rotate the key, write key and value to the
-    cache (attention._store's arithmetic). k, v: (n, KV, D)."""
-    n, KV, D = k.shape
-    start, stop = _task_rows(t, n_threads, n * KV)
-    for pair in range(start, stop):
-        i, kv = pair // KV, pair % KV
-        seq, p = seq_ids[i], pos[i]
-        b, tt = p // BLOCK, p % BLOCK
-        _rope(k[i, kv], cos[i], sin[i], kr)
-        for d in range(D):
-            k_cache[seq, kv, b, d, tt] = kr[d]
-            v_cache[seq, kv, p, d] = v[i, kv, d]
-
-
-@numba.njit(inline="always")
 def _attention(t, n_threads, state, q, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, out, kr):
     """The attention of a layer, this thread's share, from q, k, v (all complete: after a barrier)
     to out (complete after the last barrier here): keys and values into the cache, then the
     (token, head) pairs, each as the attention kernel computes it (run.c's arithmetic)."""
-    _store_keys_values(t, n_threads, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, kr)
+    start, stop = _task_rows(t, n_threads, k.shape[0] * k.shape[1])
+    _store_pairs(start, stop, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, kr)
     barrier(state, n_threads)
     no_probs, no_bias = np.empty((1, 1, 1), np.float32), np.empty(0, np.float32)
     start, stop = _task_rows(t, n_threads, q.shape[0] * q.shape[1])
@@ -218,19 +194,19 @@ def forward_fast(x, qts, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, n
         for layer in range(n_layers):
             # attention: q, k, v from the normalized x
             rmsnorm(x, attention_norm[layer], eps, h)
-            _quantize_into(h, hq, hd, hsum, hs)
+            quantize_into(h, hq, hd, hsum, hs)
             _product(t, n_threads, qts[layer, 0], wq[layer], hq, hd, hs, q.reshape((n, H * D)), column, False)
             _product(t, n_threads, qts[layer, 1], wk[layer], hq, hd, hs, k.reshape((n, KV * D)), column, False)
             _product(t, n_threads, qts[layer, 2], wv[layer], hq, hd, hs, v.reshape((n, KV * D)), column, False)
             barrier(state, n_threads)
             _attention(t, n_threads, state, q, k, v, cos, sin, k_cache[layer], v_cache[layer], seq_ids, pos, a, kr)
-            _quantize_into(a2, aq, ad, asum, as_)
+            quantize_into(a2, aq, ad, asum, as_)
             _product(t, n_threads, qts[layer, 3], wo[layer], aq, ad, as_, x, column, True)
             barrier(state, n_threads)
 
             # feed-forward: SwiGLU
             rmsnorm(x, ffn_norm[layer], eps, h)
-            _quantize_into(h, hq, hd, hsum, hs)
+            quantize_into(h, hq, hd, hsum, hs)
             gate_raw, up_raw = w1[layer], w3[layer]    # once per layer: a typed list's item costs a call
             gate_qt, up_qt = qts[layer, 4], qts[layer, 6]
             start, stop = _task_rows(t, n_threads, hidden)
@@ -240,14 +216,14 @@ def forward_fast(x, qts, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, n
                 for j in range(n):
                     g[j, o] = _silu_times(column[j], up[j])
             barrier(state, n_threads)
-            _quantize_into(g, gq, gd, gsum, gs)
+            quantize_into(g, gq, gd, gsum, gs)
             _product(t, n_threads, qts[layer, 5], w2[layer], gq, gd, gs, x, column, True)
             barrier(state, n_threads)
 
         # the classifier, for the wanted tokens
         m = wanted.shape[0]
         hw = _normalized_rows(x, wanted, norm, eps)
-        wq_, wd_, wsum_, ws_ = _quantized_parts(hw)
+        wq_, wd_, ws_ = _quantized(hw)
         out_column = np.empty(m, np.float32)
         start, stop = _task_rows(t, n_threads, output.shape[0])
         for o in range(start, stop):
@@ -266,17 +242,6 @@ def _normalized_rows(x, wanted, norm, eps):
     out = np.empty(xw.shape, np.float32)
     rmsnorm(xw, norm, eps, out)
     return out
-
-
-@numba.njit(inline="always")
-def _quantized_parts(x):
-    """x quantized as the kernels quantize it: (xq, xd, xsum, xs)."""
-    xq = np.empty(x.shape, np.int8)
-    xd = np.empty((x.shape[0], x.shape[1] // 32), np.float32)
-    xsum = np.empty((x.shape[0], x.shape[1] // 32), np.int32)
-    xs = np.empty((x.shape[0], x.shape[1] // 32), np.float32)
-    _quantize_into(x, xq, xd, xsum, xs)
-    return xq, xd, xsum, xs
 
 
 # ----------------------------------------------------------------------------------------------
