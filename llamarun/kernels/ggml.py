@@ -25,7 +25,8 @@ from benchmarks/bench_kernels.py):
   gives 32 independent sums, four AVX2 vectors: measured 2.9x faster (Q4_1: ~3.5 G weights/s).
 - The weights are decoded inside that multiply-add loop, not into a buffer of floats first: through
   a buffer LLVM emitted scalar code, 3-5x slower. With 4+ rows of x, four rows share each decode.
-- Integer dot products (fast) are LLVM vector intrinsics (see the fast section): ~7 G weights/s.
+- Integer dot products (fast) are LLVM vector intrinsics on groups of 8 weight rows (see the fast
+  section): Q4_1 ~19 G weights/s with one row of x, ~7 per row with eight (this machine, VNNI).
 - Parallel over output rows, in TASKS contiguous ranges, so each thread reads its share of the
   matrix as one sequential stream; a task's scratch is allocated once per call, not per row.
 - f16 scales are read as two bytes and converted by the CPU's vcvtph2ps (`_f16`).
@@ -369,16 +370,24 @@ def matvec_exact(qt, raw, x, out):
 # are written instead as LLVM vector code in small intrinsics.
 #
 # Q8_0, Q4_0 and Q4_1 (the types of the common GGUF files, SmolLM2's among them) have one intrinsic
-# each for a whole row (`_row_dot_fast`), llama.cpp's AVX2 loop in LLVM IR: per 32-value block, the
-# 32 byte products summed pairwise into 8 int32 lanes (pmaddubsw then pmaddwd: two instructions),
-# converted to float and multiply-added, scaled by d_w d_x, into 8 float lanes that live in a register
-# for the whole row; one horizontal sum per row. The earlier form (one intrinsic per block, summed to a
-# scalar there, then scaled and added to a scalar) spent most of its time in that per-block
-# horizontal sum and the scalar chain: the row intrinsics measured 1.7-2.0x faster (Q4_1, SmolLM2's
-# shapes, benchmarks/bench_kernels.py). pmaddubsw and psignb are x86 AVX2 instructions, used when
-# the CPU has them; elsewhere the same sums are plain LLVM vector IR (the result is the same: every
-# integer sum is exact). The K-quants keep a per-block intrinsic (`_isum_nibbles_at`, `_isum_q6`):
-# their 6-bit scales make each block's scale a small computation anyway.
+# each for a group of ROW_GROUP = 8 weight rows (`_row_group_codegen`), written in LLVM IR:
+# - the eight rows' block g is transposed in registers (8 loads, 8 unpacks) so that int32 lane i of
+#   a vector holds four consecutive bytes of row i;
+# - one broadcast of four activation bytes then multiplies all eight rows at once: vpdpbusd where
+#   the CPU has VNNI, else pmaddubsw and pmaddwd (AVX2), else plain vector IR; four bytes summed
+#   into each int32 lane, exact;
+# - after the block's 8 broadcasts each lane holds its row's integer sum, so the scaling (d_w d_x,
+#   a vector of the 8 rows' d_w) and the accumulation stay in the lanes: 8 float lanes, one per
+#   weight row, no horizontal sum anywhere.
+# With several activation rows (sequences decoded together) the transposition and the unpacking of
+# the nibbles are shared by them all. llama.cpp's "8x8" repacked kernels use the same lane layout on
+# weights it copies into that layout at load; here the file's own layout is transposed on the fly,
+# so the weights stay memory-mapped. Measured against the previous kernels (one weight row at a
+# time, 8 lanes of that row's partial sums, a horizontal sum per row), SmolLM2 Q4_1 on the one-call
+# forward, 2 threads: one decode row 137 -> 146 steps/s, eight rows 36 -> 55 steps/s
+# (benchmarks/bench_decode_rows.py). The K-quants keep a per-block intrinsic per row
+# (`_isum_nibbles_at`, `_isum_q6`): their 6-bit scales make each block's scale a small computation
+# anyway.
 
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 
@@ -489,15 +498,27 @@ def _dot8_unsigned(builder, w, x):
     return _pairwise_add(builder, _pairwise_add(builder, products))
 
 
+def _magnitude(builder, v):
+    """|v| of the 32 bytes of a 256-bit vector v (vpabsb), as v's type. AVX2."""
+    bytes32 = _vector(_I8, 32)
+    magnitude = builder.call(_function(builder, "llvm.abs.v32i8", bytes32, [bytes32, ir.IntType(1)]),
+                             [builder.bitcast(v, bytes32), ir.Constant(ir.IntType(1), 0)])
+    return builder.bitcast(magnitude, v.type)
+
+
+def _with_sign(builder, x, sign):
+    """The 32 bytes of x negated where sign's are negative, zeroed where they are zero (psignb), as
+    x's type. AVX2."""
+    bytes32 = _vector(_I8, 32)
+    return builder.bitcast(builder.call(_function(builder, "llvm.x86.avx2.psign.b", bytes32, [bytes32] * 2),
+                                        [builder.bitcast(x, bytes32), builder.bitcast(sign, bytes32)]), x.type)
+
+
 def _dot8_signed(builder, w, x):
     """_dot8_unsigned for signed w: |w| times x with w's sign moved onto x (llama.cpp's trick; exact,
     as |w| <= 128 and |x| <= 127 keep each pair's sum within int16)."""
     if AVX2:
-        magnitude = builder.call(_function(builder, "llvm.abs.v32i8", _vector(_I8, 32), [_vector(_I8, 32), ir.IntType(1)]),
-                                 [w, ir.Constant(ir.IntType(1), 0)])
-        signed_x = builder.call(_function(builder, "llvm.x86.avx2.psign.b", _vector(_I8, 32), [_vector(_I8, 32)] * 2),
-                                [x, w])
-        return _dot8_unsigned(builder, magnitude, signed_x)
+        return _dot8_unsigned(builder, _magnitude(builder, w), _with_sign(builder, x, w))
     products = builder.mul(builder.sext(w, _vector(_I32, 32)), builder.sext(x, _vector(_I32, 32)))
     return _pairwise_add(builder, _pairwise_add(builder, products))
 
@@ -512,81 +533,181 @@ def _multiply_add(builder, a, b, c):
     return builder.fadd(builder.fmul(a, b), c)
 
 
-def _lanes_total(builder, v):
-    """The sum of 8 float lanes as a fixed tree (halves added, then quarters, then the pair): three
-    dependent adds instead of the seven of a left-to-right sum, in the same order every time."""
-    n = v.type.count
-    while n > 1:
-        n //= 2
-        low = builder.shuffle_vector(v, v, ir.Constant(_vector(_I32, n), list(range(n))))
-        high = builder.shuffle_vector(v, v, ir.Constant(_vector(_I32, n), list(range(n, 2 * n))))
-        v = builder.fadd(low, high)
-    return builder.extract_element(v, ir.Constant(_I32, 0))
+ROW_GROUP = 8           # weight rows per group kernel call: one float32 lane each in a 256-bit vector
+PREFETCH_GROUPS = 1     # how many groups of rows ahead the group kernels prefetch (see _prefetch_ahead)
 
 
-def _rows_dot_fast_codegen(qt, n_rows):
-    """Code for n_rows rows of int8 activations times one weight row of type qt (Q8_0, Q4_0, Q4_1),
-    summed over the blocks g:
+def _transposed_dwords(builder, rows, offset):
+    """rows: 8 byte pointers. -> 4 vectors <8 x i32>: vector k holds, in lane i, the int32 at byte
+    offset + 4k of rows[i] (the 8 x 4 transpose of the 16 bytes at offset of each row): two
+    128-bit halves joined, then unpacks of 32- and 64-bit pairs within each half."""
+    q = [builder.bitcast(_load(builder, row, offset, _vector(_I8, 16)), _vector(_I32, 4)) for row in rows]
+    mask = lambda *m: ir.Constant(_vector(_I32, len(m)), list(m))   # noqa: E731
+    join = mask(*range(8))
+    a, b, c, d = (builder.shuffle_vector(q[i], q[i + 4], join) for i in range(4))   # rows i | i + 4
+    low32, high32 = mask(0, 8, 1, 9, 4, 12, 5, 13), mask(2, 10, 3, 11, 6, 14, 7, 15)
+    low64, high64 = mask(0, 1, 8, 9, 4, 5, 12, 13), mask(2, 3, 10, 11, 6, 7, 14, 15)
+    t0, t1 = builder.shuffle_vector(a, b, low32), builder.shuffle_vector(a, b, high32)
+    t2, t3 = builder.shuffle_vector(c, d, low32), builder.shuffle_vector(c, d, high32)
+    return [builder.shuffle_vector(t0, t2, low64), builder.shuffle_vector(t0, t2, high64),
+            builder.shuffle_vector(t1, t3, low64), builder.shuffle_vector(t1, t3, high64)]
+
+
+def _halves_of_rows(builder, rows, offset, count):
+    """The f16 value at byte offset of each of the 8 rows (count 1), and with count 2 the one after it
+    too -> `count` <8 x float>, lane i from rows[i]. The rows' 32-bit words are put together in two
+    halves (a load and three inserts each) joined, then narrowed to the 8 halves wanted and converted
+    at once (vcvtph2ps): fewer shuffles than inserting 8 or 16 halves one by one."""
+    word = lambda row: _load(builder, row, offset, _I32)   # noqa: E731
+    halves = []
+    for h in (0, 4):
+        v = ir.Constant(_vector(_I32, 4), ir.Undefined)
+        for i in range(4):
+            v = builder.insert_element(v, word(rows[h + i]), ir.Constant(_I32, i))
+        halves.append(v)
+    words = builder.shuffle_vector(halves[0], halves[1], ir.Constant(_vector(_I32, 8), list(range(8))))
+    out = []
+    for c in range(count):
+        part = builder.lshr(words, ir.Constant(_vector(_I32, 8), [16] * 8)) if c else words
+        f16 = builder.bitcast(builder.trunc(part, _vector(_I16, 8)), _vector(ir.HalfType(), 8))
+        out.append(builder.fpext(f16, _vector(_F32, 8)))
+    return out
+
+
+def _dwords_dot(builder, acc, w, x, w_signed=False):
+    """acc + lane-wise dot products of four bytes: <8 x i32> w and x (signed bytes, |x| <= 127),
+    lane i += sum over b < 4 of w[4i + b] x[4i + b], exact in int32. w holds unsigned bytes (as
+    vpdpbusd and pmaddubsw take them, see _dot8_unsigned), or signed ones with w_signed, which only
+    the plain-IR path (no AVX2) takes: see _unsigned_q8_0."""
+    words = _vector(_I32, 8)
+    if VNNI:
+        return builder.call(_function(builder, "llvm.x86.avx512.vpdpbusd.256", words, [words] * 3), [acc, w, x])
+    if w_signed:
+        products = builder.mul(builder.sext(builder.bitcast(w, _vector(_I8, 32)), _vector(_I32, 32)),
+                               builder.sext(builder.bitcast(x, _vector(_I8, 32)), _vector(_I32, 32)))
+        return builder.add(acc, _pairwise_add(builder, _pairwise_add(builder, products)))
+    return builder.add(acc, _dot8_unsigned(builder, builder.bitcast(w, _vector(_I8, 32)), builder.bitcast(x, _vector(_I8, 32))))
+
+
+def _unsigned_q8_0(builder, w):
+    """Q8_0's signed weight bytes (vectors <8 x i32>) made ready for _dwords_dot -> (w', signs):
+    with VNNI, w' = q + 128 as unsigned bytes (the kernel then takes 128 sum(q_x) off each block's
+    sum); with AVX2, w' = |q| and signs = q, whose signs go onto x (psignb: llama.cpp's trick);
+    without either, w unchanged (plain signed products)."""
+    if VNNI:
+        return [builder.xor(v, ir.Constant(v.type, [0x80808080 - 2**32] * 8)) for v in w], None
+    if AVX2:
+        return [_magnitude(builder, v) for v in w], w
+    return w, None
+
+
+def _prefetch(builder, pointer):
+    """Ask for the 64-byte line at pointer (i8*), for reading, into every cache level."""
+    prefetch = _function(builder, "llvm.prefetch.p0i8", ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
+    builder.call(prefetch, [pointer, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+
+def _row_group_codegen(qt, n_rows):
+    """Code for weight rows o .. o + 7 of a matrix of type qt (Q8_0, Q4_0, Q4_1), rows past its end
+    read as its last row, times rows j .. j + n_rows - 1 of the quantized activations; per block g:
         Q8_0  d_w d_x[g] sum(q_w q_x)
-        Q4_0  d_w d_x[g] sum(n_w q_x) - 8 d_w s_x[g]        (s_x = d_x sum(q_x))
+        Q4_0  d_w d_x[g] (sum(n_w q_x) - 8 sum(q_x))
         Q4_1  d_w d_x[g] sum(n_w q_x) + m_w s_x[g]
-    The first terms go to 8 float lanes per activation row (registers), the s_x terms to a scalar
-    per row. A block of weights is loaded and unpacked once for all the rows: with several rows (a
-    batch of sequences decoded together) that is the part they share. Each row's arithmetic is the
-    same whatever n_rows is.
+    the integer sums exact in int32 (Q8_0 with VNNI: sum((q_w + 128) q_x) - 128 sum(q_x), as
+    vpdpbusd takes unsigned weights; without it, |q_w| times q_x with q_w's sign, llama.cpp's trick);
+    the d terms accumulated in one float32 vector of the 8 rows, the s_x terms in another, added
+    at the end. Each (weight row, activation row) gets the same arithmetic whatever n_rows is and
+    whichever group its weight row falls in.
 
-    Arguments: (raw, o, xq, xd, xs, j, out): row o of the weight matrix raw's bytes; xq (n, in) int8, xd and xs
-    (n, in / 32) float32, all C-contiguous; rows j .. j + n_rows - 1 of them, whose results go to
-    out[j .. j + n_rows - 1] (out (n,) float32: whole, not a view out[j:], which would count a
-    reference per call)."""
+    Arguments (raw, o, xq, xd, xsum, xs, j, out): raw (rows, row bytes) uint8; xq (n, in) int8; xd,
+    xs (n, in / 32) float32 and xsum int32 (see quantize_activations); out (n, 8) float32 with
+    out[j + r, i] = weight row o + i times activation row j + r (all C-contiguous)."""
     block_bytes = {Q8_0: Q8_0_BYTES, Q4_0: Q4_0_BYTES, Q4_1: Q4_1_BYTES}[qt]
 
     def codegen(context, builder, sig, args):
-        row = _row_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
-        xq, xd, xs = (_data(context, builder, t, a) for t, a in zip(sig.args[2:5], args[2:5]))
-        j, out = args[5], _data(context, builder, sig.args[6], args[6])
-        n_in, groups = cgutils.unpack_tuple(builder, context.make_array(sig.args[2])(context, builder, value=args[2]).shape, 2)[1], \
-            cgutils.unpack_tuple(builder, context.make_array(sig.args[3])(context, builder, value=args[3]).shape, 2)[1]
-        index = lambda v: builder.sext(v, ir.IntType(64)) if v.type.width < 64 else v   # noqa: E731
-        j = index(j)
-        zero8 = ir.Constant(_vector(_F32, 8), [0.0] * 8)
-        lanes = [cgutils.alloca_once_value(builder, zero8) for _ in range(n_rows)]        # registers after mem2reg
-        offsets = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(n_rows)]
+        i64 = ir.IntType(64)
+        const = lambda v: ir.Constant(i64, v)   # noqa: E731
+        matrix = context.make_array(sig.args[0])(context, builder, value=args[0])
+        n_weight_rows = cgutils.unpack_tuple(builder, matrix.shape, 2)[0]
+        o = context.cast(builder, args[1], sig.args[1], types.intp)
+        last = builder.sub(n_weight_rows, const(1))
+        rows = []
+        for i in range(ROW_GROUP):
+            r = builder.add(o, const(i))
+            r = builder.select(builder.icmp_signed("<", r, n_weight_rows), r, last)
+            rows.append(_row_pointer(context, builder, sig.args[0], args[0], types.intp, r))
+        xq, xd, xsum, xs = (_data(context, builder, t, a) for t, a in zip(sig.args[2:6], args[2:6]))
+        n_in = cgutils.unpack_tuple(builder, context.make_array(sig.args[2])(context, builder, value=args[2]).shape, 2)[1]
+        groups = cgutils.unpack_tuple(builder, context.make_array(sig.args[3])(context, builder, value=args[3]).shape, 2)[1]
+        j = context.cast(builder, args[6], sig.args[6], types.intp)
+        out = _data(context, builder, sig.args[7], args[7])
+        floats, words = _vector(_F32, 8), _vector(_I32, 8)
+        zero, izero = ir.Constant(floats, [0.0] * 8), ir.Constant(words, [0] * 8)
+        d_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)]   # registers after mem2reg
+        s_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)] if qt == Q4_1 else []
+        nibbles = ir.Constant(words, [0x0F0F0F0F] * 8)
+        stride = cgutils.unpack_tuple(builder, matrix.strides, 2)[0]
+        ahead = builder.mul(stride, const(ROW_GROUP * PREFETCH_GROUPS))
         with cgutils.for_range(builder, groups) as loop:
             g = loop.index
-            p = builder.mul(g, ir.Constant(g.type, block_bytes))
-            at = lambda k: builder.add(p, ir.Constant(p.type, k))   # noqa: E731
-            # the block's f16 scales (d, and Q4_1's m after it) as one load of four halves converted
-            # together (vcvtph2ps from memory): read one at a time, LLVM inserted each into a register
-            # that the previous block's arithmetic wrote, chaining the blocks (measured 1.3x slower)
-            halves = builder.fpext(_load(builder, row, p, _vector(ir.HalfType(), 4)), _vector(_F32, 4))
-            d = builder.extract_element(halves, ir.Constant(_I32, 0))
+            p = builder.mul(g, const(block_bytes))
+            at = lambda k: builder.add(p, const(k))   # noqa: E731
+            for row in rows:        # this block of the rows PREFETCH_GROUPS groups on: see _prefetch_ahead
+                _prefetch(builder, builder.gep(row, [builder.add(p, ahead)]))
+            signs = None
             if qt == Q8_0:
-                w = _load(builder, row, at(2), _vector(_I8, 32))
+                d_w, = _halves_of_rows(builder, rows, p, 1)
+                w, signs = _unsigned_q8_0(builder, _transposed_dwords(builder, rows, at(2)) + _transposed_dwords(builder, rows, at(18)))
             else:
-                q = _load(builder, row, at(block_bytes - 16), _vector(_I8, 16))
-                w = builder.shuffle_vector(builder.and_(q, _bytes(16, 15)), builder.lshr(q, _bytes(16, 4)),
-                                           ir.Constant(_vector(_I32, 32), list(range(32))))
-                m = (builder.extract_element(halves, ir.Constant(_I32, 1)) if qt == Q4_1
-                     else builder.fmul(d, ir.Constant(_F32, -8.0)))
-            for k in range(n_rows):
-                r = builder.add(j, ir.Constant(j.type, k))
-                x = _load(builder, xq, builder.add(builder.mul(r, n_in), builder.mul(g, ir.Constant(g.type, QK))),
-                          _vector(_I8, 32))
-                block = builder.add(builder.mul(r, groups), g)
-                isum = _dot8_signed(builder, w, x) if qt == Q8_0 else _dot8_unsigned(builder, w, x)
-                if qt != Q8_0:
-                    s_x = builder.load(builder.gep(xs, [block]))
-                    builder.store(_multiply_add(builder, m, s_x, builder.load(offsets[k])), offsets[k])
-                scale = builder.fmul(d, builder.load(builder.gep(xd, [block])))
-                products = builder.sitofp(isum, _vector(_F32, 8))
-                builder.store(_multiply_add(builder, products, _splat_float(builder, scale, 8), builder.load(lanes[k])),
-                              lanes[k])
-        for k in range(n_rows):
-            total = builder.fadd(_lanes_total(builder, builder.load(lanes[k])), builder.load(offsets[k]))
-            builder.store(total, builder.gep(out, [builder.add(j, ir.Constant(ir.IntType(64), k))]))
+                scales = _halves_of_rows(builder, rows, p, 2 if qt == Q4_1 else 1)
+                d_w = scales[0]
+                v = _transposed_dwords(builder, rows, at(block_bytes - 16))
+                w = [builder.and_(u, nibbles) for u in v] + [builder.and_(builder.lshr(u, ir.Constant(words, [4] * 8)), nibbles) for u in v]
+            for r in range(n_rows):
+                row = builder.add(j, const(r))
+                block = builder.add(builder.mul(row, groups), g)
+                base = builder.add(builder.mul(row, n_in), builder.mul(g, const(QK)))
+                sums = [izero, izero]                      # two chains of vpdpbusd, added at the end
+                for k in range(8):
+                    x = _splat_word(builder, _load(builder, xq, builder.add(base, const(4 * k)), _I32))
+                    if signs is not None:
+                        x = _with_sign(builder, x, signs[k])
+                    sums[k % 2] = _dwords_dot(builder, sums[k % 2], w[k], x, w_signed=qt == Q8_0 and not AVX2)
+                isum = builder.add(sums[0], sums[1])
+                if qt == Q4_0 or (qt == Q8_0 and VNNI):
+                    total = builder.load(builder.gep(xsum, [block]))
+                    shift = 3 if qt == Q4_0 else 7                  # 8 or 128 times the block's sum of q_x
+                    isum = builder.sub(isum, _splat_word(builder, builder.shl(total, ir.Constant(_I32, shift))))
+                scale = builder.fmul(d_w, _splat_float(builder, builder.load(builder.gep(xd, [block])), 8))
+                builder.store(_multiply_add(builder, builder.sitofp(isum, floats), scale, builder.load(d_sums[r])), d_sums[r])
+                if qt == Q4_1:
+                    s_x = _splat_float(builder, builder.load(builder.gep(xs, [block])), 8)
+                    builder.store(_multiply_add(builder, scales[1], s_x, builder.load(s_sums[r])), s_sums[r])
+        for r in range(n_rows):
+            total = builder.load(d_sums[r])
+            if qt == Q4_1:
+                total = builder.fadd(total, builder.load(s_sums[r]))
+            at_row = builder.gep(out, [builder.mul(builder.add(j, const(r)), const(ROW_GROUP))])
+            store = builder.store(total, builder.bitcast(at_row, floats.as_pointer()))
+            store.align = 4
         return context.get_dummy_value()
     return codegen
+
+
+def _splat_word(builder, value):
+    one = builder.insert_element(ir.Constant(_vector(_I32, 8), ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, one, ir.Constant(_vector(_I32, 8), [0] * 8))
+
+
+def _row_group_intrinsic(qt, n_rows):
+    def typer(typingctx, raw, o, xq, xd, xsum, xs, j, out):
+        floats = (xd, xs, out)
+        if not (_bytes_matrix(raw) and isinstance(o, types.Integer) and isinstance(j, types.Integer)
+                and all(isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" for t in (xq, xd, xsum, xs, out))
+                and xq.dtype == types.int8 and xsum.dtype == types.int32 and all(t.dtype == types.float32 for t in floats)):
+            return None
+        return types.void(raw, o, xq, xd, xsum, xs, j, out), _row_group_codegen(qt, n_rows)
+    return intrinsic(typer)
 
 
 def _row_pointer(context, builder, matrix_type, matrix, o_type, o):
@@ -602,23 +723,11 @@ def _bytes_matrix(t) -> bool:
     return isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" and t.dtype in (types.uint8, types.int8)
 
 
-def _rows_dot_fast_intrinsic(qt, n_rows):
-    def typer(typingctx, raw, o, xq, xd, xs, j, out):
-        matrices = (xq, xd, xs)
-        if not (_bytes_matrix(raw) and isinstance(o, types.Integer) and all(isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C"
-                                               for t in matrices)
-                and xq.dtype == types.int8 and xd.dtype == xs.dtype == types.float32
-                and isinstance(j, types.Integer) and isinstance(out, types.Array) and out.dtype == types.float32):
-            return None
-        return types.void(raw, o, xq, xd, xs, j, out), _rows_dot_fast_codegen(qt, n_rows)
-    return intrinsic(typer)
-
-
-# one and four rows of activations, for each type with a row kernel
-_ROWS = {(qt, n): _rows_dot_fast_intrinsic(qt, n) for qt in (Q8_0, Q4_0, Q4_1) for n in (1, 4)}
-_rows1_q8_0, _rows4_q8_0 = _ROWS[Q8_0, 1], _ROWS[Q8_0, 4]
-_rows1_q4_0, _rows4_q4_0 = _ROWS[Q4_0, 1], _ROWS[Q4_0, 4]
-_rows1_q4_1, _rows4_q4_1 = _ROWS[Q4_1, 1], _ROWS[Q4_1, 4]
+# one and four rows of activations, for each type with a group kernel
+_GROUPS = {(qt, n): _row_group_intrinsic(qt, n) for qt in (Q8_0, Q4_0, Q4_1) for n in (1, 4, 8)}
+_group1_q8_0, _group4_q8_0, _group8_q8_0 = _GROUPS[Q8_0, 1], _GROUPS[Q8_0, 4], _GROUPS[Q8_0, 8]
+_group1_q4_0, _group4_q4_0, _group8_q4_0 = _GROUPS[Q4_0, 1], _GROUPS[Q4_0, 4], _GROUPS[Q4_0, 8]
+_group1_q4_1, _group4_q4_1, _group8_q4_1 = _GROUPS[Q4_1, 1], _GROUPS[Q4_1, 4], _GROUPS[Q4_1, 8]
 
 
 @intrinsic
@@ -684,13 +793,14 @@ def quantize_activations(x, xq, xd, xsum):
 
 @numba.njit(inline="always")
 def _quantized(x):
-    """x (n, in) float32 -> (xq int8, xd, xs): the activation blocks and their d_x and s_x = d_x sum(q_x)."""
+    """x (n, in) float32 -> (xq int8, xd, xsum int32, xs): the activation blocks, their d_x, the sums
+    of their q_x and s_x = d_x sum(q_x)."""
     xq = np.empty(x.shape, np.int8)
     xd = np.empty((x.shape[0], x.shape[1] // QK), np.float32)
     xsum = np.empty((x.shape[0], x.shape[1] // QK), np.int32)
     xs = np.empty((x.shape[0], x.shape[1] // QK), np.float32)
     quantize_into(x, xq, xd, xsum, xs)
-    return xq, xd, xs
+    return xq, xd, xsum, xs
 
 
 @numba.njit(inline="always")
@@ -730,18 +840,15 @@ def _k_quant_row(qt, row, xq, xd, xs):
 
 
 # How far ahead of the row being read the kernels ask for the weights (software prefetch, below).
-PREFETCH_BYTES = 2048
+PREFETCH_BYTES = 4096
 
 
 def _prefetch_lines(builder, first, count):
     """Prefetch (for reading, into every cache level) each 64-byte line of the bytes [first, first +
     count): first an int64 address, count an int64."""
-    prefetch = _function(builder, "llvm.prefetch.p0i8", ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
     line = ir.Constant(ir.IntType(64), 64)
     with cgutils.for_range(builder, builder.udiv(builder.add(count, ir.Constant(ir.IntType(64), 63)), line)) as loop:
-        address = builder.add(first, builder.mul(loop.index, line))
-        builder.call(prefetch, [builder.inttoptr(address, ir.IntType(8).as_pointer()), ir.Constant(_I32, 0),
-                                ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        _prefetch(builder, builder.inttoptr(builder.add(first, builder.mul(loop.index, line)), ir.IntType(8).as_pointer()))
 
 
 @intrinsic
@@ -763,50 +870,72 @@ def prefetch_bytes(typingctx, data, start, count):
 
 @numba.njit(inline="always")
 def _prefetch_ahead(raw, o, distance):
-    """Ask the CPU to bring into cache the bytes [distance, distance + row bytes) past the start of
-    row o of the matrix raw (C-contiguous bytes): one prefetch per 64-byte line.
+    """Ask the CPU to bring into cache the bytes [distance, distance + ROW_GROUP rows) past the start
+    of row o of the matrix raw (C-contiguous bytes): one prefetch per 64-byte line.
 
     Why: the weights are read once per token, from memory. The hardware prefetcher stops at every
-    4 KiB page (the file's memory map has no huge pages), and a row of a small model (360 bytes of
-    Q4_1 at SmolLM2's 576 inputs) is too short a stream for it to get going: the kernels streamed the
+    4 KiB page (the file's memory map has no huge pages), and the rows of a small model (360 bytes of
+    Q4_1 at SmolLM2's 576 inputs) are too short a stream for it to get going: the kernels streamed the
     model at 4-6 GB/s of the machine's 13-18. Prefetches are hints: past the end of the matrix
     they are dropped, never a fault."""
-    prefetch_bytes(raw, o * raw.shape[1] + distance, raw.shape[1])
+    prefetch_bytes(raw, o * raw.shape[1] + distance, ROW_GROUP * raw.shape[1])
 
 
 @numba.njit(inline="always")
-def _rows_fast(qt, raw, o, xq, xd, xs, out):
-    """out[j] = row o of the weight matrix raw (type qt) times row j of the quantized activations,
-    for every j: four rows at a time where the type has a four-row kernel (the weights unpacked once
-    for the four), then one at a time. out: (n,) float32 scratch."""
-    _prefetch_ahead(raw, o, PREFETCH_BYTES)
+def _groups(rows):
+    """How many groups of ROW_GROUP weight rows (the last one may be short) `rows` rows make."""
+    return (rows + ROW_GROUP - 1) // ROW_GROUP
+
+
+@numba.njit(inline="always")
+def group_range(t, tasks, rows):
+    """Weight rows [start, stop) of task t when rows are dealt out in whole groups of ROW_GROUP."""
+    start, stop = _task_rows(t, tasks, _groups(rows))
+    return start * ROW_GROUP, min(stop * ROW_GROUP, rows)
+
+
+@numba.njit(inline="always")
+def _row_group_fast(qt, raw, o, xq, xd, xsum, xs, out):
+    """out[j, i] = weight row o + i of the matrix raw (type qt) times row j of the quantized
+    activations, for i < ROW_GROUP (rows past the matrix's end: its last row again) and every j:
+    four activation rows at a time, then one at a time. out: (n, ROW_GROUP) float32 scratch."""
     n = xq.shape[0]
     j = 0
     if qt == Q4_1:
+        while j + 8 <= n:
+            _group8_q4_1(raw, o, xq, xd, xsum, xs, j, out)
+            j += 8
         while j + 4 <= n:
-            _rows4_q4_1(raw, o, xq, xd, xs, j, out)
+            _group4_q4_1(raw, o, xq, xd, xsum, xs, j, out)
             j += 4
         while j < n:
-            _rows1_q4_1(raw, o, xq, xd, xs, j, out)
+            _group1_q4_1(raw, o, xq, xd, xsum, xs, j, out)
             j += 1
     elif qt == Q8_0:
+        while j + 8 <= n:
+            _group8_q8_0(raw, o, xq, xd, xsum, xs, j, out)
+            j += 8
         while j + 4 <= n:
-            _rows4_q8_0(raw, o, xq, xd, xs, j, out)
+            _group4_q8_0(raw, o, xq, xd, xsum, xs, j, out)
             j += 4
         while j < n:
-            _rows1_q8_0(raw, o, xq, xd, xs, j, out)
+            _group1_q8_0(raw, o, xq, xd, xsum, xs, j, out)
             j += 1
     elif qt == Q4_0:
+        while j + 8 <= n:
+            _group8_q4_0(raw, o, xq, xd, xsum, xs, j, out)
+            j += 8
         while j + 4 <= n:
-            _rows4_q4_0(raw, o, xq, xd, xs, j, out)
+            _group4_q4_0(raw, o, xq, xd, xsum, xs, j, out)
             j += 4
         while j < n:
-            _rows1_q4_0(raw, o, xq, xd, xs, j, out)
+            _group1_q4_0(raw, o, xq, xd, xsum, xs, j, out)
             j += 1
     else:
-        row = raw[o]
-        for j in range(n):
-            out[j] = _k_quant_row(qt, row, xq[j], xd[j], xs[j])
+        for i in range(ROW_GROUP):
+            row = raw[min(o + i, raw.shape[0] - 1)]
+            for j in range(n):
+                out[j, i] = _k_quant_row(qt, row, xq[j], xd[j], xs[j])
 
 
 @numba.njit(parallel=True, cache=True)
@@ -814,16 +943,17 @@ def matvec_fast(qt, raw, x, out):
     """out = x @ W.T, W of ggml type qt given as its raw bytes (out_features, row bytes) uint8, x
     (n, in) float32 quantized here (in the same call: one call per product), out (n, out_features)
     float32. A row's result does not depend on the other rows in the batch."""
-    xq, xd, xs = _quantized(x)
+    xq, xd, xsum, xs = _quantized(x)
     rows, n = raw.shape[0], x.shape[0]
-    tasks = min(TASKS, rows)
+    tasks = min(TASKS, _groups(rows))
     for t in numba.prange(tasks):
-        column = np.empty(n, np.float32)
-        start, stop = _task_rows(t, tasks, rows)
-        for o in range(start, stop):
-            _rows_fast(qt, raw, o, xq, xd, xs, column)
-            for j in range(n):
-                out[j, o] = column[j]
+        block = np.empty((n, ROW_GROUP), np.float32)
+        start, stop = group_range(t, tasks, rows)
+        for o in range(start, stop, ROW_GROUP):
+            _row_group_fast(qt, raw, o, xq, xd, xsum, xs, block)
+            for i in range(min(ROW_GROUP, rows - o)):
+                for j in range(n):
+                    out[j, o + i] = block[j, i]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -873,19 +1003,23 @@ def matvec3_exact(qts, raws, x, outs):
 
 @numba.njit(parallel=True, cache=True)
 def matvec3_fast(qts, raws, x, outs):
-    """matvec3_exact with int8 activations: x quantized once for the three matrices."""
-    xq, xd, xs = _quantized(x)
-    ra, rb = raws[0].shape[0], raws[1].shape[0]
-    total = ra + rb + raws[2].shape[0]
+    """matvec3_exact with int8 activations: x quantized once for the three matrices, tasks over the
+    stacked groups of ROW_GROUP rows."""
+    xq, xd, xsum, xs = _quantized(x)
+    n = x.shape[0]
+    ga, gb = _groups(raws[0].shape[0]), _groups(raws[1].shape[0])
+    total = ga + gb + _groups(raws[2].shape[0])
     tasks = min(TASKS, total)
     for t in numba.prange(tasks):
-        column = np.empty(x.shape[0], np.float32)
+        block = np.empty((n, ROW_GROUP), np.float32)
         start, stop = _task_rows(t, tasks, total)
         for r in range(start, stop):
-            i, o = _part(r, ra, rb)
-            _rows_fast(qts[i], raws[i], o, xq, xd, xs, column)
-            for j in range(x.shape[0]):
-                outs[i][j, o] = column[j]
+            i, group = _part(r, ga, gb)
+            o, rows = group * ROW_GROUP, raws[i].shape[0]
+            _row_group_fast(qts[i], raws[i], o, xq, xd, xsum, xs, block)
+            for k in range(min(ROW_GROUP, rows - o)):
+                for j in range(n):
+                    outs[i][j, o + k] = block[j, k]
 
 
 @numba.njit(inline="always")
@@ -912,17 +1046,18 @@ def swiglu_exact(qts, raws, x, out):
 @numba.njit(parallel=True, cache=True)
 def swiglu_fast(qts, raws, x, out):
     """swiglu_exact with int8 activations, x quantized once for both matrices."""
-    xq, xd, xs = _quantized(x)
-    rows = raws[0].shape[0]
-    tasks = min(TASKS, rows)
+    xq, xd, xsum, xs = _quantized(x)
+    rows, n = raws[0].shape[0], x.shape[0]
+    tasks = min(TASKS, _groups(rows))
     for t in numba.prange(tasks):
-        gate, up = np.empty(x.shape[0], np.float32), np.empty(x.shape[0], np.float32)
-        start, stop = _task_rows(t, tasks, rows)
-        for o in range(start, stop):
-            _rows_fast(qts[0], raws[0], o, xq, xd, xs, gate)
-            _rows_fast(qts[1], raws[1], o, xq, xd, xs, up)
-            for j in range(x.shape[0]):
-                out[j, o] = _silu_times(gate[j], up[j])
+        gate, up = np.empty((n, ROW_GROUP), np.float32), np.empty((n, ROW_GROUP), np.float32)
+        start, stop = group_range(t, tasks, rows)
+        for o in range(start, stop, ROW_GROUP):
+            _row_group_fast(qts[0], raws[0], o, xq, xd, xsum, xs, gate)
+            _row_group_fast(qts[1], raws[1], o, xq, xd, xsum, xs, up)
+            for i in range(min(ROW_GROUP, rows - o)):
+                for j in range(n):
+                    out[j, o + i] = _silu_times(gate[j, i], up[j, i])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ layer, 122 as one call (same session, interleaved runs). Per layer:
     every thread: h = rmsnorm(x), quantized; rows of w1 and w3 split: g = silu(h w1) (h w3) barrier
     every thread: quantize g; rows of w2 split: x[:, o] += (g @ w2.T)[:, o]                barrier
 
-and at the end: rmsnorm of the rows whose logits are wanted, rows of the classifier split.
+and at the end: rmsnorm of the rows whose logits are wanted, rows of the classifier split. Rows of
+the ggml matrices are split in whole groups of ROW_GROUP (the kernels take 8 weight rows at once).
 `forward_fast` takes ggml weights (int8 activations, the fast path); `forward_int8` llama2.c's int8
 groups (runq.c's arithmetic).
 
@@ -40,7 +41,8 @@ from numba.extending import intrinsic
 
 from . import int8
 from .attention import _attend, _store_pairs
-from .ggml import PREFETCH_BYTES, _quantized, _rows_fast, _silu_times, _task_rows, prefetch_bytes, quantize_into
+from .ggml import (PREFETCH_BYTES, ROW_GROUP, _quantized, _row_group_fast, _silu_times, _task_rows, group_range,
+                   prefetch_bytes, quantize_into)
 from .norm import rmsnorm
 
 SPINS = 20000   # pauses (~ 40 ns each) before a waiting thread starts yielding its core
@@ -142,15 +144,18 @@ def _attention(t, n_threads, state, q, k, v, cos, sin, k_cache, v_cache, seq_ids
 
 
 @numba.njit(inline="always")
-def _product(t, n_threads, qt, raw, xq, xd, xs, out, column, add):
-    """out = (quantized activations) @ W.T for this thread's share of W's rows, or out += it when `add`
-    (the residual stream). (Each matrix is split between the threads on its own: a tuple of matrices
-    indexed per row would count a reference to the shared matrix per row, see the module doc.)"""
-    start, stop = _task_rows(t, n_threads, raw.shape[0])
-    for o in range(start, stop):
-        _rows_fast(qt, raw, o, xq, xd, xs, column)
-        for j in range(out.shape[0]):
-            out[j, o] = out[j, o] + column[j] if add else column[j]
+def _product(t, n_threads, qt, raw, xq, xd, xsum, xs, out, block, add):
+    """out = (quantized activations) @ W.T for this thread's share of W's rows (whole groups of
+    ROW_GROUP), or out += it when `add` (the residual stream). (Each matrix is split between the
+    threads on its own: a tuple of matrices indexed per row would count a reference to the shared
+    matrix per row, see the module doc.)"""
+    rows = raw.shape[0]
+    start, stop = group_range(t, n_threads, rows)
+    for o in range(start, stop, ROW_GROUP):
+        _row_group_fast(qt, raw, o, xq, xd, xsum, xs, block)
+        for i in range(min(ROW_GROUP, rows - o)):
+            for j in range(out.shape[0]):
+                out[j, o + i] = out[j, o + i] + block[j, i] if add else block[j, i]
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -188,20 +193,20 @@ def forward_fast(x, qts, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, n
                              np.empty((n, H * D // 32), np.int32), np.empty((n, H * D // 32), np.float32))
         gq, gd, gsum, gs = (np.empty((n, hidden), np.int8), np.empty((n, hidden // 32), np.float32),
                             np.empty((n, hidden // 32), np.int32), np.empty((n, hidden // 32), np.float32))
-        column, up = np.empty(n, np.float32), np.empty(n, np.float32)
+        block, up = np.empty((n, ROW_GROUP), np.float32), np.empty((n, ROW_GROUP), np.float32)
         kr = np.empty(D, np.float32)
         a2 = a.reshape((n, H * D))
         for layer in range(n_layers):
             # attention: q, k, v from the normalized x
             rmsnorm(x, attention_norm[layer], eps, h)
             quantize_into(h, hq, hd, hsum, hs)
-            _product(t, n_threads, qts[layer, 0], wq[layer], hq, hd, hs, q.reshape((n, H * D)), column, False)
-            _product(t, n_threads, qts[layer, 1], wk[layer], hq, hd, hs, k.reshape((n, KV * D)), column, False)
-            _product(t, n_threads, qts[layer, 2], wv[layer], hq, hd, hs, v.reshape((n, KV * D)), column, False)
+            _product(t, n_threads, qts[layer, 0], wq[layer], hq, hd, hsum, hs, q.reshape((n, H * D)), block, False)
+            _product(t, n_threads, qts[layer, 1], wk[layer], hq, hd, hsum, hs, k.reshape((n, KV * D)), block, False)
+            _product(t, n_threads, qts[layer, 2], wv[layer], hq, hd, hsum, hs, v.reshape((n, KV * D)), block, False)
             barrier(state, n_threads)
             _attention(t, n_threads, state, q, k, v, cos, sin, k_cache[layer], v_cache[layer], seq_ids, pos, a, kr)
             quantize_into(a2, aq, ad, asum, as_)
-            _product(t, n_threads, qts[layer, 3], wo[layer], aq, ad, as_, x, column, True)
+            _product(t, n_threads, qts[layer, 3], wo[layer], aq, ad, asum, as_, x, block, True)
             barrier(state, n_threads)
 
             # feed-forward: SwiGLU
@@ -209,27 +214,23 @@ def forward_fast(x, qts, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, n
             quantize_into(h, hq, hd, hsum, hs)
             gate_raw, up_raw = w1[layer], w3[layer]    # once per layer: a typed list's item costs a call
             gate_qt, up_qt = qts[layer, 4], qts[layer, 6]
-            start, stop = _task_rows(t, n_threads, hidden)
-            for o in range(start, stop):
-                _rows_fast(gate_qt, gate_raw, o, hq, hd, hs, column)
-                _rows_fast(up_qt, up_raw, o, hq, hd, hs, up)
-                for j in range(n):
-                    g[j, o] = _silu_times(column[j], up[j])
+            start, stop = group_range(t, n_threads, hidden)
+            for o in range(start, stop, ROW_GROUP):
+                _row_group_fast(gate_qt, gate_raw, o, hq, hd, hsum, hs, block)
+                _row_group_fast(up_qt, up_raw, o, hq, hd, hsum, hs, up)
+                for i in range(min(ROW_GROUP, hidden - o)):
+                    for j in range(n):
+                        g[j, o + i] = _silu_times(block[j, i], up[j, i])
             barrier(state, n_threads)
             quantize_into(g, gq, gd, gsum, gs)
-            _product(t, n_threads, qts[layer, 5], w2[layer], gq, gd, gs, x, column, True)
+            _product(t, n_threads, qts[layer, 5], w2[layer], gq, gd, gsum, gs, x, block, True)
             barrier(state, n_threads)
 
         # the classifier, for the wanted tokens
         m = wanted.shape[0]
         hw = _normalized_rows(x, wanted, norm, eps)
-        wq_, wd_, ws_ = _quantized(hw)
-        out_column = np.empty(m, np.float32)
-        start, stop = _task_rows(t, n_threads, output.shape[0])
-        for o in range(start, stop):
-            _rows_fast(output_qt, output, o, wq_, wd_, ws_, out_column)
-            for r in range(m):
-                logits[r, o] = out_column[r]
+        wq_, wd_, wsum_, ws_ = _quantized(hw)
+        _product(t, n_threads, output_qt, output, wq_, wd_, wsum_, ws_, logits, np.empty((m, ROW_GROUP), np.float32), False)
 
 
 @numba.njit(inline="always")
