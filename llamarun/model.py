@@ -10,7 +10,8 @@ stream each weight once (kernels/matvec.py) and no BLAS call, so that a single t
 the whole decode step (why that matters: kernels/matvec.py). On the fast path (ggml weights, int8
 activations) and for llama2.c's int8 files, a batch of up to 128 tokens runs as one compiled call
 for the whole model (`CompiledForward`, kernels/step.py): the same arithmetic, without a return to
-Python between kernels.
+Python between kernels; where every matrix is Q8_0, Q4_0 or Q4_1, a longer prompt goes through it in
+parts of 128 tokens (faster there than the BLAS tiles: see CompiledForward).
 """
 from __future__ import annotations
 
@@ -56,6 +57,17 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def part(self, start: int, stop: int) -> Batch:
+        """Tokens [start, stop) of the batch."""
+        return Batch(self.tokens[start:stop], self.pos[start:stop], self.seq_ids[start:stop], self.logits[start:stop])
+
+    def in_order(self) -> bool:
+        """Whether each sequence's positions increase along the batch: then its consecutive parts can
+        run one after the other, each seeing the earlier ones in the cache."""
+        order = np.lexsort((np.arange(len(self)), self.seq_ids))             # by sequence, then batch order
+        same = self.seq_ids[order][1:] == self.seq_ids[order][:-1]
+        return bool(np.all(np.diff(self.pos[order])[same] > 0))
 
 
 def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
@@ -281,6 +293,13 @@ class CompiledForward:
     ggml types with a kernel on the fast path (`forward_fast`), and llama2.c's int8 groups
     (`forward_int8`).
 
+    A longer prompt goes through it in parts of ROWS tokens when every matrix has a group kernel
+    (`takes_prompts`: Q8_0, Q4_0, Q4_1, which share each block among 8 rows of x): SmolLM2 Q4_1, a
+    512-token prompt, 2 threads: 505-518 tok/s in parts of 128 against 411-423 through the BLAS tiles
+    (the same minutes, benchmarks/bench_prompt_parts.py; without VNNI, 463-476 against 447). The
+    K-quants' row kernels and llama2.c's int8 rows do not share blocks among rows: BLAS is left
+    those prompts.
+
     It holds the weights as those functions take them, made once, no copies: for ggml, numba typed
     lists of each layer's raw bytes (views of the file's memory map); for int8, the file's stacked
     (n_layers, out, in) values and scales. The norms are stacked (a few KB)."""
@@ -299,6 +318,8 @@ class CompiledForward:
             self.qts = np.array([[int(lw[name].qtype) for name in self.MATRICES] for lw in layers], np.int64)
             self.raws = tuple(List([lw[name].raw for lw in layers]) for name in self.MATRICES)
             self.output_qt, self.output = int(output.qtype), output.raw
+            self.takes_prompts = all(w.qtype in tensors.GROUP_KERNEL_TYPES for w in [output] + [lw[name] for lw in layers
+                                                                                    for name in self.MATRICES])
         else:
             self.int8 = True
             self.group_size = output.group_size
@@ -306,6 +327,7 @@ class CompiledForward:
             self.values, self.scales = List([_flat(w.q) for w in stacked]), List([_flat(w.scale) for w in stacked])
             self.layouts = np.array([(w.q.strides[0], w.scale.strides[0] // 4, *w.q.shape[1:]) for w in stacked], np.int64)
             self.output = (output.q, output.scale)
+            self.takes_prompts = False
 
     @staticmethod
     def supports(weights: dict, layers: list[dict]) -> bool:
@@ -384,8 +406,14 @@ class Transformer:
         cos, sin = self.rope_cos[batch.pos], self.rope_sin[batch.pos]            # (n, D/2)
         x = embed(w["tok_embeddings"], batch.tokens)                            # (n, dim)
         compiled = self.compiled_forward()
-        if compiled is not None and len(batch) <= compiled.ROWS and not self.inspecting:
-            return compiled(x, batch, cache, cos, sin)
+        if compiled is not None and not self.inspecting:
+            if len(batch) <= compiled.ROWS:
+                return compiled(x, batch, cache, cos, sin)
+            if compiled.takes_prompts and batch.in_order():
+                # a long prompt: parts of ROWS tokens through the one-call forward (see CompiledForward)
+                return np.concatenate([compiled(x[i:i + compiled.ROWS], batch.part(i, i + compiled.ROWS), cache,
+                                                cos[i:i + compiled.ROWS], sin[i:i + compiled.ROWS])
+                                       for i in range(0, len(batch), compiled.ROWS)])
         for layer in range(c.n_layers):
             lw = self.layers[layer]
             h = rmsnorm(x, lw["attention_norm"], c.norm_eps)

@@ -165,6 +165,8 @@ GGML_TYPES = (_T.F32, *DEQUANTIZERS)   # the tensor types llamarun reads from GG
 # The types with native kernels (kernels/ggml.py): matrix-vector products that read the blocks as
 # stored, and a decoder for the tiles of the prefill's BLAS products.
 KERNEL_TYPES = frozenset({_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q4_K, _T.Q6_K})
+# Those whose fast kernels take 8 weight rows at once, each block shared by every row of x.
+GROUP_KERNEL_TYPES = frozenset({_T.Q8_0, _T.Q4_0, _T.Q4_1})
 
 # Up to this many rows of x, a product goes to the matrix-vector kernels (model.MATVEC_ROWS)...
 MATVEC_ROWS = 8

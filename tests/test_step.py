@@ -93,6 +93,34 @@ def test_smollm2_decode_steps_equal_the_layer_by_layer_path(smol_checkpoint):
         set_exact(smol_checkpoint.weights, True)
 
 
+def test_batch_order_and_parts():
+    assert Batch.of([1, 2, 3, 4], [5, 6, 0, 7], [0, 0, 1, 0]).in_order()
+    assert Batch.of([1, 2], [6, 5], [0, 1]).in_order()               # two sequences: each in order
+    assert not Batch.of([1, 2, 3], [6, 7, 5], [0, 0, 0]).in_order()
+    part = Batch.of([1, 2, 3, 4], [5, 6, 0, 7], [0, 0, 1, 0], [0, 1, 1, 0]).part(1, 3)
+    assert part.tokens.tolist() == [2, 3] and part.pos.tolist() == [6, 0] and part.seq_ids.tolist() == [0, 1]
+    assert part.logits.tolist() == [True, True]
+
+
+@pytest.mark.parametrize("types, parts", [({}, True), ({"w1": T.Q4_K}, False)], ids=["group_kernels", "k_quant"])
+def test_a_long_prompt_runs_in_parts_where_every_matrix_has_a_group_kernel(monkeypatch, types, parts):
+    """A batch longer than ROWS (16 here) goes through the one-call forward in parts of ROWS, each part
+    seeing the earlier ones in the cache: the logits and cache of the layer-by-layer path over the whole
+    batch at once, bit for bit. With a K-quant matrix the batch keeps the layer-by-layer path."""
+    monkeypatch.setattr(CompiledForward, "ROWS", 16)
+    model = random_model(types)
+    compiled = model.compiled_forward()
+    assert compiled.takes_prompts == parts
+    calls = []
+    inner = CompiledForward.__call__
+    monkeypatch.setattr(CompiledForward, "__call__", lambda self, x, batch, *rest: calls.append(len(batch))
+                        or inner(self, x, batch, *rest))
+    prompt = Batch.of(list(range(5, 45)), list(range(40)), [0] * 40, [i % 3 == 0 or i == 39 for i in range(40)])
+    two = Batch.of([7] * 20 + [8] * 20, list(range(20)) * 2, [1] * 20 + [2] * 20)    # two sequences, in order
+    assert_same(both_paths(model, [prompt, two]))
+    assert calls == ([16, 16, 8, 16, 16, 8] if parts else [])
+
+
 def test_exact_weights_and_inspection_keep_the_layer_by_layer_path():
     model = random_model({})
     for w in model.layers[1].values():
