@@ -449,16 +449,15 @@ def _function(builder, name, return_type, argument_types):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(return_type, argument_types), name)
 
 
+def _splat(builder, value, n):
+    """<n x T> with every lane the scalar `value` of type T."""
+    one = builder.insert_element(ir.Constant(_vector(value.type, n), ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, one, ir.Constant(_vector(_I32, n), [0] * n))
+
+
 def _splat_shift(builder, shift, n):
     """<n x i8> filled with a run-time shift count."""
-    one = builder.insert_element(ir.Constant(_vector(_I8, n), ir.Undefined),
-                                 builder.trunc(shift, _I8), ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, one, ir.Constant(_vector(_I32, n), [0] * n))
-
-
-def _splat_float(builder, value, n):
-    one = builder.insert_element(ir.Constant(_vector(_F32, n), ir.Undefined), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, one, ir.Constant(_vector(_I32, n), [0] * n))
+    return _splat(builder, builder.trunc(shift, _I8), n)
 
 
 def _int_dot(builder, w, w_signed, x):
@@ -582,11 +581,8 @@ def _dwords_dot(builder, acc, w, x, w_signed=False):
     words = _vector(_I32, 8)
     if VNNI:
         return builder.call(_function(builder, "llvm.x86.avx512.vpdpbusd.256", words, [words] * 3), [acc, w, x])
-    if w_signed:
-        products = builder.mul(builder.sext(builder.bitcast(w, _vector(_I8, 32)), _vector(_I32, 32)),
-                               builder.sext(builder.bitcast(x, _vector(_I8, 32)), _vector(_I32, 32)))
-        return builder.add(acc, _pairwise_add(builder, _pairwise_add(builder, products)))
-    return builder.add(acc, _dot8_unsigned(builder, builder.bitcast(w, _vector(_I8, 32)), builder.bitcast(x, _vector(_I8, 32))))
+    dot = _dot8_signed if w_signed else _dot8_unsigned
+    return builder.add(acc, dot(builder, builder.bitcast(w, _vector(_I8, 32)), builder.bitcast(x, _vector(_I8, 32))))
 
 
 def _unsigned_q8_0(builder, w):
@@ -669,7 +665,7 @@ def _row_group_codegen(qt, n_rows):
                 base = builder.add(builder.mul(row, n_in), builder.mul(g, const(QK)))
                 sums = [izero, izero]                      # two chains of vpdpbusd, added at the end
                 for k in range(8):
-                    x = _splat_word(builder, _load(builder, xq, builder.add(base, const(4 * k)), _I32))
+                    x = _splat(builder, _load(builder, xq, builder.add(base, const(4 * k)), _I32), 8)
                     if signs is not None:
                         x = _with_sign(builder, x, signs[k])
                     sums[k % 2] = _dwords_dot(builder, sums[k % 2], w[k], x, w_signed=qt == Q8_0 and not AVX2)
@@ -677,11 +673,11 @@ def _row_group_codegen(qt, n_rows):
                 if qt == Q4_0 or (qt == Q8_0 and VNNI):
                     total = builder.load(builder.gep(xsum, [block]))
                     shift = 3 if qt == Q4_0 else 7                  # 8 or 128 times the block's sum of q_x
-                    isum = builder.sub(isum, _splat_word(builder, builder.shl(total, ir.Constant(_I32, shift))))
-                scale = builder.fmul(d_w, _splat_float(builder, builder.load(builder.gep(xd, [block])), 8))
+                    isum = builder.sub(isum, _splat(builder, builder.shl(total, ir.Constant(_I32, shift)), 8))
+                scale = builder.fmul(d_w, _splat(builder, builder.load(builder.gep(xd, [block])), 8))
                 builder.store(_multiply_add(builder, builder.sitofp(isum, floats), scale, builder.load(d_sums[r])), d_sums[r])
                 if qt == Q4_1:
-                    s_x = _splat_float(builder, builder.load(builder.gep(xs, [block])), 8)
+                    s_x = _splat(builder, builder.load(builder.gep(xs, [block])), 8)
                     builder.store(_multiply_add(builder, scales[1], s_x, builder.load(s_sums[r])), s_sums[r])
         for r in range(n_rows):
             total = builder.load(d_sums[r])
@@ -692,11 +688,6 @@ def _row_group_codegen(qt, n_rows):
             store.align = 4
         return context.get_dummy_value()
     return codegen
-
-
-def _splat_word(builder, value):
-    one = builder.insert_element(ir.Constant(_vector(_I32, 8), ir.Undefined), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, one, ir.Constant(_vector(_I32, 8), [0] * 8))
 
 
 def _row_group_intrinsic(qt, n_rows):
@@ -938,6 +929,15 @@ def _row_group_fast(qt, raw, o, xq, xd, xsum, xs, out):
                 out[j, i] = _k_quant_row(qt, row, xq[j], xd[j], xs[j])
 
 
+@numba.njit(inline="always")
+def put_group(block, out, o, add):
+    """out[j, o + i] = block[j, i] (or += it when `add`) for the rows i of the group starting at weight
+    row o that the matrix has (out: (n, rows); block: (n, ROW_GROUP), from _row_group_fast)."""
+    for i in range(min(ROW_GROUP, out.shape[1] - o)):
+        for j in range(out.shape[0]):
+            out[j, o + i] = out[j, o + i] + block[j, i] if add else block[j, i]
+
+
 @numba.njit(parallel=True, cache=True)
 def matvec_fast(qt, raw, x, out):
     """out = x @ W.T, W of ggml type qt given as its raw bytes (out_features, row bytes) uint8, x
@@ -951,9 +951,7 @@ def matvec_fast(qt, raw, x, out):
         start, stop = group_range(t, tasks, rows)
         for o in range(start, stop, ROW_GROUP):
             _row_group_fast(qt, raw, o, xq, xd, xsum, xs, block)
-            for i in range(min(ROW_GROUP, rows - o)):
-                for j in range(n):
-                    out[j, o + i] = block[j, i]
+            put_group(block, out, o, False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1015,11 +1013,9 @@ def matvec3_fast(qts, raws, x, outs):
         start, stop = _task_rows(t, tasks, total)
         for r in range(start, stop):
             i, group = _part(r, ga, gb)
-            o, rows = group * ROW_GROUP, raws[i].shape[0]
+            o = group * ROW_GROUP
             _row_group_fast(qts[i], raws[i], o, xq, xd, xsum, xs, block)
-            for k in range(min(ROW_GROUP, rows - o)):
-                for j in range(n):
-                    outs[i][j, o + k] = block[j, k]
+            put_group(block, outs[i], o, False)
 
 
 @numba.njit(inline="always")

@@ -42,7 +42,7 @@ from numba.extending import intrinsic
 from . import int8
 from .attention import _attend, _store_pairs
 from .ggml import (PREFETCH_BYTES, ROW_GROUP, _quantized, _row_group_fast, _silu_times, _task_rows, group_range,
-                   prefetch_bytes, quantize_into)
+                   prefetch_bytes, put_group, quantize_into)
 from .norm import rmsnorm
 
 SPINS = 20000   # pauses (~ 40 ns each) before a waiting thread starts yielding its core
@@ -149,13 +149,10 @@ def _product(t, n_threads, qt, raw, xq, xd, xsum, xs, out, block, add):
     ROW_GROUP), or out += it when `add` (the residual stream). (Each matrix is split between the
     threads on its own: a tuple of matrices indexed per row would count a reference to the shared
     matrix per row, see the module doc.)"""
-    rows = raw.shape[0]
-    start, stop = group_range(t, n_threads, rows)
+    start, stop = group_range(t, n_threads, raw.shape[0])
     for o in range(start, stop, ROW_GROUP):
         _row_group_fast(qt, raw, o, xq, xd, xsum, xs, block)
-        for i in range(min(ROW_GROUP, rows - o)):
-            for j in range(out.shape[0]):
-                out[j, o + i] = out[j, o + i] + block[j, i] if add else block[j, i]
+        put_group(block, out, o, add)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
