@@ -1049,11 +1049,19 @@ def swiglu_fast(qts, raws, x, out):
         gate, up = np.empty((n, ROW_GROUP), np.float32), np.empty((n, ROW_GROUP), np.float32)
         start, stop = group_range(t, tasks, rows)
         for o in range(start, stop, ROW_GROUP):
-            _row_group_fast(qts[0], raws[0], o, xq, xd, xsum, xs, gate)
-            _row_group_fast(qts[1], raws[1], o, xq, xd, xsum, xs, up)
-            for i in range(min(ROW_GROUP, rows - o)):
-                for j in range(n):
-                    out[j, o + i] = _silu_times(gate[j, i], up[j, i])
+            swiglu_group(qts[0], raws[0], qts[1], raws[1], o, xq, xd, xsum, xs, gate, up, out)
+
+
+@numba.njit(inline="always")
+def swiglu_group(gate_qt, gate_raw, up_qt, up_raw, o, xq, xd, xsum, xs, gate, up, out):
+    """out[j, o + i] = silu(gate row o + i . x_j) * (up row o + i . x_j) for the group of ROW_GROUP rows
+    at o (those the matrices have), from the quantized activations; gate, up: (n, ROW_GROUP) scratch.
+    (swiglu_fast and the one-call forward's feed-forward.)"""
+    _row_group_fast(gate_qt, gate_raw, o, xq, xd, xsum, xs, gate)
+    _row_group_fast(up_qt, up_raw, o, xq, xd, xsum, xs, up)
+    for i in range(min(ROW_GROUP, out.shape[1] - o)):
+        for j in range(out.shape[0]):
+            out[j, o + i] = _silu_times(gate[j, i], up[j, i])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from numba.extending import intrinsic
 from . import int8
 from .attention import _attend, _store_pairs
 from .ggml import (PREFETCH_BYTES, ROW_GROUP, _quantized, _row_group_fast, _silu_times, _task_rows, group_range,
-                   prefetch_bytes, put_group, quantize_into)
+                   prefetch_bytes, put_group, quantize_into, swiglu_group)
 from .norm import rmsnorm
 
 SPINS = 20000   # pauses (~ 40 ns each) before a waiting thread starts yielding its core
@@ -213,11 +213,7 @@ def forward_fast(x, qts, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, n
             gate_qt, up_qt = qts[layer, 4], qts[layer, 6]
             start, stop = group_range(t, n_threads, hidden)
             for o in range(start, stop, ROW_GROUP):
-                _row_group_fast(gate_qt, gate_raw, o, hq, hd, hsum, hs, block)
-                _row_group_fast(up_qt, up_raw, o, hq, hd, hsum, hs, up)
-                for i in range(min(ROW_GROUP, hidden - o)):
-                    for j in range(n):
-                        g[j, o + i] = _silu_times(block[j, i], up[j, i])
+                swiglu_group(gate_qt, gate_raw, up_qt, up_raw, o, hq, hd, hsum, hs, block, up, g)
             barrier(state, n_threads)
             quantize_into(g, gq, gd, gsum, gs)
             _product(t, n_threads, qts[layer, 5], w2[layer], gq, gd, gsum, gs, x, block, True)
