@@ -28,7 +28,7 @@ from .kernels.attention import BLOCK as KEY_BLOCK, attention as attention_kernel
 from .kernels.attention import rope as rope_kernel, store as store_kernel
 from .kernels.matvec import matvec, matvec3, swiglu
 from .kernels.norm import rmsnorm as rmsnorm_kernel
-from .kernels.step import forward_fast, forward_int8, threads_run_together
+from .kernels.step import forward_f32, forward_fast, forward_int8, threads_run_together
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,9 +289,9 @@ def _flat(a: np.ndarray) -> np.ndarray:
 class CompiledForward:
     """Transformer.forward for a batch the kernels take whole (a decode step, a short prompt) as one
     call of kernels/step.py, which runs every layer on one start of the thread pool: the same values,
-    bit for bit, without ~6 kernel calls from Python per layer. Two kinds of weights have it:
-    ggml types with a kernel on the fast path (`forward_fast`), and llama2.c's int8 groups
-    (`forward_int8`).
+    bit for bit, without ~6 kernel calls from Python per layer. Three kinds of weights have it:
+    ggml types with a kernel on the fast path (`forward_fast`), llama2.c's int8 groups
+    (`forward_int8`), and float32 matrices (`forward_f32`).
 
     A longer prompt goes through it in parts of ROWS tokens when every matrix has a group kernel
     (`takes_prompts`: Q8_0, Q4_0, Q4_1, which share each block among 8 rows of x): SmolLM2 Q4_1, a
@@ -302,7 +302,13 @@ class CompiledForward:
 
     It holds the weights as those functions take them, made once, no copies: for ggml, numba typed
     lists of each layer's raw bytes (views of the file's memory map); for int8, the file's stacked
-    (n_layers, out, in) values and scales. The norms are stacked (a few KB)."""
+    (n_layers, out, in) values and scales; for float32, typed lists of each layer's matrix. The norms
+    are stacked (a few KB).
+
+    float32 weights take batches of up to MATVEC_ROWS tokens (the matrix-vector kernels' batches: a
+    longer one goes through BLAS, layer by layer). s110M, 2 threads: the decode step's products streamed
+    at ~18 GB/s from Python, one kernel call per product, ~24 as one call with the kernels reading four
+    rows at a time (kernels/matvec.py)."""
 
     MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")     # the order of the step functions' arguments
     ROWS = tensors.FAST_KERNEL_ROWS                            # batches up to this many tokens
@@ -313,26 +319,32 @@ class CompiledForward:
         self.ffn_norm = np.stack([lw["ffn_norm"] for lw in layers]).astype(np.float32)
         self.norm = np.asarray(weights["norm"], np.float32)
         output = weights["output"]
+        self.rows = self.ROWS
+        self.takes_prompts = False
         if isinstance(output, tensors.GGMLTensor):
-            self.int8 = False
+            self.kind = "ggml"
             self.qts = np.array([[int(lw[name].qtype) for name in self.MATRICES] for lw in layers], np.int64)
             self.raws = tuple(List([lw[name].raw for lw in layers]) for name in self.MATRICES)
             self.output_qt, self.output = int(output.qtype), output.raw
             self.takes_prompts = all(w.qtype in tensors.GROUP_KERNEL_TYPES for w in [output] + [lw[name] for lw in layers
                                                                                     for name in self.MATRICES])
-        else:
-            self.int8 = True
+        elif isinstance(output, tensors.GroupQuantized):
+            self.kind = "int8"
             self.group_size = output.group_size
             stacked = [weights[name] for name in self.MATRICES]
             self.values, self.scales = List([_flat(w.q) for w in stacked]), List([_flat(w.scale) for w in stacked])
             self.layouts = np.array([(w.q.strides[0], w.scale.strides[0] // 4, *w.q.shape[1:]) for w in stacked], np.int64)
             self.output = (output.q, output.scale)
-            self.takes_prompts = False
+        else:
+            self.kind = "f32"
+            self.rows = min(self.ROWS, MATVEC_ROWS)
+            self.matrices = tuple(List([lw[name] for lw in layers]) for name in self.MATRICES)
+            self.output = output
 
     @staticmethod
     def supports(weights: dict, layers: list[dict]) -> bool:
-        """Whether every product has a kernel the step functions take: ggml types on the fast path, or
-        llama2.c int8 groups of one size stored stacked by layer."""
+        """Whether every product has a kernel the step functions take: ggml types on the fast path,
+        llama2.c int8 groups of one size stored stacked by layer, or float32 matrices."""
         output = weights["output"]
         matrices = [lw[name] for lw in layers for name in CompiledForward.MATRICES] + [output]
         if not layers:
@@ -345,7 +357,10 @@ class CompiledForward:
                         for w in stacked)
                     and output.q.flags.c_contiguous and output.scale.flags.c_contiguous
                     and len({w.group_size for w in matrices}) == 1)
-        return False
+        # float32: one array type for every matrix (a typed list holds one), as the kernels take them
+        return (all(isinstance(w, np.ndarray) and w.dtype == np.float32 and w.ndim == 2 and w.flags.c_contiguous
+                    for w in matrices)
+                and len({w.flags.writeable for w in matrices}) == 1)
 
     def __call__(self, x: np.ndarray, batch: Batch, cache: KVCache, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         c = self.config
@@ -353,12 +368,13 @@ class CompiledForward:
         logits = np.empty((len(wanted), c.vocab_size), np.float32)
         eps = np.float32(c.norm_eps)
         rest = (cos, sin, cache.k, cache.v, batch.seq_ids, batch.pos, wanted, c.n_heads, logits, numba.get_num_threads())
-        if self.int8:
-            forward_int8(x, self.values, self.scales, self.layouts, self.group_size, self.attention_norm,
-                         self.ffn_norm, self.norm, *self.output, eps, *rest)
+        norms = (self.attention_norm, self.ffn_norm, self.norm)
+        if self.kind == "int8":
+            forward_int8(x, self.values, self.scales, self.layouts, self.group_size, *norms, *self.output, eps, *rest)
+        elif self.kind == "f32":
+            forward_f32(x, *self.matrices, *norms, self.output, eps, *rest)
         else:
-            forward_fast(x, self.qts, *self.raws, self.attention_norm, self.ffn_norm, self.norm, self.output_qt,
-                         self.output, eps, *rest)
+            forward_fast(x, self.qts, *self.raws, *norms, self.output_qt, self.output, eps, *rest)
         return logits
 
 
@@ -407,13 +423,14 @@ class Transformer:
         x = embed(w["tok_embeddings"], batch.tokens)                            # (n, dim)
         compiled = self.compiled_forward()
         if compiled is not None and not self.inspecting:
-            if len(batch) <= compiled.ROWS:
+            if len(batch) <= compiled.rows:
                 return compiled(x, batch, cache, cos, sin)
             if compiled.takes_prompts and batch.in_order():
                 # a long prompt: parts of ROWS tokens through the one-call forward (see CompiledForward)
-                return np.concatenate([compiled(x[i:i + compiled.ROWS], batch.part(i, i + compiled.ROWS), cache,
-                                                cos[i:i + compiled.ROWS], sin[i:i + compiled.ROWS])
-                                       for i in range(0, len(batch), compiled.ROWS)])
+                rows = compiled.rows
+                return np.concatenate([compiled(x[i:i + rows], batch.part(i, i + rows), cache, cos[i:i + rows],
+                                                sin[i:i + rows])
+                                       for i in range(0, len(batch), rows)])
         for layer in range(c.n_layers):
             lw = self.layers[layer]
             h = rmsnorm(x, lw["attention_norm"], c.norm_eps)

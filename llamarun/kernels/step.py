@@ -19,7 +19,7 @@ layer, 122 as one call (same session, interleaved runs). Per layer:
 and at the end: rmsnorm of the rows whose logits are wanted, rows of the classifier split. Rows of
 the ggml matrices are split in whole groups of ROW_GROUP (the kernels take 8 weight rows at once).
 `forward_fast` takes ggml weights (int8 activations, the fast path); `forward_int8` llama2.c's int8
-groups (runq.c's arithmetic).
+groups (runq.c's arithmetic); `forward_f32` float32 weights (run.c's).
 
 No array views in the loops over rows: a view made in compiled code counts a reference to its
 array, an atomic add on memory that both threads share; one per weight row made the two-thread
@@ -39,7 +39,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import int8
+from . import int8, matvec
 from .attention import _attend, _store_pairs
 from .ggml import (PREFETCH_BYTES, ROW_GROUP, _quantized, _row_group_fast, _silu_times, _task_rows, group_range,
                    prefetch_bytes, put_group, quantize_into, swiglu_group)
@@ -144,6 +144,15 @@ def _attention(t, n_threads, state, q, k, v, cos, sin, k_cache, v_cache, seq_ids
 
 
 @numba.njit(inline="always")
+def _shared_arrays(n, H, KV, D, hidden):
+    """The arrays the threads write their shares of, for a batch of n tokens: q (n, H, D), k and v
+    (n, KV, D), the attention's output a (n, H, D), the gated units g (n, hidden); and the barrier's
+    state."""
+    return (np.empty((n, H, D), np.float32), np.empty((n, KV, D), np.float32), np.empty((n, KV, D), np.float32),
+            np.empty((n, H, D), np.float32), np.empty((n, hidden), np.float32), np.zeros(2, np.int64))
+
+
+@numba.njit(inline="always")
 def _product(t, n_threads, qt, raw, xq, xd, xsum, xs, out, block, add):
     """out = (quantized activations) @ W.T for this thread's share of W's rows (whole groups of
     ROW_GROUP), or out += it when `add` (the residual stream). (Each matrix is split between the
@@ -175,12 +184,7 @@ def forward_fast(x, qts, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, n
     D = 2 * cos.shape[1]
     H, KV = n_heads, k_cache.shape[2]
     hidden = w1[0].shape[0]
-    q = np.empty((n, H, D), np.float32)
-    k = np.empty((n, KV, D), np.float32)
-    v = np.empty((n, KV, D), np.float32)
-    a = np.empty((n, H, D), np.float32)
-    g = np.empty((n, hidden), np.float32)
-    state = np.zeros(2, np.int64)
+    q, k, v, a, g, state = _shared_arrays(n, H, KV, D, hidden)
     for t in numba.prange(n_threads):
         # this thread's scratch: the normalized x and every product's quantized input
         h = np.empty((n, dim), np.float32)
@@ -279,14 +283,9 @@ def forward_int8(x, values, scales, layouts, gs, attention_norm, ffn_norm, norm,
     hidden = layouts[4, 2]
     wq, wk, wv, wo, w1, w2, w3 = values[0], values[1], values[2], values[3], values[4], values[5], values[6]
     sq, sk, sv, so, s1, s2, s3 = scales[0], scales[1], scales[2], scales[3], scales[4], scales[5], scales[6]
-    q = np.empty((n, H, D), np.float32)
-    k = np.empty((n, KV, D), np.float32)
-    v = np.empty((n, KV, D), np.float32)
-    a = np.empty((n, H, D), np.float32)
-    g = np.empty((n, hidden), np.float32)
+    q, k, v, a, g, state = _shared_arrays(n, H, KV, D, hidden)
     up = np.empty((n, hidden), np.float32)
     output_layout = np.array([0, 0, output.shape[0], output.shape[1]], np.int64)
-    state = np.zeros(2, np.int64)
     for t in numba.prange(n_threads):
         h = np.empty((n, dim), np.float32)
         hq, hs = np.empty((n, dim), np.int8), np.empty((n, dim // gs), np.float32)
@@ -323,3 +322,54 @@ def forward_int8(x, values, scales, layouts, gs, attention_norm, ffn_norm, norm,
         oq, os_ = np.empty((m, dim), np.int8), np.empty((m, dim // gs), np.float32)
         int8.quantize(hw, gs, oq, os_)
         _int8_rows(t, n_threads, output.reshape(-1), outputs.reshape(-1), output_layout, 0, oq, os_, gs, logits, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# float32 weights (llama2.c's version 0 and 1, float32 GGUF or safetensors): the same walk, the
+# matrix-vector kernels' products (kernels/matvec.py), activations in float32
+
+@numba.njit(inline="always")
+def _f32_rows(t, n_threads, x, w, out, add):
+    """This thread's share of out = x @ w.T (or out += it when `add`): whole row groups of w."""
+    start, stop = _task_rows(t, n_threads, matvec.groups(w))
+    for g in range(start, stop):
+        matvec.rows_into(x, w, out, g, add)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, output, eps, cos, sin,
+                k_cache, v_cache, seq_ids, pos, wanted, n_heads, logits, n_threads):
+    """forward_fast for float32 weights: the products of the matrix-vector kernels (run.c's model,
+    read four rows at a time), no quantization anywhere.
+
+    wq ... w3: typed lists of each layer's (out, in) float32 matrix; output: (vocab, dim) float32. The
+    rest as forward_fast."""
+    n, dim = x.shape
+    n_layers = attention_norm.shape[0]
+    D = 2 * cos.shape[1]
+    H, KV = n_heads, k_cache.shape[2]
+    hidden = w1[0].shape[0]
+    q, k, v, a, g, state = _shared_arrays(n, H, KV, D, hidden)
+    for t in numba.prange(n_threads):
+        h = np.empty((n, dim), np.float32)
+        kr = np.empty(D, np.float32)
+        for layer in range(n_layers):
+            rmsnorm(x, attention_norm[layer], eps, h)
+            _f32_rows(t, n_threads, h, wq[layer], q.reshape((n, H * D)), False)
+            _f32_rows(t, n_threads, h, wk[layer], k.reshape((n, KV * D)), False)
+            _f32_rows(t, n_threads, h, wv[layer], v.reshape((n, KV * D)), False)
+            barrier(state, n_threads)
+            _attention(t, n_threads, state, q, k, v, cos, sin, k_cache[layer], v_cache[layer], seq_ids, pos, a, kr)
+            _f32_rows(t, n_threads, a.reshape((n, H * D)), wo[layer], x, True)
+            barrier(state, n_threads)
+
+            rmsnorm(x, ffn_norm[layer], eps, h)
+            gate, up = w1[layer], w3[layer]
+            start, stop = _task_rows(t, n_threads, matvec.groups(gate))
+            for group in range(start, stop):
+                matvec.gated_into(h, gate, up, g, group)
+            barrier(state, n_threads)
+            _f32_rows(t, n_threads, g, w2[layer], x, True)
+            barrier(state, n_threads)
+
+        _f32_rows(t, n_threads, _normalized_rows(x, wanted, norm, eps), output, logits, False)
