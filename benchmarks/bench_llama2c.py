@@ -124,7 +124,10 @@ def main():
     paths = {name: model_path(name) for name in shapes}
     print(f"threads {THREADS}, runs {runs} (medians, [min - max]){', int8 (v2)' if args.int8 else ''}",
           flush=True)
-    matvec = MatvecBound((32000, 768))   # a s110M-sized classifier: 98 MB, beyond any cache
+    # a s110M-sized classifier, 98 MB: beyond the L2 caches, though not beyond the development
+    # machine's L3 (480 MB, shared with the rest of the host); there a 1 GB matrix streamed at about
+    # the same rate (27-28 GB/s against 21-31 for this one, 2026-12-02)
+    matvec = MatvecBound((32000, 768))
 
     rows = []
     for name in shapes:

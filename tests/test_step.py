@@ -151,8 +151,9 @@ def test_int8_one_call_forward_equals_the_layer_by_layer_path(threads):
 
 
 def float32_model(seed: int = 0, vocab: int = 301) -> Transformer:
-    """A float32 model (run.c's kind) whose matrices' rows do not all divide by the kernels' groups of
-    four (the classifier's 301, the hidden layer's 170), its embedding table shared with the classifier."""
+    """A float32 model (run.c's kind), read-only as a checkpoint's memory map, whose matrices' rows do
+    not all divide by the kernels' groups of four (the classifier's 301, the hidden layer's 170), its
+    embedding table shared with the classifier."""
     c = ModelConfig(dim=64, hidden_dim=170, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, seq_len=64)
     rng = np.random.default_rng(seed)
     shapes = {"wq": (c.dim, c.dim), "wk": (c.kv_dim, c.dim), "wv": (c.kv_dim, c.dim), "wo": (c.dim, c.dim),
@@ -162,6 +163,8 @@ def float32_model(seed: int = 0, vocab: int = 301) -> Transformer:
         weights[name] = rng.uniform(0.5, 1.5, (c.n_layers, c.dim)).astype(np.float32)
     weights["norm"] = rng.uniform(0.5, 1.5, c.dim).astype(np.float32)
     weights["tok_embeddings"] = weights["output"] = rng.normal(0, 0.5, (c.vocab_size, c.dim)).astype(np.float32)
+    for w in weights.values():
+        w.flags.writeable = False          # as a checkpoint's memory map (and the kernels compiled for it)
     return Transformer(c, weights)
 
 
