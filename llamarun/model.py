@@ -317,7 +317,9 @@ class CompiledForward:
         self.config = config
         self.attention_norm = np.stack([lw["attention_norm"] for lw in layers]).astype(np.float32)
         self.ffn_norm = np.stack([lw["ffn_norm"] for lw in layers]).astype(np.float32)
-        self.norm = np.asarray(weights["norm"], np.float32)
+        # a copy, as the stacked norms are: a norm read-only in one file (a GGUF's map) and writeable in
+        # another would make numba compile the step function a second time (~100 s)
+        self.norm = np.array(weights["norm"], np.float32)
         output = weights["output"]
         self.rows = self.ROWS
         self.takes_prompts = False
