@@ -15,6 +15,8 @@ Tolerances, from the formats:
   An adversarial x (every value just short of a rounding half-step, with the sign of its weight)
   reaches 98% of it: the bound is not loose.
 """
+import os
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
@@ -189,3 +191,23 @@ def test_smollm2_tensors(smol_checkpoint):
             assert np.all(np.abs(exact - ref) <= tensor.shape[1] * U * magnitudes)
             fast = GGMLTensor("w", tensor.qtype, tensor.shape, tensor.raw, exact=False).linear(x)
             assert np.all(np.abs(fast - ref) <= fast_bound(x, w, magnitudes))
+
+
+def test_the_compiled_kernels_cache_is_named_for_every_kernel_source(tmp_path):
+    """numba checks a cached function against its own file only: step.py's cached forward would outlive
+    an edit of ggml.py, whose kernels it inlines. The cache folder changes with any kernel source."""
+    import shutil
+    from pathlib import Path
+
+    import llamarun.kernels as kernels
+    from llamarun.kernels import ggml as ggml_kernels, step
+
+    folder = kernels._cache_dir()
+    for dispatcher in (step.forward_fast, ggml_kernels.matvec_fast):
+        assert dispatcher._cache._cache_path.startswith(folder + os.sep)
+    copy = tmp_path / "kernels"
+    shutil.copytree(Path(kernels.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert os.path.basename(kernels._cache_dir(copy)) == os.path.basename(folder)
+    with open(copy / "ggml.py", "a") as f:
+        f.write("\n# an edit\n")
+    assert os.path.basename(kernels._cache_dir(copy)) != os.path.basename(folder)
