@@ -144,6 +144,12 @@ def _attention(t, n_threads, state, q, k, v, cos, sin, k_cache, v_cache, seq_ids
 
 
 @numba.njit(inline="always")
+def _sizes(x, cos, k_cache, n_heads):
+    """(tokens n, dim, heads H, kv heads KV, head_dim D) of a batch x (n, dim) and the caches."""
+    return x.shape[0], x.shape[1], n_heads, k_cache.shape[2], 2 * cos.shape[1]
+
+
+@numba.njit(inline="always")
 def _shared_arrays(n, H, KV, D, hidden):
     """The arrays the threads write their shares of, for a batch of n tokens: q (n, H, D), k and v
     (n, KV, D), the attention's output a (n, H, D), the gated units g (n, hidden); and the barrier's
@@ -179,10 +185,8 @@ def forward_fast(x, qts, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, n
     (one iteration of the parallel loop per thread: the barriers need them all running at once;
     asked by the caller, as numba's get_num_threads in compiled code makes the function uncacheable).
     """
-    n, dim = x.shape
+    n, dim, H, KV, D = _sizes(x, cos, k_cache, n_heads)
     n_layers = qts.shape[0]
-    D = 2 * cos.shape[1]
-    H, KV = n_heads, k_cache.shape[2]
     hidden = w1[0].shape[0]
     q, k, v, a, g, state = _shared_arrays(n, H, KV, D, hidden)
     for t in numba.prange(n_threads):
@@ -276,10 +280,8 @@ def forward_int8(x, values, scales, layouts, gs, attention_norm, ffn_norm, norm,
     flat view over all layers as the file stores them; layouts: (7, 4) int64, per matrix (layer stride
     of its values, of its scales, rows, in); output, outputs: the classifier's values and scales,
     (vocab, dim) and (vocab, dim / gs), the same layout for one layer. The rest as forward_fast."""
-    n, dim = x.shape
+    n, dim, H, KV, D = _sizes(x, cos, k_cache, n_heads)
     n_layers = attention_norm.shape[0]
-    D = 2 * cos.shape[1]
-    H, KV = n_heads, k_cache.shape[2]
     hidden = layouts[4, 2]
     wq, wk, wv, wo, w1, w2, w3 = values[0], values[1], values[2], values[3], values[4], values[5], values[6]
     sq, sk, sv, so, s1, s2, s3 = scales[0], scales[1], scales[2], scales[3], scales[4], scales[5], scales[6]
@@ -344,10 +346,8 @@ def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, o
 
     wq ... w3: typed lists of each layer's (out, in) float32 matrix; output: (vocab, dim) float32. The
     rest as forward_fast."""
-    n, dim = x.shape
+    n, dim, H, KV, D = _sizes(x, cos, k_cache, n_heads)
     n_layers = attention_norm.shape[0]
-    D = 2 * cos.shape[1]
-    H, KV = n_heads, k_cache.shape[2]
     hidden = w1[0].shape[0]
     q, k, v, a, g, state = _shared_arrays(n, H, KV, D, hidden)
     for t in numba.prange(n_threads):
