@@ -101,15 +101,17 @@ def admit_long_prompt(llama) -> tuple[np.ndarray, int]:
 def test_long_prompt_admission_keeps_streams_going(smol_path):
     """While a 2000-token prompt is admitted, a running stream's longest gap stays under 3x its median.
 
-    On SmolLM2 (a step ~10-20 ms: measured ratios 1.5-2.0, ~13 s per run). The machine is shared: one
-    time slice lost to another process can make a lone long gap, so the scenario runs up to twice and
-    must hold in one (a prompt that stalled the stream, e.g. prefilled in one piece, stalls it every time).
+    On SmolLM2 (a step ~10-20 ms: measured ratios 1.5-2.1, ~13 s per run). The machine is shared: one
+    time slice lost to another process can make a lone long gap, so the scenario runs up to three times
+    and must hold in one (a prompt that stalled the stream, e.g. prefilled in one piece, stalls it every
+    time). Twice was not enough: a fresh-clone CI run on 2026-12-02 measured 3.03 and 3.42, where four
+    runs a few minutes later measured 1.66-2.10.
     """
     import llamarun
 
     llama = llamarun.load(smol_path)
     ratios = []
-    for attempt in range(2):
+    for attempt in range(3):
         gaps, during = admit_long_prompt(llama)
         assert during > 20, "the long prompt went in without overlapping the stream"
         ratios.append(gaps.max() / np.median(gaps))
