@@ -40,11 +40,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def request_prompt(n: int) -> str:
+    """Request n's user message: one of PROMPTS behind a number, so that no two requests are the same
+    (a repeated prompt would be found whole in the server's prompt cache). What requests share, as
+    they do in use, is the chat template's system prompt."""
+    return f"Request {n}: {PROMPTS[n % len(PROMPTS)]}"
+
+
 def one_stream(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> dict:
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    times, tokens = [], 0
+    times, tokens, cached, prompt_tokens = [], 0, 0, 0
     with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
         for line in response.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
@@ -53,15 +60,17 @@ def one_stream(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> 
                     times.append(time.perf_counter())
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
+                    cached = chunk["usage"]["prompt_tokens_details"]["cached_tokens"]
+                    prompt_tokens = chunk["usage"]["prompt_tokens"]
     # rates count the tokens drawn (the usage the server reports, as `generate` counts them), not the
     # chunks: a token whose bytes end inside a UTF-8 character sends no text of its own
     return {"ttft": times[0] - t0 if times else float("nan"), "gaps": np.diff(times).tolist(), "tokens": tokens,
-            "chunks": len(times), "start": t0, "end": time.perf_counter(),
+            "chunks": len(times), "cached": cached, "prompt_tokens": prompt_tokens, "start": t0, "end": time.perf_counter(),
             "decode": (tokens - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")}
 
 
-def level(client: httpx.Client, url: str, concurrency: int, max_tokens: int, rounds: int) -> dict:
-    jobs = [PROMPTS[i % len(PROMPTS)] for i in range(concurrency * rounds)]
+def level(client: httpx.Client, url: str, concurrency: int, max_tokens: int, rounds: int, first: int) -> dict:
+    jobs = [request_prompt(first + i) for i in range(concurrency * rounds)]
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(lambda p: one_stream(client, url, p, max_tokens), jobs))
     wall = max(r["end"] for r in results) - min(r["start"] for r in results)
@@ -71,19 +80,22 @@ def level(client: httpx.Client, url: str, concurrency: int, max_tokens: int, rou
             "ttft50": np.percentile(ttft, 50), "ttft95": np.percentile(ttft, 95),
             "itl50": np.percentile(gaps, 50) if gaps else float("nan"),
             "itl95": np.percentile(gaps, 95) if gaps else float("nan"),
-            "decode": float(np.median([r["decode"] for r in results]))}
+            "decode": float(np.median([r["decode"] for r in results])),
+            "cached": sum(r["cached"] for r in results) / len(results),
+            "prompt_tokens": sum(r["prompt_tokens"] for r in results) / len(results)}
 
 
 def generate_rates(max_tokens: int) -> tuple[float, float]:
-    """One stream through the API's generation loop (what `llamarun generate` runs), each prompt of
-    PROMPTS once: the medians of (decode tok/s, tokens / whole time including the prompt's prefill)."""
+    """One stream through the API's generation loop (what `llamarun generate` runs), one request of each
+    prompt of PROMPTS: the medians of (decode tok/s, tokens / whole time including the prompt's prefill,
+    from an empty cache)."""
     import llamarun
     from llamarun.chat import chat_format_for
     llama = llamarun.load()
     encode = chat_format_for(llama).encode
     llama.generate(encode([{"role": "user", "content": PROMPTS[0]}], llama.tokenizer), 4, temperature=0)  # warm up
     decode, whole = [], []
-    for prompt in PROMPTS:
+    for prompt in map(request_prompt, range(len(PROMPTS))):
         c = llama.generate(encode([{"role": "user", "content": prompt}], llama.tokenizer), max_tokens, temperature=0)
         decode.append(c.decode_tok_s)
         whole.append(len(c.tokens) / (c.prefill_seconds + c.decode_seconds))
@@ -116,16 +128,22 @@ def main() -> None:
                 if server.poll() is not None:
                     sys.exit("the server did not start")
                 time.sleep(0.2)
+        n = 0                                                               # requests sent so far
         for c in levels:                                                    # compile every batch shape first
-            level(client, url, c, 4, 1)
-        rows = [level(client, url, c, max_tokens, rounds) for c in levels]
+            level(client, url, c, 4, 1, n)
+            n += c
+        rows = []
+        for c in levels:
+            rows.append(level(client, url, c, max_tokens, rounds, n))
+            n += c * rounds
     finally:
         client.close()
         server.terminate()
         server.wait(30)
     decode, whole = generate_rates(max_tokens)
     one = rows[0]
-    print(f"SmolLM2-135M-Instruct Q4_1, {max_tokens} tokens per request, greedy.")
+    print(f"SmolLM2-135M-Instruct Q4_1, {max_tokens} tokens per request, greedy; prompts of "
+          f"{rows[-1]['prompt_tokens']:.1f} tokens on average, of which {rows[-1]['cached']:.1f} found in the prompt cache.")
     print(f"One stream, like for like: decode {one['decode']:.1f} tok/s served vs {decode:.1f} by `llamarun generate` "
           f"({one['decode'] / decode:.0%}); prompt to last token {one['tok_s']:.1f} served vs {whole:.1f} "
           f"({one['tok_s'] / whole:.0%})")

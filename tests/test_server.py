@@ -94,6 +94,19 @@ def test_chat_greedy_matches_generate(server, llama):
     assert reply.object == "chat.completion" and reply.model == "smollm2"
 
 
+def test_usage_counts_the_cached_prompt_tokens(server, llama):
+    """The same conversation again finds its prompt in a slot's cache: all of it but the last token,
+    which is run for its logits (OpenAI's usage.prompt_tokens_details.cached_tokens)."""
+    client = server.client()
+    messages = [{"role": "user", "content": "Say something about prompt caches."}]
+    first = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=6, temperature=0)
+    again = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=6, temperature=0)
+    n = len(chat_ids(llama, messages))
+    assert first.usage.prompt_tokens == again.usage.prompt_tokens == n
+    assert again.usage.prompt_tokens_details.cached_tokens == n - 1
+    assert again.choices[0].message.content == first.choices[0].message.content
+
+
 def test_chat_stream_is_the_same_text(server):
     client = server.client()
     whole = client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=10, temperature=0)

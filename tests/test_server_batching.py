@@ -4,6 +4,7 @@ References are independent of the scheduler: `Llama.generate` (generation.py's o
 greedy text, `Llama.logits` (one teacher-forced pass) to judge whether a difference is a near-tie.
 """
 import importlib.util
+import os
 import threading
 import time
 from pathlib import Path
@@ -57,19 +58,65 @@ def test_greedy_batched_equals_alone_up_to_near_ties(smol_path):
         together = run_together(scheduler, prompts, 12, lambda: Sampler(temperature=0))
     finally:
         scheduler.stop()
-    same = 0
-    for ids, text in zip(prompts, together):
-        alone = llama.generate(ids, 12, temperature=0)
-        if text == alone.text:
-            same += 1
-            continue
-        # where they part, the solo run's two best logits must be a near-tie
-        batched = llama.tokenizer.encode(text, bos=False)
-        k = next(i for i, (a, b) in enumerate(zip(alone.tokens, batched + [-1])) if a != b)
-        row = llama.logits(ids + alone.tokens[:k])[-1]
-        top2 = np.sort(row)[-2:]
-        assert top2[1] - top2[0] < 0.1, f"batched output parted from solo at a margin of {top2[1] - top2[0]}"
+    same = sum(same_as_alone(llama, ids, text, 12) for ids, text in zip(prompts, together))
     assert same >= len(prompts) // 2
+
+
+def same_as_alone(llama, ids, text, max_tokens) -> bool:
+    """Whether `text` is the greedy continuation `Llama.generate` gives alone; where it is not, the solo
+    run's two best logits at the first difference must be a near-tie (else the test fails)."""
+    alone = llama.generate(ids, max_tokens, temperature=0)
+    if text == alone.text:
+        return True
+    batched = llama.tokenizer.encode(text, bos=False)
+    k = next(i for i, (a, b) in enumerate(zip(alone.tokens, batched + [-1])) if a != b)
+    row = llama.logits(ids + alone.tokens[:k])[-1]
+    top2 = np.sort(row)[-2:]
+    assert top2[1] - top2[0] < 0.1, f"the served output parted from solo at a margin of {top2[1] - top2[0]}"
+    return False
+
+
+def test_prompt_cache_reuses_the_slots_tokens(smol_path):
+    """A request runs only what its slot's cache does not hold: a chat's next turn resends the
+    conversation (the first turn and the reply are cached), and another user's chat shares the system
+    prompt. Their greedy replies are the ones `Llama.generate` gives from an empty cache."""
+    import llamarun
+    from llamarun.chat import chat_format_for
+    from llamarun.sampling import Sampler
+    from llamarun.server.scheduler import Request, Scheduler
+
+    llama = llamarun.load(smol_path)
+    fmt = chat_format_for(llama)
+    encode = lambda messages: fmt.encode(messages, llama.tokenizer)     # noqa: E731
+    scheduler = Scheduler(llama, parallel=2, ctx=512)
+    scheduler.start()
+
+    def ask(ids):
+        events, done = [], threading.Event()
+        scheduler.submit(Request(ids, 16, Sampler(temperature=0), lambda ev: (events.append(ev),
+                                 ev.finish_reason and done.set())))
+        assert done.wait(300)
+        return "".join(ev.text for ev in events), events[-1]
+
+    try:
+        first = [{"role": "user", "content": "What is the capital of France?"}]
+        first_ids = encode(first)
+        reply, end = ask(first_ids)
+        assert end.finish_reason in ("stop", "length") and end.cached_tokens == 0
+        turn = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And of Italy?"}]
+        turn_ids = encode(turn)
+        shared = len(os.path.commonprefix([first_ids, turn_ids]))
+        turn_reply, end = ask(turn_ids)
+        assert end.prompt_tokens == len(turn_ids)
+        assert end.cached_tokens >= shared >= len(first_ids) - 1      # the whole first turn, at least
+        other_ids = encode([{"role": "user", "content": "Name a fruit."}])
+        system = len(os.path.commonprefix([first_ids, other_ids]))
+        other_reply, end = ask(other_ids)
+        assert end.cached_tokens == system > 10                       # the system prompt and the user tag
+    finally:
+        scheduler.stop()
+    assert same_as_alone(llama, turn_ids, turn_reply, 16)
+    assert same_as_alone(llama, other_ids, other_reply, 16)
 
 
 def admit_long_prompt(llama) -> tuple[np.ndarray, int]:

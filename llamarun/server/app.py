@@ -358,7 +358,8 @@ class Reply:
 
 def usage_of(event: Event) -> dict:
     return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-            "total_tokens": event.prompt_tokens + event.completion_tokens}
+            "total_tokens": event.prompt_tokens + event.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": event.cached_tokens}}
 
 
 def create_app(llama, model_name: str, parallel: int = 4, ctx: int = 2048, queue: int = 64,

@@ -14,6 +14,13 @@ number of decode rows, as the machine runs), so running streams keep their pace 
 goes in. With nobody decoding, the prompt goes in chunks of PREFILL_CHUNK tokens (on the fast path:
 of the model's `matvec_rows`, which its int8 kernels read faster than BLAS reads tiles).
 
+Prompt cache (llama.cpp's `cache_prompt`): a slot keeps the keys and values of the last sequence it
+held. A new request goes to the free slot whose cached tokens share the longest prefix with its
+prompt, and only the rest of the prompt is run: a chat's next turn resends the whole conversation,
+and requests to one server mostly open with the same system prompt. Cached positions are the ones
+the same tokens at the same positions produced, and the kernels compute each row independently of
+the others in its batch, so a reused prefix gives what running it again would give.
+
 The handlers (async, in the event loop) talk to the worker through `submit` and each request's
 `emit` callback, which the worker calls for every event; the handler makes it thread-safe
 (loop.call_soon_threadsafe). Cancelling a request (a client that went away) frees its slot at the
@@ -60,6 +67,7 @@ class Event:
     finish_reason: str | None = None     # last event: "stop", "length", "cancelled", "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0               # prompt tokens whose keys and values the slot already held
 
 
 @dataclass
@@ -84,6 +92,7 @@ class Sequence:
         self.request, self.slot = request, slot
         self.pending = list(request.prompt)      # prompt ids not yet run
         self.pos = 0                             # next position to fill in the slot
+        self.cached = 0                          # prompt tokens found in the slot's cache
         self.history = list(request.prompt)      # for the sampler's penalties
         self.prev = request.prompt[-1]           # the token before the next one (for token_bytes)
         self.next_token: int | None = None       # drawn, not yet run through the model
@@ -94,6 +103,32 @@ class Sequence:
     @property
     def decoding(self) -> bool:
         return self.next_token is not None
+
+    def reuse(self, n: int) -> None:
+        """The slot's cache already holds the prompt's first n tokens: start after them."""
+        self.cached = self.pos = n
+        del self.pending[:n]
+
+    @property
+    def run_tokens(self) -> list[int]:
+        """The tokens whose keys and values the slot holds, positions 0 .. pos - 1 (prompt, then the
+        drawn tokens fed back; the last drawn one is never run)."""
+        return self.history[:self.pos]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n                 # a[:lo] == b[:lo], a[:hi] != b[:hi]: bisect (list slices compare in C)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -120,6 +155,7 @@ class Scheduler:
         self.cache = KVCache(llama.config, n_seqs=parallel, seq_len=ctx)
         self.stop_tokens = self.tokenizer.eog_ids or frozenset({self.tokenizer.eos_id})
         self.free = list(range(parallel))
+        self.slot_tokens: list[list[int]] = [[] for _ in range(parallel)]   # what each slot's cache holds
         self.waiting: deque[Request] = deque()
         self.active: list[Sequence] = []
         self.lock = threading.Condition()
@@ -184,18 +220,34 @@ class Scheduler:
             if request.cancelled:
                 request.emit(Event(finish_reason="cancelled"))
                 continue
-            self.active.append(Sequence(request, self.free.pop(0), self.tokenizer, self.stop_tokens))
+            slot, shared = self.best_slot(request.prompt)
+            self.free.remove(slot)
+            seq = Sequence(request, slot, self.tokenizer, self.stop_tokens)
+            seq.reuse(max(0, min(shared, len(request.prompt) - 1)))   # the prompt's last token is run: its logits
+            self.active.append(seq)
 
-    def release(self, seq: Sequence) -> None:
+    def best_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """The free slot whose cache shares the longest prefix with the prompt (the longest-free one
+        among equals), and how many tokens it shares."""
+        best, shared = self.free[0], -1
+        for slot in self.free:
+            n = common_prefix(self.slot_tokens[slot], prompt)
+            if n > shared:
+                best, shared = slot, n
+        return best, shared
+
+    def release(self, seq: Sequence, keep: bool = True) -> None:
+        """Free the sequence's slot; its cache stays for the next request (unless not `keep`)."""
         self.active.remove(seq)
         with self.lock:
+            self.slot_tokens[seq.slot] = seq.run_tokens if keep else []
             self.free.append(seq.slot)
 
     def step(self) -> None:
         """One forward: a row per decoding sequence, then a prefill chunk; sample; report."""
         for seq in [s for s in self.active if s.request.cancelled]:
             seq.request.emit(Event(finish_reason="cancelled", prompt_tokens=len(seq.request.prompt),
-                                   completion_tokens=seq.generated))
+                                   completion_tokens=seq.generated, cached_tokens=seq.cached))
             self.release(seq)
         decoding = [s for s in self.active if s.decoding]
         prefilling = [s for s in self.active if not s.decoding]
@@ -286,5 +338,5 @@ class Scheduler:
             seq.next_token = token
 
     def finish(self, seq: Sequence, reason: str, text: str = "", logprob: TokenLogprob | None = None) -> None:
-        seq.request.emit(Event(text, logprob, reason, len(seq.request.prompt), seq.generated))
-        self.release(seq)
+        seq.request.emit(Event(text, logprob, reason, len(seq.request.prompt), seq.generated, seq.cached))
+        self.release(seq, keep=reason != "error")     # a failed step may have left its cache half written
