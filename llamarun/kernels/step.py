@@ -11,7 +11,7 @@ layer, 122 as one call (same session, interleaved runs). Per layer:
     every thread: h = rmsnorm(x), quantized to int8 blocks (its own copy: cheaper than a barrier)
     rows of wq | wk | wv split among the threads                           -> q, k, v      barrier
     (token, kv head) pairs split: rotate k (RoPE), write k and v to the cache             barrier
-    (token, head) pairs split: attention                                   -> a            barrier
+    (token, kv head) jobs split: attention                                 -> a            barrier
     every thread: quantize a; rows of wo split: x[:, o] += (a @ wo.T)[:, o]                barrier
     every thread: h = rmsnorm(x), quantized; rows of w1 and w3 split: g = silu(h w1) (h w3) barrier
     every thread: quantize g; rows of w2 split: x[:, o] += (g @ w2.T)[:, o]                barrier
@@ -40,7 +40,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import int8, matvec
-from .attention import _attend, _store_pairs
+from .attention import _attend, _store_pairs, attend_jobs
 from .ggml import (PREFETCH_BYTES, ROW_GROUP, _quantized, _row_group_fast, _silu_times, _task_rows, group_range,
                    prefetch_bytes, put_group, quantize_into, swiglu_group)
 from .norm import rmsnorm
@@ -129,15 +129,15 @@ def threads_run_together() -> bool:
 # the pieces of a layer, for thread t of n_threads
 
 @numba.njit(inline="always")
-def _attention(t, n_threads, state, q, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, out, kr):
+def _attention(t, n_threads, state, q, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, out):
     """The attention of a layer, this thread's share, from q, k, v (all complete: after a barrier)
     to out (complete after the last barrier here): keys and values into the cache, then the
-    (token, head) pairs, each as the attention kernel computes it (run.c's arithmetic)."""
+    (token, kv head) jobs, each as the attention kernel computes it (run.c's arithmetic)."""
     start, stop = _task_rows(t, n_threads, k.shape[0] * k.shape[1])
-    _store_pairs(start, stop, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, kr)
+    _store_pairs(start, stop, k, v, cos, sin, k_cache, v_cache, seq_ids, pos)
     barrier(state, n_threads)
     no_probs, no_bias = np.empty((1, 1, 1), np.float32), np.empty(0, np.float32)
-    start, stop = _task_rows(t, n_threads, q.shape[0] * q.shape[1])
+    start, stop = _task_rows(t, n_threads, attend_jobs(q, k_cache))
     for job in range(start, stop):
         _attend(job, q, cos, sin, k_cache, v_cache, seq_ids, pos, out, no_probs, False, no_bias)
     barrier(state, n_threads)
@@ -199,7 +199,6 @@ def forward_fast(x, qts, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, n
         gq, gd, gsum, gs = (np.empty((n, hidden), np.int8), np.empty((n, hidden // 32), np.float32),
                             np.empty((n, hidden // 32), np.int32), np.empty((n, hidden // 32), np.float32))
         block, up = np.empty((n, ROW_GROUP), np.float32), np.empty((n, ROW_GROUP), np.float32)
-        kr = np.empty(D, np.float32)
         a2 = a.reshape((n, H * D))
         for layer in range(n_layers):
             # attention: q, k, v from the normalized x
@@ -209,7 +208,7 @@ def forward_fast(x, qts, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, n
             _product(t, n_threads, qts[layer, 1], wk[layer], hq, hd, hsum, hs, k.reshape((n, KV * D)), block, False)
             _product(t, n_threads, qts[layer, 2], wv[layer], hq, hd, hsum, hs, v.reshape((n, KV * D)), block, False)
             barrier(state, n_threads)
-            _attention(t, n_threads, state, q, k, v, cos, sin, k_cache[layer], v_cache[layer], seq_ids, pos, a, kr)
+            _attention(t, n_threads, state, q, k, v, cos, sin, k_cache[layer], v_cache[layer], seq_ids, pos, a)
             quantize_into(a2, aq, ad, asum, as_)
             _product(t, n_threads, qts[layer, 3], wo[layer], aq, ad, asum, as_, x, block, True)
             barrier(state, n_threads)
@@ -293,7 +292,6 @@ def forward_int8(x, values, scales, layouts, gs, attention_norm, ffn_norm, norm,
         hq, hs = np.empty((n, dim), np.int8), np.empty((n, dim // gs), np.float32)
         aq, as_ = np.empty((n, H * D), np.int8), np.empty((n, H * D // gs), np.float32)
         gq, gs_ = np.empty((n, hidden), np.int8), np.empty((n, hidden // gs), np.float32)
-        kr = np.empty(D, np.float32)
         for layer in range(n_layers):
             rmsnorm(x, attention_norm[layer], eps, h)
             int8.quantize(h, gs, hq, hs)
@@ -301,7 +299,7 @@ def forward_int8(x, values, scales, layouts, gs, attention_norm, ffn_norm, norm,
             _int8_rows(t, n_threads, wk, sk, layouts[1], layer, hq, hs, gs, k.reshape((n, KV * D)), False)
             _int8_rows(t, n_threads, wv, sv, layouts[2], layer, hq, hs, gs, v.reshape((n, KV * D)), False)
             barrier(state, n_threads)
-            _attention(t, n_threads, state, q, k, v, cos, sin, k_cache[layer], v_cache[layer], seq_ids, pos, a, kr)
+            _attention(t, n_threads, state, q, k, v, cos, sin, k_cache[layer], v_cache[layer], seq_ids, pos, a)
             int8.quantize(a.reshape((n, H * D)), gs, aq, as_)
             _int8_rows(t, n_threads, wo, so, layouts[3], layer, aq, as_, gs, x, True)
             barrier(state, n_threads)
@@ -352,14 +350,13 @@ def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, o
     q, k, v, a, g, state = _shared_arrays(n, H, KV, D, hidden)
     for t in numba.prange(n_threads):
         h = np.empty((n, dim), np.float32)
-        kr = np.empty(D, np.float32)
         for layer in range(n_layers):
             rmsnorm(x, attention_norm[layer], eps, h)
             _f32_rows(t, n_threads, h, wq[layer], q.reshape((n, H * D)), False)
             _f32_rows(t, n_threads, h, wk[layer], k.reshape((n, KV * D)), False)
             _f32_rows(t, n_threads, h, wv[layer], v.reshape((n, KV * D)), False)
             barrier(state, n_threads)
-            _attention(t, n_threads, state, q, k, v, cos, sin, k_cache[layer], v_cache[layer], seq_ids, pos, a, kr)
+            _attention(t, n_threads, state, q, k, v, cos, sin, k_cache[layer], v_cache[layer], seq_ids, pos, a)
             _f32_rows(t, n_threads, a.reshape((n, H * D)), wo[layer], x, True)
             barrier(state, n_threads)
 
