@@ -133,11 +133,10 @@ def _attention(t, n_threads, state, q, k, v, cos, sin, k_cache, v_cache, seq_ids
     """The attention of a layer, this thread's share, from q, k, v (all complete: after a barrier)
     to out (complete after the last barrier here): keys and values into the cache, then the
     (token, kv head) jobs, each as the attention kernel computes it (run.c's arithmetic)."""
-    start, stop = _task_rows(t, n_threads, k.shape[0] * k.shape[1])
+    start, stop = _task_rows(t, n_threads, attend_jobs(q, k_cache))
     _store_pairs(start, stop, k, v, cos, sin, k_cache, v_cache, seq_ids, pos)
     barrier(state, n_threads)
     no_probs, no_bias = np.empty((1, 1, 1), np.float32), np.empty(0, np.float32)
-    start, stop = _task_rows(t, n_threads, attend_jobs(q, k_cache))
     for job in range(start, stop):
         _attend(job, q, cos, sin, k_cache, v_cache, seq_ids, pos, out, no_probs, False, no_bias)
     barrier(state, n_threads)
@@ -151,11 +150,14 @@ def _sizes(x, cos, k_cache, n_heads):
 
 @numba.njit(inline="always")
 def _shared_arrays(n, H, KV, D, hidden):
-    """The arrays the threads write their shares of, for a batch of n tokens: q (n, H, D), k and v
-    (n, KV, D), the attention's output a (n, H, D), the gated units g (n, hidden); and the barrier's
-    state."""
-    return (np.empty((n, H, D), np.float32), np.empty((n, KV, D), np.float32), np.empty((n, KV, D), np.float32),
-            np.empty((n, H, D), np.float32), np.empty((n, hidden), np.float32), np.zeros(2, np.int64))
+    """The arrays the threads write their shares of, for a batch of n tokens: q (n, H * D), k and v
+    (n, KV * D), the attention's output a (n, H * D) as the products read and write them, the same
+    four by head (n, heads, D) as attention reads them (views made once per step: see the module
+    doc), the gated units g (n, hidden); and the barrier's state."""
+    q, k, v, a = (np.empty((n, H * D), np.float32), np.empty((n, KV * D), np.float32),
+                  np.empty((n, KV * D), np.float32), np.empty((n, H * D), np.float32))
+    return (q, k, v, a, q.reshape((n, H, D)), k.reshape((n, KV, D)), v.reshape((n, KV, D)), a.reshape((n, H, D)),
+            np.empty((n, hidden), np.float32), np.zeros(2, np.int64))
 
 
 @numba.njit(inline="always")
@@ -188,7 +190,7 @@ def forward_fast(x, qts, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, n
     n, dim, H, KV, D = _sizes(x, cos, k_cache, n_heads)
     n_layers = qts.shape[0]
     hidden = w1[0].shape[0]
-    q, k, v, a, g, state = _shared_arrays(n, H, KV, D, hidden)
+    q, k, v, a, qh, kh, vh, ah, g, state = _shared_arrays(n, H, KV, D, hidden)
     for t in numba.prange(n_threads):
         # this thread's scratch: the normalized x and every product's quantized input
         h = np.empty((n, dim), np.float32)
@@ -199,17 +201,16 @@ def forward_fast(x, qts, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, n
         gq, gd, gsum, gs = (np.empty((n, hidden), np.int8), np.empty((n, hidden // 32), np.float32),
                             np.empty((n, hidden // 32), np.int32), np.empty((n, hidden // 32), np.float32))
         block, up = np.empty((n, ROW_GROUP), np.float32), np.empty((n, ROW_GROUP), np.float32)
-        a2 = a.reshape((n, H * D))
         for layer in range(n_layers):
             # attention: q, k, v from the normalized x
             rmsnorm(x, attention_norm[layer], eps, h)
             quantize_into(h, hq, hd, hsum, hs)
-            _product(t, n_threads, qts[layer, 0], wq[layer], hq, hd, hsum, hs, q.reshape((n, H * D)), block, False)
-            _product(t, n_threads, qts[layer, 1], wk[layer], hq, hd, hsum, hs, k.reshape((n, KV * D)), block, False)
-            _product(t, n_threads, qts[layer, 2], wv[layer], hq, hd, hsum, hs, v.reshape((n, KV * D)), block, False)
+            _product(t, n_threads, qts[layer, 0], wq[layer], hq, hd, hsum, hs, q, block, False)
+            _product(t, n_threads, qts[layer, 1], wk[layer], hq, hd, hsum, hs, k, block, False)
+            _product(t, n_threads, qts[layer, 2], wv[layer], hq, hd, hsum, hs, v, block, False)
             barrier(state, n_threads)
-            _attention(t, n_threads, state, q, k, v, cos, sin, k_cache[layer], v_cache[layer], seq_ids, pos, a)
-            quantize_into(a2, aq, ad, asum, as_)
+            _attention(t, n_threads, state, qh, kh, vh, cos, sin, k_cache[layer], v_cache[layer], seq_ids, pos, ah)
+            quantize_into(a, aq, ad, asum, as_)
             _product(t, n_threads, qts[layer, 3], wo[layer], aq, ad, asum, as_, x, block, True)
             barrier(state, n_threads)
 
@@ -284,7 +285,7 @@ def forward_int8(x, values, scales, layouts, gs, attention_norm, ffn_norm, norm,
     hidden = layouts[4, 2]
     wq, wk, wv, wo, w1, w2, w3 = values[0], values[1], values[2], values[3], values[4], values[5], values[6]
     sq, sk, sv, so, s1, s2, s3 = scales[0], scales[1], scales[2], scales[3], scales[4], scales[5], scales[6]
-    q, k, v, a, g, state = _shared_arrays(n, H, KV, D, hidden)
+    q, k, v, a, qh, kh, vh, ah, g, state = _shared_arrays(n, H, KV, D, hidden)
     up = np.empty((n, hidden), np.float32)
     output_layout = np.array([0, 0, output.shape[0], output.shape[1]], np.int64)
     for t in numba.prange(n_threads):
@@ -295,12 +296,12 @@ def forward_int8(x, values, scales, layouts, gs, attention_norm, ffn_norm, norm,
         for layer in range(n_layers):
             rmsnorm(x, attention_norm[layer], eps, h)
             int8.quantize(h, gs, hq, hs)
-            _int8_rows(t, n_threads, wq, sq, layouts[0], layer, hq, hs, gs, q.reshape((n, H * D)), False)
-            _int8_rows(t, n_threads, wk, sk, layouts[1], layer, hq, hs, gs, k.reshape((n, KV * D)), False)
-            _int8_rows(t, n_threads, wv, sv, layouts[2], layer, hq, hs, gs, v.reshape((n, KV * D)), False)
+            _int8_rows(t, n_threads, wq, sq, layouts[0], layer, hq, hs, gs, q, False)
+            _int8_rows(t, n_threads, wk, sk, layouts[1], layer, hq, hs, gs, k, False)
+            _int8_rows(t, n_threads, wv, sv, layouts[2], layer, hq, hs, gs, v, False)
             barrier(state, n_threads)
-            _attention(t, n_threads, state, q, k, v, cos, sin, k_cache[layer], v_cache[layer], seq_ids, pos, a)
-            int8.quantize(a.reshape((n, H * D)), gs, aq, as_)
+            _attention(t, n_threads, state, qh, kh, vh, cos, sin, k_cache[layer], v_cache[layer], seq_ids, pos, ah)
+            int8.quantize(a, gs, aq, as_)
             _int8_rows(t, n_threads, wo, so, layouts[3], layer, aq, as_, gs, x, True)
             barrier(state, n_threads)
 
@@ -347,17 +348,17 @@ def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, o
     n, dim, H, KV, D = _sizes(x, cos, k_cache, n_heads)
     n_layers = attention_norm.shape[0]
     hidden = w1[0].shape[0]
-    q, k, v, a, g, state = _shared_arrays(n, H, KV, D, hidden)
+    q, k, v, a, qh, kh, vh, ah, g, state = _shared_arrays(n, H, KV, D, hidden)
     for t in numba.prange(n_threads):
         h = np.empty((n, dim), np.float32)
         for layer in range(n_layers):
             rmsnorm(x, attention_norm[layer], eps, h)
-            _f32_rows(t, n_threads, h, wq[layer], q.reshape((n, H * D)), False)
-            _f32_rows(t, n_threads, h, wk[layer], k.reshape((n, KV * D)), False)
-            _f32_rows(t, n_threads, h, wv[layer], v.reshape((n, KV * D)), False)
+            _f32_rows(t, n_threads, h, wq[layer], q, False)
+            _f32_rows(t, n_threads, h, wk[layer], k, False)
+            _f32_rows(t, n_threads, h, wv[layer], v, False)
             barrier(state, n_threads)
-            _attention(t, n_threads, state, q, k, v, cos, sin, k_cache[layer], v_cache[layer], seq_ids, pos, a)
-            _f32_rows(t, n_threads, a.reshape((n, H * D)), wo[layer], x, True)
+            _attention(t, n_threads, state, qh, kh, vh, cos, sin, k_cache[layer], v_cache[layer], seq_ids, pos, ah)
+            _f32_rows(t, n_threads, a, wo[layer], x, True)
             barrier(state, n_threads)
 
             rmsnorm(x, ffn_norm[layer], eps, h)
