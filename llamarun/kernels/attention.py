@@ -46,14 +46,14 @@ def key_blocks(seq_len):
 
 
 @numba.njit(error_model="numpy")
-def _scores(qr, k_cache, seq, kv, T, scores):
+def _scores(qr, k_cache, layer, seq, kv, T, scores):
     """scores[g, t] = qr[g] . (key t of sequence seq's kv head kv) for t < T (and up to the end of the
     last block), every query g.
 
-    qr: (G, D) the rotated queries of the heads that share this kv head; k_cache: (n_seqs, KV, blocks,
-    D, BLOCK), read in place; scores: (G, >= blocks * BLOCK).
+    qr: (G, D) the rotated queries of the heads that share this kv head; k_cache: (n_layers, n_seqs,
+    KV, blocks, D, BLOCK), layer `layer` read in place; scores: (G, >= blocks * BLOCK).
     """
-    G, D, B = qr.shape[0], qr.shape[1], k_cache.shape[4]
+    G, D, B = qr.shape[0], qr.shape[1], k_cache.shape[5]
     # B is read from the array, not the constant BLOCK: with a trip count known at compile time
     # LLVM unrolls the position loop into scalar code; with a run-time one it vectorizes it
     for b in range((T + B - 1) // B):
@@ -67,16 +67,16 @@ def _scores(qr, k_cache, seq, kv, T, scores):
                 q0, q1, q2, q3 = qr[g, d], qr[g, d + 1], qr[g, d + 2], qr[g, d + 3]
                 for tt in range(B):
                     s = scores[g, t0 + tt]
-                    s += q0 * k_cache[seq, kv, b, d, tt]
-                    s += q1 * k_cache[seq, kv, b, d + 1, tt]
-                    s += q2 * k_cache[seq, kv, b, d + 2, tt]
-                    s += q3 * k_cache[seq, kv, b, d + 3, tt]
+                    s += q0 * k_cache[layer, seq, kv, b, d, tt]
+                    s += q1 * k_cache[layer, seq, kv, b, d + 1, tt]
+                    s += q2 * k_cache[layer, seq, kv, b, d + 2, tt]
+                    s += q3 * k_cache[layer, seq, kv, b, d + 3, tt]
                     scores[g, t0 + tt] = s
             d += 4
         while d < D:
             for g in range(G):
                 for tt in range(B):
-                    scores[g, t0 + tt] += qr[g, d] * k_cache[seq, kv, b, d, tt]
+                    scores[g, t0 + tt] += qr[g, d] * k_cache[layer, seq, kv, b, d, tt]
             d += 1
 
 
@@ -108,9 +108,9 @@ def _softmax(scores, g, T, scale, bias):
 
 
 @numba.njit(error_model="numpy")
-def _weighted_values(probs, v_cache, seq, kv, T, acc):
+def _weighted_values(probs, v_cache, layer, seq, kv, T, acc):
     """acc[g, d] = sum over t < T of probs[g, t] * values[t, d], each accumulated over t in order,
-    values = sequence seq's kv head kv in v_cache (n_seqs, KV, S, D), read in place.
+    values = layer `layer`, sequence seq, kv head kv of v_cache (n_layers, n_seqs, KV, S, D), in place.
 
     probs: (G, >= T) the probabilities of each head of the group; acc: (G, D). SIMD across d.
     """
@@ -124,16 +124,16 @@ def _weighted_values(probs, v_cache, seq, kv, T, acc):
             a0, a1, a2, a3 = probs[g, t], probs[g, t + 1], probs[g, t + 2], probs[g, t + 3]
             for d in range(D):
                 o = acc[g, d]
-                o += a0 * v_cache[seq, kv, t, d]
-                o += a1 * v_cache[seq, kv, t + 1, d]
-                o += a2 * v_cache[seq, kv, t + 2, d]
-                o += a3 * v_cache[seq, kv, t + 3, d]
+                o += a0 * v_cache[layer, seq, kv, t, d]
+                o += a1 * v_cache[layer, seq, kv, t + 1, d]
+                o += a2 * v_cache[layer, seq, kv, t + 2, d]
+                o += a3 * v_cache[layer, seq, kv, t + 3, d]
                 acc[g, d] = o
         t += 4
     while t < T:
         for g in range(G):
             for d in range(D):
-                acc[g, d] += probs[g, t] * v_cache[seq, kv, t, d]
+                acc[g, d] += probs[g, t] * v_cache[layer, seq, kv, t, d]
         t += 1
 
 
@@ -147,37 +147,39 @@ def _rotate(x, i, h, cos, sin, j):
 
 @numba.njit(error_model="numpy")
 def _store(k, v, cos, sin, k_cache, v_cache, seq_ids, pos):
-    """Rotate the batch's keys (RoPE) and write keys and values into the cache.
+    """Rotate the batch's keys (RoPE) and write keys and values into one layer's cache (k_cache,
+    v_cache: as the entry points take them, below).
 
     Every key and value goes in before any query attends: a token of the batch sees the earlier
     tokens of its sequence in the same batch.
     """
     n, KV = k.shape[0], k.shape[1]
-    _store_pairs(0, n * KV, k, v, cos, sin, k_cache, v_cache, seq_ids, pos)
+    _store_pairs(0, n * KV, k, v, cos, sin, k_cache[None], v_cache[None], 0, seq_ids, pos)
 
 
 @numba.njit(error_model="numpy")
-def _store_pairs(start, stop, k, v, cos, sin, k_cache, v_cache, seq_ids, pos):
-    """_store for the (token, kv head) pairs start .. stop - 1 (pair = token * KV + kv head). (The
-    one-call forward gives each thread a share of the pairs.)"""
+def _store_pairs(start, stop, k, v, cos, sin, k_cache, v_cache, layer, seq_ids, pos):
+    """_store for the (token, kv head) pairs start .. stop - 1 (pair = token * KV + kv head), into
+    layer `layer` of the caches of every layer (n_layers, n_seqs, ...). (The one-call forward gives
+    each thread a share of the pairs.)"""
     KV, D = k.shape[1], k.shape[2]
     for pair in range(start, stop):
         i, kv = pair // KV, pair % KV
         seq, p = seq_ids[i], pos[i]
         b, tt = p // BLOCK, p % BLOCK
         for j in range(D // 2):
-            k_cache[seq, kv, b, 2 * j, tt], k_cache[seq, kv, b, 2 * j + 1, tt] = _rotate(k, i, kv, cos, sin, j)
+            k_cache[layer, seq, kv, b, 2 * j, tt], k_cache[layer, seq, kv, b, 2 * j + 1, tt] = _rotate(k, i, kv, cos, sin, j)
         for d in range(D):
-            v_cache[seq, kv, p, d] = v[i, kv, d]
+            v_cache[layer, seq, kv, p, d] = v[i, kv, d]
 
 
 @numba.njit(error_model="numpy")
-def _attend(job, q, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out, record, bias):
+def _attend(job, q, cos, sin, k_cache, v_cache, layer, seq_ids, pos, out, probs_out, record, bias):
     """Attention of token i's query heads that share kv head kv (grouped-query: H / KV of them, heads
     kv * G .. kv * G + G - 1), job = i * KV + kv. Each head's arithmetic is its own (the group only
-    shares the reading of the keys and values)."""
+    shares the reading of the keys and values). The caches: every layer's, this one `layer`."""
     n, H, D = q.shape
-    KV = k_cache.shape[1]
+    KV = k_cache.shape[2]
     G = H // KV
     i, kv = job // KV, job % KV
     seq, T = seq_ids[i], pos[i] + 1
@@ -187,10 +189,10 @@ def _attend(job, q, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out, re
     for g in range(G):
         for j in range(D // 2):
             qr[g, 2 * j], qr[g, 2 * j + 1] = _rotate(q, i, kv * G + g, cos, sin, j)
-    _scores(qr, k_cache, seq, kv, T, scores)
+    _scores(qr, k_cache, layer, seq, kv, T, scores)
     for g in range(G):
         _softmax(scores, g, T, np.float32(math.sqrt(np.float32(D))), bias)
-    _weighted_values(scores, v_cache, seq, kv, T, acc)
+    _weighted_values(scores, v_cache, layer, seq, kv, T, acc)
     for g in range(G):
         for d in range(D):
             out[i, kv * G + g, d] = acc[g, d]
@@ -201,8 +203,9 @@ def _attend(job, q, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out, re
 
 @numba.njit(inline="always")
 def attend_jobs(q, k_cache):
-    """How many _attend jobs a batch of queries q (n, H, D) makes: one per (token, kv head)."""
-    return q.shape[0] * k_cache.shape[1]
+    """How many _attend jobs a batch of queries q (n, H, D) makes: one per (token, kv head) (k_cache:
+    every layer's)."""
+    return q.shape[0] * k_cache.shape[2]
 
 
 @numba.njit(error_model="numpy", cache=True)
@@ -241,13 +244,15 @@ def attention(q, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out,
     Token i attends to positions 0..pos[i] of cache slot seq_ids[i] (its own key included).
     """
     _store(k, v, cos, sin, k_cache, v_cache, seq_ids, pos)
-    for job in range(attend_jobs(q, k_cache)):
-        _attend(job, q, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out, record, bias)
+    k_all, v_all = k_cache[None], v_cache[None]         # the layer-indexed form the helpers take
+    for job in range(attend_jobs(q, k_all)):
+        _attend(job, q, cos, sin, k_all, v_all, 0, seq_ids, pos, out, probs_out, record, bias)
 
 
 @numba.njit(error_model="numpy", parallel=True, cache=True)
 def attention_parallel(q, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out, record, bias):
     """`attention` with the (token, kv head) jobs shared among numba's threads."""
     _store(k, v, cos, sin, k_cache, v_cache, seq_ids, pos)
-    for job in numba.prange(attend_jobs(q, k_cache)):
-        _attend(job, q, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out, record, bias)
+    k_all, v_all = k_cache[None], v_cache[None]
+    for job in numba.prange(attend_jobs(q, k_all)):
+        _attend(job, q, cos, sin, k_all, v_all, 0, seq_ids, pos, out, probs_out, record, bias)

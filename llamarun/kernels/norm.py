@@ -13,6 +13,13 @@ def rmsnorm(x, weight, eps, out):
     (runq.c) a value that lands within an ulp of a rounding boundary is otherwise quantized one step
     off, and the logits move by ~1e-2.
     """
+    rmsnorm_layer(x, weight[None], 0, eps, out)
+
+
+@numba.njit(inline="always")
+def rmsnorm_layer(x, weights, layer, eps, out):
+    """rmsnorm with the weight weights[layer] of stacked weights (n_layers, dim), read in place (the
+    one-call forward's threads: a view of one layer's row would count a reference both share)."""
     n, dim = x.shape
     eps32 = np.float32(eps)
     for j in range(n):
@@ -22,4 +29,4 @@ def rmsnorm(x, weight, eps, out):
         ss = ss / np.float32(dim) + eps32
         inv = np.float32(1.0) / np.float32(math.sqrt(ss))
         for i in range(dim):
-            out[j, i] = weight[i] * (inv * x[j, i])
+            out[j, i] = weights[layer, i] * (inv * x[j, i])

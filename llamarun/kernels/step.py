@@ -43,7 +43,7 @@ from . import int8, matvec
 from .attention import _attend, _store_pairs, attend_jobs
 from .ggml import (PREFETCH_BYTES, ROW_GROUP, _quantized, _row_group_fast, _silu_times, _task_rows, group_range,
                    prefetch_bytes, put_group, quantize_into, swiglu_group)
-from .norm import rmsnorm
+from .norm import rmsnorm, rmsnorm_layer
 
 SPINS = 20000   # pauses (~ 40 ns each) before a waiting thread starts yielding its core
 
@@ -129,16 +129,17 @@ def threads_run_together() -> bool:
 # the pieces of a layer, for thread t of n_threads
 
 @numba.njit(inline="always")
-def _attention(t, n_threads, state, q, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, out):
-    """The attention of a layer, this thread's share, from q, k, v (all complete: after a barrier)
-    to out (complete after the last barrier here): keys and values into the cache, then the
-    (token, kv head) jobs, each as the attention kernel computes it (run.c's arithmetic)."""
+def _attention(t, n_threads, state, q, k, v, cos, sin, k_cache, v_cache, layer, seq_ids, pos, out):
+    """The attention of layer `layer`, this thread's share, from q, k, v (all complete: after a
+    barrier) to out (complete after the last barrier here): keys and values into the caches (every
+    layer's, indexed in place), then the (token, kv head) jobs, each as the attention kernel computes
+    it (run.c's arithmetic)."""
     start, stop = _task_rows(t, n_threads, attend_jobs(q, k_cache))
-    _store_pairs(start, stop, k, v, cos, sin, k_cache, v_cache, seq_ids, pos)
+    _store_pairs(start, stop, k, v, cos, sin, k_cache, v_cache, layer, seq_ids, pos)
     barrier(state, n_threads)
     no_probs, no_bias = np.empty((1, 1, 1), np.float32), np.empty(0, np.float32)
     for job in range(start, stop):
-        _attend(job, q, cos, sin, k_cache, v_cache, seq_ids, pos, out, no_probs, False, no_bias)
+        _attend(job, q, cos, sin, k_cache, v_cache, layer, seq_ids, pos, out, no_probs, False, no_bias)
     barrier(state, n_threads)
 
 
@@ -203,19 +204,19 @@ def forward_fast(x, qts, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, n
         block, up = np.empty((n, ROW_GROUP), np.float32), np.empty((n, ROW_GROUP), np.float32)
         for layer in range(n_layers):
             # attention: q, k, v from the normalized x
-            rmsnorm(x, attention_norm[layer], eps, h)
+            rmsnorm_layer(x, attention_norm, layer, eps, h)
             quantize_into(h, hq, hd, hsum, hs)
             _product(t, n_threads, qts[layer, 0], wq[layer], hq, hd, hsum, hs, q, block, False)
             _product(t, n_threads, qts[layer, 1], wk[layer], hq, hd, hsum, hs, k, block, False)
             _product(t, n_threads, qts[layer, 2], wv[layer], hq, hd, hsum, hs, v, block, False)
             barrier(state, n_threads)
-            _attention(t, n_threads, state, qh, kh, vh, cos, sin, k_cache[layer], v_cache[layer], seq_ids, pos, ah)
+            _attention(t, n_threads, state, qh, kh, vh, cos, sin, k_cache, v_cache, layer, seq_ids, pos, ah)
             quantize_into(a, aq, ad, asum, as_)
             _product(t, n_threads, qts[layer, 3], wo[layer], aq, ad, asum, as_, x, block, True)
             barrier(state, n_threads)
 
             # feed-forward: SwiGLU
-            rmsnorm(x, ffn_norm[layer], eps, h)
+            rmsnorm_layer(x, ffn_norm, layer, eps, h)
             quantize_into(h, hq, hd, hsum, hs)
             gate_raw, up_raw = w1[layer], w3[layer]    # once per layer: a typed list's item costs a call
             gate_qt, up_qt = qts[layer, 4], qts[layer, 6]
@@ -294,18 +295,18 @@ def forward_int8(x, values, scales, layouts, gs, attention_norm, ffn_norm, norm,
         aq, as_ = np.empty((n, H * D), np.int8), np.empty((n, H * D // gs), np.float32)
         gq, gs_ = np.empty((n, hidden), np.int8), np.empty((n, hidden // gs), np.float32)
         for layer in range(n_layers):
-            rmsnorm(x, attention_norm[layer], eps, h)
+            rmsnorm_layer(x, attention_norm, layer, eps, h)
             int8.quantize(h, gs, hq, hs)
             _int8_rows(t, n_threads, wq, sq, layouts[0], layer, hq, hs, gs, q, False)
             _int8_rows(t, n_threads, wk, sk, layouts[1], layer, hq, hs, gs, k, False)
             _int8_rows(t, n_threads, wv, sv, layouts[2], layer, hq, hs, gs, v, False)
             barrier(state, n_threads)
-            _attention(t, n_threads, state, qh, kh, vh, cos, sin, k_cache[layer], v_cache[layer], seq_ids, pos, ah)
+            _attention(t, n_threads, state, qh, kh, vh, cos, sin, k_cache, v_cache, layer, seq_ids, pos, ah)
             int8.quantize(a, gs, aq, as_)
             _int8_rows(t, n_threads, wo, so, layouts[3], layer, aq, as_, gs, x, True)
             barrier(state, n_threads)
 
-            rmsnorm(x, ffn_norm[layer], eps, h)
+            rmsnorm_layer(x, ffn_norm, layer, eps, h)
             int8.quantize(h, gs, hq, hs)
             _int8_rows(t, n_threads, w1, s1, layouts[4], layer, hq, hs, gs, g, False)
             _int8_rows(t, n_threads, w3, s3, layouts[6], layer, hq, hs, gs, up, False)
@@ -352,16 +353,16 @@ def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, o
     for t in numba.prange(n_threads):
         h = np.empty((n, dim), np.float32)
         for layer in range(n_layers):
-            rmsnorm(x, attention_norm[layer], eps, h)
+            rmsnorm_layer(x, attention_norm, layer, eps, h)
             _f32_rows(t, n_threads, h, wq[layer], q, False)
             _f32_rows(t, n_threads, h, wk[layer], k, False)
             _f32_rows(t, n_threads, h, wv[layer], v, False)
             barrier(state, n_threads)
-            _attention(t, n_threads, state, qh, kh, vh, cos, sin, k_cache[layer], v_cache[layer], seq_ids, pos, ah)
+            _attention(t, n_threads, state, qh, kh, vh, cos, sin, k_cache, v_cache, layer, seq_ids, pos, ah)
             _f32_rows(t, n_threads, a, wo[layer], x, True)
             barrier(state, n_threads)
 
-            rmsnorm(x, ffn_norm[layer], eps, h)
+            rmsnorm_layer(x, ffn_norm, layer, eps, h)
             gate, up = w1[layer], w3[layer]
             start, stop = _task_rows(t, n_threads, matvec.groups(gate))
             for group in range(start, stop):
