@@ -18,8 +18,9 @@ Prompt cache (llama.cpp's `cache_prompt`): a slot keeps the keys and values of t
 held. A new request goes to the free slot whose cached tokens share the longest prefix with its
 prompt, and only the rest of the prompt is run: a chat's next turn resends the whole conversation,
 and requests to one server mostly open with the same system prompt. Cached positions are the ones
-the same tokens at the same positions produced, and the kernels compute each row independently of
-the others in its batch, so a reused prefix gives what running it again would give.
+the same tokens at the same positions produced. The kernels compute each row independently of the
+others in its batch, so a reused prefix gives what running it again would give; where a prompt
+went through BLAS (the exact path's chunks of PREFILL_CHUNK), the same up to rounding.
 
 The handlers (async, in the event loop) talk to the worker through `submit` and each request's
 `emit` callback, which the worker calls for every event; the handler makes it thread-safe
