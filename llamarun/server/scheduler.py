@@ -39,7 +39,9 @@ from typing import Callable
 import numba
 import numpy as np
 
+from ..chat import common_prefix_length
 from ..generation import TextAssembler
+from ..inspect.confidence import log_softmax
 from ..model import MATVEC_ROWS, Batch, KVCache
 
 log = logging.getLogger("llamarun.server")
@@ -115,28 +117,6 @@ class Sequence:
         """The tokens whose keys and values the slot holds, positions 0 .. pos - 1 (prompt, then the
         drawn tokens fed back; the last drawn one is never run)."""
         return self.history[:self.pos]
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens a and b share."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n                 # a[:lo] == b[:lo], a[:hi] != b[:hi]: bisect (list slices compare in C)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """log p of every token, from the raw logits (float64).   (vocab,) -> (vocab,)"""
-    z = logits.astype(np.float64)
-    z -= z.max()
-    return z - np.log(np.exp(z).sum())
 
 
 def token_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
@@ -232,7 +212,7 @@ class Scheduler:
         among equals), and how many tokens it shares."""
         best, shared = self.free[0], -1
         for slot in self.free:
-            n = common_prefix(self.slot_tokens[slot], prompt)
+            n = common_prefix_length(self.slot_tokens[slot], prompt)
             if n > shared:
                 best, shared = slot, n
         return best, shared
