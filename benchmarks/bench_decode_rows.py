@@ -12,7 +12,7 @@ import statistics
 import time
 
 import llamarun
-from llamarun.model import Batch, KVCache
+from llamarun.model import Batch
 
 STEPS = 64          # decode steps per timed run
 SETTLE = 0.25       # seconds of idle before each run (thread pools stop spinning)
@@ -41,7 +41,7 @@ def main() -> None:
     print("| ---: | ---: | ---: | ---: | ---: |")
     one_row = None
     for rows in [int(r) for r in args.rows.split(",")]:
-        cache = KVCache(model.config, rows, args.depth + STEPS + 1)
+        cache = model.new_cache(rows, args.depth + STEPS + 1)
         for s in range(rows):
             model.forward(Batch.sequence(list(range(1, args.depth + 1)), 0, s), cache)
         rates = {True: [], False: []}

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from llamarun.model import Batch, KVCache, Transformer
+from llamarun.model import Batch, Transformer
 
 DECODE_PROMPT = 8          # the "short prompt" before a timed decode
 SETTLE = 0.25              # seconds of idle before each measurement (see settled())
@@ -26,7 +26,7 @@ def prefill_rate(model: Transformer, n: int) -> float:
     """tok/s of one batched forward of n random tokens from an empty cache, last token's logits."""
     c = model.config
     batch = Batch.sequence(np.random.default_rng(1).integers(0, c.vocab_size, n))
-    cache = KVCache(c)
+    cache = model.new_cache()
     t0 = time.perf_counter()
     model.forward(batch, cache)
     return n / (time.perf_counter() - t0)
@@ -36,7 +36,7 @@ def decode_rate(model: Transformer, tokens: int) -> float:
     """tok/s of `tokens` greedy steps, one forward each, after a short prompt (fresh cache)."""
     c = model.config
     prompt = np.random.default_rng(2).integers(0, c.vocab_size, DECODE_PROMPT)
-    cache = KVCache(c)
+    cache = model.new_cache()
     logits = model.forward(Batch.sequence(prompt), cache)
     token, pos = int(np.argmax(logits[0])), DECODE_PROMPT
     t0 = time.perf_counter()

@@ -10,7 +10,7 @@ import numpy as np
 from .errors import LlamarunError
 from .formats import load_checkpoint
 from .generation import Completion, TokenEvent, generate_stream
-from .model import Batch, KVCache, Transformer
+from .model import Batch, Transformer
 from .sampling import make_sampler
 from .tensors import GGMLTensor, set_exact
 from .tokenizers import load_tokenizer, tokenizer_from_gguf
@@ -111,7 +111,7 @@ class Llama:
         ids = self.encode(ids)
         if len(ids) > self.config.seq_len:
             raise LlamarunError(f"{len(ids)} tokens do not fit the model's context of {self.config.seq_len}")
-        return self.model.forward(Batch.sequence(ids, all_logits=True), KVCache(self.config, seq_len=len(ids)))
+        return self.model.forward(Batch.sequence(ids, all_logits=True), self.model.new_cache(seq_len=len(ids)))
 
     # -- generation ---------------------------------------------------------------------------
 

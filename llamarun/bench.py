@@ -37,7 +37,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import LlamarunError
-from .model import Batch, KVCache
+from .model import Batch
 
 SETTLE = 0.25              # seconds of idle before every timed run (see the module docstring)
 FILL_CHUNK = 512           # the depth is prefilled in forwards of at most this many tokens
@@ -201,7 +201,7 @@ class LlamarunRunner:
 
     def __init__(self, model, n_ctx: int):
         self.model = model
-        self.cache = KVCache(model.config, seq_len=n_ctx)
+        self.cache = model.new_cache(seq_len=n_ctx)
         self.depth = 0
 
     def fill(self, tokens: list[int]) -> None:

@@ -21,7 +21,6 @@ import jinja2.sandbox
 
 from .errors import LlamarunError
 from .generation import Completion, TokenEvent, generate_stream
-from .model import KVCache
 from .sampling import make_sampler
 
 
@@ -342,7 +341,7 @@ class ChatSession:
         self.max_tokens = max_tokens
         self.sampler = make_sampler("default", **sampling)   # one sampler: a seeded chat is repeatable
         self.stop_tokens = self.tokenizer.eog_ids or frozenset({self.tokenizer.eos_id})
-        self.cache = KVCache(llama.config)
+        self.cache = llama.model.new_cache()
         self._active: Iterator[TokenEvent] | None = None
         self.reset(history)
 

@@ -115,7 +115,7 @@ def generate_stream(model: Transformer, tokenizer, prompt_ids: Sequence[int], sa
     the `confidence_top` most probable alternatives (llamarun/inspect/confidence.py).
     Bad input is refused here, before anything runs.
     """
-    cache = cache or KVCache(model.config)
+    cache = cache or model.new_cache()
     check_prompt(prompt_ids, start_pos, cache.seq_len, model.config.vocab_size)
     if max_tokens < 0:
         raise LlamarunError(f"the number of new tokens must be >= 0, not {max_tokens}")

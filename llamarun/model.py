@@ -70,16 +70,16 @@ class Batch:
         return bool(np.all(np.diff(self.pos[order])[same] > 0))
 
 
-def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """float32 zeros whose memory is committed a 4 KiB page at a time, as it is written, so that a long
+def lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """Zeros (float32 unless told) whose memory is committed a 4 KiB page at a time, as it is written, so that a long
     context costs memory only as it fills. (np.zeros maps fresh pages too, but asks the kernel for
     transparent huge pages on large arrays: the first token then writes one position in every
     2 MiB slab of a (layer, head), and commits the whole cache: 377 MB for SmolLM2's 8192 positions.)"""
-    count = int(np.prod(shape))
-    buffer = mmap.mmap(-1, max(4 * count, 1))                     # anonymous, zero-filled
+    count, dtype = int(np.prod(shape)), np.dtype(dtype)
+    buffer = mmap.mmap(-1, max(dtype.itemsize * count, 1))        # anonymous, zero-filled
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         buffer.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(buffer, np.float32, count).reshape(shape)
+    return np.frombuffer(buffer, dtype, count).reshape(shape)
 
 
 class KVCache:
@@ -90,13 +90,22 @@ class KVCache:
     position % B), so that the attention kernel computes the scores of consecutive positions
     together (SIMD across positions, each score still summed over d in order); see
     kernels/attention.py.
+
+    float32 (run.c's) unless `half`: then half-precision numbers, as llama.cpp's default f16 cache,
+    held as their 16 bits (uint16: numba has no float16), with the fast path's softmax; what the
+    fast path's models make (`Transformer.new_cache`). A decode step at depth reads half the bytes.
     """
 
-    def __init__(self, config: ModelConfig, n_seqs: int = 1, seq_len: int | None = None):
+    def __init__(self, config: ModelConfig, n_seqs: int = 1, seq_len: int | None = None, half: bool = False):
         self.seq_len = seq_len or config.seq_len
         L, KV, S, D = config.n_layers, config.n_kv_heads, self.seq_len, config.head_dim
-        self.k = lazy_zeros((L, n_seqs, KV, key_blocks(S), D, KEY_BLOCK))
-        self.v = lazy_zeros((L, n_seqs, KV, S, D))
+        dtype = np.uint16 if half else np.float32
+        self.k = lazy_zeros((L, n_seqs, KV, key_blocks(S), D, KEY_BLOCK), dtype)
+        self.v = lazy_zeros((L, n_seqs, KV, S, D), dtype)
+
+    @property
+    def half(self) -> bool:
+        return self.k.dtype == np.uint16
 
     @property
     def n_seqs(self) -> int:
@@ -149,6 +158,11 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 QUERY_BLOCK = 64
 
 
+def widened(cached: np.ndarray) -> np.ndarray:
+    """Keys or values of a KV cache as float32 (a half cache holds the 16 bits of each number)."""
+    return cached.view(np.float16).astype(np.float32) if cached.dtype == np.uint16 else cached
+
+
 def attention_blas(q, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs, record: bool, bias):
     """The prefill's attention as matrix products (the fast path): what the attention kernel computes,
     with BLAS's summation order instead of run.c's, and the scores scaled through q (q / sqrt(D):
@@ -172,7 +186,7 @@ def attention_blas(q, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs
         rows = np.flatnonzero(seq_ids == s)
         rows = rows[np.argsort(pos[rows], kind="stable")]
         blocks = int(pos[rows].max()) // KEY_BLOCK + 1                            # the blocks in use, not the context
-        keys = k_cache[s, :, :blocks].transpose(0, 1, 3, 2).reshape(KV, -1, D)     # (KV, S', D), a copy
+        keys = widened(k_cache[s, :, :blocks]).transpose(0, 1, 3, 2).reshape(KV, -1, D)   # (KV, S', D), a copy
         for start in range(0, len(rows), QUERY_BLOCK):
             r = rows[start:start + QUERY_BLOCK]
             m, T = len(r), int(pos[r].max()) + 1
@@ -187,7 +201,7 @@ def attention_blas(q, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs
             scores /= scores.sum(axis=-1, keepdims=True)
             if record:
                 probs[r, :, :T] = scores.reshape(H, m, T).transpose(1, 0, 2)
-            heads_out = scores.reshape(KV, G * m, T) @ v_cache[s, :, :T]              # (KV, G*m, D)
+            heads_out = scores.reshape(KV, G * m, T) @ widened(v_cache[s, :, :T])     # (KV, G*m, D)
             out[r] = heads_out.reshape(KV, G, m, D).transpose(2, 0, 1, 3).reshape(m, H, D)
 
 
@@ -415,6 +429,11 @@ class Transformer:
         if isinstance(wq, tensors.GGMLTensor) and not wq.exact and wq.on_kernels(np.empty((1, 0))):
             return tensors.FAST_KERNEL_ROWS
         return MATVEC_ROWS
+
+    def new_cache(self, n_seqs: int = 1, seq_len: int | None = None) -> KVCache:
+        """A KV cache for this model: float32 on the exact path (run.c's), half precision on the fast
+        path (llama.cpp's f16 cache; see KVCache)."""
+        return KVCache(self.config, n_seqs, seq_len, half=not self.exact)
 
     def forward(self, batch: Batch, cache: KVCache) -> np.ndarray:
         """Run the batch through the model, filling the cache. -> (n_wanted, vocab) float32 logits."""

@@ -377,6 +377,9 @@ class _RecordingModel:
         self.logits.append(out)
         return out
 
+    def new_cache(self, *args, **kwargs):
+        return self.model.new_cache(*args, **kwargs)
+
 
 def quality_ids(llama, text: str = QUALITY_TEXT) -> tuple[list[int], str]:
     """The ids to score: `text` through the model's tokenizer (the one it embeds, else one beside

@@ -8,7 +8,7 @@ import pytest
 
 import llamarun
 from llamarun.inspect.perplexity import token_nll
-from llamarun.model import Batch, KVCache
+from llamarun.model import Batch
 from llamarun.tensors import MATVEC_ROWS
 
 from conftest import GOLDEN, require
@@ -21,7 +21,7 @@ def teacher_forced_logits(llama, ids, ctx=CTX, step=MATVEC_ROWS):
     chunks = []
     for start in range(0, len(ids), ctx):
         chunk = ids[start:start + ctx]
-        cache = KVCache(llama.config, seq_len=len(chunk))
+        cache = llama.model.new_cache(seq_len=len(chunk))   # the fast path's own: half precision
         rows = [llama.model.forward(Batch.sequence(chunk[s:s + step], s, all_logits=True), cache)
                 for s in range(0, len(chunk), step)]
         chunks.append((chunk, np.concatenate(rows)))

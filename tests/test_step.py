@@ -45,14 +45,16 @@ BATCHES = [
 ]
 
 
-def both_paths(model: Transformer, batches, n_seqs=3, seq_len=64):
-    """(logits and cache of the one-call forward, the same of the layer-by-layer path)."""
+def both_paths(model: Transformer, batches, n_seqs=3, seq_len=64, half=None):
+    """(logits and cache of the one-call forward, the same of the layer-by-layer path), on a half-
+    precision cache or a float32 one (default: the model's own kind, Transformer.new_cache's)."""
+    half = not model.exact if half is None else half
     compiled = model.compiled_forward()
     assert compiled is not None
     results = []
     for use in (compiled, None):
         model._compiled = use
-        cache = KVCache(model.config, n_seqs, seq_len)
+        cache = KVCache(model.config, n_seqs, seq_len, half=half)
         results.append(([model.forward(b, cache) for b in batches], cache))
     model._compiled = compiled
     return results
@@ -71,12 +73,13 @@ def assert_same(results):
     {"wq": T.Q8_0, "wk": T.Q4_0, "wv": T.Q6_K, "w1": T.Q4_K, "w2": T.Q6_K, "w3": T.Q4_0, "output": T.Q4_K},
 ], ids=["q4_1", "mixed"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_one_call_forward_equals_the_layer_by_layer_path(types, threads):
+@pytest.mark.parametrize("half", [True, False], ids=["half_cache", "f32_cache"])
+def test_one_call_forward_equals_the_layer_by_layer_path(types, threads, half):
     model = random_model(types)
     before = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
-        assert_same(both_paths(model, BATCHES))
+        assert_same(both_paths(model, BATCHES, half=half))
     finally:
         numba.set_num_threads(before)
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import LlamarunError
 from ..generation import Completion, generate_stream
-from ..model import Batch, KVCache
+from ..model import Batch
 from ..sampling import make_sampler
 from .emphasis import emphasized
 
@@ -78,7 +78,7 @@ def record_attention(llama, prompt, max_tokens: int = 16, emphasis: list[str] = 
     sampling.setdefault("temperature", 0.0)
     model, config = llama.model, llama.config
     recorder = AttentionRecorder(config.n_layers, config.n_heads, len(ids) + max_tokens)
-    cache = KVCache(config)
+    cache = model.new_cache()
     stop_tokens = llama.tokenizer.eog_ids if llama.tokenizer is not None else frozenset({2})
     result = Completion("", [])
     with emphasized(llama, ids, list(emphasis)) as found:

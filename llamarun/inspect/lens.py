@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import LlamarunError
-from ..model import Batch, KVCache, linear, rmsnorm
+from ..model import Batch, linear, rmsnorm
 from .confidence import log_softmax, top_ids
 
 
@@ -49,7 +49,7 @@ def residual_streams(model, ids: Sequence[int], pos: int) -> np.ndarray:
     previous = model.residual_hook
     model.residual_hook = lambda layer, x: rows.append(x[pos].copy())        # x: (n, dim)
     try:
-        model.forward(Batch.sequence(ids[:pos + 1]), KVCache(model.config, seq_len=pos + 1))
+        model.forward(Batch.sequence(ids[:pos + 1]), model.new_cache(seq_len=pos + 1))
     finally:
         model.residual_hook = previous
     return np.stack(rows)

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import LlamarunError
-from ..model import Batch, KVCache
+from ..model import Batch
 
 
 @dataclass
@@ -54,7 +54,7 @@ def perplexity(model, ids: Sequence[int], ctx: int,
     for done, start in enumerate(starts, 1):
         chunk = list(ids[start:start + ctx])
         if len(chunk) >= 2:
-            logits = model.forward(Batch.sequence(chunk, all_logits=True), KVCache(model.config, seq_len=len(chunk)))
+            logits = model.forward(Batch.sequence(chunk, all_logits=True), model.new_cache(seq_len=len(chunk)))
             nll = token_nll(logits[:-1], chunk[1:])                # (len(chunk) - 1,)
             total += float(nll.sum())
             scored += len(nll)

@@ -1,4 +1,5 @@
-"""Causal attention over the KV cache, one (query, head) at a time, with run.c's arithmetic.
+"""Causal attention over the KV cache, one (query, head) at a time, with run.c's arithmetic (float32
+cache) or llama.cpp's (half-precision cache, the fast path: see "the cache's element type" below).
 
 Why a hand-written kernel rather than numpy matrix products:
 - Exactness. run.c sums each score and each weighted value left to right in float32. BLAS sums in
@@ -35,6 +36,9 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
 
 BLOCK = 32   # positions per key block (16 measured 10% slower in the prefill, 64 no faster)
 
@@ -43,6 +47,73 @@ BLOCK = 32   # positions per key block (16 measured 10% slower in the prefill, 6
 def key_blocks(seq_len):
     """Key blocks needed to cache seq_len positions."""
     return (seq_len + BLOCK - 1) // BLOCK
+
+
+# ----------------------------------------------------------------------------------------------
+# the cache's element type
+#
+# A float32 cache is run.c's. A half-precision one (KVCache(..., half=True), what the fast path's
+# caches are, as llama.cpp's are f16) halves the bytes a decode step reads at depth: SmolLM2 at 1024
+# positions reads 47 MB of keys and values per token in float32, more than the weights' 94 MB
+# halved. numba has no float16 type, so a half cache holds the numbers' 16 bits (uint16); `_widen`
+# converts on reading (vcvtph2ps, exact) and `_narrow` on writing (round to nearest even, as numpy's
+# astype(np.float16)). With a half cache the softmax is llama.cpp's kind as well (see _softmax_fast).
+
+@intrinsic
+def _widen(typingctx, value):
+    """A cached key or value as float32: a float32 as it is, uint16 bits of a half as its value."""
+    if value == types.float32:
+        return types.float32(value), lambda context, builder, sig, args: args[0]
+    if value == types.uint16:
+        def codegen(context, builder, sig, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return types.float32(value), codegen
+    return None
+
+
+@intrinsic
+def _narrow(typingctx, cache, value):
+    """float32 value as an element of the cache: itself, or the bits of the nearest half."""
+    if not (isinstance(cache, types.Array) and value == types.float32):
+        return None
+    if cache.dtype == types.float32:
+        return types.float32(cache, value), lambda context, builder, sig, args: args[1]
+    if cache.dtype == types.uint16:
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(builder.fptrunc(args[1], ir.HalfType()), ir.IntType(16))
+        return types.uint16(cache, value), codegen
+    return None
+
+
+@intrinsic
+def _float_of_bits(typingctx, bits):
+    """The float32 whose bits are the low 32 of the integer `bits`."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        word = args[0] if bits.bitwidth == 32 else builder.trunc(args[0], ir.IntType(32))
+        return builder.bitcast(word, ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@numba.njit(inline="always", error_model="numpy")
+def _exp_fast(x):
+    """e^x for float32 x <= 0 (a softmax's shifted scores), within ~2 ulp, with no libm call so that a
+    loop of them vectorizes: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' expf polynomial, times
+    2^n put into the exponent bits. Below -87 it gives e^-87 (~1.6e-38) rather than less: nothing
+    next to a softmax's largest term, whose e^0 = 1 is in every sum."""
+    x = max(x, np.float32(-87.0))
+    n = np.floor(x * np.float32(1.44269504) + np.float32(0.5))          # float32, as every step here
+    r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    y = p * r * r + r + np.float32(1.0)
+    return y * _float_of_bits((np.int32(n) + 127) << 23)
 
 
 @numba.njit(error_model="numpy")
@@ -67,21 +138,21 @@ def _scores(qr, k_cache, layer, seq, kv, T, scores):
                 q0, q1, q2, q3 = qr[g, d], qr[g, d + 1], qr[g, d + 2], qr[g, d + 3]
                 for tt in range(B):
                     s = scores[g, t0 + tt]
-                    s += q0 * k_cache[layer, seq, kv, b, d, tt]
-                    s += q1 * k_cache[layer, seq, kv, b, d + 1, tt]
-                    s += q2 * k_cache[layer, seq, kv, b, d + 2, tt]
-                    s += q3 * k_cache[layer, seq, kv, b, d + 3, tt]
+                    s += q0 * _widen(k_cache[layer, seq, kv, b, d, tt])
+                    s += q1 * _widen(k_cache[layer, seq, kv, b, d + 1, tt])
+                    s += q2 * _widen(k_cache[layer, seq, kv, b, d + 2, tt])
+                    s += q3 * _widen(k_cache[layer, seq, kv, b, d + 3, tt])
                     scores[g, t0 + tt] = s
             d += 4
         while d < D:
             for g in range(G):
                 for tt in range(B):
-                    scores[g, t0 + tt] += qr[g, d] * k_cache[layer, seq, kv, b, d, tt]
+                    scores[g, t0 + tt] += qr[g, d] * _widen(k_cache[layer, seq, kv, b, d, tt])
             d += 1
 
 
 @numba.njit(error_model="numpy")
-def _softmax(scores, g, T, scale, bias):
+def _softmax_exact(scores, g, T, scale, bias):
     """scores[g, :T] / scale, plus bias[:T] if given, then softmax, max-subtracted, as run.c (float32,
     sums left to right).
 
@@ -108,6 +179,55 @@ def _softmax(scores, g, T, scale, bias):
 
 
 @numba.njit(error_model="numpy")
+def _softmax_fast(scores, g, T, scale, bias):
+    """_softmax_exact as llama.cpp computes it (ggml's soft_max: a vectorized exp, sums in SIMD
+    lanes): the exps by _exp_fast, in a loop that vectorizes, and their sum in eight lanes. The
+    attention of a half-precision cache (the fast path); at 1024 positions the libm expf of the exact
+    softmax was a quarter of SmolLM2's attention time."""
+    for t in range(T):
+        scores[g, t] = scores[g, t] / scale
+    if bias.shape[0] > 0:
+        for t in range(T):
+            scores[g, t] += bias[t]
+    best = scores[g, 0]
+    for t in range(1, T):
+        if scores[g, t] > best:
+            best = scores[g, t]
+    for t in range(T):
+        scores[g, t] = _exp_fast(scores[g, t] - best)
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
+    t = 0
+    while t + 8 <= T:
+        s0 += scores[g, t]
+        s1 += scores[g, t + 1]
+        s2 += scores[g, t + 2]
+        s3 += scores[g, t + 3]
+        s4 += scores[g, t + 4]
+        s5 += scores[g, t + 5]
+        s6 += scores[g, t + 6]
+        s7 += scores[g, t + 7]
+        t += 8
+    total = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    while t < T:
+        total += scores[g, t]
+        t += 1
+    for t in range(T):
+        scores[g, t] = scores[g, t] / total
+
+
+def _softmax(cache, scores, g, T, scale, bias):
+    """The softmax of head g's scores that goes with the cache's element type: run.c's for float32,
+    llama.cpp's for half (chosen when numba compiles the caller, no test at run time)."""
+
+
+@overload(_softmax)
+def _softmax_for(cache, scores, g, T, scale, bias):
+    if cache.dtype == types.uint16:
+        return lambda cache, scores, g, T, scale, bias: _softmax_fast(scores, g, T, scale, bias)
+    return lambda cache, scores, g, T, scale, bias: _softmax_exact(scores, g, T, scale, bias)
+
+
+@numba.njit(error_model="numpy")
 def _weighted_values(probs, v_cache, layer, seq, kv, T, acc):
     """acc[g, d] = sum over t < T of probs[g, t] * values[t, d], each accumulated over t in order,
     values = layer `layer`, sequence seq, kv head kv of v_cache (n_layers, n_seqs, KV, S, D), in place.
@@ -124,16 +244,16 @@ def _weighted_values(probs, v_cache, layer, seq, kv, T, acc):
             a0, a1, a2, a3 = probs[g, t], probs[g, t + 1], probs[g, t + 2], probs[g, t + 3]
             for d in range(D):
                 o = acc[g, d]
-                o += a0 * v_cache[layer, seq, kv, t, d]
-                o += a1 * v_cache[layer, seq, kv, t + 1, d]
-                o += a2 * v_cache[layer, seq, kv, t + 2, d]
-                o += a3 * v_cache[layer, seq, kv, t + 3, d]
+                o += a0 * _widen(v_cache[layer, seq, kv, t, d])
+                o += a1 * _widen(v_cache[layer, seq, kv, t + 1, d])
+                o += a2 * _widen(v_cache[layer, seq, kv, t + 2, d])
+                o += a3 * _widen(v_cache[layer, seq, kv, t + 3, d])
                 acc[g, d] = o
         t += 4
     while t < T:
         for g in range(G):
             for d in range(D):
-                acc[g, d] += probs[g, t] * v_cache[layer, seq, kv, t, d]
+                acc[g, d] += probs[g, t] * _widen(v_cache[layer, seq, kv, t, d])
         t += 1
 
 
@@ -168,37 +288,66 @@ def _store_pairs(start, stop, k, v, cos, sin, k_cache, v_cache, layer, seq_ids, 
         seq, p = seq_ids[i], pos[i]
         b, tt = p // BLOCK, p % BLOCK
         for j in range(D // 2):
-            k_cache[layer, seq, kv, b, 2 * j, tt], k_cache[layer, seq, kv, b, 2 * j + 1, tt] = _rotate(k, i, kv, cos, sin, j)
+            k0, k1 = _rotate(k, i, kv, cos, sin, j)
+            k_cache[layer, seq, kv, b, 2 * j, tt] = _narrow(k_cache, k0)
+            k_cache[layer, seq, kv, b, 2 * j + 1, tt] = _narrow(k_cache, k1)
         for d in range(D):
-            v_cache[layer, seq, kv, p, d] = v[i, kv, d]
+            v_cache[layer, seq, kv, p, d] = _narrow(v_cache, v[i, kv, d])
 
 
 @numba.njit(error_model="numpy")
 def _attend(job, q, cos, sin, k_cache, v_cache, layer, seq_ids, pos, out, probs_out, record, bias):
     """Attention of token i's query heads that share kv head kv (grouped-query: H / KV of them, heads
-    kv * G .. kv * G + G - 1), job = i * KV + kv. Each head's arithmetic is its own (the group only
-    shares the reading of the keys and values). The caches: every layer's, this one `layer`."""
+    kv * G .. kv * G + G - 1), job = i * KV + kv. The caches: every layer's, this one `layer`."""
+    KV = k_cache.shape[2]
+    _attend_heads(job // KV, job % KV, 0, q.shape[1] // KV, q, cos, sin, k_cache, v_cache, layer, seq_ids, pos,
+                  out, probs_out, record, bias)
+
+
+@numba.njit(error_model="numpy")
+def _attend_heads(i, kv, g0, g1, q, cos, sin, k_cache, v_cache, layer, seq_ids, pos, out, probs_out, record, bias):
+    """Attention of token i's query heads kv * G + g for g0 <= g < g1 (some or all of the G heads that
+    share kv head kv). Each head's arithmetic is its own (the heads only share the reading of the
+    keys and values), so it does not depend on which others are computed with it."""
     n, H, D = q.shape
     KV = k_cache.shape[2]
-    G = H // KV
-    i, kv = job // KV, job % KV
+    G, count = H // KV, g1 - g0
+    first = kv * G + g0                                          # the first head computed
     seq, T = seq_ids[i], pos[i] + 1
-    qr = np.empty((G, D), np.float32)                        # the rotated queries
-    scores = np.empty((G, key_blocks(T) * BLOCK), np.float32)  # scores, then probabilities
-    acc = np.empty((G, D), np.float32)
-    for g in range(G):
+    qr = np.empty((count, D), np.float32)                        # the rotated queries
+    scores = np.empty((count, key_blocks(T) * BLOCK), np.float32)  # scores, then probabilities
+    acc = np.empty((count, D), np.float32)
+    for g in range(count):
         for j in range(D // 2):
-            qr[g, 2 * j], qr[g, 2 * j + 1] = _rotate(q, i, kv * G + g, cos, sin, j)
+            qr[g, 2 * j], qr[g, 2 * j + 1] = _rotate(q, i, first + g, cos, sin, j)
     _scores(qr, k_cache, layer, seq, kv, T, scores)
-    for g in range(G):
-        _softmax(scores, g, T, np.float32(math.sqrt(np.float32(D))), bias)
+    for g in range(count):
+        _softmax(k_cache, scores, g, T, np.float32(math.sqrt(np.float32(D))), bias)
     _weighted_values(scores, v_cache, layer, seq, kv, T, acc)
-    for g in range(G):
+    for g in range(count):
         for d in range(D):
-            out[i, kv * G + g, d] = acc[g, d]
+            out[i, first + g, d] = acc[g, d]
         if record:
             for t in range(T):
-                probs_out[i, kv * G + g, t] = scores[g, t]
+                probs_out[i, first + g, t] = scores[g, t]
+
+
+@numba.njit(error_model="numpy")
+def attend_heads_range(start, stop, q, cos, sin, k_cache, v_cache, layer, seq_ids, pos, out):
+    """Attention of the query heads start .. stop - 1 of the batch, counted token by token (head f is
+    token f // H's head f % H), a group sharing a kv head at a time. (The one-call forward gives each
+    thread an even share of the heads: one decode token has 3 kv heads in SmolLM2, which two threads
+    would share 2 to 1, but 9 query heads, shared 5 to 4.)"""
+    H, KV = q.shape[1], k_cache.shape[2]
+    G = H // KV
+    no_probs, no_bias = np.empty((1, 1, 1), np.float32), np.empty(0, np.float32)
+    f = start
+    while f < stop:
+        i, h = f // H, f % H
+        kv, g0 = h // G, h % G
+        g1 = min(G, g0 + stop - f)
+        _attend_heads(i, kv, g0, g1, q, cos, sin, k_cache, v_cache, layer, seq_ids, pos, out, no_probs, False, no_bias)
+        f += g1 - g0
 
 
 @numba.njit(inline="always")
@@ -237,7 +386,8 @@ def attention(q, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out,
     q: (n, H, D) queries and k, v: (n, KV, D) keys and values of the batch's tokens, before RoPE;
     cos, sin: (n, D/2) the rotation angles of each token's position;
     k_cache: (n_seqs, KV, blocks, D, BLOCK) keys, block b holding positions b*BLOCK onwards,
-    transposed; v_cache: (n_seqs, KV, S, D) values (one layer's caches);
+    transposed; v_cache: (n_seqs, KV, S, D) values (one layer's caches; float32, or uint16 for a
+    half-precision cache);
     seq_ids, pos: (n,) int64; out: (n, H, D) written; probs_out: (n, H, T_max), written if record;
     bias: (S,) float32 added to the scaled scores of key positions 0..S-1, the same for every
     sequence and head of the batch (attention emphasis, llamarun/inspect/emphasis.py), or empty.

@@ -40,7 +40,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import int8, matvec
-from .attention import _attend, _store_pairs, attend_jobs
+from .attention import _store_pairs, attend_heads_range, attend_jobs
 from .ggml import (PREFETCH_BYTES, ROW_GROUP, _quantized, _row_group_fast, _silu_times, _task_rows, group_range,
                    prefetch_bytes, put_group, quantize_into, swiglu_group)
 from .norm import rmsnorm, rmsnorm_layer
@@ -132,14 +132,13 @@ def threads_run_together() -> bool:
 def _attention(t, n_threads, state, q, k, v, cos, sin, k_cache, v_cache, layer, seq_ids, pos, out):
     """The attention of layer `layer`, this thread's share, from q, k, v (all complete: after a
     barrier) to out (complete after the last barrier here): keys and values into the caches (every
-    layer's, indexed in place), then the (token, kv head) jobs, each as the attention kernel computes
-    it (run.c's arithmetic)."""
+    layer's, indexed in place), then an even share of the batch's query heads, each as the attention
+    kernel computes it (run.c's arithmetic)."""
     start, stop = _task_rows(t, n_threads, attend_jobs(q, k_cache))
     _store_pairs(start, stop, k, v, cos, sin, k_cache, v_cache, layer, seq_ids, pos)
     barrier(state, n_threads)
-    no_probs, no_bias = np.empty((1, 1, 1), np.float32), np.empty(0, np.float32)
-    for job in range(start, stop):
-        _attend(job, q, cos, sin, k_cache, v_cache, layer, seq_ids, pos, out, no_probs, False, no_bias)
+    start, stop = _task_rows(t, n_threads, q.shape[0] * q.shape[1])    # this thread's query heads
+    attend_heads_range(start, stop, q, cos, sin, k_cache, v_cache, layer, seq_ids, pos, out)
     barrier(state, n_threads)
 
 

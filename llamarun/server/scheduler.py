@@ -42,7 +42,7 @@ import numpy as np
 from ..chat import common_prefix_length
 from ..generation import TextAssembler
 from ..inspect.confidence import log_softmax
-from ..model import MATVEC_ROWS, Batch, KVCache
+from ..model import MATVEC_ROWS, Batch
 
 log = logging.getLogger("llamarun.server")
 
@@ -133,7 +133,7 @@ class Scheduler:
             raise ValueError("parallel must be >= 1")
         self.llama, self.model, self.tokenizer = llama, llama.model, llama.tokenizer
         self.ctx, self.queue_limit = ctx, queue
-        self.cache = KVCache(llama.config, n_seqs=parallel, seq_len=ctx)
+        self.cache = self.model.new_cache(n_seqs=parallel, seq_len=ctx)
         self.stop_tokens = self.tokenizer.eog_ids or frozenset({self.tokenizer.eos_id})
         self.free = list(range(parallel))
         self.slot_tokens: list[list[int]] = [[] for _ in range(parallel)]   # what each slot's cache holds
