@@ -1,7 +1,9 @@
 """Throughput and latency of `llamarun serve` on SmolLM2 at concurrency 1, 2, 4, 8, 16.
 
 Starts `python -m llamarun serve` on a free loopback port, sends `concurrency` streaming chat requests
-at a time (each a prompt from PROMPTS, greedy, a fixed number of tokens), and prints per level:
+at a time (each a prompt from PROMPTS, greedy, a fixed number of tokens: `ignore_eos`, llama.cpp's
+extension, as serving benchmarks fix the output length; else a request that drew its end-of-turn
+token early would leave the others of its round to finish with fewer streams), and prints per level:
 aggregate generated tok/s, p50/p95 time to first token, p50/p95 inter-token latency; and the
 one stream's rates beside `llamarun generate`'s (the API's generation loop), like for like: the decode
 rate (first token to last) and the whole rate (request to last token; generate: prefill and decode).
@@ -49,7 +51,7 @@ def request_prompt(n: int) -> str:
 
 def one_stream(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> dict:
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     times, tokens, cached, prompt_tokens = [], 0, 0, 0
     with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
@@ -96,7 +98,8 @@ def generate_rates(max_tokens: int) -> tuple[float, float]:
     llama.generate(encode([{"role": "user", "content": PROMPTS[0]}], llama.tokenizer), 4, temperature=0)  # warm up
     decode, whole = [], []
     for prompt in map(request_prompt, range(len(PROMPTS))):
-        c = llama.generate(encode([{"role": "user", "content": prompt}], llama.tokenizer), max_tokens, temperature=0)
+        c = llama.generate(encode([{"role": "user", "content": prompt}], llama.tokenizer), max_tokens, temperature=0,
+                           ignore_eos=True)
         decode.append(c.decode_tok_s)
         whole.append(len(c.tokens) / (c.prefill_seconds + c.decode_seconds))
     return float(np.median(decode)), float(np.median(whole))

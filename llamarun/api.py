@@ -117,7 +117,7 @@ class Llama:
 
     def stream(self, prompt: str | Sequence[int], max_tokens: int = 256, *, sampler: str = "default",
                stop: Sequence[str] = (), confidence: bool = False, confidence_top: int = 5,
-               **sampling) -> "Stream":
+               ignore_eos: bool = False, **sampling) -> "Stream":
         """Generate lazily: iterate for TokenEvents (ev.token, ev.text); `.completion` holds the result.
 
         sampling: temperature, top_p, top_k, min_p, repeat_penalty, presence_penalty, frequency_penalty,
@@ -125,6 +125,7 @@ class Llama:
         stops only when BOS is drawn. confidence=True: each event's `.confidence` (and the completion's
         `.confidence` list) holds the token's probability, sampling probability, logit margins,
         entropy and `confidence_top` alternatives (llamarun.inspect.confidence.TokenConfidence).
+        ignore_eos=True (llama.cpp's --ignore-eos): only max_tokens or a stop string ends it.
         """
         if isinstance(stop, str):
             stop = [stop]
@@ -136,6 +137,8 @@ class Llama:
             stop_tokens = self.tokenizer.eog_ids
         else:
             stop_tokens = frozenset({LLAMA2C_EOS})
+        if ignore_eos:
+            stop_tokens = frozenset()
         result = Completion("", [])
         events = generate_stream(self.model, self.tokenizer, ids, chosen, max_tokens=max_tokens,
                                  stop_tokens=stop_tokens, stop=stop, result=result, confidence=confidence,

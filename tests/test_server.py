@@ -165,6 +165,21 @@ def test_stop_string_and_seed(server):
     assert a.choices[0].finish_reason == "length"
 
 
+def test_ignore_eos_generates_max_tokens(server, llama):
+    """llama.cpp's `ignore_eos` extension: the end-of-turn token no longer ends the reply, max_tokens
+    does; the text up to it is the plain reply's (greedy)."""
+    client = server.client()
+    messages = [{"role": "user", "content": "What is 2+2? Answer with one number."}]
+    plain = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=24, temperature=0)
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 24
+    forced = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=24, temperature=0,
+                                            extra_body={"ignore_eos": True})
+    assert forced.choices[0].finish_reason == "length" and forced.usage.completion_tokens == 24
+    assert forced.choices[0].message.content.startswith(plain.choices[0].message.content)
+    expected = llama.generate(chat_ids(llama, messages), 24, temperature=0, ignore_eos=True)
+    assert forced.choices[0].message.content == expected.text
+
+
 def test_models_and_health(server):
     models = server.client().models.list()
     assert [m.id for m in models.data] == ["smollm2"]
@@ -183,7 +198,8 @@ def post(server, path, content, key=KEY):
 @pytest.mark.parametrize("body", ['{"messages": [', '[1, 2]', '{"messages": "hi"}',
                                   '{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}',
                                   '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}',
-                                  '{"messages": [{"role": "wizard", "content": "hi"}]}'])
+                                  '{"messages": [{"role": "wizard", "content": "hi"}]}',
+                                  '{"messages": [{"role": "user", "content": "hi"}], "ignore_eos": 1}'])
 def test_malformed_or_wrong_types_are_400(server, body):
     response = post(server, "/v1/chat/completions", body)
     assert response.status_code == 400

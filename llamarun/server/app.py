@@ -95,7 +95,7 @@ def stop_strings(body) -> tuple[str, ...]:
 
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
-          "logprobs", "top_k", "min_p", "stream", "stream_options", "n", "user"}
+          "logprobs", "top_k", "min_p", "ignore_eos", "stream", "stream_options", "n", "user"}
 CHAT_ONLY = {"messages", "top_logprobs", "max_completion_tokens"}
 COMPLETION_ONLY = {"prompt", "echo", "best_of"}
 
@@ -234,8 +234,11 @@ class Server:
             raise ApiError(400, str(e)) from None
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise ApiError(400, "'ignore_eos' must be true or false", param="ignore_eos")
         request = Request(prompt, max_tokens, sampler, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-                          stop=stop_strings(body), logprobs=logprobs)
+                          stop=stop_strings(body), logprobs=logprobs, ignore_eos=ignore_eos)
         try:
             self.scheduler.submit(request)
         except QueueFull as e:

@@ -81,6 +81,7 @@ class Request:
     emit: Callable[[Event], None]        # called from the worker thread
     stop: tuple[str, ...] = ()
     logprobs: int | None = None          # None: no logprobs; k: the drawn token's and the top k
+    ignore_eos: bool = False             # llama.cpp's extension: end-of-generation tokens do not stop it
     cancelled: bool = False              # set by the handler; the worker frees the slot
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -272,10 +273,13 @@ class Scheduler:
     def prefill_budget(self, n_decoding: int) -> int:
         """How many prompt tokens ride along with `n_decoding` decode rows in this step.
 
-        Nobody decoding: a full chunk. Otherwise a chunk steered by what the steps cost: it grows by
-        one while a step stays within (1 + PREFILL_SHARE) decode-only steps of this many rows, and
-        shrinks by a third when a step goes over. No prompt rides along until decode-only steps of this
-        size have been timed (the first steps after the number of streams changes).
+        Nobody decoding: a full chunk. Otherwise a chunk steered by what the steps cost: it starts at
+        as many tokens as there are decode rows, grows by a quarter (at least one) while a step stays
+        within (1 + PREFILL_SHARE) decode-only steps of this many rows, and shrinks by a third when a
+        step goes over. (Growing by one token a step, short prompts joining 7 streams took 10-20 steps
+        to get in, and the streams ended that many steps apart.) No prompt rides along until
+        decode-only steps of this size have been timed (the first steps after the number of streams
+        changes).
         """
         # Beyond the model's matvec_rows BLAS takes over, with a fixed cost per forward that a small
         # chunk does not repay, and (fast path) float activations where the kernels quantize them: a
@@ -286,7 +290,7 @@ class Scheduler:
         if len(self.decode_seconds.get(n_decoding, ())) < MIN_TIMING_SAMPLES:
             return 0
         room = rows - n_decoding if n_decoding < rows else PREFILL_CHUNK
-        return max(1, min(room, self.chunk.get(n_decoding, 1)))
+        return max(1, min(room, self.chunk.get(n_decoding, n_decoding)))
 
     def record_time(self, n_decoding: int, n_prefill: int, seconds: float) -> None:
         """Time a step: decode-only steps set the pace, mixed steps steer the prefill chunk."""
@@ -296,7 +300,11 @@ class Scheduler:
             del times[:-8]                                  # the recent ones: the machine's load changes
         elif n_decoding:
             target = (1 + PREFILL_SHARE) * float(np.median(self.decode_seconds[n_decoding]))
-            self.chunk[n_decoding] = n_prefill + 1 if seconds <= target else max(1, n_prefill * 2 // 3)
+            chunk = self.chunk.get(n_decoding, n_decoding)
+            if seconds <= target:       # a prompt's last piece may be shorter than the chunk: keep the chunk
+                self.chunk[n_decoding] = max(chunk, n_prefill + max(1, n_prefill // 4))
+            else:
+                self.chunk[n_decoding] = max(1, n_prefill * 2 // 3)
 
     def advance(self, seq: Sequence, logits: np.ndarray) -> None:
         """Draw the sequence's next token from its logits and report it; end it if it is done."""
@@ -304,7 +312,7 @@ class Scheduler:
         token = int(request.sampler.sample(logits, seq.history))
         seq.history.append(token)
         logprob = token_logprob(logits, token, request.logprobs) if request.logprobs is not None else None
-        if token in seq.stop_tokens:
+        if token in seq.stop_tokens and not request.ignore_eos:
             self.finish(seq, "stop", seq.text.flush())
             return
         seq.generated += 1
