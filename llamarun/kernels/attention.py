@@ -152,9 +152,8 @@ def _scores(qr, k_cache, layer, seq, kv, T, scores):
 
 
 @numba.njit(error_model="numpy")
-def _softmax_exact(scores, g, T, scale, bias):
-    """scores[g, :T] / scale, plus bias[:T] if given, then softmax, max-subtracted, as run.c (float32,
-    sums left to right).
+def _scaled_max(scores, g, T, scale, bias):
+    """scores[g, :T] / scale, plus bias[:T] if given, in place; -> their maximum.
 
     bias: (S,) added to the scaled scores of key positions (attention emphasis: log(F) at the keys
     to emphasise, so their weights are multiplied by F before renormalising), or empty for none:
@@ -169,6 +168,14 @@ def _softmax_exact(scores, g, T, scale, bias):
     for t in range(1, T):
         if scores[g, t] > best:
             best = scores[g, t]
+    return best
+
+
+@numba.njit(error_model="numpy")
+def _softmax_exact(scores, g, T, scale, bias):
+    """The softmax of scores[g, :T] scaled (see _scaled_max), max-subtracted, as run.c (float32,
+    sums left to right)."""
+    best = _scaled_max(scores, g, T, scale, bias)
     total = np.float32(0.0)
     for t in range(T):
         e = np.float32(math.exp(scores[g, t] - best))
@@ -184,15 +191,7 @@ def _softmax_fast(scores, g, T, scale, bias):
     lanes): the exps by _exp_fast, in a loop that vectorizes, and their sum in eight lanes. The
     attention of a half-precision cache (the fast path); at 1024 positions the libm expf of the exact
     softmax was a quarter of SmolLM2's attention time."""
-    for t in range(T):
-        scores[g, t] = scores[g, t] / scale
-    if bias.shape[0] > 0:
-        for t in range(T):
-            scores[g, t] += bias[t]
-    best = scores[g, 0]
-    for t in range(1, T):
-        if scores[g, t] > best:
-            best = scores[g, t]
+    best = _scaled_max(scores, g, T, scale, bias)
     for t in range(T):
         scores[g, t] = _exp_fast(scores[g, t] - best)
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
