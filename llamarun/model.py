@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-from numba.typed import List
 
 from . import tensors
 from .config import ModelConfig
@@ -28,7 +27,7 @@ from .kernels.attention import BLOCK as KEY_BLOCK, attention as attention_kernel
 from .kernels.attention import rope as rope_kernel, store as store_kernel
 from .kernels.matvec import matvec, matvec3, swiglu
 from .kernels.norm import rmsnorm as rmsnorm_kernel
-from .kernels.step import forward_f32, forward_fast, forward_int8, threads_run_together
+from .kernels.step import forward_f32, forward_fast, forward_int8, threads_run_together, typed_list
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,7 +339,7 @@ class CompiledForward:
         if isinstance(output, tensors.GGMLTensor):
             self.kind = "ggml"
             self.qts = np.array([[int(lw[name].qtype) for name in self.MATRICES] for lw in layers], np.int64)
-            self.raws = tuple(List([lw[name].raw for lw in layers]) for name in self.MATRICES)
+            self.raws = tuple(typed_list(tuple(lw[name].raw for lw in layers)) for name in self.MATRICES)
             self.output_qt, self.output = int(output.qtype), output.raw
             self.takes_prompts = all(w.qtype in tensors.GROUP_KERNEL_TYPES for w in [output] + [lw[name] for lw in layers
                                                                                     for name in self.MATRICES])
@@ -348,13 +347,14 @@ class CompiledForward:
             self.kind = "int8"
             self.group_size = output.group_size
             stacked = [weights[name] for name in self.MATRICES]
-            self.values, self.scales = List([_flat(w.q) for w in stacked]), List([_flat(w.scale) for w in stacked])
+            self.values, self.scales = (typed_list(tuple(_flat(w.q) for w in stacked)),
+                                        typed_list(tuple(_flat(w.scale) for w in stacked)))
             self.layouts = np.array([(w.q.strides[0], w.scale.strides[0] // 4, *w.q.shape[1:]) for w in stacked], np.int64)
             self.output = (output.q, output.scale)
         else:
             self.kind = "f32"
             self.rows = min(self.ROWS, MATVEC_ROWS)
-            self.matrices = tuple(List([lw[name] for lw in layers]) for name in self.MATRICES)
+            self.matrices = tuple(typed_list(tuple(lw[name] for lw in layers)) for name in self.MATRICES)
             self.output = output
 
     @staticmethod
