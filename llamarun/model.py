@@ -186,6 +186,7 @@ def attention_blas(q, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs
         rows = rows[np.argsort(pos[rows], kind="stable")]
         blocks = int(pos[rows].max()) // KEY_BLOCK + 1                            # the blocks in use, not the context
         keys = widened(k_cache[s, :, :blocks]).transpose(0, 1, 3, 2).reshape(KV, -1, D)   # (KV, S', D), a copy
+        values = widened(v_cache[s, :, :int(pos[rows].max()) + 1])                 # (KV, S'', D), once per sequence
         for start in range(0, len(rows), QUERY_BLOCK):
             r = rows[start:start + QUERY_BLOCK]
             m, T = len(r), int(pos[r].max()) + 1
@@ -200,7 +201,7 @@ def attention_blas(q, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs
             scores /= scores.sum(axis=-1, keepdims=True)
             if record:
                 probs[r, :, :T] = scores.reshape(H, m, T).transpose(1, 0, 2)
-            heads_out = scores.reshape(KV, G * m, T) @ widened(v_cache[s, :, :T])     # (KV, G*m, D)
+            heads_out = scores.reshape(KV, G * m, T) @ values[:, :T]                  # (KV, G*m, D)
             out[r] = heads_out.reshape(KV, G, m, D).transpose(2, 0, 1, 3).reshape(m, H, D)
 
 
