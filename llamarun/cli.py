@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -56,6 +57,38 @@ class Output:
         if b:
             self.stream.buffer.write(b)
             self.stream.buffer.flush()
+
+
+class CtrlC:
+    """Ctrl-C while tokens stream: a flag the loop reads after each token, not an exception.
+
+    A KeyboardInterrupt is raised at whatever Python code runs when the signal lands, and part of each
+    decode step's Python code runs inside numba's dispatcher, which unboxes the typed lists of layer
+    matrices by calling back into Python: an exception raised there is lost, or comes out as a
+    TypeError ("can't unbox a List"). So the first Ctrl-C only sets `pressed`, and the loop stops after
+    the token it is on (a few ms). The handler it replaces comes back then, so a second Ctrl-C (say,
+    during a long prompt's prefill, which no flag can cut short) interrupts at once; this block takes
+    that KeyboardInterrupt as a press too. A SIGINT ignored at start (a background job) stays ignored.
+    """
+
+    def __enter__(self) -> "CtrlC":
+        self.pressed = False
+        self.previous = signal.getsignal(signal.SIGINT)
+        if self.previous is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, self._press)
+        return self
+
+    def _press(self, signum, frame) -> None:
+        self.pressed = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __exit__(self, kind, value, traceback) -> bool:
+        if self.previous is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, self.previous)
+        if kind is KeyboardInterrupt:
+            self.pressed = True
+            return True
+        return False
 
 
 def prompt_of(args) -> str:
@@ -128,8 +161,7 @@ def cmd_generate(args) -> int:
     coloured = ColouredOutput() if args.confidence and not args.ids else None
     if coloured:
         print(LEGEND, file=sys.stderr)
-    interrupted = False
-    try:
+    with CtrlC() as ctrl_c:
         if not args.ids:
             out.text(prompt)
         for event in stream:
@@ -137,8 +169,9 @@ def cmd_generate(args) -> int:
                 coloured.text(event.text, event.confidence)
             elif not args.ids:
                 out.text(event.text)
-    except KeyboardInterrupt:
-        interrupted = True
+            if ctrl_c.pressed:
+                break
+    interrupted = ctrl_c.pressed
     result = stream.completion
     if args.confidence_json is not None:
         write_confidence_json(args.confidence_json, result.confidence)
@@ -194,16 +227,16 @@ def cmd_run(args) -> int:
             out.bytes(runc_piece(llama.tokenizer, prev, token))
         prev = token
 
-    interrupted = False
     start = time.perf_counter()
-    try:
+    with CtrlC() as ctrl_c:
         for token in prompt_ids[1:]:
             show(token)
         for event in stream:
             if event.token is not None:
                 show(event.token)
-    except KeyboardInterrupt:
-        interrupted = True
+            if ctrl_c.pressed:
+                break
+    interrupted = ctrl_c.pressed
     result = stream.completion
     out.end(result, args.ids)
     walked = len(result.walked) - 1
@@ -300,12 +333,14 @@ def chat_turn(session, text: str, out: Output) -> bool:
     conversation, cut where it was)."""
     stream = session.send(text)
     started = False
-    try:
+    with CtrlC() as ctrl_c:
         for event in stream:
             piece = event.text if started else event.text.lstrip()   # the reply's leading space is the
             started = started or bool(piece)                         # tokenizer's, not the model's words
             out.text(piece)
-    except KeyboardInterrupt:
+            if ctrl_c.pressed:
+                break
+    if ctrl_c.pressed:
         stream.close()
         out.text("\n")
         return False

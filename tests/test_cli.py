@@ -68,6 +68,39 @@ def test_a_user_error_exits_1_without_traceback():
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and "top_p" in r.stderr
 
 
+def test_ctrl_c_lands_as_a_flag_between_tokens(capsysbinary, monkeypatch):
+    # A real SIGINT while the 3rd token is computed, landing in code that swallows exceptions, as numba's
+    # dispatcher does with one raised in the Python it calls back to unbox a typed list: a
+    # KeyboardInterrupt would be lost there and the run would go on to 20 tokens. The loop must stop
+    # after printing the 3rd, and the command's handler is gone afterwards.
+    import os
+    import llamarun.api
+    real = llamarun.api.generate_stream
+
+    def unboxing_with_sigint():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(3):                          # Python runs the handler at its next instruction
+                pass
+        except BaseException:
+            pass
+
+    def signalled_at_the_third(*args, **kwargs):
+        def events():
+            for n, event in enumerate(real(*args, **kwargs)):
+                if n == 2:
+                    unboxing_with_sigint()
+                yield event
+        return events()
+
+    monkeypatch.setattr(llamarun.api, "generate_stream", signalled_at_the_third)
+    before = signal.getsignal(signal.SIGINT)
+    assert main(["generate", "Once upon a time", "-m", model("tiny_gqa.bin"), "-n", "20", "--seed", "3"]) == 130
+    assert signal.getsignal(signal.SIGINT) is before
+    err = capsysbinary.readouterr().err.decode()
+    assert "generated: 3 tokens" in err and "finish: interrupted" in err, err
+
+
 def test_ctrl_c_keeps_the_output_and_exits_130(tmp_path):
     # mkmodel's s42M shape: its 1024-token context keeps generation going for seconds, long enough to
     # interrupt it (the "gqa" shape's 512 tokens took 0.7 s once float32 decoded as one call, and a CI
