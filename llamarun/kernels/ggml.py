@@ -950,13 +950,23 @@ def _row_group_fast(qt, raw, o, xq, xd, xsum, xs, out):
                 out[j, i] = _k_quant_row(qt, row, xq[j], xd[j], xs[j])
 
 
+STORE, ADD, GATED = 0, 1, 2     # what put_group does with a group's products
+
+
 @numba.njit(inline="always")
-def put_group(block, out, o, add):
-    """out[j, o + i] = block[j, i] (or += it when `add`) for the rows i of the group starting at weight
-    row o that the matrix has (out: (n, rows); block: (n, ROW_GROUP), from _row_group_fast)."""
+def put_group(block, out, o, how):
+    """For the rows i of the group starting at weight row o that the matrix has: out[j, o + i] =
+    block[j, i] (STORE), or out[j, o + i] + block[j, i] (ADD: the residual stream), or
+    silu(out[j, o + i]) * block[j, i] (GATED: out holds the FFN gate's products, block the up
+    projection's). out: (n, rows); block: (n, ROW_GROUP), from _row_group_fast."""
     for i in range(min(ROW_GROUP, out.shape[1] - o)):
         for j in range(out.shape[0]):
-            out[j, o + i] = out[j, o + i] + block[j, i] if add else block[j, i]
+            if how == STORE:
+                out[j, o + i] = block[j, i]
+            elif how == ADD:
+                out[j, o + i] = out[j, o + i] + block[j, i]
+            else:
+                out[j, o + i] = _silu_times(out[j, o + i], block[j, i])
 
 
 @numba.njit(parallel=True, cache=True)
@@ -972,7 +982,7 @@ def matvec_fast(qt, raw, x, out):
         start, stop = group_range(t, tasks, rows)
         for o in range(start, stop, ROW_GROUP):
             _row_group_fast(qt, raw, o, xq, xd, xsum, xs, block)
-            put_group(block, out, o, False)
+            put_group(block, out, o, STORE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1036,7 +1046,7 @@ def matvec3_fast(qts, raws, x, outs):
             i, group = _part(r, ga, gb)
             o = group * ROW_GROUP
             _row_group_fast(qts[i], raws[i], o, xq, xd, xsum, xs, block)
-            put_group(block, outs[i], o, False)
+            put_group(block, outs[i], o, STORE)
 
 
 @numba.njit(inline="always")
@@ -1077,7 +1087,7 @@ def swiglu_fast(qts, raws, x, out):
 def swiglu_group(gate_qt, gate_raw, up_qt, up_raw, o, xq, xd, xsum, xs, gate, up, out):
     """out[j, o + i] = silu(gate row o + i . x_j) * (up row o + i . x_j) for the group of ROW_GROUP rows
     at o (those the matrices have), from the quantized activations; gate, up: (n, ROW_GROUP) scratch.
-    (swiglu_fast and the one-call forward's feed-forward.)"""
+    (swiglu_fast.)"""
     _row_group_fast(gate_qt, gate_raw, o, xq, xd, xsum, xs, gate)
     _row_group_fast(up_qt, up_raw, o, xq, xd, xsum, xs, up)
     for i in range(min(ROW_GROUP, out.shape[1] - o)):

@@ -42,8 +42,8 @@ from numba.typed import List
 
 from . import int8, matvec
 from .attention import _store_pairs, attend_heads_range, attend_jobs
-from .ggml import (PREFETCH_BYTES, ROW_GROUP, _quantized, _row_group_fast, _silu_times, _task_rows, group_range,
-                   prefetch_bytes, put_group, quantize_into, swiglu_group)
+from .ggml import (ADD, GATED, PREFETCH_BYTES, ROW_GROUP, STORE, _quantized, _row_group_fast, _silu_times,
+                   _task_rows, group_range, prefetch_bytes, put_group, quantize_into)
 from .norm import rmsnorm, rmsnorm_layer
 
 SPINS = 20000   # pauses (~ 40 ns each) before a waiting thread starts yielding its core
@@ -173,16 +173,23 @@ def _shared_arrays(n, H, KV, D, hidden):
             np.empty((n, hidden), np.float32), np.zeros(2, np.int64))
 
 
+# A product's code is long: the group kernels of every ggml type the fast path takes (nine
+# intrinsics, and the k-quant rows), inlined. LLVM's time grows faster than a function's size, and
+# with each of a layer's seven products and the classifier at a call site of its own, forward_fast
+# took ~175 s to compile. So products that follow one another share one call site, in a loop over
+# the matrices: q, k and v; the FFN's gate and up. (A product compiled as a function of its own,
+# called rather than inlined, compiled faster still but made a decode step ~12% slower.)
+
 @numba.njit(inline="always")
-def _product(t, n_threads, qt, raw, xq, xd, xsum, xs, out, block, add):
-    """out = (quantized activations) @ W.T for this thread's share of W's rows (whole groups of
-    ROW_GROUP), or out += it when `add` (the residual stream). (Each matrix is split between the
-    threads on its own: a tuple of matrices indexed per row would count a reference to the shared
-    matrix per row, see the module doc.)"""
+def _product(t, n_threads, qt, raw, xq, xd, xsum, xs, out, block, how):
+    """This thread's share of W's rows (whole groups of ROW_GROUP) of (quantized activations) @ W.T,
+    put into out as `how` says (put_group: STORE, ADD to the residual stream, or GATED). (Each matrix
+    is split between the threads on its own: a tuple of matrices indexed per row would count a
+    reference to the shared matrix per row, see the module doc.)"""
     start, stop = group_range(t, n_threads, raw.shape[0])
     for o in range(start, stop, ROW_GROUP):
         _row_group_fast(qt, raw, o, xq, xd, xsum, xs, block)
-        put_group(block, out, o, add)
+        put_group(block, out, o, how)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -204,6 +211,7 @@ def forward_fast(x, qts, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, n
     n_layers = qts.shape[0]
     hidden = w1[0].shape[0]
     q, k, v, a, qh, kh, vh, ah, g, state = _shared_arrays(n, H, KV, D, hidden)
+    qkv_weights, qkv, ffn_weights = (wq, wk, wv), (q, k, v), (w1, w3)
     for t in numba.prange(n_threads):
         # this thread's scratch: the normalized x and every product's quantized input
         h = np.empty((n, dim), np.float32)
@@ -213,38 +221,36 @@ def forward_fast(x, qts, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, n
                              np.empty((n, H * D // 32), np.int32), np.empty((n, H * D // 32), np.float32))
         gq, gd, gsum, gs = (np.empty((n, hidden), np.int8), np.empty((n, hidden // 32), np.float32),
                             np.empty((n, hidden // 32), np.int32), np.empty((n, hidden // 32), np.float32))
-        block, up = np.empty((n, ROW_GROUP), np.float32), np.empty((n, ROW_GROUP), np.float32)
+        block = np.empty((n, ROW_GROUP), np.float32)
         for layer in range(n_layers):
-            # attention: q, k, v from the normalized x
+            # attention: q, k, v from the normalized x (one call site for the three: see _product)
             rmsnorm_layer(x, attention_norm, layer, eps, h)
             quantize_into(h, hq, hd, hsum, hs)
-            _product(t, n_threads, qts[layer, 0], wq[layer], hq, hd, hsum, hs, q, block, False)
-            _product(t, n_threads, qts[layer, 1], wk[layer], hq, hd, hsum, hs, k, block, False)
-            _product(t, n_threads, qts[layer, 2], wv[layer], hq, hd, hsum, hs, v, block, False)
+            for m in range(3):
+                _product(t, n_threads, qts[layer, m], qkv_weights[m][layer], hq, hd, hsum, hs, qkv[m], block, STORE)
             barrier(state, n_threads)
             _attention(t, n_threads, state, qh, kh, vh, cos, sin, k_cache, v_cache, layer, seq_ids, pos, ah)
             quantize_into(a, aq, ad, asum, as_)
-            _product(t, n_threads, qts[layer, 3], wo[layer], aq, ad, asum, as_, x, block, True)
+            _product(t, n_threads, qts[layer, 3], wo[layer], aq, ad, asum, as_, x, block, ADD)
             barrier(state, n_threads)
 
-            # feed-forward: SwiGLU
+            # feed-forward, SwiGLU: the gate's products into g, then g = silu(g) * the up projection's
+            # (this thread's rows of both: no barrier between)
             rmsnorm_layer(x, ffn_norm, layer, eps, h)
             quantize_into(h, hq, hd, hsum, hs)
-            gate_raw, up_raw = w1[layer], w3[layer]    # once per layer: a typed list's item costs a call
-            gate_qt, up_qt = qts[layer, 4], qts[layer, 6]
-            start, stop = group_range(t, n_threads, hidden)
-            for o in range(start, stop, ROW_GROUP):
-                swiglu_group(gate_qt, gate_raw, up_qt, up_raw, o, hq, hd, hsum, hs, block, up, g)
+            for m in range(2):
+                _product(t, n_threads, qts[layer, 4 + 2 * m], ffn_weights[m][layer], hq, hd, hsum, hs, g, block,
+                         STORE if m == 0 else GATED)
             barrier(state, n_threads)
             quantize_into(g, gq, gd, gsum, gs)
-            _product(t, n_threads, qts[layer, 5], w2[layer], gq, gd, gsum, gs, x, block, True)
+            _product(t, n_threads, qts[layer, 5], w2[layer], gq, gd, gsum, gs, x, block, ADD)
             barrier(state, n_threads)
 
         # the classifier, for the wanted tokens
         m = wanted.shape[0]
         hw = _normalized_rows(x, wanted, norm, eps)
         wq_, wd_, wsum_, ws_ = _quantized(hw)
-        _product(t, n_threads, output_qt, output, wq_, wd_, wsum_, ws_, logits, np.empty((m, ROW_GROUP), np.float32), False)
+        _product(t, n_threads, output_qt, output, wq_, wd_, wsum_, ws_, logits, np.empty((m, ROW_GROUP), np.float32), STORE)
 
 
 @numba.njit(inline="always")
