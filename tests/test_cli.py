@@ -94,9 +94,15 @@ def test_ctrl_c_lands_as_a_flag_between_tokens(capsysbinary, monkeypatch):
         return events()
 
     monkeypatch.setattr(llamarun.api, "generate_stream", signalled_at_the_third)
-    before = signal.getsignal(signal.SIGINT)
-    assert main(["generate", "Once upon a time", "-m", model("tiny_gqa.bin"), "-n", "20", "--seed", "3"]) == 130
-    assert signal.getsignal(signal.SIGINT) is before
+    # Python's own Ctrl-C handler, as an interactive run has it (a test run started in the background
+    # by a non-interactive shell inherits SIGINT ignored, and CtrlC leaves an ignored SIGINT alone)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = main(["generate", "Once upon a time", "-m", model("tiny_gqa.bin"), "-n", "20", "--seed", "3"])
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert code == 130 and after is signal.default_int_handler
     err = capsysbinary.readouterr().err.decode()
     assert "generated: 3 tokens" in err and "finish: interrupted" in err, err
 
