@@ -125,7 +125,8 @@ class Llama:
         stops only when BOS is drawn. confidence=True: each event's `.confidence` (and the completion's
         `.confidence` list) holds the token's probability, sampling probability, logit margins,
         entropy and `confidence_top` alternatives (llamarun.inspect.confidence.TokenConfidence).
-        ignore_eos=True (llama.cpp's --ignore-eos): only max_tokens or a stop string ends it.
+        ignore_eos=True (llama.cpp's --ignore-eos): the end tokens are never drawn (their logits are
+        -inf, as llama.cpp biases them), so only max_tokens or a stop string ends it.
         """
         if isinstance(stop, str):
             stop = [stop]
@@ -137,11 +138,12 @@ class Llama:
             stop_tokens = self.tokenizer.eog_ids
         else:
             stop_tokens = frozenset({LLAMA2C_EOS})
+        never = frozenset()
         if ignore_eos:
-            stop_tokens = frozenset()
+            stop_tokens, never = frozenset(), stop_tokens
         result = Completion("", [])
         events = generate_stream(self.model, self.tokenizer, ids, chosen, max_tokens=max_tokens,
-                                 stop_tokens=stop_tokens, stop=stop, result=result, confidence=confidence,
+                                 stop_tokens=stop_tokens, never=never, stop=stop, result=result, confidence=confidence,
                                  confidence_top=confidence_top)
         return Stream(events, result)
 

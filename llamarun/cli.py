@@ -625,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--presence-penalty", type=float, help="OpenAI presence penalty (default 0)")
     g.add_argument("--frequency-penalty", type=float, help="OpenAI frequency penalty (default 0)")
     g.add_argument("--stop", action="append", metavar="S", help="stop before this text (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true", help="go on past end-of-generation tokens (only -n or --stop ends)")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="never draw end-of-generation tokens, as llama.cpp (only -n or --stop ends)")
     g.add_argument("--seed", type=int, help="random seed (default: from the clock)")
     g.add_argument("--sampler", choices=["default", "llama2c"], default="default",
                    help="llama2c = run.c's exact sampling and stop rule")

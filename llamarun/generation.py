@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 from .errors import LlamarunError
 from .inspect.confidence import TokenConfidence, measure, token_text
 from .model import Batch, KVCache, Transformer
+from .sampling import forbid
 
 
 @dataclass
@@ -103,12 +104,14 @@ def check_prompt(prompt_ids: Sequence[int], start_pos: int, context: int, vocab_
 
 
 def generate_stream(model: Transformer, tokenizer, prompt_ids: Sequence[int], sampler, *, max_tokens: int,
-                    stop_tokens: frozenset[int] = frozenset(), stop: Sequence[str] = (),
+                    stop_tokens: frozenset[int] = frozenset(), never: frozenset[int] = frozenset(),
+                    stop: Sequence[str] = (),
                     cache: KVCache | None = None, start_pos: int = 0, seq_id: int = 0,
                     result: Completion | None = None, confidence: bool = False,
                     confidence_top: int = 5) -> Iterator[TokenEvent]:
     """An iterator of one TokenEvent per new token, filling `result` (a Completion) as it goes.
 
+    never: tokens that are never drawn (their logits set to -inf: `ignore_eos` bans the end tokens).
     The cache may already hold `start_pos` tokens of this sequence (a chat's earlier turns); the
     prompt continues from there. Without a tokenizer the events carry ids only (text is "").
     confidence: each event (and `result.confidence`) carries the token's confidence figures, with
@@ -124,12 +127,12 @@ def generate_stream(model: Transformer, tokenizer, prompt_ids: Sequence[int], sa
     result = result if result is not None else Completion("", [])
     result.prompt_tokens = list(prompt_ids)
     top = confidence_top if confidence else None
-    return _generate(model, tokenizer, list(prompt_ids), sampler, max_tokens, stop_tokens, stop, cache,
+    return _generate(model, tokenizer, list(prompt_ids), sampler, max_tokens, stop_tokens, never, stop, cache,
                      start_pos, seq_id, result, top)
 
 
-def _generate(model, tokenizer, prompt_ids, sampler, max_tokens, stop_tokens, stop, cache, start_pos, seq_id,
-              result: Completion, confidence_top: int | None) -> Iterator[TokenEvent]:
+def _generate(model, tokenizer, prompt_ids, sampler, max_tokens, stop_tokens, never, stop, cache, start_pos,
+              seq_id, result: Completion, confidence_top: int | None) -> Iterator[TokenEvent]:
     context = cache.seq_len
     text = TextAssembler(stop) if tokenizer is not None else None
     pieces = []
@@ -148,6 +151,7 @@ def _generate(model, tokenizer, prompt_ids, sampler, max_tokens, stop_tokens, st
     prev = prompt_ids[-1]
 
     for n in range(1, max_tokens + 1):
+        forbid(logits, never)
         # the distribution is taken before the draw, with the same history (it draws no coin)
         sampled = sampler.distribution(logits, history) if confidence_top is not None else None
         token = int(sampler.sample(logits, history))

@@ -178,6 +178,8 @@ def test_ignore_eos_generates_max_tokens(server, llama):
     assert forced.choices[0].message.content.startswith(plain.choices[0].message.content)
     expected = llama.generate(chat_ids(llama, messages), 24, temperature=0, ignore_eos=True)
     assert forced.choices[0].message.content == expected.text
+    # as llama.cpp's: the end tokens are never drawn (not drawn and shown as text)
+    assert not set(expected.tokens) & llama.tokenizer.eog_ids and "<|im_end|>" not in expected.text
 
 
 def test_models_and_health(server):

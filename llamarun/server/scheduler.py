@@ -43,6 +43,7 @@ from ..chat import common_prefix_length
 from ..generation import TextAssembler
 from ..inspect.confidence import log_softmax
 from ..model import MATVEC_ROWS, Batch
+from ..sampling import forbid
 
 log = logging.getLogger("llamarun.server")
 
@@ -309,10 +310,12 @@ class Scheduler:
     def advance(self, seq: Sequence, logits: np.ndarray) -> None:
         """Draw the sequence's next token from its logits and report it; end it if it is done."""
         request = seq.request
+        if request.ignore_eos:
+            forbid(logits, seq.stop_tokens)          # llama.cpp's ignore_eos: the end tokens are never drawn
         token = int(request.sampler.sample(logits, seq.history))
         seq.history.append(token)
         logprob = token_logprob(logits, token, request.logprobs) if request.logprobs is not None else None
-        if token in seq.stop_tokens and not request.ignore_eos:
+        if token in seq.stop_tokens and not request.ignore_eos:   # (cannot be drawn when ignored)
             self.finish(seq, "stop", seq.text.flush())
             return
         seq.generated += 1
