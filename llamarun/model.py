@@ -70,8 +70,8 @@ class Batch:
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
-    """Zeros (float32 unless told) whose memory is committed a 4 KiB page at a time, as it is written, so that a long
-    context costs memory only as it fills. (np.zeros maps fresh pages too, but asks the kernel for
+    """Zeros (float32 unless told) whose memory is committed a 4 KiB page at a time, as it is written,
+    so that a long context costs memory only as it fills. (np.zeros maps fresh pages too, but asks the kernel for
     transparent huge pages on large arrays: the first token then writes one position in every
     2 MiB slab of a (layer, head), and commits the whole cache: 377 MB for SmolLM2's 8192 positions.)"""
     count, dtype = int(np.prod(shape)), np.dtype(dtype)

@@ -9,8 +9,8 @@ import pytest
 
 import llamarun
 from llamarun.cli import main
-from llamarun.inspect.attention import AttentionRecord, record_attention
-from llamarun.inspect.report import quantized_triangles, render_html, write_html, write_pngs
+from llamarun.inspect.attention import record_attention
+from llamarun.inspect.report import render_html, write_html, write_pngs
 from llamarun.model import Batch, KVCache
 
 from conftest import MODELS, require

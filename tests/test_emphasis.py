@@ -1,7 +1,6 @@
 """Attention emphasis (--emphasize WORD:FACTOR[@LAYERS]): parsing, the word's tokens, the law
 m -> F*m / (F*m + 1 - m) at the first emphasised layer, FACTOR 1 = the plain run bit for bit, and a
 large factor changing the continuation."""
-import math
 
 import numpy as np
 import pytest

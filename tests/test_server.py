@@ -6,7 +6,6 @@ test starts `python -m llamarun serve` as a subprocess. References are independe
 log probabilities.
 """
 import json
-import os
 import signal
 import socket
 import subprocess

@@ -10,9 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from conftest import MODELS, require
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_server.py"
 

@@ -1077,22 +1077,13 @@ def swiglu_fast(qts, raws, x, out):
     rows, n = raws[0].shape[0], x.shape[0]
     tasks = min(TASKS, _groups(rows))
     for t in numba.prange(tasks):
-        gate, up = np.empty((n, ROW_GROUP), np.float32), np.empty((n, ROW_GROUP), np.float32)
+        block = np.empty((n, ROW_GROUP), np.float32)
         start, stop = group_range(t, tasks, rows)
-        for o in range(start, stop, ROW_GROUP):
-            swiglu_group(qts[0], raws[0], qts[1], raws[1], o, xq, xd, xsum, xs, gate, up, out)
-
-
-@numba.njit(inline="always")
-def swiglu_group(gate_qt, gate_raw, up_qt, up_raw, o, xq, xd, xsum, xs, gate, up, out):
-    """out[j, o + i] = silu(gate row o + i . x_j) * (up row o + i . x_j) for the group of ROW_GROUP rows
-    at o (those the matrices have), from the quantized activations; gate, up: (n, ROW_GROUP) scratch.
-    (swiglu_fast.)"""
-    _row_group_fast(gate_qt, gate_raw, o, xq, xd, xsum, xs, gate)
-    _row_group_fast(up_qt, up_raw, o, xq, xd, xsum, xs, up)
-    for i in range(min(ROW_GROUP, out.shape[1] - o)):
-        for j in range(out.shape[0]):
-            out[j, o + i] = _silu_times(gate[j, i], up[j, i])
+        for o in range(start, stop, ROW_GROUP):      # the gate's products into out, then times the up's
+            _row_group_fast(qts[0], raws[0], o, xq, xd, xsum, xs, block)
+            put_group(block, out, o, STORE)
+            _row_group_fast(qts[1], raws[1], o, xq, xd, xsum, xs, block)
+            put_group(block, out, o, GATED)
 
 
 # ----------------------------------------------------------------------------------------------

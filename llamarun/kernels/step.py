@@ -146,7 +146,7 @@ def _attention(t, n_threads, state, q, k, v, cos, sin, k_cache, v_cache, layer, 
     """The attention of layer `layer`, this thread's share, from q, k, v (all complete: after a
     barrier) to out (complete after the last barrier here): keys and values into the caches (every
     layer's, indexed in place), then an even share of the batch's query heads, each as the attention
-    kernel computes it (run.c's arithmetic)."""
+    kernel computes it (run.c's arithmetic on a float32 cache, llama.cpp's softmax on a half one)."""
     start, stop = _task_rows(t, n_threads, attend_jobs(q, k_cache))
     _store_pairs(start, stop, k, v, cos, sin, k_cache, v_cache, layer, seq_ids, pos)
     barrier(state, n_threads)

@@ -82,7 +82,7 @@ class Request:
     emit: Callable[[Event], None]        # called from the worker thread
     stop: tuple[str, ...] = ()
     logprobs: int | None = None          # None: no logprobs; k: the drawn token's and the top k
-    ignore_eos: bool = False             # llama.cpp's extension: end-of-generation tokens do not stop it
+    ignore_eos: bool = False             # llama.cpp's extension: end-of-generation tokens are never drawn
     cancelled: bool = False              # set by the handler; the worker frees the slot
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -315,7 +315,7 @@ class Scheduler:
         token = int(request.sampler.sample(logits, seq.history))
         seq.history.append(token)
         logprob = token_logprob(logits, token, request.logprobs) if request.logprobs is not None else None
-        if token in seq.stop_tokens and not request.ignore_eos:   # (cannot be drawn when ignored)
+        if token in seq.stop_tokens:
             self.finish(seq, "stop", seq.text.flush())
             return
         seq.generated += 1
