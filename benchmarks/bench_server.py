@@ -125,8 +125,9 @@ def main() -> None:
     try:
         while True:
             try:
-                httpx.get(url + "/health")
-                break
+                if httpx.get(url + "/health").status_code == 200:    # 503 while the kernels load
+                    break
+                time.sleep(0.2)
             except httpx.TransportError:
                 if server.poll() is not None:
                     sys.exit("the server did not start")

@@ -38,6 +38,9 @@ class Running:
             time.sleep(0.05)
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
+        while httpx.get(self.url + "/health").status_code == 503:     # the warm-up step: kernels loading
+            assert time.time() < deadline + 240, "the model did not finish loading"
+            time.sleep(0.05)
 
     def client(self, key=KEY, **kw) -> "openai.OpenAI":
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)
@@ -181,6 +184,41 @@ def test_ignore_eos_generates_max_tokens(server, llama):
     assert not set(expected.tokens) & llama.tokenizer.eog_ids and "<|im_end|>" not in expected.text
 
 
+def test_health_says_503_until_the_warm_up_step_has_run(llama, monkeypatch):
+    """The server listens at once but answers /health 503 (OpenAI's error shape, as llama.cpp's
+    "Loading model") while its worker runs the warm-up step; requests sent meanwhile wait for it."""
+    from llamarun.server import create_app
+    from llamarun.server.scheduler import Scheduler
+
+    release = threading.Event()
+    warm_up = Scheduler.warm_up
+    monkeypatch.setattr(Scheduler, "warm_up", lambda self: (release.wait(60), warm_up(self)))
+    app = create_app(llama, "smollm2", parallel=1, ctx=256)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        loading = httpx.get(url + "/health")
+        assert loading.status_code == 503
+        assert loading.json()["error"]["type"] == "unavailable_error"
+        assert "loading" in loading.json()["error"]["message"]
+        body = {"model": "smollm2", "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=120)
+            time.sleep(0.3)
+            assert not answer.done()                                  # waits for the warm-up
+            release.set()
+            assert answer.result().status_code == 200
+        assert httpx.get(url + "/health").json()["status"] == "ok"
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(30)
+
+
 def test_models_and_health(server):
     models = server.client().models.list()
     assert [m.id for m in models.data] == ["smollm2"]
@@ -318,7 +356,7 @@ def test_sigterm_finishes_in_flight_work_and_exits(smol_path):
                              "--parallel", "2", "--ctx", "256"], stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
+        deadline = time.time() + 300        # on a fresh numba cache the warm-up compiles the kernels
         while True:
             try:
                 if httpx.get(url + "/health").status_code == 200:

@@ -147,6 +147,8 @@ class Server:
 
     async def health(self, request):
         s = self.scheduler
+        if not s.ready.is_set():        # as llama.cpp's server: 503 until the model can answer
+            raise ApiError(503, "loading model: the kernels are compiling or loading", "unavailable_error")
         return JSONResponse({"status": "ok", "slots": s.parallel, "slots_busy": s.parallel - len(s.free),
                              "waiting": len(s.waiting)})
 

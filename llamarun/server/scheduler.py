@@ -148,6 +148,7 @@ class Scheduler:
         self.chunk: dict[int, int] = {}                     # decode rows -> prompt tokens that ride along
         self.steps = 0
         self.threads = numba.get_num_threads()
+        self.ready = threading.Event()                      # set once warm_up has run
 
     # -- the handlers' side (any thread) -------------------------------------------------------
 
@@ -182,6 +183,11 @@ class Scheduler:
 
     def run(self) -> None:
         numba.set_num_threads(self.threads)     # numba's thread count is per thread: take the creator's
+        try:
+            self.warm_up()
+        except Exception:                       # the requests' own steps will say what is wrong
+            log.exception("the warm-up step failed")
+        self.ready.set()
         while True:
             with self.lock:
                 while self.running and not self.waiting and not self.active:
@@ -195,6 +201,17 @@ class Scheduler:
                 log.exception("a decode step failed")
                 for seq in list(self.active):
                     self.finish(seq, "error")
+
+    def warm_up(self) -> None:
+        """A short prompt and a decode step through the model, in slot 0, before the first request: the
+        kernels compile (the first time ever: about a minute and a half here) or load from numba's
+        cache (about a second) now, while /health says the model is loading, rather than in the
+        first request's time to first token. Nothing a request could reuse is left: slot 0's cached
+        tokens stay unrecorded, so its keys and values are written over."""
+        n = max(1, min(MATVEC_ROWS + 1, self.ctx - 1))      # past the decode-sized batches: the prompt path too
+        token = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0
+        self.model.forward(Batch.sequence([token] * n), self.cache)
+        self.model.forward(Batch.of([token], [n], [0]), self.cache)
 
     def admit(self) -> None:
         """Waiting requests into free slots, oldest first (called with the lock held)."""
