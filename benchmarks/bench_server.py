@@ -127,11 +127,10 @@ def main() -> None:
             try:
                 if httpx.get(url + "/health").status_code == 200:    # 503 while the kernels load
                     break
-                time.sleep(0.2)
             except httpx.TransportError:
                 if server.poll() is not None:
                     sys.exit("the server did not start")
-                time.sleep(0.2)
+            time.sleep(0.2)
         n = 0                                                               # requests sent so far
         for c in levels:                                                    # compile every batch shape first
             level(client, url, c, 4, 1, n)

@@ -208,7 +208,7 @@ class Scheduler:
         cache (about a second) now, while /health says the model is loading, rather than in the
         first request's time to first token. Nothing a request could reuse is left: slot 0's cached
         tokens stay unrecorded, so its keys and values are written over."""
-        n = max(1, min(MATVEC_ROWS + 1, self.ctx - 1))      # past the decode-sized batches: the prompt path too
+        n = max(1, min(MATVEC_ROWS + 1, self.ctx - 1))      # past a decode batch: the exact path's prompt way too
         token = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0
         self.model.forward(Batch.sequence([token] * n), self.cache)
         self.model.forward(Batch.of([token], [n], [0]), self.cache)
