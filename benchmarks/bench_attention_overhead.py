@@ -91,7 +91,8 @@ def main() -> None:
     import llamarun.model as model_module
     from common import decode_rate
     from llamarun.kernels.attention import attention, attention_parallel
-    from llamarun.inspect.emphasis import emphasis_bias, no_bias
+    from llamarun.inspect.emphasis import emphasis_bias
+    from llamarun.model import Probe
 
     rev, before = kernels_before_emphasis()
     if before is None:
@@ -125,10 +126,12 @@ def main() -> None:
     all_layers = emphasis_bias(config, [([1, 2, 3], 5.0, None)])
     plain_kernels = (model_module.attention_kernel, model_module.attention_parallel)
 
+    probe = None
+
     def use(kernels=plain_kernels, hook=None, bias=None):
+        nonlocal probe
         model_module.attention_kernel, model_module.attention_parallel = kernels
-        model.attention_hook = hook
-        model.attention_bias = bias if bias is not None else no_bias(config)
+        probe = Probe(attention=hook, bias=bias)
 
     modes = {}
     if before is not None:
@@ -139,12 +142,12 @@ def main() -> None:
     modes["emphasis on"] = lambda: use(bias=all_layers)
     for setup in modes.values():                    # compile and warm every path
         setup()
-        decode_rate(model, 2)
+        decode_rate(model, 2, probe)
     rates = {name: [] for name in modes}
     for _ in range(args.runs):
         for name, setup in modes.items():
             setup()
-            rates[name].append(decode_rate(model, args.gen))
+            rates[name].append(decode_rate(model, args.gen, probe))
     use()
     print(f"decode, {args.gen} tokens after a short prompt, {Path(str(llama.checkpoint.path)).name} "
           f"(tok/s, median of {args.runs} interleaved runs):")

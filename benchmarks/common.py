@@ -32,16 +32,17 @@ def prefill_rate(model: Transformer, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def decode_rate(model: Transformer, tokens: int) -> float:
-    """tok/s of `tokens` greedy steps, one forward each, after a short prompt (fresh cache)."""
+def decode_rate(model: Transformer, tokens: int, probe=None) -> float:
+    """tok/s of `tokens` greedy steps, one forward each, after a short prompt (fresh cache); probe:
+    what each forward is asked to show (llamarun.model.Probe), if anything."""
     c = model.config
     prompt = np.random.default_rng(2).integers(0, c.vocab_size, DECODE_PROMPT)
     cache = model.new_cache()
-    logits = model.forward(Batch.sequence(prompt), cache)
+    logits = model.forward(Batch.sequence(prompt), cache, probe)
     token, pos = int(np.argmax(logits[0])), DECODE_PROMPT
     t0 = time.perf_counter()
     for _ in range(tokens):
-        logits = model.forward(Batch.sequence([token], pos), cache)
+        logits = model.forward(Batch.sequence([token], pos), cache, probe)
         token, pos = int(np.argmax(logits[0])), pos + 1
     return tokens / (time.perf_counter() - t0)
 

@@ -9,13 +9,12 @@ import numpy as np
 
 from .errors import LlamarunError
 from .formats import load_checkpoint
-from .generation import Completion, TokenEvent, generate_stream
-from .model import Batch, Transformer
+from .decoding import Completion, LogitBias, LogitsProcessor, TokenEvent
+from .generation import generate_stream
+from .model import Batch, Probe, Transformer
 from .sampling import make_sampler
 from .tensors import GGMLTensor, set_exact
 from .tokenizers import load_tokenizer, tokenizer_from_gguf
-
-LLAMA2C_BOS, LLAMA2C_EOS = 1, 2
 
 
 def load(path: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
@@ -117,34 +116,29 @@ class Llama:
 
     def stream(self, prompt: str | Sequence[int], max_tokens: int = 256, *, sampler: str = "default",
                stop: Sequence[str] = (), confidence: bool = False, confidence_top: int = 5,
-               ignore_eos: bool = False, **sampling) -> "Stream":
+               logprobs: int | None = None, ignore_eos: bool = False, logit_bias: dict[int, float] | None = None,
+               processors: Sequence[LogitsProcessor] = (), probe: Probe | None = None, **sampling) -> "Stream":
         """Generate lazily: iterate for TokenEvents (ev.token, ev.text); `.completion` holds the result.
 
         sampling: temperature, top_p, top_k, min_p, repeat_penalty, presence_penalty, frequency_penalty,
         seed (see llamarun.sampling). sampler="llama2c" draws exactly as llama2.c's run.c and, as run.c,
         stops only when BOS is drawn. confidence=True: each event's `.confidence` (and the completion's
         `.confidence` list) holds the token's probability, sampling probability, logit margins,
-        entropy and `confidence_top` alternatives (llamarun.inspect.confidence.TokenConfidence).
+        entropy and `confidence_top` alternatives (llamarun.logprobs.TokenConfidence); logprobs=k:
+        each event's `.logprob` holds its log probability and the k most probable tokens' (OpenAI's).
         ignore_eos=True (llama.cpp's --ignore-eos): the end tokens are never drawn (their logits are
         -inf, as llama.cpp biases them), so only max_tokens or a stop string ends it.
+        logit_bias: {token id: bias} added to the logits before each draw (-inf or -100 bans).
+        processors: further logits processors, `f(ids, logits_row)` changing the row in place
+        (llamarun.decoding). probe: what inspection tools ask of each forward (llamarun.model.Probe).
         """
-        if isinstance(stop, str):
-            stop = [stop]
         ids = self.encode(prompt)
         chosen = make_sampler(sampler, **sampling)
-        if sampler == "llama2c":
-            stop_tokens = frozenset({LLAMA2C_BOS})
-        elif self.tokenizer is not None:
-            stop_tokens = self.tokenizer.eog_ids
-        else:
-            stop_tokens = frozenset({LLAMA2C_EOS})
-        never = frozenset()
-        if ignore_eos:
-            stop_tokens, never = frozenset(), stop_tokens
+        processors = ([LogitBias(logit_bias)] if logit_bias else []) + list(processors)
         result = Completion("", [])
-        events = generate_stream(self.model, self.tokenizer, ids, chosen, max_tokens=max_tokens,
-                                 stop_tokens=stop_tokens, never=never, stop=stop, result=result, confidence=confidence,
-                                 confidence_top=confidence_top)
+        events = generate_stream(self.model, self.tokenizer, ids, chosen, max_tokens=max_tokens, ignore_eos=ignore_eos,
+                                 stop=stop, result=result, confidence=confidence, confidence_top=confidence_top,
+                                 logprobs=logprobs, processors=processors, probe=probe)
         return Stream(events, result)
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, **options) -> Completion:

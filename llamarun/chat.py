@@ -20,7 +20,8 @@ import jinja2.ext
 import jinja2.sandbox
 
 from .errors import LlamarunError
-from .generation import Completion, TokenEvent, generate_stream
+from .decoding import Completion, TokenEvent
+from .generation import generate_stream
 from .sampling import make_sampler
 
 
@@ -340,7 +341,6 @@ class ChatSession:
         self.system = system
         self.max_tokens = max_tokens
         self.sampler = make_sampler("default", **sampling)   # one sampler: a seeded chat is repeatable
-        self.stop_tokens = self.tokenizer.eog_ids or frozenset({self.tokenizer.eos_id})
         self.cache = llama.model.new_cache()
         self._active: Iterator[TokenEvent] | None = None
         self.reset(history)
@@ -378,7 +378,7 @@ class ChatSession:
         self.last_prefill_tokens = len(ids) - start
         result = Completion("", [])
         events = generate_stream(self.llama.model, self.tokenizer, ids[start:], self.sampler,
-                                 max_tokens=self.max_tokens, stop_tokens=self.stop_tokens,
+                                 max_tokens=self.max_tokens,
                                  cache=self.cache, start_pos=start, result=result)
         self._active = self._turn(events, messages, ids, result)
         return Stream(self._active, result)

@@ -134,6 +134,7 @@ def write_confidence_json(path: str, figures) -> None:
 
 
 def cmd_generate(args) -> int:
+    from .decoding import first_token
     from .inspect.confidence import LEGEND
     from .inspect.emphasis import emphasize
     prompt = prompt_of(args)
@@ -152,11 +153,11 @@ def cmd_generate(args) -> int:
                                 ("--frequency-penalty", args.frequency_penalty)) if v is not None]
         if given:
             raise LlamarunError(f"--sampler llama2c uses only --temperature, --top-p and --seed, not {given[0]}")
-    ids = llama.encode(prompt) if llama.tokenizer else [1]
-    emphasize(llama, ids, args.emphasize or [])
+    ids = llama.encode(prompt) if llama.tokenizer else [first_token(None)]
+    probe, _ = emphasize(llama, ids, args.emphasize or [])
     measured = args.confidence or args.confidence_json is not None
     stream = llama.stream(ids, args.n, sampler=args.sampler, stop=args.stop or (), confidence=measured,
-                          ignore_eos=args.ignore_eos, **sampling)
+                          ignore_eos=args.ignore_eos, probe=probe, **sampling)
     out = Output()
     coloured = ColouredOutput() if args.confidence and not args.ids else None
     if coloured:
@@ -190,8 +191,9 @@ def cmd_generate(args) -> int:
 
 def runc_piece(tokenizer, prev: int, token: int) -> bytes:
     """What run.c prints for `token` after `prev`: its decode() piece through safe_printf."""
+    from .decoding import LLAMA2C_BOS, LLAMA2C_EOS
     from .tokenizers import Llama2cTokenizer
-    if isinstance(tokenizer, Llama2cTokenizer) and token in (1, 2):
+    if isinstance(tokenizer, Llama2cTokenizer) and token in (LLAMA2C_BOS, LLAMA2C_EOS):
         piece = tokenizer.pieces[token]           # run.c prints "\n</s>\n" for EOS as it is
     else:
         piece = tokenizer.token_bytes(token, prev)
@@ -202,6 +204,7 @@ def runc_piece(tokenizer, prev: int, token: int) -> bytes:
 
 
 def cmd_run(args) -> int:
+    from .decoding import first_token
     if args.mode != "generate":
         raise LlamarunError(f"run.c mode {args.mode!r} is not supported here: use -m generate")
     if args.temperature < 0 or not 0 <= args.topp <= 1:
@@ -210,7 +213,7 @@ def cmd_run(args) -> int:
     llama = open_model(args.checkpoint, args.tokenizer, need_tokenizer)
     seq_len = llama.config.seq_len
     steps = seq_len if args.steps <= 0 or args.steps > seq_len else args.steps   # run.c's clamp
-    prompt_ids = llama.encode(args.input or "") if llama.tokenizer else [1]
+    prompt_ids = llama.encode(args.input or "") if llama.tokenizer else [first_token(None)]
     if steps < len(prompt_ids):
         prompt_ids = prompt_ids[:steps]
         max_new = 0
@@ -497,7 +500,7 @@ def cmd_lens(args) -> int:
     """The logit lens as a table: per layer, the top tokens the final norm and classifier read."""
     from rich.console import Console
     from rich.table import Table
-    from .inspect.confidence import token_text
+    from .logprobs import token_text
     from .inspect.lens import logit_lens
 
     if args.top < 1:

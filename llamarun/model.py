@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass
+from typing import Callable
 
 import numba
 import numpy as np
@@ -109,6 +110,37 @@ class KVCache:
     @property
     def n_seqs(self) -> int:
         return self.k.shape[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# inspection: what one forward call is asked to show
+
+NO_BIAS = np.zeros(0, np.float32)
+
+
+@dataclass
+class Probe:
+    """What an inspection tool asks of a forward call, for that call only (an argument, never model
+    state: one caller's attention bias cannot reach another's sequences). A forward with an active
+    probe runs layer by layer, the arithmetic the tools show.
+
+    attention: called as attention(layer, batch, probs) with probs (n, n_heads, max_pos + 1), row i
+      batch token i's softmax weights over positions 0..pos[i];
+    residual: called as residual(layer, x) after each layer, x the (n, dim) residual stream;
+    bias: per layer, (seq_len,) float32 added to the scaled attention scores of the keys at each
+      position (attention emphasis, inspect/emphasis.py); an empty row (or None) for none.
+    """
+    attention: Callable | None = None
+    residual: Callable | None = None
+    bias: list[np.ndarray] | None = None
+
+    @property
+    def active(self) -> bool:
+        return (self.attention is not None or self.residual is not None
+                or (self.bias is not None and any(len(b) for b in self.bias)))
+
+    def bias_of(self, layer: int) -> np.ndarray:
+        return self.bias[layer] if self.bias is not None else NO_BIAS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,11 +446,6 @@ class Transformer:
         # else through BLAS (attention_blas). Decode steps always take the kernel.
         self.exact = exact
         self.rope_cos, self.rope_sin = rope_tables(config)
-        self.attention_hook = None   # inspection tools set it: called as hook(layer, batch, probs)
-        self.residual_hook = None    # the logit lens sets it: called as hook(layer, x) after each layer
-        # attention emphasis (inspect/emphasis.py) sets it: per layer, (seq_len,) float32 added to the
-        # scaled scores of the keys at each position, for every sequence of a batch; empty = none
-        self.attention_bias = [np.zeros(0, np.float32)] * config.n_layers
         self._compiled: CompiledForward | None | bool = False      # made at first use (False: not yet)
 
     @property
@@ -436,15 +463,19 @@ class Transformer:
         path (llama.cpp's f16 cache; see KVCache)."""
         return KVCache(self.config, n_seqs, seq_len, half=not self.exact)
 
-    def forward(self, batch: Batch, cache: KVCache) -> np.ndarray:
-        """Run the batch through the model, filling the cache. -> (n_wanted, vocab) float32 logits."""
+    def forward(self, batch: Batch, cache: KVCache, probe: Probe | None = None) -> np.ndarray:
+        """Run the batch through the model, filling the cache. -> (n_wanted, vocab) float32 logits.
+
+        probe: what an inspection tool asks of this call only (attention maps, the residual stream,
+        an attention bias); it then takes the layer-by-layer path, whose arithmetic it shows."""
         c, w = self.config, self.w
+        probe = probe if probe is not None and probe.active else None
         if len(batch) and (batch.pos.max() >= cache.seq_len or batch.pos.min() < 0):
             raise ValueError(f"positions must lie in [0, {cache.seq_len})")
         cos, sin = self.rope_cos[batch.pos], self.rope_sin[batch.pos]            # (n, D/2)
         x = embed(w["tok_embeddings"], batch.tokens)                            # (n, dim)
         compiled = self.compiled_forward()
-        if compiled is not None and not self.inspecting:
+        if compiled is not None and probe is None:
             if len(batch) <= compiled.rows:
                 return compiled(x, batch, cache, cos, sin)
             if compiled.takes_prompts and batch.in_order():
@@ -456,19 +487,13 @@ class Transformer:
         for layer in range(c.n_layers):
             lw = self.layers[layer]
             h = rmsnorm(x, lw["attention_norm"], c.norm_eps)
-            x = x + linear(self.attention(h, layer, batch, cache, cos, sin), lw["wo"])
+            x = x + linear(self.attention(h, layer, batch, cache, cos, sin, probe), lw["wo"])
             h = rmsnorm(x, lw["ffn_norm"], c.norm_eps)
             x = x + self.feed_forward(h, layer)
-            if self.residual_hook is not None:
-                self.residual_hook(layer, x)                                     # x: (n, dim) residual stream
+            if probe is not None and probe.residual is not None:
+                probe.residual(layer, x)                                         # x: (n, dim) residual stream
         x = rmsnorm(x[batch.logits], w["norm"], c.norm_eps)                      # (n_wanted, dim)
         return linear(x, w["output"])                                            # (n_wanted, vocab)
-
-    @property
-    def inspecting(self) -> bool:
-        """Whether an inspection tool looks inside (hooks, attention emphasis): the layer-by-layer path."""
-        return (self.attention_hook is not None or self.residual_hook is not None
-                or any(len(b) for b in self.attention_bias))
 
     def compiled_forward(self) -> CompiledForward | None:
         """The one-call forward for kernel-sized batches, where every weight has a fast kernel (else None).
@@ -484,7 +509,7 @@ class Transformer:
         w1, w2, w3 = lw["w1"], lw["w2"], lw["w3"]
         return linear(gated_units(h, w1, w3), w2)                                # (n, hidden) -> (n, dim)
 
-    def attention(self, h, layer, batch: Batch, cache: KVCache, cos, sin) -> np.ndarray:
+    def attention(self, h, layer, batch: Batch, cache: KVCache, cos, sin, probe: Probe | None = None) -> np.ndarray:
         """Causal grouped-query self-attention; writes this batch's keys/values into the cache.
 
         h: (n, dim) -> (n, n_heads * head_dim)
@@ -499,14 +524,14 @@ class Transformer:
         v = v.reshape(n, c.n_kv_heads, D)     # (n, KV, D)
 
         out = np.empty((n, c.n_heads, D), np.float32)
-        record = self.attention_hook is not None
+        record = probe is not None and probe.attention is not None
+        bias = probe.bias_of(layer) if probe is not None else NO_BIAS
         probs = np.zeros((n, c.n_heads, int(batch.pos.max()) + 1) if record else (1, 1, 1), np.float32)
         # the kernel applies RoPE to q and k (as apply_rope does), writes k and v into the cache, attends;
         # on both threads when decoding (numba's pool only); a prefill: run.c's arithmetic on one thread
         # between its BLAS calls (exact), or matrix products (attention_blas, the fast path)
         kernel = attention_parallel if decode else attention_kernel if self.exact else attention_blas
-        kernel(q, k, v, cos, sin, cache.k[layer], cache.v[layer], batch.seq_ids, batch.pos, out, probs, record,
-               self.attention_bias[layer])
+        kernel(q, k, v, cos, sin, cache.k[layer], cache.v[layer], batch.seq_ids, batch.pos, out, probs, record, bias)
         if record:
-            self.attention_hook(layer, batch, probs)    # probs[i, h, :pos[i]+1]: token i's attention
+            probe.attention(layer, batch, probs)        # probs[i, h, :pos[i]+1]: token i's attention
         return out.reshape(n, c.n_heads * D)

@@ -36,6 +36,7 @@ import gguf
 import numpy as np
 
 from .api import find_tokenizer, load
+from .decoding import first_token
 from .errors import LlamarunError
 from .formats import gguf as gguf_format, llama2c
 from .formats.gguf import _Cursor, _llamarun_name
@@ -391,7 +392,7 @@ def quality_ids(llama, text: str = QUALITY_TEXT) -> tuple[list[int], str]:
     if tokenizer is not None:
         return tokenizer.encode(text), "the built-in English text" if text == QUALITY_TEXT else "the given text"
     rng = np.random.default_rng(RANDOM_SEED)
-    ids = [1] + rng.integers(0, llama.config.vocab_size, RANDOM_IDS - 1).tolist()
+    ids = [first_token(None)] + rng.integers(0, llama.config.vocab_size, RANDOM_IDS - 1).tolist()
     return ids, "pseudo-random ids (no tokenizer)"
 
 

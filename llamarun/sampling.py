@@ -65,14 +65,6 @@ def _check_seed(value, upper=None):
     return value
 
 
-def forbid(logits_row: np.ndarray, tokens) -> None:
-    """Set the logits of `tokens` to -inf in place: no sampler draws them, and their probability in
-    `distribution` is 0. (llama.cpp's --ignore-eos is this, a logit bias of -inf on the
-    end-of-generation tokens.)"""
-    if tokens:
-        logits_row[sorted(tokens)] = -np.inf
-
-
 def _as_logits(logits_row):
     logits = np.asarray(logits_row)
     if logits.ndim != 1 or logits.size == 0:

@@ -11,7 +11,7 @@ import llamarun
 from llamarun.cli import main
 from llamarun.inspect.attention import record_attention
 from llamarun.inspect.report import render_html, write_html, write_pngs
-from llamarun.model import Batch, KVCache
+from llamarun.model import Batch, KVCache, Probe
 
 from conftest import MODELS, require
 
@@ -94,11 +94,8 @@ def test_gguf_rows_from_prefill_and_decode(smol, smol_record):
     np.testing.assert_allclose(r.probs.sum(-1), 1.0, atol=1e-5)
     assert not np.triu(r.probs, k=1).any()
     rows = []
-    smol.model.attention_hook = lambda layer, batch, probs: rows.append(probs.copy())
-    try:
-        smol.model.forward(Batch.sequence(r.ids, all_logits=True), KVCache(smol.config, seq_len=T))
-    finally:
-        smol.model.attention_hook = None
+    probe = Probe(attention=lambda layer, batch, probs: rows.append(probs.copy()))
+    smol.model.forward(Batch.sequence(r.ids, all_logits=True), KVCache(smol.config, seq_len=T), probe)
     forced = np.stack(rows).transpose(0, 2, 1, 3)                # (L, H, T, T)
     np.testing.assert_allclose(r.probs, forced, atol=1e-5)
 

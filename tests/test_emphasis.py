@@ -9,8 +9,8 @@ import llamarun
 from llamarun.cli import main
 from llamarun.errors import LlamarunError
 from llamarun.inspect.attention import AttentionRecorder
-from llamarun.inspect.emphasis import emphasized, parse_emphasis, word_positions
-from llamarun.model import Batch, KVCache
+from llamarun.inspect.emphasis import emphasize, parse_emphasis, word_positions
+from llamarun.model import Batch, KVCache, Probe
 
 from conftest import MODELS, require
 
@@ -95,20 +95,17 @@ def test_word_positions(model, request):
 # ----------------------------------------------------------------------------------------------
 # the law, FACTOR 1, the continuation
 
-def run_recorded(llama, ids, n_prompt):
+def run_recorded(llama, ids, n_prompt, emphasis: Probe | None = None):
     """Prefill ids[:n_prompt] in one batch (the serial kernel), then feed the rest one token per
-    forward (the decode kernel), as generation does; record every attention weight. -> ((L, H, T, T)
-    weights, logits of every step)"""
+    forward (the decode kernel), as generation does; record every attention weight (with the
+    emphasis's bias, if given). -> ((L, H, T, T) weights, logits of every step)"""
     c = llama.config
     recorder = AttentionRecorder(c.n_layers, c.n_heads, len(ids))
     cache = KVCache(c)
-    llama.model.attention_hook = recorder
-    try:
-        logits = [llama.model.forward(Batch.sequence(ids[:n_prompt]), cache)]
-        for pos in range(n_prompt, len(ids)):
-            logits.append(llama.model.forward(Batch.sequence(ids[pos:pos + 1], pos), cache))
-    finally:
-        llama.model.attention_hook = None
+    probe = Probe(attention=recorder, bias=emphasis.bias if emphasis is not None else None)
+    logits = [llama.model.forward(Batch.sequence(ids[:n_prompt]), cache, probe)]
+    for pos in range(n_prompt, len(ids)):
+        logits.append(llama.model.forward(Batch.sequence(ids[pos:pos + 1], pos), cache, probe))
     return recorder.probs, np.concatenate(logits)
 
 
@@ -131,11 +128,11 @@ def plain_runs():
 def test_emphasised_mass_follows_the_law(model, spec, first, request, plain_runs):
     llama = request.getfixturevalue(model)
     prompt, ids, (plain, _) = plain_runs(llama)
-    with emphasized(llama, prompt, [spec]) as found:
-        (e, positions), = found
-        assert llama.model.attention_bias[first].shape[0] > 0
-        assert all(b.shape[0] == 0 for b in llama.model.attention_bias[:first])
-        emph, _ = run_recorded(llama, ids, len(prompt))
+    emphasis, found = emphasize(llama, prompt, [spec])
+    (e, positions), = found
+    assert emphasis.bias[first].shape[0] > 0
+    assert all(b.shape[0] == 0 for b in emphasis.bias[:first])
+    emph, _ = run_recorded(llama, ids, len(prompt), emphasis)
     np.testing.assert_array_equal(emph[:first], plain[:first])         # layers before: untouched
     F = e.factor
     m = plain[first][..., positions].sum(-1)                            # (H, T): mass on the word, every head and query
@@ -149,11 +146,11 @@ def test_emphasised_mass_follows_the_law(model, spec, first, request, plain_runs
 def test_factor_one_is_the_plain_run_bit_for_bit(model, request, plain_runs):
     llama = request.getfixturevalue(model)
     prompt, ids, (plain, plain_logits) = plain_runs(llama)
-    with emphasized(llama, prompt, ["France:1", "capital:1@0"]):
-        assert all(b.shape[0] > 0 for b in llama.model.attention_bias)  # the bias is added: zeros
-        same, same_logits = run_recorded(llama, ids, len(prompt))
-    with emphasized(llama, prompt, ["France:1.001"]):
-        _, nearby_logits = run_recorded(llama, ids, len(prompt))
+    ones, _ = emphasize(llama, prompt, ["France:1", "capital:1@0"])
+    assert all(b.shape[0] > 0 for b in ones.bias)                      # the bias is added: zeros
+    same, same_logits = run_recorded(llama, ids, len(prompt), ones)
+    nearby, _ = emphasize(llama, prompt, ["France:1.001"])
+    _, nearby_logits = run_recorded(llama, ids, len(prompt), nearby)
     assert np.array_equal(same_logits, plain_logits) and np.array_equal(same, plain)
     assert not np.array_equal(nearby_logits, plain_logits)             # the comparison can tell a tiny change
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import llamarun
-from llamarun.inspect.perplexity import token_nll
+from llamarun.logprobs import token_nll
 from llamarun.model import Batch
 from llamarun.tensors import MATVEC_ROWS
 

@@ -4,7 +4,8 @@ import pytest
 
 import llamarun
 from llamarun.errors import LlamarunError
-from llamarun.generation import TextAssembler
+from llamarun.decoding import Completion, TextAssembler
+from llamarun.generation import generate_stream
 
 from conftest import MODELS, require
 
@@ -26,10 +27,9 @@ class Scripted:
 
 
 def run_scripted(llama, prompt, ids, max_tokens=50, stop=()):
-    from llamarun.generation import Completion, generate_stream
     result = Completion("", [])
     events = list(generate_stream(llama.model, llama.tokenizer, llama.encode(prompt), Scripted(ids),
-                                  max_tokens=max_tokens, stop_tokens=llama.tokenizer.eog_ids, stop=stop,
+                                  max_tokens=max_tokens, end=llama.tokenizer.eog_ids, stop=stop,
                                   result=result))
     return events, result
 
@@ -127,10 +127,9 @@ def test_nonsense_sampling_values_are_errors(llama):
 def test_llama2c_sampler_stops_only_at_bos(llama):
     events, out = run_scripted(llama, "Hi", [2, 1], max_tokens=10)
     assert out.end_token == 2                        # the default stop rule: EOS ends it
-    from llamarun.generation import Completion, generate_stream
     result = Completion("", [])
     list(generate_stream(llama.model, llama.tokenizer, [1, 500], Scripted([2, 300, 1]), max_tokens=10,
-                         stop_tokens=frozenset({1}), result=result))
+                         end=frozenset({1}), result=result))
     assert result.tokens == [2, 300] and result.end_token == 1 and result.walked == [1, 500, 2, 300, 1]
 
 

@@ -10,7 +10,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from llamarun.config import ModelConfig
-from llamarun.model import MATVEC_ROWS, Batch, CompiledForward, KVCache, Transformer
+from llamarun.model import MATVEC_ROWS, Batch, CompiledForward, KVCache, Probe, Transformer
 from llamarun.tensors import GGMLTensor, set_exact
 
 from test_kernels import random_blocks
@@ -133,9 +133,9 @@ def test_exact_weights_and_inspection_keep_the_layer_by_layer_path():
     assert not CompiledForward.supports(model.w, model.layers)
     model = random_model({})
     seen = []
-    model.attention_hook = lambda layer, batch, probs: seen.append(layer)
-    model.forward(Batch.sequence([1, 2, 3]), KVCache(model.config))
-    assert seen == [0, 1]                  # the hook ran: the one-call forward was not taken
+    probe = Probe(attention=lambda layer, batch, probs: seen.append(layer))
+    model.forward(Batch.sequence([1, 2, 3]), KVCache(model.config), probe)
+    assert seen == [0, 1]                  # the probe ran: the one-call forward was not taken
 
 
 @pytest.mark.parametrize("threads", [1, 2])

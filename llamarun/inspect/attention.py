@@ -1,9 +1,9 @@
 """Attention maps: what every head of every layer attended to while the model read a prompt and
 wrote its continuation (`llamarun attention`).
 
-The model's attention kernels write each (token, head)'s softmax weights when
-`Transformer.attention_hook` is set (and do no such work when it is None); `AttentionRecorder` is
-that hook, collecting the rows into one (layers, heads, T, T) matrix per run: row i is token i's
+The model's attention kernels write each (token, head)'s softmax weights when a forward's
+`Probe` asks for them (and do no such work otherwise); `AttentionRecorder` is that probe's
+`attention` callback, collecting the rows into one (layers, heads, T, T) matrix per run: row i is token i's
 attention over tokens 0..i. The run is an ordinary generation (prefill, then decode token by token,
 through `generate_stream`), so the maps show the arithmetic a generation does; the last drawn token
 is fed once more so that it has its row too. report.py turns an `AttentionRecord` into the HTML page
@@ -17,17 +17,18 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LlamarunError
-from ..generation import Completion, generate_stream
-from ..model import Batch
+from ..decoding import Completion
+from ..generation import generate_stream
+from ..model import Batch, Probe
 from ..sampling import make_sampler
-from .emphasis import emphasized
+from .emphasis import emphasize
 
 # A run's maps take layers * heads * T^2 * 4 bytes (SmolLM2, 512 tokens: 280 MB)
 MAX_TOKENS = 512
 
 
 class AttentionRecorder:
-    """Transformer.attention_hook that keeps every token's attention, for one sequence."""
+    """A Probe's attention callback that keeps every token's attention, for one sequence."""
 
     def __init__(self, n_layers: int, n_heads: int, capacity: int):
         self.probs = np.zeros((n_layers, n_heads, capacity, capacity), np.float32)   # (L, H, query, key)
@@ -79,19 +80,15 @@ def record_attention(llama, prompt, max_tokens: int = 16, emphasis: list[str] = 
     model, config = llama.model, llama.config
     recorder = AttentionRecorder(config.n_layers, config.n_heads, len(ids) + max_tokens)
     cache = model.new_cache()
-    stop_tokens = llama.tokenizer.eog_ids if llama.tokenizer is not None else frozenset({2})
+    emphasis_probe, found = emphasize(llama, ids, list(emphasis))
+    probe = Probe(attention=recorder, bias=emphasis_probe.bias if emphasis_probe is not None else None)
     result = Completion("", [])
-    with emphasized(llama, ids, list(emphasis)) as found:
-        model.attention_hook = recorder
-        try:
-            for _ in generate_stream(model, llama.tokenizer, ids, make_sampler("default", **sampling),
-                                     max_tokens=max_tokens, stop_tokens=stop_tokens, cache=cache, result=result):
-                pass
-            walked = ids + result.tokens
-            if result.tokens and len(walked) <= cache.seq_len:     # the last drawn token's own row
-                model.forward(Batch.sequence(walked[-1:], len(walked) - 1), cache)
-        finally:
-            model.attention_hook = None
+    for _ in generate_stream(model, llama.tokenizer, ids, make_sampler("default", **sampling),
+                             max_tokens=max_tokens, cache=cache, result=result, probe=probe):
+        pass
+    walked = ids + result.tokens
+    if result.tokens and len(walked) <= cache.seq_len:     # the last drawn token's own row
+        model.forward(Batch.sequence(walked[-1:], len(walked) - 1), cache, probe)
     T = recorder.filled
     return AttentionRecord(walked[:T], token_labels(llama.tokenizer, walked[:T]), len(ids),
                            recorder.probs[:, :, :T, :T], model=Path(str(llama.checkpoint.path)).name,

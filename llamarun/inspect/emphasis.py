@@ -6,21 +6,21 @@ How: log(FACTOR) is added to the attention scores of those tokens' key positions
 such a key becomes F*p / Z, with Z renormalising the row, so an emphasised mass m becomes
 F*m / (F*m + 1 - m): the law tests/test_emphasis.py checks at the first emphasised layer.
 
-The bias lives on the model (`Transformer.attention_bias`, one (seq_len,) row per layer, empty
-where no emphasis) and is applied by the attention kernels to key positions, for every head and for
-every sequence of a batch alike: emphasis describes one prompt, so use it with one sequence at a time.
-Two emphases of the same token multiply their factors (their logs add).
+The bias is an argument of the forward calls that ask for it (a `model.Probe`'s `bias`, one
+(seq_len,) row per layer, empty where no emphasis), never model state: it reaches only the sequence
+it was made for. The attention kernels add it to key positions, for every head. Two emphases of the
+same token multiply their factors (their logs add).
 """
 from __future__ import annotations
 
 import math
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import LlamarunError
+from ..model import Probe
 
 LAYERS_SYNTAX = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
 
@@ -114,7 +114,7 @@ def word_positions(tokenizer, ids: list[int], word: str) -> list[int]:
 # the bias
 
 def emphasis_bias(config, positions_factors: list[tuple[list[int], float, list[int] | None]]) -> list[np.ndarray]:
-    """Transformer.attention_bias for these emphases: per layer, (seq_len,) float32 holding the sum of
+    """A Probe's bias for these emphases: per layer, (seq_len,) float32 holding the sum of
     log(FACTOR) at the emphasised key positions (0 elsewhere); an empty row for a layer no emphasis
     touches, so that layer runs the plain kernel arithmetic. A layer that is emphasised with FACTOR 1
     gets a row of zeros: the bias is added (and changes nothing, bit for bit)."""
@@ -127,30 +127,17 @@ def emphasis_bias(config, positions_factors: list[tuple[list[int], float, list[i
     return rows
 
 
-def emphasize(llama, ids: list[int], specs: list[str]) -> list[tuple[Emphasis, list[int]]]:
-    """Parse the --emphasize specs, find their tokens in the prompt `ids`, and set the model's bias.
-    -> each emphasis with its token positions. `llama.model.attention_bias` stays set until reset
-    (see `emphasized` for a scoped version)."""
+def emphasize(llama, ids: list[int], specs: list[str]) -> tuple[Probe | None, list[tuple[Emphasis, list[int]]]]:
+    """Parse the --emphasize specs and find their tokens in the prompt `ids`.
+    -> the Probe that applies them (None for no specs; pass it to the forwards of this sequence),
+    and each emphasis with its token positions."""
     if not specs:
-        return []
+        return None, []
     if llama.tokenizer is None:
         raise LlamarunError("--emphasize needs a tokenizer to find the word's tokens")
     found = []
     for spec in specs:
         e = parse_emphasis(spec, llama.config.n_layers)
         found.append((e, word_positions(llama.tokenizer, ids, e.word)))
-    llama.model.attention_bias = emphasis_bias(llama.config, [(pos, e.factor, e.layers) for e, pos in found])
-    return found
-
-
-def no_bias(config) -> list[np.ndarray]:
-    return [np.zeros(0, np.float32)] * config.n_layers
-
-
-@contextmanager
-def emphasized(llama, ids: list[int], specs: list[str]):
-    """`with emphasized(llama, ids, ["Paris:5"]) as found:` the model runs with that emphasis inside."""
-    try:
-        yield emphasize(llama, ids, specs)
-    finally:
-        llama.model.attention_bias = no_bias(llama.config)
+    bias = emphasis_bias(llama.config, [(pos, e.factor, e.layers) for e, pos in found])
+    return Probe(bias=bias), found

@@ -12,8 +12,8 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import LlamarunError
-from ..model import Batch, linear, rmsnorm
-from .confidence import log_softmax, top_ids
+from ..logprobs import log_softmax, top_ids
+from ..model import Batch, Probe, linear, rmsnorm
 
 
 @dataclass
@@ -46,12 +46,8 @@ def residual_streams(model, ids: Sequence[int], pos: int) -> np.ndarray:
     Attention is causal, so the tokens after `pos` change nothing there: only ids[:pos+1] run.
     """
     rows = []
-    previous = model.residual_hook
-    model.residual_hook = lambda layer, x: rows.append(x[pos].copy())        # x: (n, dim)
-    try:
-        model.forward(Batch.sequence(ids[:pos + 1]), model.new_cache(seq_len=pos + 1))
-    finally:
-        model.residual_hook = previous
+    probe = Probe(residual=lambda layer, x: rows.append(x[pos].copy()))           # x: (n, dim)
+    model.forward(Batch.sequence(ids[:pos + 1]), model.new_cache(seq_len=pos + 1), probe)
     return np.stack(rows)
 
 

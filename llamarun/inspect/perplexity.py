@@ -11,9 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import numpy as np
-
 from ..errors import LlamarunError
+from ..logprobs import token_nll
 from ..model import Batch
 
 
@@ -23,14 +22,6 @@ class Perplexity:
     nll: float          # mean negative log-likelihood, nats per token
     scored: int         # tokens scored
     chunks: int
-
-
-def token_nll(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:
-    """-log softmax(logits)[target], row by row, in float64.   logits: (n, vocab) -> (n,)"""
-    z = logits.astype(np.float64)
-    z -= z.max(axis=-1, keepdims=True)
-    log_norm = np.log(np.exp(z).sum(axis=-1))
-    return log_norm - z[np.arange(len(targets)), targets]
 
 
 def check_inputs(model, ids: Sequence[int], ctx: int) -> None:

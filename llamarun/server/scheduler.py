@@ -40,10 +40,9 @@ import numba
 import numpy as np
 
 from ..chat import common_prefix_length
-from ..generation import TextAssembler
-from ..inspect.confidence import log_softmax
+from ..decoding import Decoder, LogitsProcessor, TokenEvent
+from ..logprobs import TokenLogprob
 from ..model import MATVEC_ROWS, Batch
-from ..sampling import forbid
 
 log = logging.getLogger("llamarun.server")
 
@@ -54,13 +53,6 @@ MIN_TIMING_SAMPLES = 2  # decode-only steps timed (per number of rows) before pr
 
 class QueueFull(Exception):
     """More requests are waiting for a slot than the queue allows."""
-
-
-@dataclass
-class TokenLogprob:
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]        # the most probable tokens and their log probabilities
 
 
 @dataclass
@@ -83,6 +75,7 @@ class Request:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None          # None: no logprobs; k: the drawn token's and the top k
     ignore_eos: bool = False             # llama.cpp's extension: end-of-generation tokens are never drawn
+    processors: tuple[LogitsProcessor, ...] = ()   # applied to the logits before each draw (logit_bias, ...)
     cancelled: bool = False              # set by the handler; the worker frees the slot
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -91,23 +84,26 @@ class Request:
 
 
 class Sequence:
-    """A request in its cache slot: what is left to prefill, what it drew, where it is."""
+    """A request in its cache slot: what is left to prefill, where it is, and its decoder (which
+    draws its tokens and says when it is done, as for `Llama.stream`: llamarun/decoding.py)."""
 
-    def __init__(self, request: Request, slot: int, tokenizer, stop_tokens: frozenset[int]):
+    def __init__(self, request: Request, slot: int, tokenizer, context: int):
         self.request, self.slot = request, slot
         self.pending = list(request.prompt)      # prompt ids not yet run
         self.pos = 0                             # next position to fill in the slot
         self.cached = 0                          # prompt tokens found in the slot's cache
-        self.history = list(request.prompt)      # for the sampler's penalties
-        self.prev = request.prompt[-1]           # the token before the next one (for token_bytes)
         self.next_token: int | None = None       # drawn, not yet run through the model
-        self.generated = 0
-        self.text = TextAssembler(request.stop)
-        self.tokenizer, self.stop_tokens = tokenizer, stop_tokens
+        self.decoder = Decoder(tokenizer, request.sampler, request.prompt, context=context,
+                               max_tokens=request.max_tokens, ignore_eos=request.ignore_eos, stop=request.stop,
+                               logprobs=request.logprobs, processors=request.processors)
 
     @property
     def decoding(self) -> bool:
         return self.next_token is not None
+
+    @property
+    def generated(self) -> int:
+        return len(self.decoder.completion.tokens)
 
     def reuse(self, n: int) -> None:
         """The slot's cache already holds the prompt's first n tokens: start after them."""
@@ -118,13 +114,7 @@ class Sequence:
     def run_tokens(self) -> list[int]:
         """The tokens whose keys and values the slot holds, positions 0 .. pos - 1 (prompt, then the
         drawn tokens fed back; the last drawn one is never run)."""
-        return self.history[:self.pos]
-
-
-def token_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
-    lp = log_softmax(logits)
-    top = np.argsort(-lp, kind="stable")[:k] if k else np.array([], np.int64)
-    return TokenLogprob(token, float(lp[token]), [(int(t), float(lp[t])) for t in top])
+        return self.decoder.history[:self.pos]
 
 
 class Scheduler:
@@ -136,7 +126,6 @@ class Scheduler:
         self.llama, self.model, self.tokenizer = llama, llama.model, llama.tokenizer
         self.ctx, self.queue_limit = ctx, queue
         self.cache = self.model.new_cache(n_seqs=parallel, seq_len=ctx)
-        self.stop_tokens = self.tokenizer.eog_ids or frozenset({self.tokenizer.eos_id})
         self.free = list(range(parallel))
         self.slot_tokens: list[list[int]] = [[] for _ in range(parallel)]   # what each slot's cache holds
         self.waiting: deque[Request] = deque()
@@ -222,7 +211,7 @@ class Scheduler:
                 continue
             slot, shared = self.best_slot(request.prompt)
             self.free.remove(slot)
-            seq = Sequence(request, slot, self.tokenizer, self.stop_tokens)
+            seq = Sequence(request, slot, self.tokenizer, self.ctx)
             seq.reuse(max(0, min(shared, len(request.prompt) - 1)))   # the prompt's last token is run: its logits
             self.active.append(seq)
 
@@ -325,26 +314,14 @@ class Scheduler:
                 self.chunk[n_decoding] = max(1, n_prefill * 2 // 3)
 
     def advance(self, seq: Sequence, logits: np.ndarray) -> None:
-        """Draw the sequence's next token from its logits and report it; end it if it is done."""
-        request = seq.request
-        if request.ignore_eos:
-            forbid(logits, seq.stop_tokens)          # llama.cpp's ignore_eos: the end tokens are never drawn
-        token = int(request.sampler.sample(logits, seq.history))
-        seq.history.append(token)
-        logprob = token_logprob(logits, token, request.logprobs) if request.logprobs is not None else None
-        if token in seq.stop_tokens:
-            self.finish(seq, "stop", seq.text.flush())
-            return
-        seq.generated += 1
-        text = seq.text.push(self.tokenizer.token_bytes(token, seq.prev))
-        seq.prev = token
-        if seq.text.stopped:
-            self.finish(seq, "stop", text, logprob)
-        elif seq.generated >= request.max_tokens or seq.pos >= self.ctx:
-            self.finish(seq, "length", text + seq.text.flush(), logprob)
+        """Hand the sequence's logits row to its decoder and report the token it draws; end the
+        sequence if that was its last."""
+        event: TokenEvent = seq.decoder.next_token(logits)
+        if event.finish_reason:
+            self.finish(seq, event.finish_reason, event.text, event.logprob)
         else:
-            request.emit(Event(text, logprob))
-            seq.next_token = token
+            seq.request.emit(Event(event.text, event.logprob))
+            seq.next_token = event.token
 
     def finish(self, seq: Sequence, reason: str, text: str = "", logprob: TokenLogprob | None = None) -> None:
         seq.request.emit(Event(text, logprob, reason, len(seq.request.prompt), seq.generated, seq.cached))
