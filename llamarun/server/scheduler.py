@@ -40,7 +40,7 @@ import numba
 import numpy as np
 
 from ..chat import common_prefix_length
-from ..decoding import Decoder, LogitsProcessor, TokenEvent
+from ..decoding import Decoder, LogitsProcessor, TokenEvent, first_token
 from ..logprobs import TokenLogprob
 from ..model import MATVEC_ROWS, Batch
 
@@ -198,7 +198,7 @@ class Scheduler:
         first request's time to first token. Nothing a request could reuse is left: slot 0's cached
         tokens stay unrecorded, so its keys and values are written over."""
         n = max(1, min(MATVEC_ROWS + 1, self.ctx - 1))      # past a decode batch: the exact path's prompt way too
-        token = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0
+        token = first_token(self.tokenizer)
         self.model.forward(Batch.sequence([token] * n), self.cache)
         self.model.forward(Batch.of([token], [n], [0]), self.cache)
 
