@@ -17,9 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-uvicorn = pytest.importorskip("uvicorn")
+from conftest import require_module
+
+openai = require_module("openai")
+httpx = require_module("httpx")
+uvicorn = require_module("uvicorn")
 
 KEY = "sekret"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
