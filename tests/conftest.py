@@ -85,8 +85,9 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 def browser():
     """Headless Chromium driven by selenium (Debian's `chromium` and `chromium-driver`, which .ci/run
     installs; nothing is downloaded). `browser.get_log("browser")` holds the page's console messages."""
-    require(CHROMIUM)
-    require(CHROMEDRIVER)
+    for program in (CHROMIUM, CHROMEDRIVER):
+        if not program.exists():
+            unavailable(f"{program} is missing (apt-get install chromium chromium-driver, as .ci/run does)")
     webdriver = require_module("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
     options = webdriver.ChromeOptions()
