@@ -2,8 +2,9 @@
 
 The references (llama2.c's run.c outputs, models, tokenizers) live in ../shared beside the checkout,
 or wherever $LLAMARUN_SHARED points. Without them the tests that need them skip, except under CI
-(CI=true), where a missing reference is a failure.
+(CI=true), where a missing reference is a failure; so is a missing test dependency (require_module).
 """
+import importlib
 import json
 import os
 from pathlib import Path
@@ -16,14 +17,27 @@ MODELS = SHARED / "models"
 GOLDEN = SHARED / "golden"
 
 
+def unavailable(message: str):
+    """Skip the test (or the module, at import) for want of something; under CI (CI=true) fail:
+    there everything the tests need must be installed, and a skip would pass unnoticed."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message, allow_module_level=True)
+
+
 def require(path: Path) -> Path:
     """The path, or skip (fail under CI) when the reference is not there."""
     if not path.exists():
-        message = f"reference file {path} is missing (set LLAMARUN_SHARED to the shared folder)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"reference file {path} is missing (set LLAMARUN_SHARED to the shared folder)")
     return path
+
+
+def require_module(name: str):
+    """The imported module, or skip (fail under CI) when it is not installed."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        unavailable(f"python package {name.split('.')[0]} is missing ({e}); pip install -e '.[test]'")
 
 
 def golden_names() -> list[str]:
@@ -71,9 +85,10 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 def browser():
     """Headless Chromium driven by selenium (Debian's `chromium` and `chromium-driver`, which .ci/run
     installs; nothing is downloaded). `browser.get_log("browser")` holds the page's console messages."""
-    require(CHROMIUM)
-    require(CHROMEDRIVER)
-    webdriver = pytest.importorskip("selenium.webdriver")
+    for program in (CHROMIUM, CHROMEDRIVER):
+        if not program.exists():
+            unavailable(f"{program} is missing (apt-get install chromium chromium-driver, as .ci/run does)")
+    webdriver = require_module("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)

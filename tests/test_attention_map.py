@@ -13,6 +13,7 @@ from llamarun.inspect.attention import record_attention
 from llamarun.inspect.report import render_html, write_html, write_pngs
 from llamarun.model import Batch, KVCache, Probe
 
+import reference
 from conftest import MODELS, require
 
 PROMPT = "The capital of France is"
@@ -37,50 +38,12 @@ def smol_record(smol):
 # ----------------------------------------------------------------------------------------------
 # the weights recorded
 
-def reference_attention(weights, config, ids) -> np.ndarray:
-    """Every layer's attention weights of a llama2.c float32 model, in float64 numpy, written from
-    the Llama definition (RMSNorm, interleaved RoPE, grouped-query causal softmax attention, SwiGLU).
-    -> (layers, heads, T, T)"""
-    w = {k: np.asarray(v, np.float64) for k, v in weights.items()}
-    T, H, KV, D = len(ids), config.n_heads, config.n_kv_heads, config.head_dim
-
-    def norm(x, g):
-        return x / np.sqrt((x * x).mean(-1, keepdims=True) + config.norm_eps) * g
-
-    def rope(x):                                    # (T, heads, D), pairs (2i, 2i+1) turned by pos * theta^(-2i/D)
-        angle = np.arange(T)[:, None] * config.rope_theta ** (-np.arange(0, D, 2) / D)   # (T, D/2)
-        c, s = np.cos(angle)[:, None], np.sin(angle)[:, None]
-        x0, x1 = x[..., 0::2], x[..., 1::2]
-        out = np.empty_like(x)
-        out[..., 0::2], out[..., 1::2] = x0 * c - x1 * s, x0 * s + x1 * c
-        return out
-
-    x = w["tok_embeddings"][ids]
-    maps = np.zeros((config.n_layers, H, T, T))
-    causal = np.tril(np.ones((T, T), bool))
-    for layer in range(config.n_layers):
-        h = norm(x, w["attention_norm"][layer])
-        q = rope((h @ w["wq"][layer].T).reshape(T, H, D))
-        k = np.repeat(rope((h @ w["wk"][layer].T).reshape(T, KV, D)), H // KV, axis=1)
-        v = np.repeat((h @ w["wv"][layer].T).reshape(T, KV, D), H // KV, axis=1)
-        scores = np.einsum("ihd,jhd->hij", q, k) / np.sqrt(D)
-        scores = np.where(causal, scores, -np.inf)
-        p = np.exp(scores - scores.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        maps[layer] = p
-        x = x + np.einsum("hij,jhd->ihd", p, v).reshape(T, H * D) @ w["wo"][layer].T
-        h = norm(x, w["ffn_norm"][layer])
-        a, b = h @ w["w1"][layer].T, h @ w["w3"][layer].T
-        x = x + (a / (1 + np.exp(-a)) * b) @ w["w2"][layer].T
-    return maps
-
-
 def test_recorded_weights_match_a_reference_forward_pass(tiny):
     """Prompt rows come from the prefill (one batch, serial kernel), the generated ones from decode
     steps (the parallel kernel): both must be the model's true attention weights."""
     record = record_attention(tiny, PROMPT, 5)
     assert len(record.ids) == record.n_prompt + 5 and record.n_prompt == len(tiny.encode(PROMPT))
-    expected = reference_attention(tiny.checkpoint.weights, tiny.config, record.ids)
+    expected = reference.forward(tiny.checkpoint.weights, tiny.config, record.ids).attention
     np.testing.assert_allclose(record.probs, expected, atol=2e-6)
 
 

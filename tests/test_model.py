@@ -1,4 +1,5 @@
-"""The forward pass: batches of several sequences, logits where asked, and MQA against a naive reference."""
+"""The forward pass: batches of several sequences, logits where asked, and MQA against the float64
+reference forward (tests/reference.py)."""
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 import llamarun
 from llamarun.model import Batch, KVCache, apply_rope, rope_tables
 
+import reference
 from conftest import SHARED, MODELS, logits_tolerance, require
 
 
@@ -90,48 +92,11 @@ def test_the_prefill_rope_kernel_is_apply_rope_bit_for_bit():
     assert np.array_equal(out, apply_rope(x, cos, sin))
 
 
-def naive_forward(w, c, tokens):
-    """llama2.c's run.c forward() written out loop by loop in float64: an independent reference."""
-    D, kv_mul = c.dim // c.n_heads, c.n_heads // c.n_kv_heads
-    f = {k: np.asarray(v, np.float64) for k, v in w.items()}
-    keys = np.zeros((c.n_layers, len(tokens), c.n_kv_heads * D))
-    values = np.zeros_like(keys)
-    out = []
-
-    def rms(x, g):
-        return g * x / np.sqrt(np.mean(x * x) + 1e-5)
-
-    for pos, tok in enumerate(tokens):
-        x = f["tok_embeddings"][tok].copy()
-        for l in range(c.n_layers):
-            h = rms(x, f["attention_norm"][l])
-            q, k, v = f["wq"][l] @ h, f["wk"][l] @ h, f["wv"][l] @ h
-            for i in range(0, c.dim, 2):
-                angle = pos / 10000.0 ** ((i % D) / D)
-                for vec in (q, k) if i < c.n_kv_heads * D else (q,):
-                    v0, v1 = vec[i], vec[i + 1]
-                    vec[i], vec[i + 1] = v0 * np.cos(angle) - v1 * np.sin(angle), v0 * np.sin(angle) + v1 * np.cos(angle)
-            keys[l, pos], values[l, pos] = k, v
-            att_out = np.zeros(c.dim)
-            for head in range(c.n_heads):
-                kh = (head // kv_mul) * D
-                scores = np.array([q[head * D:(head + 1) * D] @ keys[l, t, kh:kh + D] for t in range(pos + 1)])
-                scores = np.exp(scores / np.sqrt(D) - (scores / np.sqrt(D)).max())
-                scores /= scores.sum()
-                att_out[head * D:(head + 1) * D] = sum(a * values[l, t, kh:kh + D] for t, a in enumerate(scores))
-            x = x + f["wo"][l] @ att_out
-            h = rms(x, f["ffn_norm"][l])
-            g1, g3 = f["w1"][l] @ h, f["w3"][l] @ h
-            x = x + f["w2"][l] @ (g1 / (1 + np.exp(-g1)) * g3)
-        out.append(f["output"] @ rms(x, f["norm"]))
-    return np.array(out)
-
-
 def test_multi_query_attention_matches_a_naive_reference(mqa_path):
     llama = llamarun.load(mqa_path)
     assert (llama.config.n_heads, llama.config.n_kv_heads) == (4, 1)
     ids = [1, 450, 4996, 17354, 1701, 432, 17204, 975]
-    ref = naive_forward(llama.checkpoint.weights, llama.config, ids)
+    ref = reference.forward(llama.checkpoint.weights, llama.config, ids).logits
     tol = logits_tolerance(ref, 2e-5)[:, None]
     assert (np.abs(alone(llama, ids) - ref) <= tol).all()
     cache = KVCache(llama.config)

@@ -17,9 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-uvicorn = pytest.importorskip("uvicorn")
+from conftest import require_module
+
+openai = require_module("openai")
+httpx = require_module("httpx")
+uvicorn = require_module("uvicorn")
 
 KEY = "sekret"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -188,13 +190,32 @@ def test_ignore_eos_generates_max_tokens(server, llama):
 
 def test_health_says_503_until_the_warm_up_step_has_run(llama, monkeypatch):
     """The server listens at once but answers /health 503 (OpenAI's error shape, as llama.cpp's
-    "Loading model") while its worker runs the warm-up step; requests sent meanwhile wait for it."""
+    "Loading model") while its worker runs the warm-up step; a request sent meanwhile waits for it:
+    it reaches the scheduler before the warm-up runs, and the model runs it after the warm-up."""
+    from llamarun.model import Transformer
     from llamarun.server import create_app
     from llamarun.server.scheduler import Scheduler
 
-    release = threading.Event()
-    warm_up = Scheduler.warm_up
-    monkeypatch.setattr(Scheduler, "warm_up", lambda self: (release.wait(60), warm_up(self)))
+    order, release, submitted = [], threading.Event(), threading.Event()
+    warm_up, submit, forward = Scheduler.warm_up, Scheduler.submit, Transformer.forward
+
+    def held_warm_up(self):
+        release.wait(60)
+        order.append("warm-up")
+        warm_up(self)
+        order.append("warmed up")
+
+    def recorded_submit(self, request):
+        order.append("submitted")
+        submit(self, request)
+        submitted.set()
+
+    def recorded_forward(self, *args):
+        order.append("forward")
+        return forward(self, *args)
+    monkeypatch.setattr(Scheduler, "warm_up", held_warm_up)
+    monkeypatch.setattr(Scheduler, "submit", recorded_submit)
+    monkeypatch.setattr(Transformer, "forward", recorded_forward)
     running = Running(create_app(llama, "smollm2", parallel=1, ctx=256), wait_ready=False)
     url = running.url
     try:
@@ -205,14 +226,16 @@ def test_health_says_503_until_the_warm_up_step_has_run(llama, monkeypatch):
         body = {"model": "smollm2", "prompt": "Hello", "max_tokens": 2, "temperature": 0}
         with ThreadPoolExecutor(1) as pool:
             answer = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=120)
-            time.sleep(0.3)
-            assert not answer.done()                                  # waits for the warm-up
+            assert submitted.wait(60), "the request did not reach the scheduler within 60 s"
+            assert not answer.done()                                  # held by the warm-up
             release.set()
             assert answer.result().status_code == 200
         assert httpx.get(url + "/health").json()["status"] == "ok"
     finally:
         release.set()
         running.stop()
+    assert order[:2] == ["submitted", "warm-up"]
+    assert "forward" in order[order.index("warmed up"):]             # the request ran after the warm-up
 
 
 def test_models_and_health(server):
@@ -282,7 +305,7 @@ def test_busy_server_says_503_with_retry_after(one_slot):
                                   json={"prompt": "Hi", "max_tokens": 1})
             deadline = time.time() + 20
             while httpx.get(one_slot.url + "/health").json()["waiting"] < 1:
-                assert time.time() < deadline
+                assert time.time() < deadline, "the second request was not queued within 20 s"
                 time.sleep(0.02)
             refused = httpx.post(one_slot.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
             assert refused.status_code == 503
@@ -292,14 +315,27 @@ def test_busy_server_says_503_with_retry_after(one_slot):
             assert waiting.result().status_code == 200
 
 
-def test_disconnect_frees_the_slot(one_slot):
+def test_disconnect_frees_the_slot(one_slot, monkeypatch):
+    """A client that goes away mid-stream frees its slot: its request ends "cancelled" long before its
+    480 tokens, and the next request (one slot: it waits for that one) is then served."""
+    from llamarun.server.scheduler import Scheduler
+
+    ends, submit = [], Scheduler.submit
+
+    def recorded_submit(self, request):        # each request's last event, with its max_tokens
+        emit = request.emit
+        request.emit = lambda ev: (ev.finish_reason and ends.append((request.max_tokens, ev)), emit(ev))
+        submit(self, request)
+    monkeypatch.setattr(Scheduler, "submit", recorded_submit)
     with long_stream(one_slot, max_tokens=480) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
-    t0 = time.time()
     reply = one_slot.client().completions.create(model="smollm2", prompt="Hi", max_tokens=2)
     assert reply.choices[0].text is not None
-    assert time.time() - t0 < 15            # the abandoned stream's ~480 tokens would take far longer
+    (first, abandoned), (second, served) = ends
+    assert (first, second) == (480, 2)
+    assert abandoned.finish_reason == "cancelled" and abandoned.completion_tokens < 480
+    assert served.finish_reason in ("stop", "length")
     assert httpx.get(one_slot.url + "/health").json()["slots_busy"] == 0
 
 
@@ -332,7 +368,7 @@ def test_bounded_load(server):
         assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
     deadline = time.time() + 20
     while (health := httpx.get(server.url + "/health").json())["slots_busy"]:
-        assert time.time() < deadline
+        assert time.time() < deadline, f"slots still busy 20 s after the load: {health}"
         time.sleep(0.05)
     assert health["status"] == "ok" and health["waiting"] == 0
 
@@ -346,20 +382,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(proc: subprocess.Popen, url: str, seconds: float) -> None:
+    """Poll /health until it says 200 (not listening yet, or 503 while the warm-up runs, is waiting),
+    a tenth of a second apart; fail if the process exits or the deadline passes."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass                                # not listening yet
+        assert proc.poll() is None, f"the server exited with {proc.returncode} before it was ready"
+        assert time.time() < deadline, f"the server was not ready within {seconds:.0f} s"
+        time.sleep(0.1)
+
+
 def test_sigterm_finishes_in_flight_work_and_exits(smol_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "llamarun", "serve", "-m", str(smol_path), "--port", str(port),
                              "--parallel", "2", "--ctx", "256"], stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 300        # on a fresh numba cache the warm-up compiles the kernels
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.time() < deadline, "the server did not start"
-                time.sleep(0.1)
+        wait_until_healthy(proc, url, 300)       # on a fresh numba cache the warm-up compiles the kernels
         body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
             lines = response.iter_lines()

@@ -1,7 +1,9 @@
 """The chat page at / : one self-contained HTML file that streams replies, in headless Chromium."""
 import pytest
 
-pytest.importorskip("uvicorn")
+from conftest import require_module
+
+require_module("uvicorn")
 
 
 def test_chat_page_streams_a_reply(browser, smol_path):

@@ -13,6 +13,7 @@ from llamarun.config import ModelConfig
 from llamarun.model import MATVEC_ROWS, Batch, CompiledForward, KVCache, Probe, Transformer
 from llamarun.tensors import GGMLTensor, set_exact
 
+import reference
 from test_kernels import random_blocks
 
 
@@ -183,51 +184,19 @@ def test_float32_one_call_forward_equals_the_layer_by_layer_path(threads):
         assert model.compiled_forward().kind == "f32" and model.compiled_forward().rows == MATVEC_ROWS
         results = both_paths(model, BATCHES)
         assert_same(results)
-        # the logits are the model's: the same tokens through numpy's float32 products
+        # the logits are the model's: the last batch is one token of sequence 0, at its last position
         (logits, _), _ = results
-        assert np.allclose(logits[-1], reference_logits(model, BATCHES), atol=1e-4)
+        expected = reference.forward(model.w, model.config, sequence_zero(BATCHES)).logits[-1]
+        assert np.allclose(logits[-1], expected, atol=1e-4)
     finally:
         numba.set_num_threads(before)
 
 
-def reference_logits(model: Transformer, batches) -> np.ndarray:
-    """The last batch's logits (one token of sequence 0), by plain numpy over sequence 0's tokens."""
-    c, w = model.config, model.w
-    tokens = [t for b in batches for t, s in zip(b.tokens, b.seq_ids) if s == 0]
-    positions = [p for b in batches for p, s in zip(b.pos, b.seq_ids) if s == 0]
-    order = np.argsort(positions, kind="stable")
-    tokens, positions = np.array(tokens)[order], np.array(positions)[order]
-    assert positions.tolist() == list(range(len(positions)))
-
-    def norm(x, g):
-        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + c.norm_eps) * g
-
-    def rope(x):                                               # (n, heads, D), pairs of neighbours
-        D = c.head_dim
-        freq = 1.0 / (c.rope_theta ** (np.arange(0, D, 2) / D))
-        angle = positions[:, None] * freq[None, :]                # (n, D/2)
-        cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
-        x0, x1 = x[..., 0::2], x[..., 1::2]
-        out = np.empty_like(x)
-        out[..., 0::2], out[..., 1::2] = x0 * cos - x1 * sin, x0 * sin + x1 * cos
-        return out
-
-    x = w["tok_embeddings"][tokens].astype(np.float64)
-    n, H, KV, D = len(tokens), c.n_heads, c.n_kv_heads, c.head_dim
-    mask = np.triu(np.full((n, n), -np.inf), 1)
-    for layer in range(c.n_layers):
-        h = norm(x, w["attention_norm"][layer])
-        q = rope((h @ w["wq"][layer].T).reshape(n, H, D))
-        k = rope((h @ w["wk"][layer].T).reshape(n, KV, D)).repeat(H // KV, axis=1)
-        v = (h @ w["wv"][layer].T).reshape(n, KV, D).repeat(H // KV, axis=1)
-        scores = np.einsum("ihd,jhd->hij", q, k) / np.sqrt(D) + mask
-        p = np.exp(scores - scores.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        x = x + np.einsum("hij,jhd->ihd", p, v).reshape(n, H * D) @ w["wo"][layer].T
-        h = norm(x, w["ffn_norm"][layer])
-        gate = h @ w["w1"][layer].T
-        x = x + (gate / (1 + np.exp(-gate)) * (h @ w["w3"][layer].T)) @ w["w2"][layer].T
-    return norm(x[-1:], w["norm"]) @ w["output"].T
+def sequence_zero(batches) -> list[int]:
+    """Sequence 0's tokens over the batches, in position order (they must cover 0 .. n-1)."""
+    rows = sorted((p, t) for b in batches for t, p, s in zip(b.tokens, b.pos, b.seq_ids) if s == 0)
+    assert [p for p, _ in rows] == list(range(len(rows)))
+    return [int(t) for _, t in rows]
 
 
 def test_a_threading_layer_that_may_serialize_the_loop_keeps_the_layer_by_layer_path(monkeypatch):
