@@ -329,7 +329,7 @@ class ChatSession:
     """
 
     def __init__(self, llama, chat_format: ChatFormat | None = None, system: str | None = None,
-                 max_tokens: int = 512, history: Sequence[dict] = (), **sampling):
+                 max_tokens: int = 512, history: Sequence[dict] = (), sampler=None, **sampling):
         if llama.tokenizer is None:
             raise LlamarunError("chat needs the model's tokenizer: load it with tokenizer=PATH (CLI: -z PATH)")
         if max_tokens < 1:
@@ -339,7 +339,8 @@ class ChatSession:
         self.chat_format = chat_format or chat_format_for(llama)
         self.system = system
         self.max_tokens = max_tokens
-        self.sampler = make_sampler("default", **sampling)   # one sampler: a seeded chat is repeatable
+        # one sampler: a seeded chat is repeatable (`sampler`: one made by the caller, e.g. run.c's)
+        self.sampler = sampler if sampler is not None else make_sampler("default", **sampling)
         self.stop_tokens = self.tokenizer.eog_ids or frozenset({self.tokenizer.eos_id})
         self.cache = llama.model.new_cache()
         self._active: Iterator[TokenEvent] | None = None
