@@ -20,7 +20,7 @@ import jinja2.ext
 import jinja2.sandbox
 
 from .errors import LlamarunError
-from .decoding import Completion, TokenEvent
+from .decoding import Completion, TokenEvent, end_tokens
 from .generation import generate_stream
 from .sampling import make_sampler
 
@@ -330,7 +330,7 @@ class ChatSession:
     """
 
     def __init__(self, llama, chat_format: ChatFormat | None = None, system: str | None = None,
-                 max_tokens: int = 512, history: Sequence[dict] = (), **sampling):
+                 max_tokens: int = 512, history: Sequence[dict] = (), sampler=None, **sampling):
         if llama.tokenizer is None:
             raise LlamarunError("chat needs the model's tokenizer: load it with tokenizer=PATH (CLI: -z PATH)")
         if max_tokens < 1:
@@ -340,7 +340,11 @@ class ChatSession:
         self.chat_format = chat_format or chat_format_for(llama)
         self.system = system
         self.max_tokens = max_tokens
-        self.sampler = make_sampler("default", **sampling)   # one sampler: a seeded chat is repeatable
+        # one sampler: a seeded chat is repeatable (`sampler`: one made by the caller, e.g. run.c's)
+        self.sampler = sampler if sampler is not None else make_sampler("default", **sampling)
+        # a reply ends at the end of its turn whatever the sampler (run.c's chat too ends the
+        # assistant's turn at EOS, where its generate mode stops only at BOS)
+        self.end = end_tokens(self.tokenizer)
         self.cache = llama.model.new_cache()
         self._active: Iterator[TokenEvent] | None = None
         self.reset(history)
@@ -378,7 +382,7 @@ class ChatSession:
         self.last_prefill_tokens = len(ids) - start
         result = Completion("", [])
         events = generate_stream(self.llama.model, self.tokenizer, ids[start:], self.sampler,
-                                 max_tokens=self.max_tokens,
+                                 max_tokens=self.max_tokens, end=self.end,
                                  cache=self.cache, start_pos=start, result=result)
         self._active = self._turn(events, messages, ids, result)
         return Stream(self._active, result)

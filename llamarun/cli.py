@@ -203,16 +203,24 @@ def runc_piece(tokenizer, prev: int, token: int) -> bytes:
     return piece
 
 
+RUNC_MODES = ("generate", "chat")
+
+
 def cmd_run(args) -> int:
     from .decoding import first_token
-    if args.mode != "generate":
-        raise LlamarunError(f"run.c mode {args.mode!r} is not supported here: use -m generate")
+    if args.mode not in RUNC_MODES:
+        raise LlamarunError(f"unknown mode {args.mode!r}: run.c's modes are -m generate and -m chat")
     if args.temperature < 0 or not 0 <= args.topp <= 1:
         raise LlamarunError("run.c needs -t >= 0 and -p in [0, 1]")
-    need_tokenizer = bool(args.input) or not args.ids
+    if args.mode == "chat" and args.ids:
+        raise LlamarunError("--ids is for -m generate: a chat prints its text")
+    need_tokenizer = args.mode == "chat" or bool(args.input) or not args.ids
     llama = open_model(args.checkpoint, args.tokenizer, need_tokenizer)
     seq_len = llama.config.seq_len
     steps = seq_len if args.steps <= 0 or args.steps > seq_len else args.steps   # run.c's clamp
+    seed = args.seed if args.seed > 0 else None                                 # run.c: <= 0 seeds from the clock
+    if args.mode == "chat":
+        return run_chat(llama, args.system, args.input, steps, args.temperature, args.topp, seed)
     prompt_ids = llama.encode(args.input or "") if llama.tokenizer else [first_token(None)]
     if steps < len(prompt_ids):
         prompt_ids = prompt_ids[:steps]
@@ -220,7 +228,7 @@ def cmd_run(args) -> int:
     else:
         max_new = steps - len(prompt_ids) + 1      # run.c samples at positions len(prompt)-1 .. steps-1
     stream = llama.stream(prompt_ids, max_new, sampler="llama2c", temperature=args.temperature,
-                          top_p=args.topp, seed=args.seed or None)
+                          top_p=args.topp, seed=seed)
     out = Output()
     prev = prompt_ids[0]
 
@@ -246,6 +254,69 @@ def cmd_run(args) -> int:
     if walked > 1:
         print(f"achieved tok/s: {walked / (time.perf_counter() - start):f}", file=sys.stderr)
     return EXIT_INTERRUPTED if interrupted else 0
+
+
+def read_line(out: Output, guide: str) -> str | None:
+    """run.c's read_stdin: print the guide, read one line of stdin (without its newline); None at its end."""
+    out.text(guide)
+    line = sys.stdin.readline()
+    return line[:-1] if line.endswith("\n") else (line or None)
+
+
+def run_chat(llama, system: str | None, first_message: str | None, steps: int, temperature: float,
+             top_p: float, seed: int | None) -> int:
+    """run.c's chat mode: Llama 2's [INST] <<SYS>> format (ChatFormat.llama2), the whole conversation
+    one sequence of at most `steps` positions in one KV cache, drawn by one run.c sampler. The system
+    prompt and the first message come from -y and -i, else from stdin as run.c asks for them; later
+    messages from stdin, a line each, until stdin ends or the steps are spent."""
+    from .chat import ChatFormat, ChatSession, ContextFull
+    from .sampling import Llama2cSampler
+    sampler = Llama2cSampler(temperature, top_p, seed)
+    out = Output()
+    if system is None:
+        system = read_line(out, "Enter system prompt (optional): ") or ""
+    session = ChatSession(llama, ChatFormat.llama2(), system=system or None, sampler=sampler)
+    user = first_message if first_message is not None else read_line(out, "User: ")
+    interrupted = False
+    while user is not None:
+        ids = session.chat_format.encode(session.messages + [{"role": "user", "content": user}], llama.tokenizer)
+        room = steps - len(ids) + 1          # run.c's forwards stop at position steps - 1
+        out.text("Assistant: ")
+        if room < 1:
+            break
+        session.max_tokens = room
+        try:
+            stream = session.send(user)
+        except ContextFull:
+            break
+        skip_draws(sampler, session.last_prefill_tokens - 1)
+        prev = ids[-1]
+        with CtrlC() as ctrl_c:
+            for event in stream:
+                if event.token is not None:
+                    out.bytes(runc_piece(llama.tokenizer, prev, event.token))
+                    prev = event.token
+                if ctrl_c.pressed:
+                    break
+        interrupted = ctrl_c.pressed
+        if interrupted or stream.completion.end_token is None:     # Ctrl-C, or the steps are spent
+            break
+        out.text("\n")
+        if len(ids) + len(stream.completion.tokens) + 1 >= steps:   # no position left past the EOS
+            break
+        user = read_line(out, "User: ")        # Ctrl-C here: KeyboardInterrupt, exit 130 (main)
+    out.text("\n")
+    return EXIT_INTERRUPTED if interrupted else 0
+
+
+def skip_draws(sampler, n: int) -> None:
+    """Advance run.c's sampler as n discarded draws would: run.c's chat draws a token at every
+    position it runs, prompt positions too (and the one after a reply's EOS), and keeps only the
+    reply's. We run a prompt in one batch and draw nothing there, so the coins are skipped here."""
+    import numpy as np
+    if np.float32(sampler.temperature) != 0:      # greedy draws no coin
+        for _ in range(n):
+            sampler.rng.next_u32()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -615,8 +686,28 @@ def add_prompt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", dest="prompt_flag", metavar="TEXT", help="the prompt (instead of the positional)")
 
 
+class UsageError(LlamarunError):
+    """A command line argparse refuses (an unknown flag, a missing or malformed value)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the user-error rule: one line saying what is wrong and where the help is, exit 1
+    (argparse's own error() prints the usage block and exits 2). Its subcommands' parsers are Parsers too."""
+
+    def error(self, message: str, prog: str | None = None):
+        raise UsageError(f"{' '.join(message.split())} (see `{prog or self.prog} --help`)")
+
+    def parse_args(self, args=None, namespace=None):
+        # as argparse's, but an unknown flag of a command points at that command's help
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            self.error(f"unrecognized arguments: {' '.join(extras)}", f"{self.prog} {command}" if command else None)
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llamarun", description="A readable, fast Llama inference engine.")
+    parser = Parser(prog="llamarun", description="A readable, fast Llama inference engine.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="continue a prompt, streaming the text")
@@ -648,7 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_exact(g)
     g.set_defaults(func=cmd_generate)
 
-    r = sub.add_parser("run", help="llama2.c's run.c, same arguments: run checkpoint [-t -p -s -n -i -z -m]")
+    r = sub.add_parser("run", help="llama2.c's run.c, same arguments: run checkpoint [-t -p -s -n -i -z -m -y]")
     r.add_argument("checkpoint", help="llama2.c checkpoint (.bin)")
     r.add_argument("-t", dest="temperature", type=float, default=1.0, help="temperature (default 1.0)")
     r.add_argument("-p", dest="topp", type=float, default=0.9, help="top-p (default 0.9)")
@@ -656,7 +747,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-n", dest="steps", type=int, default=256, help="steps, prompt included (0 = seq_len)")
     r.add_argument("-i", dest="input", default=None, help="input prompt")
     r.add_argument("-z", dest="tokenizer", default=None, help="tokenizer (default: tokenizer.bin beside it)")
-    r.add_argument("-m", dest="mode", default="generate", help="mode: generate")
+    r.add_argument("-m", dest="mode", default="generate", help="mode: generate|chat (default generate)")
+    r.add_argument("-y", dest="system", default=None, help="system prompt in chat mode (default: asked on stdin)")
     r.add_argument("--ids", action="store_true", help="print the walked token ids as JSON instead of text")
     add_threads(r)
     r.set_defaults(func=cmd_run)
@@ -767,8 +859,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         apply_threads(getattr(args, "threads", None))    # before numpy or numba do any work
         return args.func(args)
     except LlamarunError as e:

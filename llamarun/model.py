@@ -184,8 +184,8 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 # Query rows per block of the BLAS attention: each block scores only the keys up to its last
 # position, so smaller blocks compute less of the causal square's masked half, and their scores stay
-# small ((heads, 64, context) floats). SmolLM2's 512-token prompt, medians of 5 runs: blocks of 32:
-# 506 tok/s, 64: 506-522, 128: 468-472, 256: 473.
+# small ((heads, 64, context) floats). 64 was the fastest of 32, 64, 128 and 256 on SmolLM2's 512-token
+# prompt (docs/performance.md).
 QUERY_BLOCK = 64
 
 
@@ -197,8 +197,8 @@ def widened(cached: np.ndarray) -> np.ndarray:
 def attention_blas(q, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs, record: bool, bias):
     """The prefill's attention as matrix products (the fast path): what the attention kernel computes,
     with BLAS's summation order instead of run.c's, and the scores scaled through q (q / sqrt(D):
-    exact when D is a power of 4, as 64 and 256 are). On SmolLM2's 512-token prompt, the one-thread
-    kernel took ~30% of the prefill.
+    exact when D is a power of 4, as 64 and 256 are). Why: on a long prompt the one-thread kernel was
+    a large share of the prefill (docs/performance.md).
 
     q: (n, H, D), k, v: (n, KV, D) before RoPE; k_cache, v_cache: one layer's caches (KVCache's
     layouts); seq_ids, pos: (n,) the tokens' sequences and positions; out: (n, H, D) written; probs:
@@ -340,10 +340,9 @@ class CompiledForward:
     (`forward_int8`), and float32 matrices (`forward_f32`).
 
     A longer prompt goes through it in parts of ROWS tokens when every matrix has a group kernel
-    (`takes_prompts`: Q8_0, Q4_0, Q4_1, which share each block among 8 rows of x): SmolLM2 Q4_1, a
-    512-token prompt, 2 threads: 505-518 tok/s in parts of 128 against 411-423 through the BLAS tiles
-    (the same minutes, benchmarks/bench_prompt_parts.py; without VNNI, 463-476 against 447). The
-    K-quants' row kernels and llama2.c's int8 rows do not share blocks among rows: BLAS is left
+    (`takes_prompts`: Q8_0, Q4_0, Q4_1, which share each block among 8 rows of x): there parts of 128
+    beat the BLAS tiles, with VNNI and without (benchmarks/bench_prompt_parts.py; docs/performance.md).
+    The K-quants' row kernels and llama2.c's int8 rows do not share blocks among rows: BLAS is left
     those prompts.
 
     It holds the weights as those functions take them, made once, no copies: for ggml, numba typed
@@ -352,9 +351,9 @@ class CompiledForward:
     are stacked (a few KB).
 
     float32 weights take batches of up to MATVEC_ROWS tokens (the matrix-vector kernels' batches: a
-    longer one goes through BLAS, layer by layer). s110M, 2 threads: the decode step's products streamed
-    at ~18 GB/s from Python, one kernel call per product, ~24 as one call with the kernels reading four
-    rows at a time (kernels/matvec.py)."""
+    longer one goes through BLAS, layer by layer). As one call, with the kernels reading four rows at a
+    time (kernels/matvec.py), the decode step's products stream faster than with one kernel call per
+    product from Python (s110M: docs/performance.md)."""
 
     MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")     # the order of the step functions' arguments
     ROWS = tensors.FAST_KERNEL_ROWS                            # batches up to this many tokens
@@ -364,7 +363,7 @@ class CompiledForward:
         self.attention_norm = np.stack([lw["attention_norm"] for lw in layers]).astype(np.float32)
         self.ffn_norm = np.stack([lw["ffn_norm"] for lw in layers]).astype(np.float32)
         # a copy, as the stacked norms are: a norm read-only in one file (a GGUF's map) and writeable in
-        # another would make numba compile the step function a second time (~100 s)
+        # another would make numba compile the step function a second time (over a minute more of compiling)
         self.norm = np.array(weights["norm"], np.float32)
         output = weights["output"]
         self.rows = self.ROWS
@@ -439,7 +438,7 @@ class Transformer:
         self.config = config
         self.w = weights
         # each layer's weights, indexed once: a layer of a stacked llama2.c tensor is a view made at
-        # every access (~3 us for an int8 one: a tenth of s15M's decode step)
+        # every access (for s15M's int8 layers, a noticeable part of a decode step: docs/performance.md)
         self.layers = [{name: weights[name][i] for name in LAYER_WEIGHTS} for i in range(config.n_layers)]
         # exact: a prefill attends with run.c's arithmetic (the attention kernel: its summation order,
         # so that a prompt read in one batch equals the same prompt read token by token, bit for bit);

@@ -54,8 +54,8 @@ class GroupQuantized:
     def on_kernels(self, x: np.ndarray) -> bool:
         """Whether x @ W.T runs on the numba kernels (kernels/int8.py): any number of rows of x. (A
         prompt too: BLAS has no int8 product, and its float32 statement of runq.c's arithmetic,
-        `linear_blas`, is a batch of tiny products per group: 39 tok/s on s110M against the kernels'
-        ~1 decode step per row.)"""
+        `linear_blas`, is a batch of tiny products per group, several times slower than the kernels
+        on a prompt: docs/performance.md.)"""
         return self.q.ndim == 2
 
     def linear(self, x: np.ndarray) -> np.ndarray:
@@ -152,7 +152,7 @@ def _dequantize_f16(raw: np.ndarray) -> np.ndarray:
 
 
 # The types a llama GGUF may store its matrices in, with this module's dequantizer where it has one
-# (None: gguf's). Ours are for the common types, where gguf's numpy code is slowest (2-4x).
+# (None: gguf's). Ours are for the common types, where gguf's numpy code is slowest (docs/performance.md).
 _T = GGMLQuantizationType
 DEQUANTIZERS = {
     _T.F16: _dequantize_f16, _T.BF16: None, _T.Q8_0: dequantize_q8_0, _T.Q4_0: dequantize_q4_0,
@@ -172,14 +172,15 @@ GROUP_KERNEL_TYPES = frozenset({_T.Q8_0, _T.Q4_0, _T.Q4_1})
 MATVEC_ROWS = 8
 # ...and on the fast path up to this many: short prompts and prompt chunks too. Their int8 kernels
 # share each weight block among 4 rows, and the tiled BLAS path has a fixed cost per forward (every
-# tile decoded on one thread, BLAS's threads woken per tile). SmolLM2, a 16 / 32 / 64-token forward:
-# 82 / 133 / 221 ms on the kernels, 390 / 380 / 514 ms through BLAS; BLAS wins from ~300 rows.
+# tile decoded on one thread, BLAS's threads woken per tile), which forwards of up to 128 tokens do
+# not amortize: SmolLM2's forwards of 16 to 64 tokens ran several times faster on the kernels
+# (docs/performance.md).
 FAST_KERNEL_ROWS = 128
 
 # Beyond it, W is dequantized a tile of rows at a time into a reusable float32 buffer of about this
 # many bytes, and each tile multiplied by BLAS: big enough that a BLAS call amortizes its set-up,
-# small enough to stay in L2/L3 while BLAS reads it. Never the whole matrix. (SmolLM2's 512-token
-# prompt: 4 MiB tiles were ~3% faster, within the noise, and cost 6.5 MB more at the peak.)
+# small enough to stay in L2/L3 while BLAS reads it. Never the whole matrix. (Larger tiles were no
+# faster beyond the noise, and cost memory at the peak: docs/performance.md.)
 TILE_BYTES = 1 << 20
 
 _tile_buffers: dict[tuple[int, int], np.ndarray] = {}   # shared: one product at a time (one forward)

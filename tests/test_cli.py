@@ -1,9 +1,11 @@
 """The command line as a user meets it: output, exit codes, one-line errors, Ctrl-C."""
+import io
 import json
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from llamarun.cli import main
@@ -52,7 +54,7 @@ def test_tokenize_prints_ids_with_bos(capsys):
     (["generate", "Hi " * 300, "-m", "{tiny}"], "context holds 128"),
     (["generate", "Hi", "-m", "{tiny}", "--sampler", "llama2c", "--top-k", "5"], "--top-k"),
     (["run", "{tiny}", "-t", "-2"], "-t"),
-    (["run", "{tiny}", "-m", "chat"], "mode"),
+    (["run", "{tiny}", "-m", "story"], "mode"),
 ])
 def test_user_errors_are_one_line(args, words, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)     # no tokenizer.bin in the working directory to be found
@@ -126,3 +128,70 @@ def test_ctrl_c_keeps_the_output_and_exits_130(tmp_path):
     assert proc.returncode == 130, err
     assert prompt == b"Once upon a time" and first
     assert b"Traceback" not in err and b"interrupted" in err
+
+
+@pytest.mark.parametrize("args, words, command", [
+    ([], "required: COMMAND", "llamarun"),
+    (["speak"], "invalid choice: 'speak'", "llamarun"),
+    (["generate", "-n", "many"], "argument -n: invalid int value: 'many'", "llamarun generate"),
+    (["generate", "Hi", "--colour"], "unrecognized arguments: --colour", "llamarun generate"),
+    (["generate", "--sampler", "run.c"], "argument --sampler: invalid choice", "llamarun generate"),
+    (["run"], "required: checkpoint", "llamarun run"),
+    (["run", "model.bin", "-t"], "argument -t: expected one argument", "llamarun run"),
+])
+def test_usage_errors_are_one_line_and_exit_1(args, words, command, capsys):
+    # argparse's own rule is the usage block and exit 2; the README's is one line and exit 1
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and len(lines) == 1, lines
+    assert lines[0].startswith("llamarun: error:") and words in lines[0], lines
+    assert lines[0].endswith(f"(see `{command} --help`)"), lines
+
+
+def test_a_usage_error_exits_1_in_a_process():
+    r = llamarun("generate", "--top-k", "few")
+    assert r.returncode == 1 and r.stdout == "" and "usage:" not in r.stderr
+    assert r.stderr.count("\n") == 1 and "--top-k" in r.stderr and "llamarun generate --help" in r.stderr
+
+
+# `llamarun run -m chat` against llama2.c's run.c (karpathy/llama2.c 350e04f, `gcc -O2 run.c -lm`), run in
+# ../shared/models with the arguments below: its stdout, byte for byte. tiny_gqa's random weights never
+# draw EOS, so each chat is one reply that runs to the end of the steps. run.c draws (and discards) a token
+# at every prompt position: a sampled reply matches only if those coins are spent too.
+RUNC_CHATS = [
+    (["-t", "1", "-p", "0.9", "-s", "42", "-n", "40", "-m", "chat", "-i", "Hi there", "-y", "Be brief."], "",
+     b"Assistant:  encrypted geometricstats saved\xe4\xba\x8b accessingG roce Athlet Cubatempissenschaft "
+     b"divislou something\n"),
+    (["-t", "0.8", "-p", "1", "-s", "7", "-n", "45", "-m", "chat"], "You are a bot.\nHello, who are you?\n",
+     b"Enter system prompt (optional): User: Assistant:  England bru Administr einmal Much\xe4\xbb\x8b\xc2\xba "
+     b"Archives Company urb\xd1\x82\xd0\xb5\xd0\xbb\xd0\xb5\xd0\xbc cryptIME\n"),
+]
+
+
+@pytest.mark.parametrize("flags, stdin, expected", RUNC_CHATS)
+def test_run_chat_prints_what_runc_prints(flags, stdin, expected, monkeypatch, capsysbinary):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    assert main(["run", model("tiny_gqa.bin"), "-z", model("tokenizer.bin"), *flags]) == 0
+    assert capsysbinary.readouterr().out == expected
+
+
+def test_run_chat_takes_turns_as_runc(tmp_path, monkeypatch, capsysbinary):
+    # tiny_gqa with token 2's embedding (the classifier's row too: it is shared) scaled by 40, so that
+    # EOS ends replies and the chat takes turns. Expected: run.c's stdout (as above, `printf 'sys\nsecond
+    # message\nthird one\nfourth\n' | run eosy.bin -z tokenizer.bin -t 1 -s 11 -n 60 -m chat`) with its
+    # three quirks patched out, where llamarun differs on purpose (README, `llamarun run`): a newline for
+    # every EOS drawn and discarded at a prompt position, the token drawn after a reply's EOS printed, and
+    # at the end of stdin the last message sent again until the steps are spent (here: run.c exits).
+    raw = bytearray(require(MODELS / "tiny_gqa.bin").read_bytes())
+    dim, vocab = int.from_bytes(raw[0:4], "little"), int.from_bytes(raw[20:24], "little")
+    table = np.frombuffer(raw, np.float32, vocab * dim, 28).reshape(vocab, dim).copy()
+    table[2] *= 40
+    raw[28:28 + table.nbytes] = table.tobytes()
+    (tmp_path / "eosy.bin").write_bytes(raw)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("sys\nsecond message\nthird one\nfourth\n"))
+    assert main(["run", str(tmp_path / "eosy.bin"), "-z", model("tokenizer.bin"), "-t", "1", "-s", "11",
+                 "-n", "60", "-m", "chat"]) == 0
+    assert capsysbinary.readouterr().out == (
+        b"Enter system prompt (optional): User: Assistant: \nUser: Assistant: \xd0\xb5\xd0\xb9vie photos} peuvent "
+        b"Representatives\xd1\x92river voceElement\nUser: Assistant: \nUser: \n")

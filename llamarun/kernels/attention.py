@@ -23,8 +23,8 @@ Speed without reordering any sum:
 - A job is a token and one kv head, with all the query heads that share it (grouped-query
   attention: 3 in SmolLM2): they read the same keys and values, while those are in L1, and each
   score's chain of additions is interleaved with the other heads' (the sums are chains of
-  dependent adds: one head alone keeps the CPU waiting on its latency). SmolLM2, 8 tokens, 2
-  threads: a layer's attention at 64 positions 57 -> 55 us, at 256 182 -> 158, at 1024 719 -> 573.
+  dependent adds: one head alone keeps the CPU waiting on its latency); the gain grows with the
+  number of positions (docs/performance.md).
 - The caches and the batch's arrays are indexed in place, never sliced into views: a view made in
   compiled code counts a reference to its array, an atomic add on memory that both threads of a
   decode step share (see step.py). With ~15 views per job, a step of 8 tokens spent more time in
@@ -40,7 +40,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-BLOCK = 32   # positions per key block (16 measured 10% slower in the prefill, 64 no faster)
+BLOCK = 32   # positions per key block (16 measured slower in the prefill, 64 no faster)
 
 
 @numba.njit

@@ -17,17 +17,16 @@ over output rows, and keeps no float32 copy of it. Two ways to do the arithmetic
   Q8_K super-blocks, a float scale and integer sums per 16): one quantization of x serves every
   type, and a Q4_K sub-block (32 values, one scale and min) lines up with one activation block.
 
-Speed (why the code looks as it does; figures for one core of the 2-core dev machine, SmolLM2 shapes,
-from benchmarks/bench_kernels.py):
+Speed (why the code looks as it does; the figures, from benchmarks/bench_kernels.py on SmolLM2's
+shapes, are in docs/performance.md):
 - Lane-wise accumulators (exact). A dot product summed into one float32 scalar is a chain of
   dependent adds, which LLVM may not reorder (that would change the rounding). Summing into 32 lanes
   instead (acc[i] += w[i] * x[c + i], lane i of every group of 32), added up once per output row,
-  gives 32 independent sums, four AVX2 vectors: measured 2.9x faster (Q4_1: ~3.5 G weights/s).
+  gives 32 independent sums, four AVX2 vectors: several times faster.
 - The weights are decoded inside that multiply-add loop, not into a buffer of floats first: through
-  a buffer LLVM emitted scalar code, 3-5x slower. With 4+ rows of x, four rows share each decode.
+  a buffer LLVM emitted scalar code, several times slower. With 4+ rows of x, four rows share each decode.
 - Integer dot products (fast) are LLVM vector intrinsics on groups of 8 weight rows (see the fast
-  section): Q4_1 ~19 G weights/s with one row of x, ~7 per row with eight (an AVX-512 Xeon, 256-bit
-  VNNI); ~38 and ~12.5 on an AVX2 Zen 3 (see `_nibbles_block_dot`).
+  section), several times the exact kernels' rate (see also `_nibbles_block_dot`).
 - Parallel over output rows, in TASKS contiguous ranges, so each thread reads its share of the
   matrix as one sequential stream; a task's scratch is allocated once per call, not per row.
 - f16 scales are read as two bytes and converted by the CPU's vcvtph2ps (`_f16`).
@@ -85,7 +84,7 @@ def _f16(row, p):
 @numba.njit(inline="always")
 def _bits(row, k, shift, mask):
     """(row[k] >> shift) & mask, in unsigned 32-bit arithmetic. (numba computes integers in int64,
-    and LLVM then vectorizes the unpacking with 64-bit lanes: measured 25% slower.)"""
+    and LLVM then vectorizes the unpacking with 64-bit lanes: measured slower.)"""
     return (np.uint32(row[k]) >> np.uint32(shift)) & np.uint32(mask)
 
 
@@ -115,7 +114,7 @@ def _q4_k_scale_min(row, p, s):
 #
 # Why decode inside the multiply-add loop rather than into a buffer of 32 floats first: LLVM then
 # vectorizes the whole group (8 values per AVX2 instruction from bytes to sums); through a buffer it
-# emitted scalar code, 3-5x slower (it cannot tell that the buffer and the accumulators are apart).
+# emitted scalar code, several times slower (it cannot tell that the buffer and the accumulators are apart).
 
 @numba.njit(inline="always")
 def _nibbles_dot(row, q, off, a, b, x, j, c, acc):
@@ -183,7 +182,7 @@ def _q4_k_params(row, p, s, d, dmin):
     """Sub-block s (0..7) of the Q4_K super-block at p, whose d and dmin are given: (byte offset of
     its 32 bytes, the shift that selects its nibbles (low for even s, high for odd), d * scale_s,
     dmin * min_s). The callers loop over s in range(8), which LLVM unrolls: s is then a constant
-    and so are the shifts and the scale unpacking (measured 2x faster than a run-time s)."""
+    and so are the shifts and the scale unpacking (measured faster than a run-time s)."""
     sc, mn = _q4_k_scale_min(row, p, s)
     return p + 16 + 32 * (s // 2), 4 * (s % 2), d * np.float32(sc), dmin * np.float32(mn)
 
@@ -383,12 +382,11 @@ def matvec_exact(qt, raw, x, out):
 # With several activation rows (sequences decoded together) the transposition and the unpacking of
 # the nibbles are shared by them all. llama.cpp's "8x8" repacked kernels use the same lane layout on
 # weights it copies into that layout at load; here the file's own layout is transposed on the fly,
-# so the weights stay memory-mapped. Measured against the previous kernels (one weight row at a
-# time, 8 lanes of that row's partial sums, a horizontal sum per row), SmolLM2 Q4_1 on the one-call
-# forward, 2 threads: one decode row 137 -> 146 steps/s, eight rows 36 -> 55 steps/s
-# (benchmarks/bench_decode_rows.py). The K-quants keep a per-block intrinsic per row
-# (`_isum_nibbles_at`, `_isum_q6`): their 6-bit scales make each block's scale a small computation
-# anyway.
+# so the weights stay memory-mapped. Against the previous kernels (one weight row at a time, 8
+# lanes of that row's partial sums, a horizontal sum per row) they made a decode step faster, most of
+# all with eight rows (benchmarks/bench_decode_rows.py; docs/performance.md). The K-quants keep a
+# per-block intrinsic per row (`_isum_nibbles_at`, `_isum_q6`): their 6-bit scales make each
+# block's scale a small computation anyway.
 
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 
@@ -593,8 +591,7 @@ def _nibbles_block_dot(builder, w, x):
     rather than each widened to int32 on its own: exact, as a lane of each is at most 2 * 15 * 127,
     so the 8 together stay under 2^15 (8 * 3810 = 30480). 9 multiplies and 7 adds a block instead of
     16 and 8: with several activation rows the kernels are bound by instructions, not by reading the
-    weights. Q4_1 with 8 activation rows, AMD Zen 3 (AVX2, no VNNI), `bench_kernels.py`: 10.6 -> 12.5
-    G weights/s per row at 576x1536, 11.2 -> 13.2 at 1536x576; one row unchanged."""
+    weights (Q4_1 with 8 activation rows on an AVX2 CPU without VNNI: docs/performance.md)."""
     bytes32, halves = _vector(_I8, 32), _vector(_I16, 16)
     madd = _function(builder, "llvm.x86.avx2.pmadd.ub.sw", halves, [bytes32] * 2)
     pairs = [builder.call(madd, [builder.bitcast(w[k], bytes32), builder.bitcast(x[k], bytes32)]) for k in range(8)]
@@ -887,8 +884,9 @@ def _prefetch_ahead(raw, o, distance):
 
     Why: the weights are read once per token, from memory. The hardware prefetcher stops at every
     4 KiB page (the file's memory map has no huge pages), and the rows of a small model (360 bytes of
-    Q4_1 at SmolLM2's 576 inputs) are too short a stream for it to get going: the kernels streamed the
-    model at 4-6 GB/s of the machine's 13-18. Prefetches are hints: past the end of the matrix
+    Q4_1 at SmolLM2's 576 inputs) are too short a stream for it to get going: without prefetches the
+    kernels streamed the model at a third of the machine's bandwidth (docs/performance.md).
+    Prefetches are hints: past the end of the matrix
     they are dropped, never a fault."""
     prefetch_bytes(raw, o * raw.shape[1] + distance, ROW_GROUP * raw.shape[1])
 
@@ -988,8 +986,8 @@ def matvec_fast(qt, raw, x, out):
 # ----------------------------------------------------------------------------------------------
 # fused products of a decode step: several matrices that read the same activations, in one call
 #
-# A decode step of a small model is many short products (SmolLM2: 30 layers x 7 matrices, 40-60 us
-# each); each call from Python costs its dispatch and a start of the thread pool (~4 us), and the
+# A decode step of a small model is many short products (SmolLM2: 30 layers x 7 matrices, tens of
+# microseconds each); each call from Python costs its dispatch and a start of the thread pool, and the
 # fast path quantized x once per matrix. q, k and v read the same normalized x, and so do the FFN's
 # gate and up projections: one call each quantizes x once and runs all their rows in one parallel
 # loop. Each output value is computed exactly as the single-matrix kernels compute it.

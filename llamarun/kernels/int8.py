@@ -50,7 +50,7 @@ def _isum_run(typingctx, w, p, x, c, n):
 def _isum_fixed(blocks):
     """An intrinsic for sum over i < 32 * blocks of w[p + i] * x[c + i] as int32, with no loop: the
     common group sizes (32, 64) as straight-line code. (Through _isum_run's loop of one or two trips,
-    s15M's 32000 x 288 classifier ran at 12.7 G weights/s; straight: 20.1.)"""
+    s15M's 32000 x 288 classifier ran markedly slower: docs/performance.md.)"""
     def typer(typingctx, w, p, x, c):
         if not _contiguous_bytes(w, x):
             return None

@@ -22,14 +22,13 @@ from .ggml import prefetch_bytes
 
 
 # Four weight rows per task, read in lock-step: each load of x serves four rows, and each thread
-# walks its share of the matrix as four neighbouring streams. s110M fp32, every matrix of a token in
-# turn, 2 threads (a scratch benchmark, medians of 6): 21.7 GB/s one row at a time, 23.2 two, 24.6
-# four, numpy's sgemv 25.8; eight rows no better than four. (An earlier measurement had four rows 25%
-# slower on s15M's rows of 288 floats; with the prefetch below they are no slower there.)
+# walks its share of the matrix as four neighbouring streams. On s110M's fp32 matrices four rows
+# streamed faster than one or two, near numpy's sgemv, and eight no faster than four; with the
+# prefetch below, s15M's short rows (288 floats) are no slower for it (docs/performance.md).
 ROWS = 4
 
 # Ask for the weights this many bytes ahead of the rows being read (why: kernels/ggml.py's
-# _prefetch_ahead). 1-2 KB ahead of four streams measured best: 4 KB lost ~8%.
+# _prefetch_ahead). 1-2 KB ahead of four streams measured best, 4 KB worse (docs/performance.md).
 PREFETCH = 2048
 
 

@@ -1,12 +1,12 @@
 """A whole forward pass of a decode-sized batch as one compiled function, on one parallel region.
 
 Why: the kernels of a decode step are short. SmolLM2's step is 30 layers of six kernel calls (norm,
-q/k/v, attention, wo, gate/up, down), 15-50 us each; from Python every call pays its dispatch and a
-start and join of numba's thread pool (~12 us: a 69 KB product took 17 us). Here the threads are
-started once per step and walk the layers together, each taking its share of every product, and
-meet at a barrier where the next product needs the whole of the last one (llama.cpp's graph compute
-does the same with its own thread pool). SmolLM2 Q4_1, one token, 2 threads: 94 steps/s layer by
-layer, 122 as one call (same session, interleaved runs). Per layer:
+q/k/v, attention, wo, gate/up, down), tens of microseconds each; from Python every call pays its
+dispatch and a start and join of numba's thread pool, a cost of the same order as a small product.
+Here the threads are started once per step and walk the layers together, each taking its share of
+every product, and meet at a barrier where the next product needs the whole of the last one
+(llama.cpp's graph compute does the same with its own thread pool); a decode step as one call is
+markedly faster than layer by layer (docs/performance.md). Per layer:
 
     every thread: h = rmsnorm(x), quantized to int8 blocks (its own copy: cheaper than a barrier)
     rows of wq | wk | wv split among the threads                           -> q, k, v      barrier
@@ -116,8 +116,8 @@ def barrier(state, n_threads):
 def typed_list(arrays):
     """A numba typed List of the arrays of a tuple (all of one type), as the forward functions take
     each matrix's layers. Built here, in compiled and cached code: `numba.typed.List(...)` called from
-    Python compiles the list's methods in every new process, 7 MiB of peak memory and 0.26 s of
-    SmolLM2's cold start."""
+    Python compiles the list's methods in every new process, which cost peak memory and cold-start
+    time (docs/performance.md)."""
     out = List()
     for a in arrays:
         out.append(a)
@@ -176,9 +176,10 @@ def _shared_arrays(n, H, KV, D, hidden):
 # A product's code is long: the group kernels of every ggml type the fast path takes (nine
 # intrinsics, and the k-quant rows), inlined. LLVM's time grows faster than a function's size, and
 # with each of a layer's seven products and the classifier at a call site of its own, forward_fast
-# took ~175 s to compile. So products that follow one another share one call site, in a loop over
+# took minutes to compile. So products that follow one another share one call site, in a loop over
 # the matrices: q, k and v; the FFN's gate and up. (A product compiled as a function of its own,
-# called rather than inlined, compiled faster still but made a decode step ~12% slower.)
+# called rather than inlined, compiled faster still but made a decode step slower; figures in
+# docs/performance.md.)
 
 @numba.njit(inline="always")
 def _product(t, n_threads, qt, raw, xq, xd, xsum, xs, out, block, how):

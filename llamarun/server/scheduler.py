@@ -283,10 +283,10 @@ class Scheduler:
         Nobody decoding: a full chunk. Otherwise a chunk steered by what the steps cost: it starts at
         as many tokens as there are decode rows, grows by a quarter (at least one) while a step stays
         within (1 + PREFILL_SHARE) decode-only steps of this many rows, and shrinks by a third when a
-        step goes over. (Growing by one token a step, short prompts joining 7 streams took 10-20 steps
-        to get in, and the streams ended that many steps apart.) No prompt rides along until
-        decode-only steps of this size have been timed (the first steps after the number of streams
-        changes).
+        step goes over. (Growing by one token a step, short prompts joining running streams took many
+        steps to get in, and the streams ended that many steps apart: docs/performance.md.) No prompt
+        rides along until decode-only steps of this size have been timed (the first steps after the
+        number of streams changes).
         """
         # Beyond the model's matvec_rows BLAS takes over, with a fixed cost per forward that a small
         # chunk does not repay, and (fast path) float activations where the kernels quantize them: a
