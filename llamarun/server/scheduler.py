@@ -43,13 +43,10 @@ from ..chat import common_prefix_length
 from ..generation import TextAssembler
 from ..inspect.confidence import log_softmax
 from ..model import MATVEC_ROWS, Batch
+from ..plan import MIN_TIMING_SAMPLES, PREFILL_CHUNK, PREFILL_SHARE
 from ..sampling import forbid
 
 log = logging.getLogger("llamarun.server")
-
-PREFILL_CHUNK = 256     # prompt tokens per forward when no stream is waiting on the step
-PREFILL_SHARE = 1.0     # while streams decode, a step may take this much longer than a decode-only step
-MIN_TIMING_SAMPLES = 2  # decode-only steps timed (per number of rows) before prefill rides along
 
 
 class QueueFull(Exception):
