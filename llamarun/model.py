@@ -426,7 +426,7 @@ class Transformer:
     def new_cache(self, n_seqs: int = 1, seq_len: int | None = None) -> KVCache:
         """A KV cache for this model: float32 on the exact path (run.c's), half precision on the fast
         path (llama.cpp's f16 cache; see KVCache)."""
-        return KVCache(self.config, n_seqs, seq_len, half=not self.exact)
+        return KVCache(self.config, n_seqs, seq_len, half=self.plan.kv_half)
 
     def forward(self, batch: Batch, cache: KVCache) -> np.ndarray:
         """Run the batch through the model, filling the cache. -> (n_wanted, vocab) float32 logits."""

@@ -201,42 +201,33 @@ def _one_call_rows(kind, exact, weights, layers, matrices, fast_ok, fast_why) ->
 
 
 # ----------------------------------------------------------------------------------------------
-# the CPU (kernels/cpu.py where it exists; the fallback below otherwise)
-
-# the CPU features the kernels' vector code can use, by name as LLVM reports them
-KERNEL_FEATURES = ("sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni",
-                   "avxvnni", "neon", "dotprod")
-
-
-def cpu_features() -> list[str]:
-    """The CPU features the kernels use, those this CPU has (numba's compile target)."""
-    try:
-        from .kernels import cpu
-        return list(cpu.features())
-    except ImportError:
-        from llvmlite import binding
-        host = binding.get_host_cpu_features()
-        return [name for name in KERNEL_FEATURES if host.get(name, False)]
-
-
-def cpu_description() -> str:
-    """One line: the CPU's architecture and the kernels' features it has."""
-    try:
-        from .kernels import cpu
-        return cpu.describe()
-    except ImportError:
-        return f"{platform.machine()}: {' '.join(cpu_features()) or 'no vector features the kernels use'}"
-
+# the CPU: kernels/cpu.py decides (branch wip-kernels); until it is merged, the small fallback below
 
 def fast_kernels_available() -> tuple[bool, str]:
-    """(whether the one-call forward's machine code runs on this CPU, why)."""
+    """(whether the one-call forward's and the fast kernels' machine code runs on this CPU, why)."""
     try:
         from .kernels import cpu
-        return cpu.fast_kernels_available()
     except ImportError:
         # kernels/step.py spins with x86's `pause` instruction: another architecture takes the layer path
         machine = platform.machine().lower()
         if machine in ("x86_64", "amd64"):
             return True, "x86-64"
         return False, f"the one-call forward uses x86 instructions, and this CPU is {machine}"
+    return cpu.fast_kernels_available()
 
+
+def cpu_description() -> list[str]:
+    """Lines for `llamarun info`: the CPU, the features of it the kernels use, whether the fast kernels run."""
+    try:
+        from .kernels import cpu
+    except ImportError:
+        from llvmlite import binding
+        from .kernels.ggml import AVX2, VNNI
+        host = binding.get_host_cpu_features()
+        names = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni")
+        ok, why = fast_kernels_available()
+        return [f"cpu: {platform.machine()}",
+                f"cpu features: {' '.join(n for n in names if host.get(n, False)) or 'none the kernels use'}",
+                f"dot products: {'VNNI' if VNNI else 'AVX2' if AVX2 else 'portable vector code'}",
+                f"fast kernels: {'yes' if ok else 'no'}: {why}"]
+    return cpu.describe().splitlines()
