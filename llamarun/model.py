@@ -296,7 +296,7 @@ class CompiledForward:
     ggml types with a kernel on the fast path (`forward_fast`), llama2.c's int8 groups
     (`forward_int8`), and float32 matrices (`forward_f32`).
 
-    A longer prompt goes through it in parts of ROWS tokens when every matrix has a group kernel
+    A longer prompt goes through it in parts of `rows` tokens when every matrix has a group kernel
     (`takes_prompts`: Q8_0, Q4_0, Q4_1, which share each block among 8 rows of x): SmolLM2 Q4_1, a
     512-token prompt, 2 threads: 505-518 tok/s in parts of 128 against 411-423 through the BLAS tiles
     (the same minutes, benchmarks/bench_prompt_parts.py; without VNNI, 463-476 against 447). The
