@@ -1,4 +1,4 @@
-"""A long prompt on SmolLM2's fast path two ways, interleaved run by run: in parts of ROWS tokens
+"""A long prompt on SmolLM2's fast path two ways, interleaved run by run: in parts of 128 tokens
 through the one-call forward (kernels/step.py; int8 activations, the group kernels share each weight
 block among the rows) and whole through the layer-by-layer path (weight tiles dequantized for BLAS),
 with numpy's sgemm rate on the same shapes beside them as the compute bound of the BLAS path.
@@ -15,7 +15,6 @@ import argparse
 import statistics
 
 import llamarun
-from llamarun.model import CompiledForward
 
 from common import SgemmBound, prefill_rate, settled
 
@@ -39,7 +38,7 @@ def main() -> None:
     gflops = settled(bound.measure)
     parts, whole = statistics.median(rates[True][1:]), statistics.median(rates[False][1:])
     print(f"SmolLM2 Q4_1, fast path, a {args.tokens}-token prompt, medians of {args.runs} interleaved runs")
-    print(f"parts of {CompiledForward.ROWS} (one-call forward): {parts:.1f} tok/s")
+    print(f"parts of {compiled.rows} (one-call forward): {parts:.1f} tok/s")
     print(f"whole (BLAS tiles):               {whole:.1f} tok/s   (sgemm at these shapes: {gflops:.0f} GFLOP/s)")
     print(f"parts / whole: {parts / whole:.2f}")
 

@@ -7,13 +7,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .decoding import Completion, LogitBias, LogitsProcessor, TokenEvent
 from .errors import LlamarunError
 from .formats import load_checkpoint
-from .decoding import Completion, LogitBias, LogitsProcessor, TokenEvent
 from .generation import generate_stream
 from .model import Batch, Probe, Transformer
+from .plan import ExecutionPlan, choose_plan
 from .sampling import make_sampler
-from .tensors import GGMLTensor, set_exact
 from .tokenizers import load_tokenizer, tokenizer_from_gguf
 
 
@@ -27,12 +27,13 @@ def load(path: str | os.PathLike | None = None, tokenizer: str | os.PathLike | N
     exact: quantized GGUF weights multiply float32 activations (the reference arithmetic, what the
     parity tests check); the default, fast, quantizes the activations of a decode step to int8
     blocks as llama.cpp does (held to: perplexity within 2% of exact, tests/test_fast_path.py).
+    The choice, and every other of how the model computes, is its plan (`Llama.plan`, llamarun/plan.py),
+    made here once: another arithmetic is another load.
     """
     if path is None:
         from .hub import ensure_default_model
         path = ensure_default_model()
     checkpoint = load_checkpoint(path)
-    set_exact(checkpoint.weights, exact)
     vocab = checkpoint.config.vocab_size
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer, vocab_size=vocab)
@@ -40,8 +41,8 @@ def load(path: str | os.PathLike | None = None, tokenizer: str | os.PathLike | N
         tok = embedded_tokenizer(checkpoint)
         # The BPE merges now live in the tokenizer's own tables; the checkpoint's copy (SmolLM2: 48900
         # Python strings) is the largest value of the metadata and nothing reads it again. Dropping
-        # it lowers a loaded model's peak memory by ~4.5 MiB (`llamarun bench -p 512 -n 128`: 318.2 ->
-        # 313.7 MiB), which takes it under the budget of file + KV cache + 200 MB.
+        # it lowers a loaded model's peak memory by a few MiB, which keeps it under the budget of
+        # file + KV cache + 200 MB (docs/performance.md).
         getattr(checkpoint, "metadata", {}).pop("tokenizer.ggml.merges", None)
     return Llama(checkpoint, tok, exact=exact)
 
@@ -75,14 +76,19 @@ def find_tokenizer(model_path: str | os.PathLike, vocab_size: int) -> str | None
 class Llama:
     """A loaded model with its tokenizer: the object the API and the CLI work with."""
 
-    def __init__(self, checkpoint, tokenizer=None, exact: bool = True):
+    def __init__(self, checkpoint, tokenizer=None, exact: bool = False):
+        """exact: as `load`'s (the default, fast, where the weights have it: GGUF; llama2.c checkpoints
+        compute as run.c does either way, their reference)."""
         self.checkpoint = checkpoint
         self.config = checkpoint.config
-        # run.c's attention arithmetic when exact is asked and for llama2.c checkpoints (run.c is their
-        # reference); GGUF files on the fast path attend through BLAS in the prefill
-        exact = exact or not isinstance(checkpoint.weights["wq"][0], GGMLTensor)
-        self.model = Transformer(checkpoint.config, checkpoint.weights, exact=exact)
+        self.model = Transformer(checkpoint.config, checkpoint.weights, choose_plan(checkpoint.config,
+                                                                                    checkpoint.weights, exact))
         self.tokenizer = tokenizer
+
+    @property
+    def plan(self) -> ExecutionPlan:
+        """How this model computes: arithmetic, KV cache, the forward of each batch size (llamarun/plan.py)."""
+        return self.model.plan
 
     def __repr__(self) -> str:
         return f"Llama({self.checkpoint.path!r}, {self.checkpoint.description}, {self.config})"

@@ -38,9 +38,9 @@ import numpy as np
 from .config import ModelConfig
 from .errors import LlamarunError
 from .model import Batch
+from .plan import FILL_CHUNK
 
 SETTLE = 0.25              # seconds of idle before every timed run (see the module docstring)
-FILL_CHUNK = 512           # the depth is prefilled in forwards of at most this many tokens
 BACKEND = "numpy+numba"
 LLAMA_CPP_BATCH, LLAMA_CPP_UBATCH = 2048, 512   # llama-bench's defaults
 LLAMA_CPP_MISSING = "llama_cpp not installed: pip install llama-cpp-python (builds from source, ~12 min) to compare"

@@ -1,4 +1,4 @@
-"""The command line: `llamarun generate | run | chat | tokenize | pull | models | bench | quantize |
+"""The command line: `llamarun generate | run | chat | tokenize | pull | models | info | bench | quantize |
 perplexity | lens | attention | serve`.
 
 One rule for every command: the model is -m/--model, the prompt is positional or --prompt, -n is the
@@ -497,6 +497,67 @@ def cmd_models(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# llamarun info
+
+def cmd_info(args) -> int:
+    """The model (file, format, config, tensor types, size), its plan, and the CPU the kernels run on."""
+    from .api import load
+    from .plan import cpu_description
+    llama = load(args.model, exact=args.exact)
+    for section, lines in (("model", model_lines(llama.checkpoint)), ("plan", llama.plan.describe()),
+                           ("cpu", cpu_description())):
+        print(f"{section}:")
+        for line in lines:
+            print(f"  {line}")
+    return 0
+
+
+def model_lines(checkpoint) -> list[str]:
+    c, metadata = checkpoint.config, getattr(checkpoint, "metadata", None)
+    if metadata is not None:                                        # GGUF: the file's own type table
+        name = metadata.get("general.name")
+        kind = f"GGUF v{checkpoint.version} {metadata.get('general.architecture', 'llama')}"
+        kind += f" ({name})" if name else ""
+        counts = checkpoint.type_counts
+    else:
+        kind, counts = checkpoint.description, tensor_types(c, checkpoint.weights)
+    size = os.path.getsize(checkpoint.path)
+    config = (f"dim {c.dim}, hidden {c.hidden_dim}, layers {c.n_layers}, heads {c.n_heads}, kv heads {c.n_kv_heads}, "
+              f"head dim {c.head_dim}, vocab {c.vocab_size}, context {c.seq_len}, rope theta {c.rope_theta:g}, "
+              f"norm eps {c.norm_eps:g}, classifier {'the embeddings' if c.shared_classifier else 'its own'}")
+    types = ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return [f"file: {checkpoint.path}", f"format: {kind}", f"size: {size / 1e6:.1f} MB ({size} bytes)",
+            f"config: {config}", f"tensors: {types}", f"parameters: {parameter_count(checkpoint.weights):,}"]
+
+
+def tensor_types(config, weights: dict) -> dict[str, int]:
+    """Tensors by type, a shared classifier once: "F32", or "INT8/<group size>" (llama2.c's int8 groups)."""
+    from collections import Counter
+    from .model import LAYER_WEIGHTS
+    from .tensors import GroupQuantized
+
+    def type_of(tensor) -> str:
+        if isinstance(tensor, GroupQuantized):
+            return f"INT8/{tensor.group_size}"
+        return {"float32": "F32", "float16": "F16"}.get(str(tensor.dtype), str(tensor.dtype))
+
+    counts, seen = Counter(), set()
+    for name, value in weights.items():
+        if id(value) not in seen:
+            seen.add(id(value))
+            layers = range(config.n_layers) if name in LAYER_WEIGHTS else [None]
+            counts.update(type_of(value if layer is None else value[layer]) for layer in layers)
+    return counts
+
+
+def parameter_count(weights: dict) -> int:
+    """The numbers in the model's tensors, a shared classifier once."""
+    import math
+    tensors = {id(t): t for value in weights.values() for t in (value if isinstance(value, list) else [value])}
+    return sum(math.prod(t.shape) for t in tensors.values())
+
+
+# ----------------------------------------------------------------------------------------------
 # llamarun quantize
 
 def cmd_quantize(args) -> int:
@@ -793,6 +854,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ms = sub.add_parser("models", help="list the cached models")
     ms.set_defaults(func=cmd_models)
+
+    inf = sub.add_parser("info", help="what a model file holds, how llamarun will run it (the plan), and the "
+                                      "CPU features its kernels use")
+    inf.add_argument("-m", "--model", help="model file: GGUF or llama2.c .bin (default: SmolLM2-135M-Instruct)")
+    add_exact(inf)
+    inf.set_defaults(func=cmd_info)
 
     b = sub.add_parser("bench", help="prompt processing and generation speed, as llama.cpp's llama-bench "
                                      "(and llama.cpp beside it when llama_cpp is installed)")

@@ -28,7 +28,8 @@ from .kernels.attention import BLOCK as KEY_BLOCK, attention as attention_kernel
 from .kernels.attention import rope as rope_kernel, store as store_kernel
 from .kernels.matvec import matvec, matvec3, swiglu
 from .kernels.norm import rmsnorm as rmsnorm_kernel
-from .kernels.step import forward_f32, forward_fast, forward_int8, threads_run_together, typed_list
+from .kernels.step import forward_f32, forward_fast, forward_int8, typed_list
+from .plan import MATVEC_ROWS, QUERY_BLOCK, ExecutionPlan, choose_plan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,13 +183,6 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out.reshape(x.shape)
 
 
-# Query rows per block of the BLAS attention: each block scores only the keys up to its last
-# position, so smaller blocks compute less of the causal square's masked half, and their scores stay
-# small ((heads, 64, context) floats). 64 was the fastest of 32, 64, 128 and 256 on SmolLM2's 512-token
-# prompt (docs/performance.md).
-QUERY_BLOCK = 64
-
-
 def widened(cached: np.ndarray) -> np.ndarray:
     """Keys or values of a KV cache as float32 (a half cache holds the 16 bits of each number)."""
     return cached.view(np.float16).astype(np.float32) if cached.dtype == np.uint16 else cached
@@ -250,11 +244,6 @@ def silu(x: np.ndarray) -> np.ndarray:
     np.reciprocal(s, out=s)         # 1 / (1 + exp(-x)), rounded as the division
     x *= s
     return x
-
-
-# Up to this many rows (tokens in a batch), a matrix product is a matrix-vector product bound by
-# reading the weights: numba kernels that stream each weight once for all rows. Beyond it, BLAS.
-MATVEC_ROWS = 8
 
 
 def few_rows(x: np.ndarray, w) -> bool:
@@ -339,7 +328,7 @@ class CompiledForward:
     ggml types with a kernel on the fast path (`forward_fast`), llama2.c's int8 groups
     (`forward_int8`), and float32 matrices (`forward_f32`).
 
-    A longer prompt goes through it in parts of ROWS tokens when every matrix has a group kernel
+    A longer prompt goes through it in parts of `rows` tokens when every matrix has a group kernel
     (`takes_prompts`: Q8_0, Q4_0, Q4_1, which share each block among 8 rows of x): there parts of 128
     beat the BLAS tiles, with VNNI and without (benchmarks/bench_prompt_parts.py; docs/performance.md).
     The K-quants' row kernels and llama2.c's int8 rows do not share blocks among rows: BLAS is left
@@ -353,12 +342,13 @@ class CompiledForward:
     float32 weights take batches of up to MATVEC_ROWS tokens (the matrix-vector kernels' batches: a
     longer one goes through BLAS, layer by layer). As one call, with the kernels reading four rows at a
     time (kernels/matvec.py), the decode step's products stream faster than with one kernel call per
-    product from Python (s110M: docs/performance.md)."""
+    product from Python (s110M: docs/performance.md).
+    The plan (llamarun/plan.py) says whether a model has one and for how many rows (`rows`, and
+    `takes_prompts`: longer batches in parts of `rows`)."""
 
     MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")     # the order of the step functions' arguments
-    ROWS = tensors.FAST_KERNEL_ROWS                            # batches up to this many tokens
 
-    def __init__(self, config: ModelConfig, weights: dict, layers: list[dict]):
+    def __init__(self, config: ModelConfig, weights: dict, layers: list[dict], plan: ExecutionPlan):
         self.config = config
         self.attention_norm = np.stack([lw["attention_norm"] for lw in layers]).astype(np.float32)
         self.ffn_norm = np.stack([lw["ffn_norm"] for lw in layers]).astype(np.float32)
@@ -366,15 +356,13 @@ class CompiledForward:
         # another would make numba compile the step function a second time (over a minute more of compiling)
         self.norm = np.array(weights["norm"], np.float32)
         output = weights["output"]
-        self.rows = self.ROWS
-        self.takes_prompts = False
+        self.rows = plan.compiled_rows
+        self.takes_prompts = plan.compiled_parts
         if isinstance(output, tensors.GGMLTensor):
             self.kind = "ggml"
             self.qts = np.array([[int(lw[name].qtype) for name in self.MATRICES] for lw in layers], np.int64)
             self.raws = tuple(typed_list(tuple(lw[name].raw for lw in layers)) for name in self.MATRICES)
             self.output_qt, self.output = int(output.qtype), output.raw
-            self.takes_prompts = all(w.qtype in tensors.GROUP_KERNEL_TYPES for w in [output] + [lw[name] for lw in layers
-                                                                                    for name in self.MATRICES])
         elif isinstance(output, tensors.GroupQuantized):
             self.kind = "int8"
             self.group_size = output.group_size
@@ -385,7 +373,6 @@ class CompiledForward:
             self.output = (output.q, output.scale)
         else:
             self.kind = "f32"
-            self.rows = min(self.ROWS, MATVEC_ROWS)
             self.matrices = tuple(typed_list(tuple(lw[name] for lw in layers)) for name in self.MATRICES)
             self.output = output
 
@@ -434,33 +421,37 @@ LAYER_WEIGHTS = ("attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2
 
 
 class Transformer:
-    def __init__(self, config: ModelConfig, weights: dict, exact: bool = True):
+    def __init__(self, config: ModelConfig, weights: dict, plan: ExecutionPlan | None = None):
+        """plan: how it computes (llamarun/plan.py; default: `choose_plan`'s, the fast arithmetic where the
+        weights have one). It holds for the model's life: another arithmetic is another Transformer."""
         self.config = config
-        self.w = weights
+        self.plan = plan if plan is not None else choose_plan(config, weights)
+        self.w = tensors.with_arithmetic(weights, self.plan.exact)      # the plan's arithmetic, the same bytes
         # each layer's weights, indexed once: a layer of a stacked llama2.c tensor is a view made at
         # every access (for s15M's int8 layers, a noticeable part of a decode step: docs/performance.md)
-        self.layers = [{name: weights[name][i] for name in LAYER_WEIGHTS} for i in range(config.n_layers)]
-        # exact: a prefill attends with run.c's arithmetic (the attention kernel: its summation order,
-        # so that a prompt read in one batch equals the same prompt read token by token, bit for bit);
-        # else through BLAS (attention_blas). Decode steps always take the kernel.
-        self.exact = exact
+        self.layers = [{name: self.w[name][i] for name in LAYER_WEIGHTS} for i in range(config.n_layers)]
         self.rope_cos, self.rope_sin = rope_tables(config)
-        self._compiled: CompiledForward | None | bool = False      # made at first use (False: not yet)
+        self._compiled = (CompiledForward(config, self.w, self.layers, self.plan) if self.plan.compiled_rows
+                          else None)
+
+    @property
+    def exact(self) -> bool:
+        """The plan's arithmetic. Exact: a prefill attends with run.c's arithmetic (the attention kernel: its
+        summation order, so that a prompt read in one batch equals the same prompt read token by token, bit
+        for bit); else through BLAS (attention_blas). Decode steps always take the kernel."""
+        return self.plan.exact
 
     @property
     def matvec_rows(self) -> int:
         """Batches up to this many tokens run on the matrix-vector kernels (each token's arithmetic then
         independent of the others in the batch); larger ones through BLAS. The fast path's quantized
-        kernels take short prompts too (tensors.FAST_KERNEL_ROWS)."""
-        wq = self.layers[0]["wq"] if self.layers else None
-        if isinstance(wq, tensors.GGMLTensor) and not wq.exact and wq.on_kernels(np.empty((1, 0))):
-            return tensors.FAST_KERNEL_ROWS
-        return MATVEC_ROWS
+        kernels take short prompts too (plan.FAST_KERNEL_ROWS)."""
+        return self.plan.kernel_rows
 
     def new_cache(self, n_seqs: int = 1, seq_len: int | None = None) -> KVCache:
         """A KV cache for this model: float32 on the exact path (run.c's), half precision on the fast
         path (llama.cpp's f16 cache; see KVCache)."""
-        return KVCache(self.config, n_seqs, seq_len, half=not self.exact)
+        return KVCache(self.config, n_seqs, seq_len, half=self.plan.kv_half)
 
     def forward(self, batch: Batch, cache: KVCache, probe: Probe | None = None) -> np.ndarray:
         """Run the batch through the model, filling the cache. -> (n_wanted, vocab) float32 logits.
@@ -495,11 +486,8 @@ class Transformer:
         return linear(x, w["output"])                                            # (n_wanted, vocab)
 
     def compiled_forward(self) -> CompiledForward | None:
-        """The one-call forward for kernel-sized batches, where every weight has a fast kernel (else None).
-        Made at first use: `exact` may change after the model is built (tensors.set_exact)."""
-        if self._compiled is False:
-            ok = CompiledForward.supports(self.w, self.layers) and threads_run_together()
-            self._compiled = CompiledForward(self.config, self.w, self.layers) if ok else None
+        """The one-call forward for kernel-sized batches, where the plan has one (else None): made with the
+        model, as its weights' arithmetic is."""
         return self._compiled
 
     def feed_forward(self, h: np.ndarray, layer: int) -> np.ndarray:

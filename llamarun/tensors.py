@@ -22,6 +22,7 @@ from gguf import quants as gguf_quants
 from .kernels import ggml as ggml_kernels
 from .kernels import int8 as int8_kernels
 from .kernels.matvec import matvec
+from .plan import FAST_KERNEL_ROWS, MATVEC_ROWS, TILE_BYTES
 
 
 @dataclass(frozen=True)
@@ -168,21 +169,6 @@ KERNEL_TYPES = frozenset({_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q4_K, _T.Q6_K})
 # Those whose fast kernels take 8 weight rows at once, each block shared by every row of x.
 GROUP_KERNEL_TYPES = frozenset({_T.Q8_0, _T.Q4_0, _T.Q4_1})
 
-# Up to this many rows of x, a product goes to the matrix-vector kernels (model.MATVEC_ROWS)...
-MATVEC_ROWS = 8
-# ...and on the fast path up to this many: short prompts and prompt chunks too. Their int8 kernels
-# share each weight block among 4 rows, and the tiled BLAS path has a fixed cost per forward (every
-# tile decoded on one thread, BLAS's threads woken per tile), which forwards of up to 128 tokens do
-# not amortize: SmolLM2's forwards of 16 to 64 tokens ran several times faster on the kernels
-# (docs/performance.md).
-FAST_KERNEL_ROWS = 128
-
-# Beyond it, W is dequantized a tile of rows at a time into a reusable float32 buffer of about this
-# many bytes, and each tile multiplied by BLAS: big enough that a BLAS call amortizes its set-up,
-# small enough to stay in L2/L3 while BLAS reads it. Never the whole matrix. (Larger tiles were no
-# faster beyond the noise, and cost memory at the peak: docs/performance.md.)
-TILE_BYTES = 1 << 20
-
 _tile_buffers: dict[tuple[int, int], np.ndarray] = {}   # shared: one product at a time (one forward)
 
 
@@ -204,7 +190,8 @@ class GGMLTensor:
 
     `exact` chooses the arithmetic of the matrix-vector kernels (kernels/ggml.py): True, float32
     activations times the weights as gguf dequantizes them (what the parity tests run); False,
-    activations quantized to int8 blocks and integer dot products, as llama.cpp does.
+    activations quantized to int8 blocks and integer dot products, as llama.cpp does. It is fixed when
+    the tensor is made (the model's plan gives it, llamarun/plan.py): `with_exact` makes another.
     """
 
     def __init__(self, name: str, qtype, shape: tuple[int, int], raw: np.ndarray, exact: bool = True):
@@ -213,10 +200,18 @@ class GGMLTensor:
         self.shape = shape
         self.raw = raw.view()
         self.raw.flags.writeable = False     # as the file's map: one compiled signature for every kernel
-        self.exact = exact
+        self._exact = exact
         self._dequantize_rows = DEQUANTIZERS[qtype] or (lambda raw: gguf_quants.dequantize(raw, qtype))
         self._kernel_type = int(qtype) if qtype in KERNEL_TYPES else None
         self._tile_rows = max(16, min(shape[0], TILE_BYTES // (4 * shape[1]) // 16 * 16))
+
+    @property
+    def exact(self) -> bool:
+        return self._exact
+
+    def with_exact(self, exact: bool) -> GGMLTensor:
+        """This tensor (the same bytes, no copy) with the given arithmetic."""
+        return self if exact == self._exact else GGMLTensor(self.name, self.qtype, self.shape, self.raw, exact)
 
     @property
     def ggml_type(self) -> str:
@@ -323,11 +318,19 @@ def swiglu(x: np.ndarray, w1, w3) -> np.ndarray:
     return out
 
 
-def set_exact(weights: dict, exact: bool) -> None:
-    """Choose the arithmetic of every GGML tensor among `weights` (per-layer lists included):
-    exact (float32 activations, what the parity tests run) or fast (int8 activations, as llama.cpp).
-    llama2.c's int8 tensors always follow runq.c, the reference they are tested against."""
-    for value in weights.values():
-        for tensor in value if isinstance(value, list) else [value]:
-            if isinstance(tensor, GGMLTensor):
-                tensor.exact = exact
+def with_arithmetic(weights: dict, exact: bool) -> dict:
+    """`weights` with every GGML tensor (per-layer lists included) in the given arithmetic: exact (float32
+    activations, what the parity tests run) or fast (int8 activations, as llama.cpp). New tensor objects
+    over the same bytes where the arithmetic differs, so that two models over one file never change each
+    other's; a tensor shared under two names (a shared classifier) stays one. llama2.c's int8 tensors
+    always follow runq.c, the reference they are tested against."""
+    made: dict[int, object] = {}
+
+    def one(tensor):
+        if not isinstance(tensor, GGMLTensor):
+            return tensor
+        if id(tensor) not in made:
+            made[id(tensor)] = tensor.with_exact(exact)
+        return made[id(tensor)]
+
+    return {name: [one(t) for t in value] if isinstance(value, list) else one(value) for name, value in weights.items()}

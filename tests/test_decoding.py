@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import llamarun
-from llamarun.decoding import LLAMA2C_BOS, LLAMA2C_EOS, Decoder, LogitBias, end_tokens, first_token
+from llamarun.decoding import LLAMA2C_BOS, LLAMA2C_EOS, Decoder, end_tokens, first_token
 from llamarun.errors import LlamarunError
 from llamarun.model import Batch
 from llamarun.sampling import Llama2cSampler, Sampler

@@ -4,6 +4,8 @@ logits and the KV cache, for prompts, decode steps of several sequences, and bat
 some logits, on one thread and on two. The layer-by-layer path's kernels are tied to gguf's
 dequantization (tests/test_kernels.py) and the fast path to the exact one (tests/test_fast_path.py).
 """
+import dataclasses
+
 import numba
 import numpy as np
 import pytest
@@ -11,15 +13,16 @@ from gguf import GGMLQuantizationType as T
 
 from llamarun.config import ModelConfig
 from llamarun.model import MATVEC_ROWS, Batch, CompiledForward, KVCache, Probe, Transformer
-from llamarun.tensors import GGMLTensor, set_exact
+from llamarun.plan import choose_plan
+from llamarun.tensors import GGMLTensor
 
 import reference
 from test_kernels import random_blocks
 
 
-def random_model(types: dict, seed: int = 0) -> Transformer:
+def random_model(types: dict, seed: int = 0, **plan) -> Transformer:
     """A fast-path model of random ggml blocks: dim 256, hidden 512 (K-quants take rows of 256 values),
-    2 layers, 4 heads, 2 kv heads."""
+    2 layers, 4 heads, 2 kv heads. plan: fields of its plan to replace (plan.ExecutionPlan's)."""
     c = ModelConfig(dim=256, hidden_dim=512, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=64)
     rng = np.random.default_rng(seed)
     shapes = {"wq": (c.dim, c.dim), "wk": (c.kv_dim, c.dim), "wv": (c.kv_dim, c.dim), "wo": (c.dim, c.dim),
@@ -35,7 +38,7 @@ def random_model(types: dict, seed: int = 0) -> Transformer:
     weights["norm"] = rng.uniform(0.5, 1.5, c.dim).astype(np.float32)
     weights["tok_embeddings"] = weights["output"] = matrix("token_embd", types.get("output", T.Q8_0),
                                                            (c.vocab_size, c.dim))
-    return Transformer(c, weights, exact=False)
+    return Transformer(c, weights, dataclasses.replace(choose_plan(c, weights, exact=False), **plan))
 
 
 BATCHES = [
@@ -87,15 +90,14 @@ def test_one_call_forward_equals_the_layer_by_layer_path(types, threads):
 
 
 def test_smollm2_decode_steps_equal_the_layer_by_layer_path(smol_checkpoint):
-    set_exact(smol_checkpoint.weights, False)        # the fixture's weights are shared: set back below
-    try:
-        model = Transformer(smol_checkpoint.config, smol_checkpoint.weights, exact=False)
-        prompt = Batch.sequence([1, 504, 3458, 282, 4649, 314, 216], 0, 0)
-        steps = [Batch.sequence([100 + i], 7 + i, 0) for i in range(3)]
-        two = Batch.of([7, 8], [10, 0], [0, 1])
-        assert_same(both_paths(model, [prompt, *steps, two], n_seqs=2, seq_len=128))
-    finally:
-        set_exact(smol_checkpoint.weights, True)
+    model = Transformer(smol_checkpoint.config, smol_checkpoint.weights)          # the fast path: the default
+    assert not model.exact and model.compiled_forward().takes_prompts
+    prompt = Batch.sequence([1, 504, 3458, 282, 4649, 314, 216], 0, 0)
+    steps = [Batch.sequence([100 + i], 7 + i, 0) for i in range(3)]
+    two = Batch.of([7, 8], [10, 0], [0, 1])
+    assert_same(both_paths(model, [prompt, *steps, two], n_seqs=2, seq_len=128))
+    # the model's arithmetic is its own: the checkpoint's (shared, session-wide) tensors keep theirs
+    assert all(w.exact for w in smol_checkpoint.weights["wq"]) and not any(w.exact for w in model.w["wq"])
 
 
 def test_batch_order_and_parts():
@@ -109,13 +111,13 @@ def test_batch_order_and_parts():
 
 @pytest.mark.parametrize("types, parts", [({}, True), ({"w1": T.Q4_K}, False)], ids=["group_kernels", "k_quant"])
 def test_a_long_prompt_runs_in_parts_where_every_matrix_has_a_group_kernel(monkeypatch, types, parts):
-    """A batch longer than ROWS (16 here) goes through the one-call forward in parts of ROWS, each part
-    seeing the earlier ones in the cache: the logits and cache of the layer-by-layer path over the whole
-    batch at once, bit for bit. With a K-quant matrix the batch keeps the layer-by-layer path."""
-    monkeypatch.setattr(CompiledForward, "ROWS", 16)
-    model = random_model(types)
+    """A batch longer than the plan's compiled_rows (16 here) goes through the one-call forward in parts of
+    16, each part seeing the earlier ones in the cache: the logits and cache of the layer-by-layer path
+    over the whole batch at once, bit for bit. With a K-quant matrix the batch keeps the layer-by-layer path."""
+    model = random_model(types, compiled_rows=16)
     compiled = model.compiled_forward()
-    assert compiled.takes_prompts == parts
+    assert compiled.rows == 16 and compiled.takes_prompts == parts
+    assert model.plan.forward_for(40) == ("compiled in parts of 16" if parts else "layers (matvec kernels)")
     calls = []
     inner = CompiledForward.__call__
     monkeypatch.setattr(CompiledForward, "__call__", lambda self, x, batch, *rest: calls.append(len(batch))
@@ -128,9 +130,12 @@ def test_a_long_prompt_runs_in_parts_where_every_matrix_has_a_group_kernel(monke
 
 def test_exact_weights_and_inspection_keep_the_layer_by_layer_path():
     model = random_model({})
-    for w in model.layers[1].values():
-        if isinstance(w, GGMLTensor):
-            w.exact = True
+    exact = Transformer(model.config, model.w, choose_plan(model.config, model.w, exact=True))
+    assert exact.compiled_forward() is None and exact.plan.forward_for(1) == "layers (matvec kernels)"
+    assert all(w.exact for w in exact.layers[1].values() if isinstance(w, GGMLTensor))
+    assert model.compiled_forward() is not None                      # the fast model's tensors kept theirs
+    model.layers[1] = {name: w.with_exact(True) if isinstance(w, GGMLTensor) else w
+                       for name, w in model.layers[1].items()}         # one exact layer: no one-call forward
     assert not CompiledForward.supports(model.w, model.layers)
     model = random_model({})
     seen = []

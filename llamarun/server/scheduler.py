@@ -43,12 +43,9 @@ from ..chat import common_prefix_length
 from ..decoding import Decoder, LogitsProcessor, TokenEvent, first_token
 from ..logprobs import TokenLogprob
 from ..model import MATVEC_ROWS, Batch
+from ..plan import MIN_TIMING_SAMPLES, PREFILL_CHUNK, PREFILL_SHARE
 
 log = logging.getLogger("llamarun.server")
-
-PREFILL_CHUNK = 256     # prompt tokens per forward when no stream is waiting on the step
-PREFILL_SHARE = 1.0     # while streams decode, a step may take this much longer than a decode-only step
-MIN_TIMING_SAMPLES = 2  # decode-only steps timed (per number of rows) before prefill rides along
 
 
 class QueueFull(Exception):
