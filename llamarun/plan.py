@@ -37,22 +37,22 @@ MATVEC_ROWS = 8
 # On the fast path the int8 kernels take up to this many rows: short prompts and prompt chunks too,
 # and the one-call forward takes batches this long (or a longer prompt in parts this long, where every
 # matrix has a group kernel). The kernels share each weight block among 4 rows, and the tiled BLAS path
-# has a fixed cost per forward (every tile decoded on one thread, BLAS's threads woken per tile).
-# SmolLM2, a 16 / 32 / 64-token forward: 82 / 133 / 221 ms on the kernels, 390 / 380 / 514 ms through
-# BLAS; BLAS wins from ~300 rows. A 512-token prompt in parts of 128 beat the BLAS tiles by ~20%
-# (benchmarks/bench_prompt_parts.py; figures in docs/performance.md).
+# has a fixed cost per forward (every tile decoded on one thread, BLAS's threads woken per tile): on
+# SmolLM2 the kernels beat BLAS for forwards of 16 to 64 tokens several times over, BLAS wins only from
+# ~300 rows, and a 512-token prompt in parts of 128 beat the BLAS tiles (benchmarks/bench_prompt_parts.py;
+# the figures, with their CPU, in docs/performance.md).
 FAST_KERNEL_ROWS = 128
 
 # Query rows per block of the BLAS attention (the fast path's prefill): each block scores only the keys
 # up to its last position, so smaller blocks compute less of the causal square's masked half, and their
 # scores stay small ((heads, 64, context) floats). On SmolLM2's 512-token prompt 32 and 64 were alike,
-# 128 and 256 ~7% slower.
+# 128 and 256 slower (docs/performance.md).
 QUERY_BLOCK = 64
 
 # A quantized matrix multiplied by BLAS is dequantized a tile of rows at a time into a reused float32
 # buffer of about this many bytes: big enough that a BLAS call amortizes its set-up, small enough to stay
-# in L2/L3 while BLAS reads it. Never the whole matrix. (SmolLM2's 512-token prompt: 4 MiB tiles were
-# ~3% faster, within the noise, and cost 6.5 MB more at the peak.)
+# in L2/L3 while BLAS reads it. Never the whole matrix. (Larger tiles were no faster beyond the noise,
+# and cost memory at the peak: docs/performance.md.)
 TILE_BYTES = 1 << 20
 
 # The server's chunked prefill (server/scheduler.py). With nobody decoding, a prompt goes in forwards of
