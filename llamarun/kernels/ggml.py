@@ -38,11 +38,12 @@ reused float32 buffer (single-threaded, between BLAS calls); see GGMLTensor.line
 """
 import numba
 import numpy as np
-from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from . import cpu
 
 LANES = 32          # float32 partial sums per row of x: one per value of a 32-value block
 QK = 32             # values per block (Q8_0, Q4_0, Q4_1, and the activations' blocks)
@@ -397,25 +398,8 @@ def _vector(element, n):
     return ir.VectorType(element, n)
 
 
-def _host_has_avx2() -> bool:
-    """Whether numba compiles for a CPU with AVX2 (the host, unless NUMBA_CPU_NAME says otherwise)."""
-    if numba.config.CPU_NAME not in (None, "host"):
-        return False
-    return bool(llvm_binding.get_host_cpu_features().get("avx2", False))
-
-
-AVX2 = _host_has_avx2()
-
-
-def _host_has_vnni() -> bool:
-    """Whether the CPU also has 256-bit VNNI (vpdpbusd: AVX512-VNNI with AVX512-VL, or AVX-VNNI)."""
-    if not AVX2:
-        return False
-    features = llvm_binding.get_host_cpu_features()
-    return bool((features.get("avx512vnni") and features.get("avx512vl")) or features.get("avxvnni"))
-
-
-VNNI = _host_has_vnni()
+# which instructions the code below may use: the target CPU's features, decided in cpu.py
+AVX2, VNNI, NATIVE_HALF = cpu.AVX2, cpu.VNNI, cpu.NATIVE_HALF
 
 
 def _contiguous_bytes(*array_types) -> bool:
