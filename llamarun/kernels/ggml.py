@@ -30,7 +30,8 @@ from benchmarks/bench_kernels.py):
   VNNI); ~38 and ~12.5 on an AVX2 Zen 3 (see `_nibbles_block_dot`).
 - Parallel over output rows, in TASKS contiguous ranges, so each thread reads its share of the
   matrix as one sequential stream; a task's scratch is allocated once per call, not per row.
-- f16 scales are read as two bytes and converted by the CPU's vcvtph2ps (`_f16`).
+- f16 scales are read as two bytes and converted by the CPU's vcvtph2ps where it has F16C (`_f16`,
+  kernels/half.py).
 - No BLAS here: a decode step must stay on numba's thread pool (see kernels/matvec.py).
 
 More rows of x (a prompt) go to BLAS instead: `dequantize_rows` decodes a tile of rows of W into a
@@ -44,6 +45,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import cpu
+from .half import half_to_float
 
 LANES = 32          # float32 partial sums per row of x: one per value of a 32-value block
 QK = 32             # values per block (Q8_0, Q4_0, Q4_1, and the activations' blocks)
@@ -72,7 +74,7 @@ def _half_to_float(typingctx, bits):
             v = builder.trunc(v, ir.IntType(16))
         elif bits.bitwidth < 16:
             v = builder.zext(v, ir.IntType(16))
-        return builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())   # exact, any value
+        return half_to_float(builder, v)                                          # exact, any value
 
     return types.float32(bits), codegen
 
@@ -541,7 +543,7 @@ def _halves_of_rows(builder, rows, offset, count):
     """The f16 value at byte offset of each of the 8 rows (count 1), and with count 2 the one after it
     too -> `count` <8 x float>, lane i from rows[i]. The rows' 32-bit words are put together in two
     halves (a load and three inserts each) joined, then narrowed to the 8 halves wanted and converted
-    at once (vcvtph2ps): fewer shuffles than inserting 8 or 16 halves one by one."""
+    at once (vcvtph2ps with F16C): fewer shuffles than inserting 8 or 16 halves one by one."""
     word = lambda row: _load(builder, row, offset, _I32)   # noqa: E731
     halves = []
     for h in (0, 4):
@@ -553,8 +555,7 @@ def _halves_of_rows(builder, rows, offset, count):
     out = []
     for c in range(count):
         part = builder.lshr(words, ir.Constant(_vector(_I32, 8), [16] * 8)) if c else words
-        f16 = builder.bitcast(builder.trunc(part, _vector(_I16, 8)), _vector(ir.HalfType(), 8))
-        out.append(builder.fpext(f16, _vector(_F32, 8)))
+        out.append(half_to_float(builder, builder.trunc(part, _vector(_I16, 8))))
     return out
 
 
