@@ -29,8 +29,9 @@ path (Transformer.forward on the kernels), so the two agree bit for bit (tests/t
 
 The barrier is a counter and a generation number, both atomic: the last thread to arrive resets
 the counter and bumps the generation, the others spin on the generation (with x86's `pause`; plainly
-on other CPUs), and after SPINS rounds yield the core (sched_yield) at every round: on a busy 2-core machine the
-thread being waited for may have lost its core, and spinning on would keep it from getting it back.
+on other CPUs), and after SPINS rounds yield the core (sched_yield) at every round: on a busy 2-core
+machine the thread being waited for may have lost its core, and spinning on would keep it from
+getting it back.
 """
 import numba
 import numpy as np
