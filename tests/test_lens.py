@@ -46,6 +46,7 @@ def test_each_layer_reads_what_a_model_cut_after_it_outputs(s260):
     assert s260.model.residual_hook is None                            # the hook is taken off again
 
 
+@pytest.mark.slow          # the CLI on SmolLM2
 def test_smollm2_lens_cli_table(smol_path, capsys):
     m = llamarun.load(smol_path, exact=True)
     ids = m.encode("The capital of France is")

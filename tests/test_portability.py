@@ -115,6 +115,7 @@ def test_half_conversions_without_f16c_are_numpys(tmp_path):
     assert len(wrong) == 0, f"{len(wrong)} values, e.g. {values[wrong[:5]]} -> {narrowed[wrong[:5]]} not {expected[wrong[:5]]}"
 
 
+@pytest.mark.slow          # compiles the one-call forward afresh
 def test_one_call_forward_on_a_generic_cpu_gives_run_c_logits(tmp_path):
     """The one-call forward of a float32 model (its barrier's spin loop without x86's `pause` where the
     target is not x86) on llama2.c's run.c logits, as tests/test_golden.py holds the host's."""
@@ -135,6 +136,7 @@ def test_one_call_forward_on_a_generic_cpu_gives_run_c_logits(tmp_path):
     assert (np.abs(ours - ref).max(axis=-1) <= logits_tolerance(ref, 2e-5)).all()
 
 
+@pytest.mark.slow          # compiles the group kernels afresh, twice
 @pytest.mark.parametrize("target", [("generic", ""), ("haswell", "+avx2,+fma,+f16c")], ids=["generic", "avx2"])
 def test_fast_kernels_on_a_generic_cpu(tmp_path, target):
     """tests/test_kernels.py's checks of the fast group kernels (Q8_0, Q4_0, Q4_1: int8 dot products),

@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow          # a server, several streams
 
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_server.py"

@@ -1,6 +1,8 @@
 """The chat page at / : one self-contained HTML file that streams replies, in headless Chromium."""
 import pytest
 
+pytestmark = pytest.mark.slow          # a server and a browser
+
 pytest.importorskip("uvicorn")
 
 

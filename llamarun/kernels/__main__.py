@@ -63,12 +63,12 @@ def run_model(path, exact: bool, prompt_lengths=(1, 5, 12)):
 
     llama = llamarun.load(path, exact=exact)
     model = llama.model
+    ids = [(7 * i + 3) % model.config.vocab_size for i in range(max(prompt_lengths) + 1)]
     for n in prompt_lengths:
         n = min(n, model.config.seq_len - 1)
         cache = model.new_cache(seq_len=n + 1)
-        ids = [(7 * i + 3) % model.config.vocab_size for i in range(n + 1)]
         model.forward(Batch.sequence(ids[:n], 0, all_logits=True), cache)
-        model.forward(Batch.sequence(ids[n:], n), cache)
+        model.forward(Batch.sequence(ids[n:n + 1], n), cache)
 
 
 def warm_ups(folder: Path, default_model: Path | None):
