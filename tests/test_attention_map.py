@@ -47,6 +47,7 @@ def test_recorded_weights_match_a_reference_forward_pass(tiny):
     np.testing.assert_allclose(record.probs, expected, atol=2e-6)
 
 
+@pytest.mark.slow          # SmolLM2 layer by layer, recording
 def test_gguf_rows_from_prefill_and_decode(smol, smol_record):
     """SmolLM2 (quantized GGUF): every row is a distribution over the tokens up to the query, and the
     rows recorded in the prefill and while decoding equal those of one teacher-forced pass over the

@@ -38,6 +38,7 @@ def rows(out: str) -> dict:
     return found
 
 
+@pytest.mark.slow          # timed runs
 def test_table_rows_with_positive_speeds(tiny, capsys):
     assert main(["bench", "-m", tiny, "-p", "16", "-n", "8", "-r", "2"]) == 0
     out = capsys.readouterr().out

@@ -155,6 +155,7 @@ def test_factor_one_is_the_plain_run_bit_for_bit(model, request, plain_runs):
     assert not np.array_equal(nearby_logits, plain_logits)             # the comparison can tell a tiny change
 
 
+@pytest.mark.slow          # continuations on SmolLM2, layer by layer
 def test_large_factor_changes_the_continuation(smol_path, capsys):
     """Through the command line, as a user runs it: greedy, with and without a strong emphasis."""
     argv = ["generate", "The capital of France is", "-n", "6", "--temperature", "0"]

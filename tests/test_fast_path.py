@@ -13,6 +13,8 @@ from llamarun.tensors import MATVEC_ROWS
 
 from conftest import GOLDEN, require
 
+pytestmark = pytest.mark.slow          # a whole text on SmolLM2, twice
+
 CTX = 128
 
 

@@ -45,6 +45,7 @@ def test_each_layer_reads_what_a_model_cut_after_it_outputs(s260):
     assert not close(lens.logits[0], lens.logits[-1])                  # the layers do differ
 
 
+@pytest.mark.slow          # the CLI on SmolLM2
 def test_smollm2_lens_cli_table(smol_path, capsys):
     m = llamarun.load(smol_path, exact=True)
     ids = m.encode("The capital of France is")

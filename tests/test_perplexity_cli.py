@@ -20,6 +20,7 @@ def ppl_printed(out: str) -> float:
     return float(match.group(1))
 
 
+@pytest.mark.slow          # a whole text on SmolLM2
 @pytest.mark.parametrize("ctx", [128, 256])
 def test_smollm2_matches_the_reference_within_half_a_percent(smol_path, capsys, ctx):
     text = require(REFERENCE / "ppl_text.txt")

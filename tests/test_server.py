@@ -19,6 +19,8 @@ import pytest
 
 from conftest import require_module
 
+pytestmark = pytest.mark.slow          # servers in subprocesses
+
 openai = require_module("openai")
 httpx = require_module("httpx")
 uvicorn = require_module("uvicorn")

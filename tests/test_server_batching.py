@@ -9,6 +9,10 @@ import os
 import threading
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow          # a server, several streams
+
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_server.py"
 

@@ -3,6 +3,8 @@ import pytest
 
 from conftest import require_module
 
+pytestmark = pytest.mark.slow          # a server and a browser
+
 require_module("uvicorn")
 
 

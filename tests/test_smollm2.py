@@ -48,6 +48,7 @@ def test_last_position_logits_within_2e_3(smol, case):
     assert ours.argmax() == ref.argmax()
 
 
+@pytest.mark.slow          # long continuations on SmolLM2
 @pytest.mark.parametrize("case", cases(), ids=lambda c: f"case{c['i']}")
 def test_greedy_continuation_equals_the_reference(smol, case):
     greedy = case["greedy"]

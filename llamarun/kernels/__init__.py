@@ -1,33 +1,76 @@
 """Hand-written CPU kernels (numba), where numpy alone cannot do the job well.
 
-Compiled kernels are kept in numba's on-disk cache, so that compiling is paid once per machine. numba
-checks a cached function against its own source file only, not against the files of the functions it
-inlined: step.py's one-call forward inlines ggml.py's group kernels, so after an edit of ggml.py alone
-(or a `git pull` under an editable install that changes only ggml.py) the cache would go on serving the
-old forward. The kernels' cache therefore lives in a folder named for a hash of every source file of
-this package: `__pycache__/llamarun-<hash>` here, or below NUMBA_CACHE_DIR when that is set. A change
-to any kernel starts a fresh folder. (A folder of an older version stays until removed, a few MB.)
+Compiled kernels are kept in numba's on-disk cache, so that compiling is paid once per machine, not
+per checkout: in `$LLAMARUN_HOME/kernels/` (~/.cache/llamarun/kernels, beside the models), or below
+NUMBA_CACHE_DIR when that is set. `python -m llamarun.kernels` compiles them ahead of use.
+
+The cache folder is named for a hash of every source file of this package, `llamarun-<hash>`, and
+every kernel of the package is cached in it whatever the checkout's path. Why the hash: numba checks
+a cached function against its own source file only, not against the files of the functions it
+inlined: step.py's one-call forward inlines ggml.py's group kernels, so after an edit of ggml.py
+alone (or a `git pull` that changes only ggml.py) the cache would go on serving the old forward. A
+change to any kernel starts a fresh folder; a `git pull` that leaves the kernels alone, or a fresh
+clone elsewhere, finds the compiled code of the same sources. (A folder of an older version stays
+until removed, a few MB.) numba's own key of each entry still holds the function's signature and
+the CPU it was compiled for (NUMBA_CPU_NAME), so targets do not mix.
 """
 import hashlib
 import os
 from pathlib import Path
 
 import numba
+from numba.core import caching
+
+from ..hub import home
+
+HERE = Path(__file__).parent
 
 
-def _cache_dir(here: Path = Path(__file__).parent) -> str:
-    """The folder for the compiled code of the kernels in `here`, named for the sources it comes from."""
+def _sources_digest(here: Path = HERE) -> str:
+    """A hash of every source file of the kernels in `here` (but __main__.py, the compile step, which
+    compiles nothing of its own)."""
     digest = hashlib.sha256()
-    for source in sorted(here.glob("*.py")):
+    for source in sorted(p for p in here.glob("*.py") if p.name != "__main__.py"):
         digest.update(source.name.encode() + b"\0" + source.read_bytes())
-    return os.path.join(numba.config.CACHE_DIR or here / "__pycache__", f"llamarun-{digest.hexdigest()[:16]}")
+    return digest.hexdigest()[:16]
 
 
-# numba picks a function's cache folder when its decorator runs (the module's import), from
-# config.CACHE_DIR: set for the kernel modules' imports only, so other numba code keeps its own
-_user_cache_dir = numba.config.CACHE_DIR
-numba.config.CACHE_DIR = _cache_dir()
+def _cache_dir(here: Path = HERE) -> str:
+    """The folder for the compiled code of the kernels in `here`, named for the sources it comes from."""
+    base = numba.config.CACHE_DIR or home() / "kernels"
+    return os.path.join(base, f"llamarun-{_sources_digest(here)}")
+
+
+CACHE_DIR = _cache_dir()
+
+
+class _KernelCacheLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocator):
+    """numba's cache locator for this package's functions: a folder per source file in CACHE_DIR,
+    whatever the checkout's path (numba's own locators file a function under a hash of its folder's
+    absolute path), fresh as long as the kernels' sources are the same (the stamp numba compares with
+    the index's)."""
+
+    def __init__(self, py_func, py_file):
+        self._py_file = py_file
+        self._lineno = py_func.__code__.co_firstlineno
+
+    def get_cache_path(self):
+        return os.path.join(CACHE_DIR, Path(self._py_file).stem)
+
+    def get_source_stamp(self):
+        return os.path.basename(CACHE_DIR)
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if Path(py_file).resolve().parent != HERE.resolve():
+            return None
+        return super().from_function(py_func, py_file)     # None if CACHE_DIR cannot be written: numba's own then
+
+
+# numba picks a function's locator when its decorator runs (the module's import): put ours first for
+# the kernel modules' imports only, so other numba code keeps numba's own
+caching.CacheImpl._locator_classes.insert(0, _KernelCacheLocator)
 try:
     from . import attention, ggml, int8, matvec, norm, step  # noqa: E402,F401
 finally:
-    numba.config.CACHE_DIR = _user_cache_dir
+    caching.CacheImpl._locator_classes.remove(_KernelCacheLocator)

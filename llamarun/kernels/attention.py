@@ -40,6 +40,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
+from .half import float_to_half, half_to_float
+
 BLOCK = 32   # positions per key block (16 measured slower in the prefill, 64 no faster)
 
 
@@ -56,7 +58,7 @@ def key_blocks(seq_len):
 # caches are, as llama.cpp's are f16) halves the bytes a decode step reads at depth: SmolLM2 at 1024
 # positions reads 47 MB of keys and values per token in float32, more than the weights' 94 MB
 # halved. numba has no float16 type, so a half cache holds the numbers' 16 bits (uint16); `_widen`
-# converts on reading (vcvtph2ps, exact) and `_narrow` on writing (round to nearest even, as numpy's
+# converts on reading (exact) and `_narrow` on writing (round to nearest even, as numpy's
 # astype(np.float16)). With a half cache the softmax is llama.cpp's kind as well (see _softmax_fast).
 
 @intrinsic
@@ -66,7 +68,7 @@ def _widen(typingctx, value):
         return types.float32(value), lambda context, builder, sig, args: args[0]
     if value == types.uint16:
         def codegen(context, builder, sig, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+            return half_to_float(builder, args[0])
         return types.float32(value), codegen
     return None
 
@@ -80,7 +82,7 @@ def _narrow(typingctx, cache, value):
         return types.float32(cache, value), lambda context, builder, sig, args: args[1]
     if cache.dtype == types.uint16:
         def codegen(context, builder, sig, args):
-            return builder.bitcast(builder.fptrunc(args[1], ir.HalfType()), ir.IntType(16))
+            return float_to_half(builder, args[1])
         return types.uint16(cache, value), codegen
     return None
 

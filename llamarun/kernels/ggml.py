@@ -29,7 +29,8 @@ shapes, are in docs/performance.md):
   section), several times the exact kernels' rate (see also `_nibbles_block_dot`).
 - Parallel over output rows, in TASKS contiguous ranges, so each thread reads its share of the
   matrix as one sequential stream; a task's scratch is allocated once per call, not per row.
-- f16 scales are read as two bytes and converted by the CPU's vcvtph2ps (`_f16`).
+- f16 scales are read as two bytes and converted by the CPU's vcvtph2ps where it has F16C (`_f16`,
+  kernels/half.py).
 - No BLAS here: a decode step must stay on numba's thread pool (see kernels/matvec.py).
 
 More rows of x (a prompt) go to BLAS instead: `dequantize_rows` decodes a tile of rows of W into a
@@ -37,11 +38,13 @@ reused float32 buffer (single-threaded, between BLAS calls); see GGMLTensor.line
 """
 import numba
 import numpy as np
-from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from . import cpu
+from .half import half_to_float
 
 LANES = 32          # float32 partial sums per row of x: one per value of a 32-value block
 QK = 32             # values per block (Q8_0, Q4_0, Q4_1, and the activations' blocks)
@@ -70,7 +73,7 @@ def _half_to_float(typingctx, bits):
             v = builder.trunc(v, ir.IntType(16))
         elif bits.bitwidth < 16:
             v = builder.zext(v, ir.IntType(16))
-        return builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())   # exact, any value
+        return half_to_float(builder, v)                                          # exact, any value
 
     return types.float32(bits), codegen
 
@@ -395,25 +398,8 @@ def _vector(element, n):
     return ir.VectorType(element, n)
 
 
-def _host_has_avx2() -> bool:
-    """Whether numba compiles for a CPU with AVX2 (the host, unless NUMBA_CPU_NAME says otherwise)."""
-    if numba.config.CPU_NAME not in (None, "host"):
-        return False
-    return bool(llvm_binding.get_host_cpu_features().get("avx2", False))
-
-
-AVX2 = _host_has_avx2()
-
-
-def _host_has_vnni() -> bool:
-    """Whether the CPU also has 256-bit VNNI (vpdpbusd: AVX512-VNNI with AVX512-VL, or AVX-VNNI)."""
-    if not AVX2:
-        return False
-    features = llvm_binding.get_host_cpu_features()
-    return bool((features.get("avx512vnni") and features.get("avx512vl")) or features.get("avxvnni"))
-
-
-VNNI = _host_has_vnni()
+# which instructions the code below may use: the target CPU's features, decided in cpu.py
+AVX2, VNNI, NATIVE_HALF = cpu.AVX2, cpu.VNNI, cpu.NATIVE_HALF
 
 
 def _contiguous_bytes(*array_types) -> bool:
@@ -555,7 +541,7 @@ def _halves_of_rows(builder, rows, offset, count):
     """The f16 value at byte offset of each of the 8 rows (count 1), and with count 2 the one after it
     too -> `count` <8 x float>, lane i from rows[i]. The rows' 32-bit words are put together in two
     halves (a load and three inserts each) joined, then narrowed to the 8 halves wanted and converted
-    at once (vcvtph2ps): fewer shuffles than inserting 8 or 16 halves one by one."""
+    at once (vcvtph2ps with F16C): fewer shuffles than inserting 8 or 16 halves one by one."""
     word = lambda row: _load(builder, row, offset, _I32)   # noqa: E731
     halves = []
     for h in (0, 4):
@@ -567,8 +553,7 @@ def _halves_of_rows(builder, rows, offset, count):
     out = []
     for c in range(count):
         part = builder.lshr(words, ir.Constant(_vector(_I32, 8), [16] * 8)) if c else words
-        f16 = builder.bitcast(builder.trunc(part, _vector(_I16, 8)), _vector(ir.HalfType(), 8))
-        out.append(builder.fpext(f16, _vector(_F32, 8)))
+        out.append(half_to_float(builder, builder.trunc(part, _vector(_I16, 8))))
     return out
 
 

@@ -28,9 +28,10 @@ Every value is computed by the same functions and in the same order as the one-c
 path (Transformer.forward on the kernels), so the two agree bit for bit (tests/test_step.py).
 
 The barrier is a counter and a generation number, both atomic: the last thread to arrive resets
-the counter and bumps the generation, the others spin on the generation with the CPU's `pause`,
-and after SPINS rounds yield the core (sched_yield) at every round: on a busy 2-core machine the
-thread being waited for may have lost its core, and spinning on would keep it from getting it back.
+the counter and bumps the generation, the others spin on the generation (with x86's `pause`; plainly
+on other CPUs), and after SPINS rounds yield the core (sched_yield) at every round: on a busy 2-core
+machine the thread being waited for may have lost its core, and spinning on would keep it from
+getting it back.
 """
 import numba
 import numpy as np
@@ -40,7 +41,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.typed import List
 
-from . import int8, matvec
+from . import cpu, int8, matvec
 from .attention import _store_pairs, attend_heads_range, attend_jobs
 from .ggml import (ADD, GATED, PREFETCH_BYTES, ROW_GROUP, STORE, _quantized, _row_group_fast, _silu_times,
                    _task_rows, group_range, prefetch_bytes, put_group, quantize_into)
@@ -91,7 +92,12 @@ def _void_call(name, return_type=ir.VoidType()):
     return call
 
 
-_pause = _void_call("llvm.x86.sse2.pause")                     # a spin-wait hint to the CPU
+if cpu.X86:
+    _pause = _void_call("llvm.x86.sse2.pause")                 # a spin-wait hint to the CPU (SSE2: every x86-64)
+else:
+    @numba.njit(inline="always")
+    def _pause():
+        """No hint elsewhere: the loop spins plain (it yields its core after SPINS rounds anyway)."""
 _yield = _void_call("sched_yield", ir.IntType(32))              # libc: give the core to another thread
 
 
