@@ -22,7 +22,6 @@ being served at its old value after an edit.
 """
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass
 
 # ----------------------------------------------------------------------------------------------
@@ -205,29 +204,11 @@ def _one_call_rows(kind, exact, weights, layers, matrices, fast_ok, fast_why) ->
 
 def fast_kernels_available() -> tuple[bool, str]:
     """(whether the one-call forward's and the fast kernels' machine code runs on this CPU, why)."""
-    try:
-        from .kernels import cpu
-    except ImportError:
-        # kernels/step.py spins with x86's `pause` instruction: another architecture takes the layer path
-        machine = platform.machine().lower()
-        if machine in ("x86_64", "amd64"):
-            return True, "x86-64"
-        return False, f"the one-call forward uses x86 instructions, and this CPU is {machine}"
+    from .kernels import cpu
     return cpu.fast_kernels_available()
 
 
 def cpu_description() -> list[str]:
     """Lines for `llamarun info`: the CPU, the features of it the kernels use, whether the fast kernels run."""
-    try:
-        from .kernels import cpu
-    except ImportError:
-        from llvmlite import binding
-        from .kernels.ggml import AVX2, VNNI
-        host = binding.get_host_cpu_features()
-        names = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni")
-        ok, why = fast_kernels_available()
-        return [f"cpu: {platform.machine()}",
-                f"cpu features: {' '.join(n for n in names if host.get(n, False)) or 'none the kernels use'}",
-                f"dot products: {'VNNI' if VNNI else 'AVX2' if AVX2 else 'portable vector code'}",
-                f"fast kernels: {'yes' if ok else 'no'}: {why}"]
+    from .kernels import cpu
     return cpu.describe().splitlines()
