@@ -224,7 +224,6 @@ class Decoder:
         self.completion = completion if completion is not None else Completion("", [])   # what it fills
         self.completion.prompt_tokens = list(prompt)
         self.done = max_tokens == 0
-        self._pieces: list[str] = []
 
     # -- one token ----------------------------------------------------------------------------
 
@@ -286,8 +285,7 @@ class Decoder:
         return event
 
     def _release(self, s: str) -> str:
-        self._pieces.append(s)
-        self.completion.text = "".join(self._pieces)
+        self.completion.text += s          # the text so far, readable while the sequence runs
         return s
 
     def _flush(self) -> str:
