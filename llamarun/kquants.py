@@ -28,7 +28,7 @@ QK_K = 256
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
 MAGIC = F32(12582912.0)           # 1.5 * 2**23: adding it leaves round-half-even(x) in the low mantissa bits
-CHUNK_SUPERBLOCKS = 4096          # super-blocks quantized together: ~1M values, temporaries stay in cache
+CHUNK_SUPERBLOCKS = 512           # super-blocks quantized together: 128K values, temporaries stay in cache
 
 
 def nearest_int(v: np.ndarray) -> np.ndarray:
@@ -146,6 +146,12 @@ def _subblock_weights(xs: np.ndarray) -> np.ndarray:
     return av_x + np.abs(xs)
 
 
+def _largest_positive(v: np.ndarray) -> np.ndarray:
+    """max(0, v[:, 0], v[:, 1], ...) per row, as C's running `if (v > m) m = v` from m = +0 (never -0)."""
+    m = v.max(axis=1)
+    return np.where(m > 0, m, F32(0.0)).astype(F32)
+
+
 def pack_scales_mins(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     """The 12 bytes holding 8 six-bit scales and mins: ls, lm (blocks, 8) uint8 -> (blocks, 12)."""
     out = np.zeros((ls.shape[0], 12), np.uint8)
@@ -165,8 +171,8 @@ def _quantize_scaled_min(x: np.ndarray, nmax: int, rmin: float, rdelta: float, n
     scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
     L = L.T.reshape(nb, 8, 32)
 
-    max_scale = np.maximum(scales.max(axis=1), F32(0.0))
-    max_min = np.maximum(mins.max(axis=1), F32(0.0))
+    max_scale = _largest_positive(scales)
+    max_min = _largest_positive(mins)
     with np.errstate(divide="ignore"):
         inv_scale = np.where(max_scale > 0, F32(63.0) / max_scale, F32(0.0)).astype(F32)
         inv_min = np.where(max_min > 0, F32(63.0) / max_min, F32(0.0)).astype(F32)
