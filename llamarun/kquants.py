@@ -43,11 +43,6 @@ def running_sum(terms: np.ndarray) -> np.ndarray:
     return np.add.reduce(np.ascontiguousarray(terms, F32), axis=0, initial=F32(0.0))
 
 
-def fp16_round(v: np.ndarray) -> np.ndarray:
-    """GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(v)): what a block's d reads back as."""
-    return np.asarray(v, F32).astype(np.float16).astype(F32)
-
-
 # ----------------------------------------------------------------------------------------------
 # the searches for a sub-block's scale (and min)
 

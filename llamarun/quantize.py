@@ -11,8 +11,9 @@ Two kinds of output, chosen by OUT's extension:
   float32. Rows are requantized as they are stored, so Q and K keep the permuted layout llama.cpp's
   converter gave them. The K-quant mixes give each matrix the type `llama-quantize` gives it (see
   `mix_type`): Q4_K_M and Q5_K_M keep attn_v and ffn_down of some layers and the classifier in
-  Q6_K; rows that are not a whole number of 256-value super-blocks fall back as llama.cpp does. A llama2.c checkpoint cannot become a GGUF here:
-  it carries no tokenizer, and llama.cpp refuses a GGUF without one.
+  Q6_K; rows that are not a whole number of 256-value super-blocks fall back as llama.cpp does; a
+  matrix already in its new type is copied as it is. A llama2.c checkpoint cannot become a GGUF
+  here: it carries no tokenizer, and llama.cpp refuses a GGUF without one.
 - llama2.c version 2 (`.bin`, `--type int8 [--group-size G]`, default 64) from a float32 llama2.c
   checkpoint (legacy header or version 1), in exactly the layout llama2.c's export.py writes:
   a 256-byte header, the float32 norms, then every matrix (token embedding, wq of each layer, wk,
