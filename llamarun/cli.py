@@ -876,11 +876,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_exact(b)
     b.set_defaults(func=cmd_bench)
 
-    qz = sub.add_parser("quantize", help="write a quantized copy of a model (GGUF q8_0/q4_0/q4_1, llama2.c int8) "
+    qz = sub.add_parser("quantize", help="write a quantized copy of a model (GGUF q8_0/q4_0/q4_1/q4_k_m/q5_k_m/q6_k, "
+                                         "llama2.c int8) "
                                          "and print what it costs in perplexity")
     qz.add_argument("input", help="model to quantize: GGUF (for .gguf output) or float32 llama2.c .bin (for .bin)")
     qz.add_argument("output", help="the file to write: OUT.gguf or OUT.bin (llama2.c version 2)")
-    qz.add_argument("--type", required=True, help="q8_0, q4_0, q4_1 (GGUF output) or int8 (llama2.c output)")
+    qz.add_argument("--type", required=True, help="q8_0, q4_0, q4_1, q4_k_m, q5_k_m, q6_k (GGUF output; the K-quant "
+                                                 "mixes as llama-quantize makes them) or int8 (llama2.c output)")
     qz.add_argument("--group-size", type=int, metavar="G", help="int8 group size (default 64; must divide dim "
                                                                 "and hidden_dim)")
     add_threads(qz)

@@ -2,14 +2,18 @@
 
 Two kinds of output, chosen by OUT's extension:
 
-- GGUF (`.gguf`, `--type q8_0 | q4_0 | q4_1`) from a GGUF input of any type we read. Every metadata
-  key of the input is copied with its own value type (architecture, llama.*, tokenizer.*, chat
-  template...), `general.file_type` is set to llama.cpp's LlamaFileType of the new type, and each
-  tensor is written under its name, in the input's order: every 2-D matrix dequantized to float32
-  and requantized with `gguf.quants.quantize` (the reference quantizers, bit for bit ggml's), every
-  1-D tensor (the norms) as float32. Rows are requantized as they are stored, so Q and K keep the
-  permuted layout llama.cpp's converter gave them. A llama2.c checkpoint cannot become a GGUF here:
-  it carries no tokenizer, and llama.cpp refuses a GGUF without one.
+- GGUF (`.gguf`, `--type q8_0 | q4_0 | q4_1 | q4_k_m | q5_k_m | q6_k`) from a GGUF input of any
+  type we read. Every metadata key of the input is copied with its own value type (architecture,
+  llama.*, tokenizer.*, chat template...), `general.file_type` is set to llama.cpp's LlamaFileType
+  of the new type, and each tensor is written under its name, in the input's order: every 2-D
+  matrix dequantized to float32 and requantized with `gguf.quants.quantize` or, for the K-quants,
+  llamarun.kquants (the reference quantizers, bit for bit ggml's), every 1-D tensor (the norms) as
+  float32. Rows are requantized as they are stored, so Q and K keep the permuted layout llama.cpp's
+  converter gave them. The K-quant mixes give each matrix the type `llama-quantize` gives it (see
+  `mix_type`): Q4_K_M and Q5_K_M keep attn_v and ffn_down of some layers and the classifier in
+  Q6_K; rows that are not a whole number of 256-value super-blocks fall back as llama.cpp does; a
+  matrix already in its new type is copied as it is. A llama2.c checkpoint cannot become a GGUF
+  here: it carries no tokenizer, and llama.cpp refuses a GGUF without one.
 - llama2.c version 2 (`.bin`, `--type int8 [--group-size G]`, default 64) from a float32 llama2.c
   checkpoint (legacy header or version 1), in exactly the layout llama2.c's export.py writes:
   a 256-byte header, the float32 norms, then every matrix (token embedding, wq of each layer, wk,
@@ -41,9 +45,16 @@ from .errors import LlamarunError
 from .formats import gguf as gguf_format, llama2c
 from .formats.gguf import _Cursor, _llamarun_name
 from .inspect.perplexity import perplexity
+from .kquants import QUANTIZERS as KQUANTIZERS, quantize as kquantize
 from .tokenizers import load_tokenizer
 
-GGUF_TYPES = ("q8_0", "q4_0", "q4_1")      # --type for .gguf outputs
+T = gguf.GGMLQuantizationType
+GGUF_TYPES = ("q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k")      # --type for .gguf outputs
+K_MIXES = {                                # --type -> (llama.cpp's file type, the type of most matrices)
+    "q4_k_m": (gguf.LlamaFileType.MOSTLY_Q4_K_M, T.Q4_K),
+    "q5_k_m": (gguf.LlamaFileType.MOSTLY_Q5_K_M, T.Q5_K),
+    "q6_k": (gguf.LlamaFileType.MOSTLY_Q6_K, T.Q6_K),
+}
 LLAMA2C_TYPES = ("int8",)                  # --type for .bin outputs (llama2.c version 2)
 DEFAULT_GROUP_SIZE = 64                    # export.py's default
 
@@ -62,10 +73,9 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, group_s
     kind = _output_kind(dst, qtype, group_size)
     _check_paths(src, dst)
     if kind == "gguf":
-        ggml_type = gguf.GGMLQuantizationType[qtype.upper()]
         source = _open_gguf_input(src, dst)
-        plan = _gguf_plan(source, ggml_type)
-        return _write_atomically(dst, lambda tmp: _write_gguf(source, plan, tmp, ggml_type))
+        plan = _gguf_plan(source, qtype)
+        return _write_atomically(dst, lambda tmp: _write_gguf(source, plan, tmp, _file_type(qtype)))
     checkpoint = _open_llama2c_input(src, dst)
     group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
     _check_group_size(checkpoint.config, group_size)
@@ -84,7 +94,7 @@ def _output_kind(dst: str, qtype: str, group_size: int | None) -> str:
                                 f"--type {' | '.join(GGUF_TYPES)}")
         if group_size is not None:
             raise LlamarunError(f"--group-size is for --type int8 (.bin outputs); {qtype} has ggml's fixed "
-                                "blocks of 32 values")
+                                "blocks (32 values, 256 for the K-quants)")
         return "gguf"
     if extension == ".bin":
         if qtype not in LLAMA2C_TYPES:
@@ -185,28 +195,99 @@ def metadata_value_types(buf) -> dict:
 class _TensorPlan:
     name: str                 # llama.cpp's name, as in the input
     tensor: object            # the input tensor: float32 numpy array or GGMLTensor
-    quantize: bool            # a matrix (requantized) or a 1-D tensor (written as float32)
+    ggml_type: object         # GGMLQuantizationType written: F32 for 1-D tensors, else the matrix's type
 
 
-def _gguf_plan(source: _GGUFSource, ggml_type) -> list[_TensorPlan]:
-    """Every tensor of the input in file order, checked to fit the new type before anything is written."""
-    block_size = gguf.GGML_QUANT_SIZES[ggml_type][0]
+def _file_type(qtype: str):
+    """llama.cpp's LlamaFileType of a --type: general.file_type in the output."""
+    if qtype in K_MIXES:
+        return K_MIXES[qtype][0]
+    return gguf.LlamaFileType[f"MOSTLY_{qtype.upper()}"]
+
+
+def _gguf_plan(source: _GGUFSource, qtype: str) -> list[_TensorPlan]:
+    """Every tensor of the input in file order with the type it is written in, each checked to fit
+    that type before anything is written."""
     checkpoint = source.checkpoint
+    names = list(source.header.tensors)
+    n_layers = checkpoint.config.n_layers
     plan = []
     for info in source.header.tensors.values():
-        name, layer = _llamarun_name(checkpoint.path, info.name, checkpoint.config.n_layers)
+        name, layer = _llamarun_name(checkpoint.path, info.name, n_layers)
         tensor = checkpoint.weights[name] if layer is None else checkpoint.weights[name][layer]
-        is_matrix = len(info.dims) == 2
-        if is_matrix and tensor.shape[1] % block_size:
-            raise LlamarunError(f"{checkpoint.path}: tensor {info.name} has rows of {tensor.shape[1]} values, "
-                                f"not a whole number of {ggml_type.name} blocks of {block_size}")
-        plan.append(_TensorPlan(info.name, tensor, is_matrix))
+        if len(info.dims) != 2:
+            plan.append(_TensorPlan(info.name, tensor, T.F32))
+            continue
+        n_in = tensor.shape[1]
+        if qtype in K_MIXES:
+            ggml_type = fallback_type(mix_type(qtype, info.name, n_in, n_layers, "output.weight" in names), n_in)
+        else:
+            ggml_type = T[qtype.upper()]
+            block_size = gguf.GGML_QUANT_SIZES[ggml_type][0]
+            if n_in % block_size:
+                raise LlamarunError(f"{checkpoint.path}: tensor {info.name} has rows of {n_in} values, "
+                                    f"not a whole number of {ggml_type.name} blocks of {block_size}")
+        plan.append(_TensorPlan(info.name, tensor, ggml_type))
     return plan
 
 
-def _write_gguf(source: _GGUFSource, plan: list[_TensorPlan], path: str, ggml_type) -> str:
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's choice of the layers whose attn_v and ffn_down get more bits in the _M mixes:
+    the first and last eighth, and every third layer between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def mix_type(qtype: str, name: str, n_in: int, n_layers: int, has_output: bool):
+    """The type llama.cpp's llama_tensor_get_type gives the matrix `name` (rows of n_in values) in
+    the mix `qtype` (no importance matrix, no overrides, a Llama model without experts).
+
+    The classifier (output.weight, or token_embd.weight when the model has no output.weight: the
+    embedding is the classifier too) gets Q6_K, or Q8_0 when its rows are not a whole number of
+    super-blocks; in Q4_K_M and Q5_K_M, attn_v and ffn_down get Q6_K in use_more_bits' layers."""
+    default = K_MIXES[qtype][1]
+    if name == "output.weight" or (name == "token_embd.weight" and not has_output):
+        return T.Q8_0 if n_in % gguf.GGML_QUANT_SIZES[default][0] else T.Q6_K
+    if qtype in ("q4_k_m", "q5_k_m") and (".attn_v." in name or ".ffn_down" in name):
+        layer = int(name.split(".")[1])          # blk.<layer>.attn_v.weight
+        if use_more_bits(layer, n_layers):
+            return T.Q6_K
+    return default
+
+
+FALLBACK_TYPES = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+
+
+def fallback_type(ggml_type, n_in: int):
+    """llama.cpp's tensor_type_fallback: a K-quant for rows that are not a whole number of 256-value
+    super-blocks becomes the 32-value type of about as many bits, and F16 if even that does not fit."""
+    if n_in % gguf.GGML_QUANT_SIZES[ggml_type][0] == 0:
+        return ggml_type
+    ggml_type = FALLBACK_TYPES[ggml_type]
+    return ggml_type if n_in % gguf.GGML_QUANT_SIZES[ggml_type][0] == 0 else T.F16
+
+
+def quantize_matrix(values: np.ndarray, ggml_type) -> np.ndarray:
+    """A float32 matrix (rows, n) as rows of ggml_type: K-quants by llamarun.kquants, the rest by gguf."""
+    values = np.ascontiguousarray(values, np.float32)
+    if ggml_type.name in KQUANTIZERS:
+        return kquantize(values, ggml_type.name)
+    if ggml_type == T.F16:
+        return values.astype(np.float16)
+    return gguf.quants.quantize(values, ggml_type)
+
+
+def _tensor_bytes(t: _TensorPlan) -> np.ndarray:
+    """The data written for one tensor of the plan."""
+    if t.ggml_type == T.F32:
+        return np.ascontiguousarray(t.tensor, np.float32)
+    if getattr(t.tensor, "qtype", None) == t.ggml_type:
+        return np.ascontiguousarray(t.tensor.raw)       # already that type: copied, as llama.cpp does
+    values = t.tensor if isinstance(t.tensor, np.ndarray) else t.tensor.dequantize()
+    return quantize_matrix(values, t.ggml_type)
+
+
+def _write_gguf(source: _GGUFSource, plan: list[_TensorPlan], path: str, file_type) -> str:
     meta = source.checkpoint.metadata
-    file_type = gguf.LlamaFileType[f"MOSTLY_{ggml_type.name}"]     # llama.cpp's name for "all matrices X"
     writer = gguf.GGUFWriter(path, meta["general.architecture"])
 
     # metadata: the input's, in its order, with the new file type
@@ -228,29 +309,37 @@ def _write_gguf(source: _GGUFSource, plan: list[_TensorPlan], path: str, ggml_ty
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     # tensor infos first (sizes follow from the shapes), then the data, one tensor at a time
-    block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
     for t in plan:
-        if t.quantize:
+        if t.ggml_type == T.F32:
+            writer.add_tensor_info(t.name, t.tensor.shape, np.dtype(np.float32), 4 * t.tensor.size)
+        elif t.ggml_type == T.F16:
+            writer.add_tensor_info(t.name, t.tensor.shape, np.dtype(np.float16), 2 * t.tensor.size)
+        else:
+            block_size, type_size = gguf.GGML_QUANT_SIZES[t.ggml_type]
             n_out, n_in = t.tensor.shape
             row_bytes = n_in // block_size * type_size
             writer.add_tensor_info(t.name, (n_out, row_bytes), np.dtype(np.uint8), n_out * row_bytes,
-                                   raw_dtype=ggml_type)
-        else:
-            writer.add_tensor_info(t.name, t.tensor.shape, np.dtype(np.float32), 4 * t.tensor.size)
+                                   raw_dtype=t.ggml_type)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for t in plan:
-            if t.quantize:
-                values = t.tensor if isinstance(t.tensor, np.ndarray) else t.tensor.dequantize()
-                writer.write_tensor_data(gguf.quants.quantize(np.ascontiguousarray(values, np.float32), ggml_type))
-            else:
-                writer.write_tensor_data(np.ascontiguousarray(t.tensor, np.float32))
+            writer.write_tensor_data(_tensor_bytes(t))
     finally:
         writer.close()
-    n_matrices = sum(t.quantize for t in plan)
-    return f"GGUF, {ggml_type.name} ({n_matrices}), F32 ({len(plan) - n_matrices})"
+    return describe_types(plan)
+
+
+def describe_types(plan: list[_TensorPlan]) -> str:
+    """'GGUF, Q4_K (96), Q6_K (17), F32 (33)': how many tensors of each type, the most frequent
+    matrix type first, F32 last."""
+    counts = {}
+    for t in plan:
+        counts[t.ggml_type.name] = counts.get(t.ggml_type.name, 0) + 1
+    f32 = counts.pop("F32", 0)
+    parts = [f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    return "GGUF, " + ", ".join(parts + [f"F32 ({f32})"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,7 +348,8 @@ def _write_gguf(source: _GGUFSource, plan: list[_TensorPlan], path: str, ggml_ty
 def _open_llama2c_input(src: str, dst: str):
     if _input_magic(src) == b"GGUF":
         raise LlamarunError(f"{src} is a GGUF file: llama2.c output ({dst}) is written only from a float32 "
-                            "llama2.c checkpoint; quantize a GGUF to a .gguf file (--type q8_0 | q4_0 | q4_1)")
+                            "llama2.c checkpoint; quantize a GGUF to a .gguf file (--type "
+                            f"{' | '.join(GGUF_TYPES)})")
     checkpoint = llama2c.load(src)
     if checkpoint.version == 2:
         raise LlamarunError(f"{src} is already quantized ({checkpoint.description}): version 2 output is "

@@ -266,6 +266,51 @@ def test_float_gguf_input(tmp_path, qtype):
     assert 0 < quality.mean_abs_logit_error < 0.5 and quality.top1_agreement > 0.5
 
 
+# the K-quant mixes of write_float_gguf(dim=256): rows of 256 take K-quants; ffn_down (rows of 128)
+# falls back as llama.cpp does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0); of the 2 layers,
+# use_more_bits picks layer 1 (the last eighth) for attn_v and ffn_down
+K_MIX_TYPES = {
+    "q4_k_m": {"token_embd": "Q4_K", "output": "Q6_K", "attn_v": ("Q4_K", "Q6_K"), "ffn_down": ("Q5_0", "Q8_0"),
+               "other": "Q4_K", "file_type": 15},
+    "q5_k_m": {"token_embd": "Q5_K", "output": "Q6_K", "attn_v": ("Q5_K", "Q6_K"), "ffn_down": ("Q5_1", "Q8_0"),
+               "other": "Q5_K", "file_type": 17},
+    "q6_k": {"token_embd": "Q6_K", "output": "Q6_K", "attn_v": ("Q6_K", "Q6_K"), "ffn_down": ("Q8_0", "Q8_0"),
+             "other": "Q6_K", "file_type": 18},
+}
+
+
+def expected_k_type(mix: str, name: str) -> str:
+    types = K_MIX_TYPES[mix]
+    kind = name.split(".")[-2]                       # token_embd, output, attn_v, ffn_down, attn_q...
+    if kind in ("attn_v", "ffn_down"):
+        return types[kind][int(name.split(".")[1])]
+    return types.get(kind, types["other"])
+
+
+@pytest.mark.parametrize("qtype", ["q4_k_m", "q5_k_m", "q6_k"])
+def test_float_gguf_to_k_quant_mixes(tmp_path, qtype):
+    from llamarun.kquants import quantize as kquantize
+    src, out = tmp_path / "f.gguf", tmp_path / f"q.{qtype}.gguf"
+    stored = write_float_gguf(src, dim=256)
+    description = quantize(src, out, qtype)
+    assert description.startswith("GGUF, ") and description.endswith("F32 (5)")
+    ours = load_checkpoint(out)
+    assert ours.metadata["general.file_type"] == K_MIX_TYPES[qtype]["file_type"]
+    for name, values in stored.items():
+        tensor = llamarun_tensor(ours.weights, name)
+        if values.ndim == 1:
+            assert np.array_equal(bits(tensor), bits(values)), name
+            continue
+        expected = T[expected_k_type(qtype, name)]
+        assert tensor.qtype == expected, name
+        reference = kquantize(values, expected.name) if expected.name.endswith("_K") else \
+            gguf.quants.quantize(values, expected)
+        assert np.array_equal(tensor.raw, reference), name
+        assert np.array_equal(gguf.quants.dequantize(tensor.raw, expected), tensor.dequantize()), name
+    quality = measure_quality(src, out)
+    assert 0 < quality.mean_abs_logit_error < 0.5 and quality.top1_agreement > 0.5
+
+
 def test_rows_that_are_not_whole_blocks_are_refused(tmp_path):
     src = tmp_path / "f48.gguf"
     write_float_gguf(src, dim=48)                      # rows of 48 values: one and a half blocks of 32
