@@ -537,19 +537,24 @@ def _transposed_dwords(builder, rows, offset):
             builder.shuffle_vector(t1, t3, low64), builder.shuffle_vector(t1, t3, high64)]
 
 
+def _words_of_rows(builder, rows, offset):
+    """<8 x i32>, lane i the int32 at byte offset of rows[i] (8 byte pointers): put together in two
+    halves (a load and three inserts each), joined."""
+    halves = []
+    for h in (0, 4):
+        v = ir.Constant(_vector(_I32, 4), ir.Undefined)
+        for i in range(4):
+            v = builder.insert_element(v, _load(builder, rows[h + i], offset, _I32), ir.Constant(_I32, i))
+        halves.append(v)
+    return builder.shuffle_vector(halves[0], halves[1], ir.Constant(_vector(_I32, 8), list(range(8))))
+
+
 def _halves_of_rows(builder, rows, offset, count):
     """The f16 value at byte offset of each of the 8 rows (count 1), and with count 2 the one after it
     too -> `count` <8 x float>, lane i from rows[i]. The rows' 32-bit words are put together in two
     halves (a load and three inserts each) joined, then narrowed to the 8 halves wanted and converted
     at once (vcvtph2ps with F16C): fewer shuffles than inserting 8 or 16 halves one by one."""
-    word = lambda row: _load(builder, row, offset, _I32)   # noqa: E731
-    halves = []
-    for h in (0, 4):
-        v = ir.Constant(_vector(_I32, 4), ir.Undefined)
-        for i in range(4):
-            v = builder.insert_element(v, word(rows[h + i]), ir.Constant(_I32, i))
-        halves.append(v)
-    words = builder.shuffle_vector(halves[0], halves[1], ir.Constant(_vector(_I32, 8), list(range(8))))
+    words = _words_of_rows(builder, rows, offset)
     out = []
     for c in range(count):
         part = builder.lshr(words, ir.Constant(_vector(_I32, 8), [16] * 8)) if c else words
@@ -604,6 +609,39 @@ def _prefetch(builder, pointer):
     builder.call(prefetch, [pointer, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
+def _group_arguments(context, builder, sig, args):
+    """The group kernels' arguments (raw, o, xq, xd, xsum, xs, j, out) as IR values -> (const: int64
+    constants, rows: pointers to weight rows o .. o + 7 (past the matrix's end: its last row), the
+    data pointers of xq, xd, xsum, xs, n_in, groups (activation blocks per row), j, out's data
+    pointer, ahead: the bytes from a row to the same row PREFETCH_GROUPS groups on)."""
+    i64 = ir.IntType(64)
+    const = lambda v: ir.Constant(i64, v)   # noqa: E731
+    matrix = context.make_array(sig.args[0])(context, builder, value=args[0])
+    n_weight_rows = cgutils.unpack_tuple(builder, matrix.shape, 2)[0]
+    o = context.cast(builder, args[1], sig.args[1], types.intp)
+    last = builder.sub(n_weight_rows, const(1))
+    rows = []
+    for i in range(ROW_GROUP):
+        r = builder.add(o, const(i))
+        r = builder.select(builder.icmp_signed("<", r, n_weight_rows), r, last)
+        rows.append(_row_pointer(context, builder, sig.args[0], args[0], types.intp, r))
+    xq, xd, xsum, xs = (_data(context, builder, t, a) for t, a in zip(sig.args[2:6], args[2:6]))
+    n_in = cgutils.unpack_tuple(builder, context.make_array(sig.args[2])(context, builder, value=args[2]).shape, 2)[1]
+    groups = cgutils.unpack_tuple(builder, context.make_array(sig.args[3])(context, builder, value=args[3]).shape, 2)[1]
+    j = context.cast(builder, args[6], sig.args[6], types.intp)
+    out = _data(context, builder, sig.args[7], args[7])
+    stride = cgutils.unpack_tuple(builder, matrix.strides, 2)[0]
+    ahead = builder.mul(stride, const(ROW_GROUP * PREFETCH_GROUPS))
+    return const, rows, xq, xd, xsum, xs, n_in, groups, j, out, ahead
+
+
+def _store_rows(builder, const, out, j, r, total):
+    """out[j + r, 0:8] = total (<8 x float>): one activation row's products with the 8 weight rows."""
+    at_row = builder.gep(out, [builder.mul(builder.add(j, const(r)), const(ROW_GROUP))])
+    store = builder.store(total, builder.bitcast(at_row, _vector(_F32, 8).as_pointer()))
+    store.align = 4
+
+
 def _row_group_codegen(qt, n_rows):
     """Code for weight rows o .. o + 7 of a matrix of type qt (Q8_0, Q4_0, Q4_1), rows past its end
     read as its last row, times rows j .. j + n_rows - 1 of the quantized activations; per block g:
@@ -622,29 +660,12 @@ def _row_group_codegen(qt, n_rows):
     block_bytes = {Q8_0: Q8_0_BYTES, Q4_0: Q4_0_BYTES, Q4_1: Q4_1_BYTES}[qt]
 
     def codegen(context, builder, sig, args):
-        i64 = ir.IntType(64)
-        const = lambda v: ir.Constant(i64, v)   # noqa: E731
-        matrix = context.make_array(sig.args[0])(context, builder, value=args[0])
-        n_weight_rows = cgutils.unpack_tuple(builder, matrix.shape, 2)[0]
-        o = context.cast(builder, args[1], sig.args[1], types.intp)
-        last = builder.sub(n_weight_rows, const(1))
-        rows = []
-        for i in range(ROW_GROUP):
-            r = builder.add(o, const(i))
-            r = builder.select(builder.icmp_signed("<", r, n_weight_rows), r, last)
-            rows.append(_row_pointer(context, builder, sig.args[0], args[0], types.intp, r))
-        xq, xd, xsum, xs = (_data(context, builder, t, a) for t, a in zip(sig.args[2:6], args[2:6]))
-        n_in = cgutils.unpack_tuple(builder, context.make_array(sig.args[2])(context, builder, value=args[2]).shape, 2)[1]
-        groups = cgutils.unpack_tuple(builder, context.make_array(sig.args[3])(context, builder, value=args[3]).shape, 2)[1]
-        j = context.cast(builder, args[6], sig.args[6], types.intp)
-        out = _data(context, builder, sig.args[7], args[7])
+        const, rows, xq, xd, xsum, xs, n_in, groups, j, out, ahead = _group_arguments(context, builder, sig, args)
         floats, words = _vector(_F32, 8), _vector(_I32, 8)
         zero, izero = ir.Constant(floats, [0.0] * 8), ir.Constant(words, [0] * 8)
         d_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)]   # registers after mem2reg
         s_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)] if qt == Q4_1 else []
         nibbles = ir.Constant(words, [0x0F0F0F0F] * 8)
-        stride = cgutils.unpack_tuple(builder, matrix.strides, 2)[0]
-        ahead = builder.mul(stride, const(ROW_GROUP * PREFETCH_GROUPS))
         with cgutils.for_range(builder, groups) as loop:
             g = loop.index
             p = builder.mul(g, const(block_bytes))
@@ -686,22 +707,140 @@ def _row_group_codegen(qt, n_rows):
             total = builder.load(d_sums[r])
             if qt == Q4_1:
                 total = builder.fadd(total, builder.load(s_sums[r]))
-            at_row = builder.gep(out, [builder.mul(builder.add(j, const(r)), const(ROW_GROUP))])
-            store = builder.store(total, builder.bitcast(at_row, floats.as_pointer()))
-            store.align = 4
+            _store_rows(builder, const, out, j, r, total)
         return context.get_dummy_value()
     return codegen
 
 
 def _row_group_intrinsic(qt, n_rows):
+    make = _k_group_codegen if qt in (Q4_K, Q6_K) else _row_group_codegen
+
     def typer(typingctx, raw, o, xq, xd, xsum, xs, j, out):
         floats = (xd, xs, out)
         if not (_bytes_matrix(raw) and isinstance(o, types.Integer) and isinstance(j, types.Integer)
                 and all(isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" for t in (xq, xd, xsum, xs, out))
                 and xq.dtype == types.int8 and xsum.dtype == types.int32 and all(t.dtype == types.float32 for t in floats)):
             return None
-        return types.void(raw, o, xq, xd, xsum, xs, j, out), _row_group_codegen(qt, n_rows)
+        return types.void(raw, o, xq, xd, xsum, xs, j, out), make(qt, n_rows)
     return intrinsic(typer)
+
+
+# The K-quants' group kernels: the same lanes (one per weight row), per 256-value super-block. Their
+# 32-value sub-blocks line up with the activations' blocks, so each sub-block is one integer sum per
+# (weight row, activation row), scaled in float32 by the row's sub-block scale (a vector of 8: the
+# rows' 6-bit or 8-bit scales unpacked in the lanes, times their d) and the block's d_x:
+#     Q4_K  (d sc_s) d_x sum(n_w q_x) - (dmin m_s) s_x          (as Q4_1, with the min subtracted)
+#     Q6_K  (d sc_a) d_x (sum_a(q6 q_x) - 32 sum_a(q_x)) + (d sc_b) d_x (...)_b    (halves a, b of 16)
+# Q6_K's quants are taken unsigned (q6 = q + 32, 0..63, as vpdpbusd and pmaddubsw take them) and
+# 32 times each half's sum of q_x taken off after: exact, and the same integers on every path.
+
+def _q4_k_scales(builder, rows, p):
+    """The 8 rows' 6-bit scales and mins of the Q4_K super-block at byte p -> (sc, m): 8 <8 x i32>
+    each, sub-block s in sc[s] (gguf's get_scale_min, in the lanes: bytes 0-3 of the 12 hold scales
+    0-3, bytes 4-7 mins 0-3, low 6 bits; scales and mins 4-7 have their low 4 bits in bytes 8-11 and
+    their high 2 bits in the top bits of bytes 0-3 and 4-7)."""
+    words = _vector(_I32, 8)
+    c = lambda v: ir.Constant(words, [v] * 8)   # noqa: E731
+    v0, v1, v2 = (_words_of_rows(builder, rows, builder.add(p, ir.Constant(ir.IntType(64), k))) for k in (4, 8, 12))
+    byte = lambda v, b, shift, mask: builder.and_(builder.lshr(v, c(8 * b + shift)), c(mask))   # noqa: E731
+    sc = [byte(v0, s, 0, 63) for s in range(4)]
+    m = [byte(v1, s, 0, 63) for s in range(4)]
+    for s in range(4):
+        sc.append(builder.or_(byte(v2, s, 0, 15), builder.shl(byte(v0, s, 6, 3), c(4))))
+        m.append(builder.or_(byte(v2, s, 4, 15), builder.shl(byte(v1, s, 6, 3), c(4))))
+    return sc, m
+
+
+def _q6_k_scales(builder, rows, p):
+    """The 8 rows' 16 int8 scales of the Q6_K super-block at byte p (bytes 192..207) -> 16 <8 x i32>."""
+    words = _vector(_I32, 8)
+    c = lambda v: ir.Constant(words, [v] * 8)   # noqa: E731
+    v = [_words_of_rows(builder, rows, builder.add(p, ir.Constant(ir.IntType(64), 192 + 4 * k))) for k in range(4)]
+    return [builder.ashr(builder.shl(v[k // 4], c(24 - 8 * (k % 4))), c(24)) for k in range(16)]
+
+
+def _k_group_codegen(qt, n_rows):
+    """Code for weight rows o .. o + 7 of a Q4_K or Q6_K matrix times rows j .. j + n_rows - 1 of the
+    quantized activations, as _row_group_codegen (same arguments, same out), per super-block."""
+    block_bytes = {Q4_K: Q4_K_BYTES, Q6_K: Q6_K_BYTES}[qt]
+
+    def codegen(context, builder, sig, args):
+        const, rows, xq, xd, xsum, xs, n_in, groups, j, out, ahead = _group_arguments(context, builder, sig, args)
+        floats, words = _vector(_F32, 8), _vector(_I32, 8)
+        c = lambda v: ir.Constant(words, [v] * 8)   # noqa: E731
+        zero, izero = ir.Constant(floats, [0.0] * 8), c(0)
+        d_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)]   # registers after mem2reg
+        m_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)] if qt == Q4_K else []
+        with cgutils.for_range(builder, builder.udiv(groups, const(8))) as loop:
+            b = loop.index
+            p = builder.mul(b, const(block_bytes))
+            at = lambda k: builder.add(p, const(k))   # noqa: E731
+            for line in range(0, block_bytes, 64):   # this super-block of the rows PREFETCH_GROUPS groups on
+                for row in rows:
+                    _prefetch(builder, builder.gep(row, [builder.add(at(line), ahead)]))
+            if qt == Q4_K:
+                d, dmin = _halves_of_rows(builder, rows, p, 2)
+                sc, m = _q4_k_scales(builder, rows, p)
+                ds = [builder.fmul(d, builder.sitofp(v, floats)) for v in sc]
+                ms = [builder.fmul(dmin, builder.sitofp(v, floats)) for v in m]
+                subs = []       # (sub-block s, its 8 vectors of weight bytes)
+                for k in range(4):
+                    q = _transposed_dwords(builder, rows, at(16 + 32 * k)) + _transposed_dwords(builder, rows, at(32 + 32 * k))
+                    subs.append((2 * k, [builder.and_(v, c(0x0F0F0F0F)) for v in q]))
+                    subs.append((2 * k + 1, [builder.and_(builder.lshr(v, c(4)), c(0x0F0F0F0F)) for v in q]))
+            else:
+                d = _halves_of_rows(builder, rows, at(206), 2)[1]     # at 208: read as the high half at 206,
+                scales = [builder.fmul(d, builder.sitofp(v, floats)) for v in _q6_k_scales(builder, rows, p)]
+                subs = []                                             # not past the matrix's last byte
+                for h in range(2):
+                    ql = [v for k in range(4) for v in _transposed_dwords(builder, rows, at(64 * h + 16 * k))]
+                    qh = _transposed_dwords(builder, rows, at(128 + 32 * h)) + _transposed_dwords(builder, rows, at(144 + 32 * h))
+                    for quarter in range(4):      # values 32 quarter .. + 31 of this half: sub-block 4 h + quarter
+                        low = [builder.and_(builder.lshr(v, c(4 * (quarter // 2))), c(0x0F0F0F0F))
+                               for v in ql[8 * (quarter % 2):8 * (quarter % 2) + 8]]
+                        high = [builder.and_(builder.lshr(v, c(2 * quarter)), c(0x03030303)) for v in qh]
+                        subs.append((4 * h + quarter, [builder.or_(lo, builder.shl(hi, c(4))) for lo, hi in zip(low, high)]))
+            g0 = builder.mul(b, const(8))
+            for s, w in subs:
+                g = builder.add(g0, const(s))
+                for r in range(n_rows):
+                    row = builder.add(j, const(r))
+                    block = builder.add(builder.mul(row, groups), g)
+                    base = builder.add(builder.mul(row, n_in), builder.mul(g, const(QK)))
+                    xs_k = [_splat(builder, _load(builder, xq, builder.add(base, const(4 * k)), _I32), 8) for k in range(8)]
+                    d_x = _splat(builder, builder.load(builder.gep(xd, [block])), 8)
+                    if qt == Q4_K:
+                        if AVX2 and not VNNI:
+                            isum = _nibbles_block_dot(builder, w, xs_k)
+                        else:
+                            sums = [izero, izero]
+                            for k in range(8):
+                                sums[k % 2] = _dwords_dot(builder, sums[k % 2], w[k], xs_k[k])
+                            isum = builder.add(sums[0], sums[1])
+                        scale = builder.fmul(ds[s], d_x)
+                        builder.store(_multiply_add(builder, builder.sitofp(isum, floats), scale, builder.load(d_sums[r])), d_sums[r])
+                        s_x = _splat(builder, builder.load(builder.gep(xs, [block])), 8)
+                        builder.store(_multiply_add(builder, ms[s], s_x, builder.load(m_sums[r])), m_sums[r])
+                    else:
+                        total = builder.load(d_sums[r])
+                        for half in range(2):       # two 16-value sub-blocks, each its own scale
+                            isum = izero
+                            for k in range(4 * half, 4 * half + 4):
+                                isum = _dwords_dot(builder, isum, w[k], xs_k[k])
+                            x16 = _load(builder, xq, builder.add(base, const(16 * half)), _vector(_I8, 16))
+                            x_sum = builder.call(_function(builder, "llvm.vector.reduce.add.v16i32", _I32, [_vector(_I32, 16)]),
+                                                 [builder.sext(x16, _vector(_I32, 16))])
+                            isum = builder.sub(isum, _splat(builder, builder.shl(x_sum, ir.Constant(_I32, 5)), 8))
+                            scale = builder.fmul(scales[2 * s + half], d_x)
+                            total = _multiply_add(builder, builder.sitofp(isum, floats), scale, total)
+                        builder.store(total, d_sums[r])
+        for r in range(n_rows):
+            total = builder.load(d_sums[r])
+            if qt == Q4_K:
+                total = builder.fsub(total, builder.load(m_sums[r]))
+            _store_rows(builder, const, out, j, r, total)
+        return context.get_dummy_value()
+    return codegen
 
 
 def _row_pointer(context, builder, matrix_type, matrix, o_type, o):
@@ -718,10 +857,12 @@ def _bytes_matrix(t) -> bool:
 
 
 # one and four rows of activations, for each type with a group kernel
-_GROUPS = {(qt, n): _row_group_intrinsic(qt, n) for qt in (Q8_0, Q4_0, Q4_1) for n in (1, 4, 8)}
+_GROUPS = {(qt, n): _row_group_intrinsic(qt, n) for qt in (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) for n in (1, 4, 8)}
 _group1_q8_0, _group4_q8_0, _group8_q8_0 = _GROUPS[Q8_0, 1], _GROUPS[Q8_0, 4], _GROUPS[Q8_0, 8]
 _group1_q4_0, _group4_q4_0, _group8_q4_0 = _GROUPS[Q4_0, 1], _GROUPS[Q4_0, 4], _GROUPS[Q4_0, 8]
 _group1_q4_1, _group4_q4_1, _group8_q4_1 = _GROUPS[Q4_1, 1], _GROUPS[Q4_1, 4], _GROUPS[Q4_1, 8]
+_group1_q4_k, _group4_q4_k, _group8_q4_k = _GROUPS[Q4_K, 1], _GROUPS[Q4_K, 4], _GROUPS[Q4_K, 8]
+_group1_q6_k, _group4_q6_k, _group8_q6_k = _GROUPS[Q6_K, 1], _GROUPS[Q6_K, 4], _GROUPS[Q6_K, 8]
 
 
 @intrinsic
@@ -926,11 +1067,26 @@ def _row_group_fast(qt, raw, o, xq, xd, xsum, xs, out):
         while j < n:
             _group1_q4_0(raw, o, xq, xd, xsum, xs, j, out)
             j += 1
+    elif qt == Q4_K:
+        while j + 8 <= n:
+            _group8_q4_k(raw, o, xq, xd, xsum, xs, j, out)
+            j += 8
+        while j + 4 <= n:
+            _group4_q4_k(raw, o, xq, xd, xsum, xs, j, out)
+            j += 4
+        while j < n:
+            _group1_q4_k(raw, o, xq, xd, xsum, xs, j, out)
+            j += 1
     else:
-        for i in range(ROW_GROUP):
-            row = raw[min(o + i, raw.shape[0] - 1)]
-            for j in range(n):
-                out[j, i] = _k_quant_row(qt, row, xq[j], xd[j], xs[j])
+        while j + 8 <= n:
+            _group8_q6_k(raw, o, xq, xd, xsum, xs, j, out)
+            j += 8
+        while j + 4 <= n:
+            _group4_q6_k(raw, o, xq, xd, xsum, xs, j, out)
+            j += 4
+        while j < n:
+            _group1_q6_k(raw, o, xq, xd, xsum, xs, j, out)
+            j += 1
 
 
 STORE, ADD, GATED = 0, 1, 2     # what put_group does with a group's products
