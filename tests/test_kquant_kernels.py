@@ -20,7 +20,7 @@ from test_kernels import fast_bound, reference, random_blocks
 from test_portability import run_generic
 
 ROOT = Path(__file__).resolve().parents[1]
-K_TYPES = [T.Q4_K, T.Q6_K]
+K_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K]
 
 
 @pytest.mark.parametrize("rows", [8, 13, 64])
@@ -58,7 +58,7 @@ def k_quant_outputs() -> str:
         from llamarun.tensors import GGMLTensor
         from test_kernels import random_blocks
         out = {{"vnni": ggml.VNNI, "avx2": ggml.AVX2}}
-        for qtype in (T.Q4_K, T.Q6_K):
+        for qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
             rng = np.random.default_rng(5)
             raw = random_blocks(qtype, 19, 512, rng)
             x = rng.standard_normal((9, 512)).astype(np.float32)

@@ -55,6 +55,7 @@ Q8_0_BYTES = 34     # f16 d, int8 qs[32]                           w = d * q
 Q4_0_BYTES = 18     # f16 d, u8 qs[16]                             w = d * (nibble - 8)
 Q4_1_BYTES = 20     # f16 d, f16 m, u8 qs[16]                      w = d * nibble + m
 Q4_K_BYTES = 144    # f16 d, f16 dmin, u8 scales[12], u8 qs[128]   w = (d sc_s) nibble - (dmin m_s)
+Q5_K_BYTES = 176    # as Q4_K, u8 qh[32] before qs: bit s of qh[i] is bit 4 of value i of sub-block s
 Q6_K_BYTES = 210    # u8 ql[128], u8 qh[64], i8 scales[16], f16 d  w = (d sc_s) (q6 - 32)
 
 
@@ -209,6 +210,33 @@ def _q4_k_dot4(row, p, s, d, dmin, x, j, c, acc):
 
 
 @numba.njit(inline="always")
+def _q5(row, q, shift, s, p, i):
+    """Value i (0..31) of Q5_K sub-block s, whose nibbles are at q, shift (_q4_k_params) in the
+    super-block at p: its nibble with bit s of qh[i] on top, as float32."""
+    return np.float32(_bits(row, q + i, shift, 15) | (_bits(row, p + 16 + i, s, 1) << np.uint32(4)))
+
+
+@numba.njit(inline="always")
+def _q5_k_dot(row, p, s, d, dmin, x, j, c, acc):
+    q, shift, ds, ms = _q4_k_params(row, p, s, d, dmin)
+    q += 32                                          # Q5_K's nibbles follow its 32 bytes of qh
+    for i in range(32):
+        acc[i] += (ds * _q5(row, q, shift, s, p, i) - ms) * x[j, c + i]
+
+
+@numba.njit(inline="always")
+def _q5_k_dot4(row, p, s, d, dmin, x, j, c, acc):
+    q, shift, ds, ms = _q4_k_params(row, p, s, d, dmin)
+    q += 32
+    for i in range(32):
+        w = ds * _q5(row, q, shift, s, p, i) - ms
+        acc[0, i] += w * x[j, c + i]
+        acc[1, i] += w * x[j + 1, c + i]
+        acc[2, i] += w * x[j + 2, c + i]
+        acc[3, i] += w * x[j + 3, c + i]
+
+
+@numba.njit(inline="always")
 def _q6_k_params(row, p, s, d):
     """Values 32 s .. 32 s + 31 (s = 0..7, a constant after unrolling as in _q4_k_params) of the Q6_K
     super-block at p, whose d is given. Its value e = 128 h + r has its low 4 bits in ql[64 h + r % 64]
@@ -252,7 +280,7 @@ def _q6_k_dot4(row, p, s, d, x, j, c, acc):
 
 
 # ggml type ids (GGMLQuantizationType's values)
-Q4_0, Q4_1, Q8_0, Q4_K, Q6_K = 2, 3, 8, 12, 14
+Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 8, 12, 13, 14
 
 
 @numba.njit(inline="always")
@@ -277,6 +305,12 @@ def _row_dot(qt, row, groups, x, j, acc):
             d, dmin = _f16(row, p), _f16(row, p + 2)
             for s in range(8):
                 _q4_k_dot(row, p, s, d, dmin, x, j, (8 * b + s) * QK, acc)
+    elif qt == Q5_K:
+        for b in range(groups // 8):
+            p = b * Q5_K_BYTES
+            d, dmin = _f16(row, p), _f16(row, p + 2)
+            for s in range(8):
+                _q5_k_dot(row, p, s, d, dmin, x, j, (8 * b + s) * QK, acc)
     else:
         for b in range(groups // 8):
             p = b * Q6_K_BYTES
@@ -305,6 +339,12 @@ def _row_dot4(qt, row, groups, x, j, acc):
             d, dmin = _f16(row, p), _f16(row, p + 2)
             for s in range(8):
                 _q4_k_dot4(row, p, s, d, dmin, x, j, (8 * b + s) * QK, acc)
+    elif qt == Q5_K:
+        for b in range(groups // 8):
+            p = b * Q5_K_BYTES
+            d, dmin = _f16(row, p), _f16(row, p + 2)
+            for s in range(8):
+                _q5_k_dot4(row, p, s, d, dmin, x, j, (8 * b + s) * QK, acc)
     else:
         for b in range(groups // 8):
             p = b * Q6_K_BYTES
@@ -713,7 +753,7 @@ def _row_group_codegen(qt, n_rows):
 
 
 def _row_group_intrinsic(qt, n_rows):
-    make = _k_group_codegen if qt in (Q4_K, Q6_K) else _row_group_codegen
+    make = _k_group_codegen if qt in (Q4_K, Q5_K, Q6_K) else _row_group_codegen
 
     def typer(typingctx, raw, o, xq, xd, xsum, xs, j, out):
         floats = (xd, xs, out)
@@ -762,7 +802,8 @@ def _q6_k_scales(builder, rows, p):
 def _k_group_codegen(qt, n_rows):
     """Code for weight rows o .. o + 7 of a Q4_K or Q6_K matrix times rows j .. j + n_rows - 1 of the
     quantized activations, as _row_group_codegen (same arguments, same out), per super-block."""
-    block_bytes = {Q4_K: Q4_K_BYTES, Q6_K: Q6_K_BYTES}[qt]
+    block_bytes = {Q4_K: Q4_K_BYTES, Q5_K: Q5_K_BYTES, Q6_K: Q6_K_BYTES}[qt]
+    minus_min = qt in (Q4_K, Q5_K)
 
     def codegen(context, builder, sig, args):
         const, rows, xq, xd, xsum, xs, n_in, groups, j, out, ahead = _group_arguments(context, builder, sig, args)
@@ -770,7 +811,7 @@ def _k_group_codegen(qt, n_rows):
         c = lambda v: ir.Constant(words, [v] * 8)   # noqa: E731
         zero, izero = ir.Constant(floats, [0.0] * 8), c(0)
         d_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)]   # registers after mem2reg
-        m_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)] if qt == Q4_K else []
+        m_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)] if minus_min else []
         with cgutils.for_range(builder, builder.udiv(groups, const(8))) as loop:
             b = loop.index
             p = builder.mul(b, const(block_bytes))
@@ -778,16 +819,23 @@ def _k_group_codegen(qt, n_rows):
             for line in range(0, block_bytes, 64):   # this super-block of the rows PREFETCH_GROUPS groups on
                 for row in rows:
                     _prefetch(builder, builder.gep(row, [builder.add(at(line), ahead)]))
-            if qt == Q4_K:
+            if minus_min:
                 d, dmin = _halves_of_rows(builder, rows, p, 2)
                 sc, m = _q4_k_scales(builder, rows, p)
                 ds = [builder.fmul(d, builder.sitofp(v, floats)) for v in sc]
                 ms = [builder.fmul(dmin, builder.sitofp(v, floats)) for v in m]
+                qs = 16 if qt == Q4_K else 48                         # Q5_K: 32 bytes of qh first
+                qh = (_transposed_dwords(builder, rows, at(16)) + _transposed_dwords(builder, rows, at(32))
+                      if qt == Q5_K else None)
                 subs = []       # (sub-block s, its 8 vectors of weight bytes)
                 for k in range(4):
-                    q = _transposed_dwords(builder, rows, at(16 + 32 * k)) + _transposed_dwords(builder, rows, at(32 + 32 * k))
-                    subs.append((2 * k, [builder.and_(v, c(0x0F0F0F0F)) for v in q]))
-                    subs.append((2 * k + 1, [builder.and_(builder.lshr(v, c(4)), c(0x0F0F0F0F)) for v in q]))
+                    q = _transposed_dwords(builder, rows, at(qs + 32 * k)) + _transposed_dwords(builder, rows, at(qs + 16 + 32 * k))
+                    for s, shift in ((2 * k, 0), (2 * k + 1, 4)):
+                        w = [builder.and_(builder.lshr(v, c(shift)), c(0x0F0F0F0F)) for v in q]
+                        if qh is not None:          # bit s of qh, as bit 4
+                            w = [builder.or_(v, builder.shl(builder.and_(builder.lshr(h, c(s)), c(0x01010101)), c(4)))
+                                 for v, h in zip(w, qh)]
+                        subs.append((s, w))
             else:
                 d = _halves_of_rows(builder, rows, at(206), 2)[1]     # at 208: read as the high half at 206,
                 scales = [builder.fmul(d, builder.sitofp(v, floats)) for v in _q6_k_scales(builder, rows, p)]
@@ -809,8 +857,8 @@ def _k_group_codegen(qt, n_rows):
                     base = builder.add(builder.mul(row, n_in), builder.mul(g, const(QK)))
                     xs_k = [_splat(builder, _load(builder, xq, builder.add(base, const(4 * k)), _I32), 8) for k in range(8)]
                     d_x = _splat(builder, builder.load(builder.gep(xd, [block])), 8)
-                    if qt == Q4_K:
-                        if AVX2 and not VNNI:
+                    if minus_min:
+                        if qt == Q4_K and AVX2 and not VNNI:       # (Q5_K's values would overflow its int16 sums)
                             isum = _nibbles_block_dot(builder, w, xs_k)
                         else:
                             sums = [izero, izero]
@@ -836,7 +884,7 @@ def _k_group_codegen(qt, n_rows):
                         builder.store(total, d_sums[r])
         for r in range(n_rows):
             total = builder.load(d_sums[r])
-            if qt == Q4_K:
+            if minus_min:
                 total = builder.fsub(total, builder.load(m_sums[r]))
             _store_rows(builder, const, out, j, r, total)
         return context.get_dummy_value()
@@ -857,11 +905,12 @@ def _bytes_matrix(t) -> bool:
 
 
 # one and four rows of activations, for each type with a group kernel
-_GROUPS = {(qt, n): _row_group_intrinsic(qt, n) for qt in (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) for n in (1, 4, 8)}
+_GROUPS = {(qt, n): _row_group_intrinsic(qt, n) for qt in (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) for n in (1, 4, 8)}
 _group1_q8_0, _group4_q8_0, _group8_q8_0 = _GROUPS[Q8_0, 1], _GROUPS[Q8_0, 4], _GROUPS[Q8_0, 8]
 _group1_q4_0, _group4_q4_0, _group8_q4_0 = _GROUPS[Q4_0, 1], _GROUPS[Q4_0, 4], _GROUPS[Q4_0, 8]
 _group1_q4_1, _group4_q4_1, _group8_q4_1 = _GROUPS[Q4_1, 1], _GROUPS[Q4_1, 4], _GROUPS[Q4_1, 8]
 _group1_q4_k, _group4_q4_k, _group8_q4_k = _GROUPS[Q4_K, 1], _GROUPS[Q4_K, 4], _GROUPS[Q4_K, 8]
+_group1_q5_k, _group4_q5_k, _group8_q5_k = _GROUPS[Q5_K, 1], _GROUPS[Q5_K, 4], _GROUPS[Q5_K, 8]
 _group1_q6_k, _group4_q6_k, _group8_q6_k = _GROUPS[Q6_K, 1], _GROUPS[Q6_K, 4], _GROUPS[Q6_K, 8]
 
 
@@ -1077,6 +1126,16 @@ def _row_group_fast(qt, raw, o, xq, xd, xsum, xs, out):
         while j < n:
             _group1_q4_k(raw, o, xq, xd, xsum, xs, j, out)
             j += 1
+    elif qt == Q5_K:
+        while j + 8 <= n:
+            _group8_q5_k(raw, o, xq, xd, xsum, xs, j, out)
+            j += 8
+        while j + 4 <= n:
+            _group4_q5_k(raw, o, xq, xd, xsum, xs, j, out)
+            j += 4
+        while j < n:
+            _group1_q5_k(raw, o, xq, xd, xsum, xs, j, out)
+            j += 1
     else:
         while j + 8 <= n:
             _group8_q6_k(raw, o, xq, xd, xsum, xs, j, out)
@@ -1255,6 +1314,11 @@ def _group_values(qt, row, g, w):
         q, shift, ds, ms = _q4_k_params(row, p, g % 8, _f16(row, p), _f16(row, p + 2))
         for i in range(32):
             w[k + i] = ds * np.float32(_bits(row, q + i, shift, 15)) - ms
+    elif qt == Q5_K:
+        p = (g // 8) * Q5_K_BYTES
+        q, shift, ds, ms = _q4_k_params(row, p, g % 8, _f16(row, p), _f16(row, p + 2))
+        for i in range(32):
+            w[k + i] = ds * _q5(row, q + 32, shift, g % 8, p, i) - ms
     else:
         p = (g // 8) * Q6_K_BYTES
         ql, sl, qh, sh, da, db = _q6_k_params(row, p, g % 8, _f16(row, p + 208))
