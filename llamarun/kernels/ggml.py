@@ -1,6 +1,6 @@
 """Matrix-vector products with ggml's quantized block formats, reading the weights as the file stores them.
 
-out = x @ W.T for a decode-sized x (up to 8 rows) and W in Q8_0, Q4_0, Q4_1, Q4_K or Q6_K: each
+out = x @ W.T for a decode-sized x (up to 8 rows) and W in Q8_0, Q4_0, Q4_1, Q4_K, Q5_K or Q6_K: each
 kernel reads the raw bytes of the matrix (a view of the memory-mapped GGUF file) once, in parallel
 over output rows, and keeps no float32 copy of it. Two ways to do the arithmetic:
 
@@ -12,10 +12,11 @@ over output rows, and keeps no float32 copy of it. Two ways to do the arithmetic
   s_x = d_x * sum(q_x)); per block, a sum of integer products, exact in int32, scaled once:
       Q8_0  d_w d_x sum(q_w q_x)                 Q4_0  d_w d_x sum((n_w - 8) q_x)
       Q4_1  d_w d_x sum(n_w q_x) + m_w s_x       Q4_K  (d sc) d_x sum(n_w q_x) - (dmin m) s_x
-      Q6_K  d_x (d sc_a sum_a(q_w q_x) + d sc_b sum_b(q_w q_x))   (its two 16-value sub-blocks)
+      Q5_K  as Q4_K, n_w of 5 bits               Q6_K  d_x (d sc_a sum_a(q_w q_x) + d sc_b sum_b(q_w q_x))
+                                                       (its two 16-value sub-blocks)
   The K-quants take the same 32-value activation blocks as the others (llama.cpp gives them 256-value
   Q8_K super-blocks, a float scale and integer sums per 16): one quantization of x serves every
-  type, and a Q4_K sub-block (32 values, one scale and min) lines up with one activation block.
+  type, and a Q4_K / Q5_K sub-block (32 values, one scale and min) lines up with one activation block.
 
 Speed (why the code looks as it does; the figures, from benchmarks/bench_kernels.py on SmolLM2's
 shapes, are in docs/performance.md):
@@ -48,7 +49,7 @@ from .half import half_to_float
 
 LANES = 32          # float32 partial sums per row of x: one per value of a 32-value block
 QK = 32             # values per block (Q8_0, Q4_0, Q4_1, and the activations' blocks)
-QK_K = 256          # values per super-block (Q4_K, Q6_K)
+QK_K = 256          # values per super-block (Q4_K, Q5_K, Q6_K)
 
 # bytes per block, as ggml-common.h lays them out
 Q8_0_BYTES = 34     # f16 d, int8 qs[32]                           w = d * q
@@ -107,7 +108,7 @@ def _q4_k_scale_min(row, p, s):
 # ----------------------------------------------------------------------------------------------
 # exact: each 32-value group of weights decoded to float32 as gguf does, times float32 activations
 #
-# Every type is read in groups of 32 values (a Q8_0/Q4_0/Q4_1 block; an eighth of a Q4_K or Q6_K
+# Every type is read in groups of 32 values (a Q8_0/Q4_0/Q4_1 block; an eighth of a K-quant
 # super-block). For each type: `_<type>_dot` adds one group's products with one row of x to 32
 # lane accumulators, and `_<type>_dot4` with four rows of x at once, decoding each value once for
 # the four. The values are bit for bit gguf's: in every type the product of scale and quant is exact
@@ -378,7 +379,7 @@ def _task_rows(t, tasks, rows):
 
 @numba.njit(parallel=True, cache=True)
 def matvec_exact(qt, raw, x, out):
-    """out = x @ W.T, W of ggml type qt (Q8_0, Q4_0, Q4_1, Q4_K or Q6_K) given as its raw bytes.
+    """out = x @ W.T, W of ggml type qt (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K or Q6_K) given as its raw bytes.
 
     raw: (out_features, row bytes) uint8; x: (n, in_features) float32, C-contiguous; out: (n,
     out_features) float32.
@@ -427,9 +428,8 @@ def matvec_exact(qt, raw, x, out):
 # weights it copies into that layout at load; here the file's own layout is transposed on the fly,
 # so the weights stay memory-mapped. Against the previous kernels (one weight row at a time, 8
 # lanes of that row's partial sums, a horizontal sum per row) they made a decode step faster, most of
-# all with eight rows (benchmarks/bench_decode_rows.py; docs/performance.md). The K-quants keep a
-# per-block intrinsic per row (`_isum_nibbles_at`, `_isum_q6`): their 6-bit scales make each
-# block's scale a small computation anyway.
+# all with eight rows (benchmarks/bench_decode_rows.py; docs/performance.md). The K-quants (Q4_K,
+# Q5_K, Q6_K) have group kernels of the same shape, per 256-value super-block (`_k_group_codegen`).
 
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 
@@ -443,7 +443,7 @@ AVX2, VNNI, NATIVE_HALF = cpu.AVX2, cpu.VNNI, cpu.NATIVE_HALF
 
 
 def _contiguous_bytes(*array_types) -> bool:
-    """Whether these numba types are all contiguous 1-D arrays of bytes (what _load_bytes reads)."""
+    """Whether these numba types are all contiguous 1-D arrays of bytes."""
     return all(isinstance(t, types.Array) and t.ndim == 1 and t.layout == "C" and t.dtype in (types.uint8, types.int8)
                for t in array_types)
 
@@ -461,15 +461,6 @@ def _load(builder, base, offset, value_type):
     return value
 
 
-def _load_bytes(context, builder, array_type, array, offset, n):
-    """<n x i8> from byte `offset` of a contiguous 1-D uint8/int8 array."""
-    return _load(builder, _data(context, builder, array_type, array), offset, _vector(_I8, n))
-
-
-def _bytes(n, value):
-    return ir.Constant(_vector(_I8, n), [value] * n)
-
-
 def _function(builder, name, return_type, argument_types):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(return_type, argument_types), name)
 
@@ -478,19 +469,6 @@ def _splat(builder, value, n):
     """<n x T> with every lane the scalar `value` of type T."""
     one = builder.insert_element(ir.Constant(_vector(value.type, n), ir.Undefined), value, ir.Constant(_I32, 0))
     return builder.shuffle_vector(one, one, ir.Constant(_vector(_I32, n), [0] * n))
-
-
-def _splat_shift(builder, shift, n):
-    """<n x i8> filled with a run-time shift count."""
-    return _splat(builder, builder.trunc(shift, _I8), n)
-
-
-def _int_dot(builder, w, w_signed, x):
-    """sum of w[i] * x[i] as int32, for <n x i8> vectors w (signed or unsigned) and x (signed)."""
-    n = w.type.count
-    wide = _vector(_I32, n)
-    products = builder.mul(builder.sext(w, wide) if w_signed else builder.zext(w, wide), builder.sext(x, wide))
-    return builder.call(_function(builder, f"llvm.vector.reduce.add.v{n}i32", _I32, [wide]), [products])
 
 
 def _pairwise_add(builder, v):
@@ -769,7 +747,7 @@ def _row_group_intrinsic(qt, n_rows):
 # 32-value sub-blocks line up with the activations' blocks, so each sub-block is one integer sum per
 # (weight row, activation row), scaled in float32 by the row's sub-block scale (a vector of 8: the
 # rows' 6-bit or 8-bit scales unpacked in the lanes, times their d) and the block's d_x:
-#     Q4_K  (d sc_s) d_x sum(n_w q_x) - (dmin m_s) s_x          (as Q4_1, with the min subtracted)
+#     Q4_K  (d sc_s) d_x sum(n_w q_x) - (dmin m_s) s_x          (as Q4_1, with the min subtracted; Q5_K alike)
 #     Q6_K  (d sc_a) d_x (sum_a(q6 q_x) - 32 sum_a(q_x)) + (d sc_b) d_x (...)_b    (halves a, b of 16)
 # Q6_K's quants are taken unsigned (q6 = q + 32, 0..63, as vpdpbusd and pmaddubsw take them) and
 # 32 times each half's sum of q_x taken off after: exact, and the same integers on every path.
@@ -800,7 +778,7 @@ def _q6_k_scales(builder, rows, p):
 
 
 def _k_group_codegen(qt, n_rows):
-    """Code for weight rows o .. o + 7 of a Q4_K or Q6_K matrix times rows j .. j + n_rows - 1 of the
+    """Code for weight rows o .. o + 7 of a Q4_K, Q5_K or Q6_K matrix times rows j .. j + n_rows - 1 of the
     quantized activations, as _row_group_codegen (same arguments, same out), per super-block."""
     block_bytes = {Q4_K: Q4_K_BYTES, Q5_K: Q5_K_BYTES, Q6_K: Q6_K_BYTES}[qt]
     minus_min = qt in (Q4_K, Q5_K)
@@ -914,37 +892,6 @@ _group1_q5_k, _group4_q5_k, _group8_q5_k = _GROUPS[Q5_K, 1], _GROUPS[Q5_K, 4], _
 _group1_q6_k, _group4_q6_k, _group8_q6_k = _GROUPS[Q6_K, 1], _GROUPS[Q6_K, 4], _GROUPS[Q6_K, 8]
 
 
-@intrinsic
-def _isum_nibbles_at(typingctx, w, p, shift, x, c):
-    """sum over i < 32 of ((w[p + i] >> shift) & 15) * x[c + i]   (a Q4_K sub-block)"""
-    if not _contiguous_bytes(w, x):
-        return None
-
-    def codegen(context, builder, sig, args):
-        q = _load_bytes(context, builder, sig.args[0], args[0], args[1], 32)
-        values = builder.and_(builder.lshr(q, _splat_shift(builder, args[2], 32)), _bytes(32, 15))
-        return _int_dot(builder, values, False, _load_bytes(context, builder, sig.args[3], args[3], args[4], 32))
-    return types.int32(w, p, shift, x, c), codegen
-
-
-@intrinsic
-def _isum_q6(typingctx, w, ql, sl, qh, sh, x, c):
-    """sum over i < 16 of q6_i * x[c + i], q6_i = ((w[ql+i] >> sl) & 15 | ((w[qh+i] >> sh) & 3) << 4) - 32
-    (a Q6_K sub-block, see _q6_k_params)"""
-    if not _contiguous_bytes(w, x):
-        return None
-
-    def codegen(context, builder, sig, args):
-        w_type, w_value = sig.args[0], args[0]
-        low = _load_bytes(context, builder, w_type, w_value, args[1], 16)
-        high = _load_bytes(context, builder, w_type, w_value, args[3], 16)
-        low = builder.and_(builder.lshr(low, _splat_shift(builder, args[2], 16)), _bytes(16, 15))
-        high = builder.and_(builder.lshr(high, _splat_shift(builder, args[4], 16)), _bytes(16, 3))
-        values = builder.sub(builder.or_(low, builder.shl(high, _bytes(16, 4))), _bytes(16, 32))
-        return _int_dot(builder, values, True, _load_bytes(context, builder, sig.args[5], args[5], args[6], 16))
-    return types.int32(w, ql, sl, qh, sh, x, c), codegen
-
-
 @numba.njit(inline="always")
 def _round_away(v):
     """C's roundf: to the nearest integer, halves away from zero."""
@@ -994,33 +941,6 @@ def quantize_into(x, xq, xd, xsum, xs):
     for j in range(xd.shape[0]):
         for g in range(xd.shape[1]):
             xs[j, g] = xd[j, g] * np.float32(xsum[j, g])
-
-
-@numba.njit(inline="always")
-def _k_quant_row(qt, row, xq, xd, xs):
-    """A Q4_K or Q6_K weight row times one row of quantized activations (xq (in,), xd and xs (in / 32,)):
-    per 32-value sub-block, an integer dot product scaled as the type says."""
-    acc = np.float32(0.0)
-    if qt == Q4_K:
-        for b in range(xd.shape[0] // 8):
-            p = b * Q4_K_BYTES
-            d, dmin = _f16(row, p), _f16(row, p + 2)
-            for s in range(8):
-                g = 8 * b + s
-                q, shift, ds, ms = _q4_k_params(row, p, s, d, dmin)
-                isum = _isum_nibbles_at(row, q, shift, xq, g * QK)
-                acc += ds * xd[g] * np.float32(isum) - ms * xs[g]
-    else:
-        for b in range(xd.shape[0] // 8):
-            p = b * Q6_K_BYTES
-            d = _f16(row, p + 208)
-            for s in range(8):
-                g = 8 * b + s
-                ql, sl, qh, sh, da, db = _q6_k_params(row, p, s, d)   # da, db: d * the 16-value scales
-                isum_a = _isum_q6(row, ql, sl, qh, sh, xq, g * QK)
-                isum_b = _isum_q6(row, ql + 16, sl, qh + 16, sh, xq, g * QK + 16)
-                acc += xd[g] * (da * np.float32(isum_a) + db * np.float32(isum_b))
-    return acc
 
 
 # How far ahead of the row being read the kernels ask for the weights (software prefetch, below).
