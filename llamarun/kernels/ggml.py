@@ -882,14 +882,17 @@ def _bytes_matrix(t) -> bool:
     return isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" and t.dtype in (types.uint8, types.int8)
 
 
-# one and four rows of activations, for each type with a group kernel
-_GROUPS = {(qt, n): _row_group_intrinsic(qt, n) for qt in (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) for n in (1, 4, 8)}
+# one, four and eight rows of activations (the K-quants: one and four), for each type with a group kernel
+# (the K-quants without 8: their kernels are several times the size of the others', every caller inlines
+# them, and with 8 the first compile of the fast path took over a minute more; 4 keep most of the sharing)
+_GROUPS = {(qt, n): _row_group_intrinsic(qt, n) for qt in (Q8_0, Q4_0, Q4_1) for n in (1, 4, 8)}
+_GROUPS |= {(qt, n): _row_group_intrinsic(qt, n) for qt in (Q4_K, Q5_K, Q6_K) for n in (1, 4)}
 _group1_q8_0, _group4_q8_0, _group8_q8_0 = _GROUPS[Q8_0, 1], _GROUPS[Q8_0, 4], _GROUPS[Q8_0, 8]
 _group1_q4_0, _group4_q4_0, _group8_q4_0 = _GROUPS[Q4_0, 1], _GROUPS[Q4_0, 4], _GROUPS[Q4_0, 8]
 _group1_q4_1, _group4_q4_1, _group8_q4_1 = _GROUPS[Q4_1, 1], _GROUPS[Q4_1, 4], _GROUPS[Q4_1, 8]
-_group1_q4_k, _group4_q4_k, _group8_q4_k = _GROUPS[Q4_K, 1], _GROUPS[Q4_K, 4], _GROUPS[Q4_K, 8]
-_group1_q5_k, _group4_q5_k, _group8_q5_k = _GROUPS[Q5_K, 1], _GROUPS[Q5_K, 4], _GROUPS[Q5_K, 8]
-_group1_q6_k, _group4_q6_k, _group8_q6_k = _GROUPS[Q6_K, 1], _GROUPS[Q6_K, 4], _GROUPS[Q6_K, 8]
+_group1_q4_k, _group4_q4_k = _GROUPS[Q4_K, 1], _GROUPS[Q4_K, 4]
+_group1_q5_k, _group4_q5_k = _GROUPS[Q5_K, 1], _GROUPS[Q5_K, 4]
+_group1_q6_k, _group4_q6_k = _GROUPS[Q6_K, 1], _GROUPS[Q6_K, 4]
 
 
 @numba.njit(inline="always")
@@ -1003,7 +1006,7 @@ def group_range(t, tasks, rows):
 def _row_group_fast(qt, raw, o, xq, xd, xsum, xs, out):
     """out[j, i] = weight row o + i of the matrix raw (type qt) times row j of the quantized
     activations, for i < ROW_GROUP (rows past the matrix's end: its last row again) and every j:
-    four activation rows at a time, then one at a time. out: (n, ROW_GROUP) float32 scratch."""
+    eight (K-quants: four) activation rows at a time, then four, then one. out: (n, ROW_GROUP) float32 scratch."""
     n = xq.shape[0]
     j = 0
     if qt == Q4_1:
@@ -1037,9 +1040,6 @@ def _row_group_fast(qt, raw, o, xq, xd, xsum, xs, out):
             _group1_q4_0(raw, o, xq, xd, xsum, xs, j, out)
             j += 1
     elif qt == Q4_K:
-        while j + 8 <= n:
-            _group8_q4_k(raw, o, xq, xd, xsum, xs, j, out)
-            j += 8
         while j + 4 <= n:
             _group4_q4_k(raw, o, xq, xd, xsum, xs, j, out)
             j += 4
@@ -1047,9 +1047,6 @@ def _row_group_fast(qt, raw, o, xq, xd, xsum, xs, out):
             _group1_q4_k(raw, o, xq, xd, xsum, xs, j, out)
             j += 1
     elif qt == Q5_K:
-        while j + 8 <= n:
-            _group8_q5_k(raw, o, xq, xd, xsum, xs, j, out)
-            j += 8
         while j + 4 <= n:
             _group4_q5_k(raw, o, xq, xd, xsum, xs, j, out)
             j += 4
@@ -1057,9 +1054,6 @@ def _row_group_fast(qt, raw, o, xq, xd, xsum, xs, out):
             _group1_q5_k(raw, o, xq, xd, xsum, xs, j, out)
             j += 1
     else:
-        while j + 8 <= n:
-            _group8_q6_k(raw, o, xq, xd, xsum, xs, j, out)
-            j += 8
         while j + 4 <= n:
             _group4_q6_k(raw, o, xq, xd, xsum, xs, j, out)
             j += 4
