@@ -231,7 +231,6 @@ def measure(path: str, bench_tool: str | None) -> dict:
         gflops, pre = interleaved(lambda: prefill_rate(model, args.prompt), sgemm.measure, args.runs)
         row["prompt"], row["prompt_bound"] = stats(pre), float(np.median(gflops)) * 1e9 / prompt_flops(c, w, args.prompt)
         del sgemm
-    del model, w, ck
     if bench_tool:
         row["llama.cpp"] = llama_bench(bench_tool, path)
     return row

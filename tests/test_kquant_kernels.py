@@ -6,7 +6,6 @@ batch into (8, 4 and 1 rows of x at a time, and weight row counts that leave a s
 and the integer paths against each other: the integer sums are exact, so vpdpbusd (VNNI), pmaddubsw
 (AVX2) and the plain-IR path must give the same float32 results bit for bit.
 """
-import json
 import sys
 from pathlib import Path
 
