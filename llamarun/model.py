@@ -329,10 +329,10 @@ class CompiledForward:
     (`forward_int8`), and float32 matrices (`forward_f32`).
 
     A longer prompt goes through it in parts of `rows` tokens when every matrix has a group kernel
-    (`takes_prompts`: Q8_0, Q4_0, Q4_1, which share each block among 8 rows of x): there parts of 128
-    beat the BLAS tiles, with VNNI and without (benchmarks/bench_prompt_parts.py; docs/performance.md).
-    The K-quants' row kernels and llama2.c's int8 rows do not share blocks among rows: BLAS is left
-    those prompts.
+    (`takes_prompts`: Q8_0, Q4_0, Q4_1 and the K-quants Q4_K, Q5_K, Q6_K, which share each block among
+    8 rows of x): there parts of 128 beat the BLAS tiles, with VNNI and without
+    (benchmarks/bench_prompt_parts.py, benchmarks/bench_kquants.py; docs/performance.md). llama2.c's
+    int8 rows do not share blocks among rows: BLAS is left those prompts.
 
     It holds the weights as those functions take them, made once, no copies: for ggml, numba typed
     lists of each layer's raw bytes (views of the file's memory map); for int8, the file's stacked

@@ -161,8 +161,8 @@ def choose_plan(config, weights: dict, exact: bool = False) -> ExecutionPlan:
     kernel_rows = FAST_KERNEL_ROWS if fast_products else MATVEC_ROWS
     fast_ok, fast_why = fast_kernels_available()
     rows, reason = _one_call_rows(kind, exact, weights, layers, matrices, fast_ok, fast_why)
-    # where every matrix has a group kernel (8 weight rows share each block of x), a long prompt goes in
-    # parts: faster there than the BLAS tiles; the K-quants' row kernels share nothing among rows
+    # where every matrix has a group kernel (8 weight rows share each block of x: every type with a
+    # kernel now, the K-quants included), a long prompt goes in parts: faster there than the BLAS tiles
     parts = rows > 0 and kind == "ggml" and all(w.qtype in tensors.GROUP_KERNEL_TYPES for w in matrices)
     itemsize = 2 if not exact else 4
     return ExecutionPlan(exact=exact, weights=kind, kernel_rows=kernel_rows, compiled_rows=rows, compiled_parts=parts,

@@ -165,9 +165,9 @@ GGML_TYPES = (_T.F32, *DEQUANTIZERS)   # the tensor types llamarun reads from GG
 
 # The types with native kernels (kernels/ggml.py): matrix-vector products that read the blocks as
 # stored, and a decoder for the tiles of the prefill's BLAS products.
-KERNEL_TYPES = frozenset({_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q4_K, _T.Q6_K})
+KERNEL_TYPES = frozenset({_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q4_K, _T.Q5_K, _T.Q6_K})
 # Those whose fast kernels take 8 weight rows at once, each block shared by every row of x.
-GROUP_KERNEL_TYPES = frozenset({_T.Q8_0, _T.Q4_0, _T.Q4_1})
+GROUP_KERNEL_TYPES = KERNEL_TYPES
 
 _tile_buffers: dict[tuple[int, int], np.ndarray] = {}   # shared: one product at a time (one forward)
 
@@ -185,7 +185,7 @@ class GGMLTensor:
 
     shape is (out_features, in_features); `raw` is (out_features, bytes_per_row) uint8, one row of
     blocks per output. Never dequantized whole by a product: `linear` reads the blocks directly
-    (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, for a few rows of x) or a tile of rows at a time; `rows` for an
+    (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, for a few rows of x) or a tile of rows at a time; `rows` for an
     embedding lookup; `dequantize` when asked for the whole matrix.
 
     `exact` chooses the arithmetic of the matrix-vector kernels (kernels/ggml.py): True, float32

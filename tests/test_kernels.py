@@ -33,11 +33,12 @@ LAYOUTS = {
     T.Q4_0: (32, 18, [0]),
     T.Q4_1: (32, 20, [0, 2]),
     T.Q4_K: (256, 144, [0, 2]),      # d, dmin; then 12 bytes of 6-bit scales/mins, 128 of nibbles
+    T.Q5_K: (256, 176, [0, 2]),      # as Q4_K, with 32 bytes of high bits before the nibbles
     T.Q6_K: (256, 210, [208]),       # 128 bytes ql, 64 qh, 16 int8 scales, then d
     T.Q5_0: (32, 22, [0]),
     T.F16: (1, 2, []),
 }
-KERNELS = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q6_K]
+KERNELS = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K]
 
 
 def random_blocks(qtype, rows: int, n_in: int, rng, scale: float = 0.01) -> np.ndarray:

@@ -109,15 +109,20 @@ def test_batch_order_and_parts():
     assert part.logits.tolist() == [True, True]
 
 
-@pytest.mark.parametrize("types, parts", [({}, True), ({"w1": T.Q4_K}, False)], ids=["group_kernels", "k_quant"])
-def test_a_long_prompt_runs_in_parts_where_every_matrix_has_a_group_kernel(monkeypatch, types, parts):
+K_QUANT_MIX = {"wq": T.Q4_K, "wk": T.Q4_K, "wv": T.Q6_K, "wo": T.Q5_K, "w1": T.Q4_K, "w2": T.Q6_K, "w3": T.Q5_K,
+               "output": T.Q6_K}        # a Q4_K_M / Q5_K_M file's mix of types, an embedding in Q6_K
+
+
+@pytest.mark.parametrize("types", [{}, K_QUANT_MIX], ids=["q4_1", "k_quants"])
+def test_a_long_prompt_runs_in_parts_where_every_matrix_has_a_group_kernel(monkeypatch, types):
     """A batch longer than the plan's compiled_rows (16 here) goes through the one-call forward in parts of
     16, each part seeing the earlier ones in the cache: the logits and cache of the layer-by-layer path
-    over the whole batch at once, bit for bit. With a K-quant matrix the batch keeps the layer-by-layer path."""
+    over the whole batch at once, bit for bit. K-quants mixed with each other (as a Q4_K_M file mixes
+    them) take it too."""
     model = random_model(types, compiled_rows=16)
     compiled = model.compiled_forward()
-    assert compiled.rows == 16 and compiled.takes_prompts == parts
-    assert model.plan.forward_for(40) == ("compiled in parts of 16" if parts else "layers (matvec kernels)")
+    assert compiled.rows == 16 and compiled.takes_prompts
+    assert model.plan.forward_for(40) == "compiled in parts of 16"
     calls = []
     inner = CompiledForward.__call__
     monkeypatch.setattr(CompiledForward, "__call__", lambda self, x, batch, *rest: calls.append(len(batch))
@@ -125,7 +130,7 @@ def test_a_long_prompt_runs_in_parts_where_every_matrix_has_a_group_kernel(monke
     prompt = Batch.of(list(range(5, 45)), list(range(40)), [0] * 40, [i % 3 == 0 or i == 39 for i in range(40)])
     two = Batch.of([7] * 20 + [8] * 20, list(range(20)) * 2, [1] * 20 + [2] * 20)    # two sequences, in order
     assert_same(both_paths(model, [prompt, two]))
-    assert calls == ([16, 16, 8, 16, 16, 8] if parts else [])
+    assert calls == [16, 16, 8, 16, 16, 8]
 
 
 def test_exact_weights_and_inspection_keep_the_layer_by_layer_path():

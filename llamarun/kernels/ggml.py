@@ -1,6 +1,6 @@
 """Matrix-vector products with ggml's quantized block formats, reading the weights as the file stores them.
 
-out = x @ W.T for a decode-sized x (up to 8 rows) and W in Q8_0, Q4_0, Q4_1, Q4_K or Q6_K: each
+out = x @ W.T for a decode-sized x (up to 8 rows) and W in Q8_0, Q4_0, Q4_1, Q4_K, Q5_K or Q6_K: each
 kernel reads the raw bytes of the matrix (a view of the memory-mapped GGUF file) once, in parallel
 over output rows, and keeps no float32 copy of it. Two ways to do the arithmetic:
 
@@ -12,10 +12,11 @@ over output rows, and keeps no float32 copy of it. Two ways to do the arithmetic
   s_x = d_x * sum(q_x)); per block, a sum of integer products, exact in int32, scaled once:
       Q8_0  d_w d_x sum(q_w q_x)                 Q4_0  d_w d_x sum((n_w - 8) q_x)
       Q4_1  d_w d_x sum(n_w q_x) + m_w s_x       Q4_K  (d sc) d_x sum(n_w q_x) - (dmin m) s_x
-      Q6_K  d_x (d sc_a sum_a(q_w q_x) + d sc_b sum_b(q_w q_x))   (its two 16-value sub-blocks)
+      Q5_K  as Q4_K, n_w of 5 bits               Q6_K  d_x (d sc_a sum_a(q_w q_x) + d sc_b sum_b(q_w q_x))
+                                                       (its two 16-value sub-blocks)
   The K-quants take the same 32-value activation blocks as the others (llama.cpp gives them 256-value
   Q8_K super-blocks, a float scale and integer sums per 16): one quantization of x serves every
-  type, and a Q4_K sub-block (32 values, one scale and min) lines up with one activation block.
+  type, and a Q4_K / Q5_K sub-block (32 values, one scale and min) lines up with one activation block.
 
 Speed (why the code looks as it does; the figures, from benchmarks/bench_kernels.py on SmolLM2's
 shapes, are in docs/performance.md):
@@ -48,13 +49,14 @@ from .half import half_to_float
 
 LANES = 32          # float32 partial sums per row of x: one per value of a 32-value block
 QK = 32             # values per block (Q8_0, Q4_0, Q4_1, and the activations' blocks)
-QK_K = 256          # values per super-block (Q4_K, Q6_K)
+QK_K = 256          # values per super-block (Q4_K, Q5_K, Q6_K)
 
 # bytes per block, as ggml-common.h lays them out
 Q8_0_BYTES = 34     # f16 d, int8 qs[32]                           w = d * q
 Q4_0_BYTES = 18     # f16 d, u8 qs[16]                             w = d * (nibble - 8)
 Q4_1_BYTES = 20     # f16 d, f16 m, u8 qs[16]                      w = d * nibble + m
 Q4_K_BYTES = 144    # f16 d, f16 dmin, u8 scales[12], u8 qs[128]   w = (d sc_s) nibble - (dmin m_s)
+Q5_K_BYTES = 176    # as Q4_K, u8 qh[32] before qs: bit s of qh[i] is bit 4 of value i of sub-block s
 Q6_K_BYTES = 210    # u8 ql[128], u8 qh[64], i8 scales[16], f16 d  w = (d sc_s) (q6 - 32)
 
 
@@ -106,7 +108,7 @@ def _q4_k_scale_min(row, p, s):
 # ----------------------------------------------------------------------------------------------
 # exact: each 32-value group of weights decoded to float32 as gguf does, times float32 activations
 #
-# Every type is read in groups of 32 values (a Q8_0/Q4_0/Q4_1 block; an eighth of a Q4_K or Q6_K
+# Every type is read in groups of 32 values (a Q8_0/Q4_0/Q4_1 block; an eighth of a K-quant
 # super-block). For each type: `_<type>_dot` adds one group's products with one row of x to 32
 # lane accumulators, and `_<type>_dot4` with four rows of x at once, decoding each value once for
 # the four. The values are bit for bit gguf's: in every type the product of scale and quant is exact
@@ -209,6 +211,33 @@ def _q4_k_dot4(row, p, s, d, dmin, x, j, c, acc):
 
 
 @numba.njit(inline="always")
+def _q5(row, q, shift, s, p, i):
+    """Value i (0..31) of Q5_K sub-block s, whose nibbles are at q, shift (_q4_k_params) in the
+    super-block at p: its nibble with bit s of qh[i] on top, as float32."""
+    return np.float32(_bits(row, q + i, shift, 15) | (_bits(row, p + 16 + i, s, 1) << np.uint32(4)))
+
+
+@numba.njit(inline="always")
+def _q5_k_dot(row, p, s, d, dmin, x, j, c, acc):
+    q, shift, ds, ms = _q4_k_params(row, p, s, d, dmin)
+    q += 32                                          # Q5_K's nibbles follow its 32 bytes of qh
+    for i in range(32):
+        acc[i] += (ds * _q5(row, q, shift, s, p, i) - ms) * x[j, c + i]
+
+
+@numba.njit(inline="always")
+def _q5_k_dot4(row, p, s, d, dmin, x, j, c, acc):
+    q, shift, ds, ms = _q4_k_params(row, p, s, d, dmin)
+    q += 32
+    for i in range(32):
+        w = ds * _q5(row, q, shift, s, p, i) - ms
+        acc[0, i] += w * x[j, c + i]
+        acc[1, i] += w * x[j + 1, c + i]
+        acc[2, i] += w * x[j + 2, c + i]
+        acc[3, i] += w * x[j + 3, c + i]
+
+
+@numba.njit(inline="always")
 def _q6_k_params(row, p, s, d):
     """Values 32 s .. 32 s + 31 (s = 0..7, a constant after unrolling as in _q4_k_params) of the Q6_K
     super-block at p, whose d is given. Its value e = 128 h + r has its low 4 bits in ql[64 h + r % 64]
@@ -252,7 +281,7 @@ def _q6_k_dot4(row, p, s, d, x, j, c, acc):
 
 
 # ggml type ids (GGMLQuantizationType's values)
-Q4_0, Q4_1, Q8_0, Q4_K, Q6_K = 2, 3, 8, 12, 14
+Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 8, 12, 13, 14
 
 
 @numba.njit(inline="always")
@@ -277,6 +306,12 @@ def _row_dot(qt, row, groups, x, j, acc):
             d, dmin = _f16(row, p), _f16(row, p + 2)
             for s in range(8):
                 _q4_k_dot(row, p, s, d, dmin, x, j, (8 * b + s) * QK, acc)
+    elif qt == Q5_K:
+        for b in range(groups // 8):
+            p = b * Q5_K_BYTES
+            d, dmin = _f16(row, p), _f16(row, p + 2)
+            for s in range(8):
+                _q5_k_dot(row, p, s, d, dmin, x, j, (8 * b + s) * QK, acc)
     else:
         for b in range(groups // 8):
             p = b * Q6_K_BYTES
@@ -305,6 +340,12 @@ def _row_dot4(qt, row, groups, x, j, acc):
             d, dmin = _f16(row, p), _f16(row, p + 2)
             for s in range(8):
                 _q4_k_dot4(row, p, s, d, dmin, x, j, (8 * b + s) * QK, acc)
+    elif qt == Q5_K:
+        for b in range(groups // 8):
+            p = b * Q5_K_BYTES
+            d, dmin = _f16(row, p), _f16(row, p + 2)
+            for s in range(8):
+                _q5_k_dot4(row, p, s, d, dmin, x, j, (8 * b + s) * QK, acc)
     else:
         for b in range(groups // 8):
             p = b * Q6_K_BYTES
@@ -338,7 +379,7 @@ def _task_rows(t, tasks, rows):
 
 @numba.njit(parallel=True, cache=True)
 def matvec_exact(qt, raw, x, out):
-    """out = x @ W.T, W of ggml type qt (Q8_0, Q4_0, Q4_1, Q4_K or Q6_K) given as its raw bytes.
+    """out = x @ W.T, W of ggml type qt (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K or Q6_K) given as its raw bytes.
 
     raw: (out_features, row bytes) uint8; x: (n, in_features) float32, C-contiguous; out: (n,
     out_features) float32.
@@ -387,9 +428,8 @@ def matvec_exact(qt, raw, x, out):
 # weights it copies into that layout at load; here the file's own layout is transposed on the fly,
 # so the weights stay memory-mapped. Against the previous kernels (one weight row at a time, 8
 # lanes of that row's partial sums, a horizontal sum per row) they made a decode step faster, most of
-# all with eight rows (benchmarks/bench_decode_rows.py; docs/performance.md). The K-quants keep a
-# per-block intrinsic per row (`_isum_nibbles_at`, `_isum_q6`): their 6-bit scales make each
-# block's scale a small computation anyway.
+# all with eight rows (benchmarks/bench_decode_rows.py; docs/performance.md). The K-quants (Q4_K,
+# Q5_K, Q6_K) have group kernels of the same shape, per 256-value super-block (`_k_group_codegen`).
 
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 
@@ -403,7 +443,7 @@ AVX2, VNNI, NATIVE_HALF = cpu.AVX2, cpu.VNNI, cpu.NATIVE_HALF
 
 
 def _contiguous_bytes(*array_types) -> bool:
-    """Whether these numba types are all contiguous 1-D arrays of bytes (what _load_bytes reads)."""
+    """Whether these numba types are all contiguous 1-D arrays of bytes."""
     return all(isinstance(t, types.Array) and t.ndim == 1 and t.layout == "C" and t.dtype in (types.uint8, types.int8)
                for t in array_types)
 
@@ -421,15 +461,6 @@ def _load(builder, base, offset, value_type):
     return value
 
 
-def _load_bytes(context, builder, array_type, array, offset, n):
-    """<n x i8> from byte `offset` of a contiguous 1-D uint8/int8 array."""
-    return _load(builder, _data(context, builder, array_type, array), offset, _vector(_I8, n))
-
-
-def _bytes(n, value):
-    return ir.Constant(_vector(_I8, n), [value] * n)
-
-
 def _function(builder, name, return_type, argument_types):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(return_type, argument_types), name)
 
@@ -438,19 +469,6 @@ def _splat(builder, value, n):
     """<n x T> with every lane the scalar `value` of type T."""
     one = builder.insert_element(ir.Constant(_vector(value.type, n), ir.Undefined), value, ir.Constant(_I32, 0))
     return builder.shuffle_vector(one, one, ir.Constant(_vector(_I32, n), [0] * n))
-
-
-def _splat_shift(builder, shift, n):
-    """<n x i8> filled with a run-time shift count."""
-    return _splat(builder, builder.trunc(shift, _I8), n)
-
-
-def _int_dot(builder, w, w_signed, x):
-    """sum of w[i] * x[i] as int32, for <n x i8> vectors w (signed or unsigned) and x (signed)."""
-    n = w.type.count
-    wide = _vector(_I32, n)
-    products = builder.mul(builder.sext(w, wide) if w_signed else builder.zext(w, wide), builder.sext(x, wide))
-    return builder.call(_function(builder, f"llvm.vector.reduce.add.v{n}i32", _I32, [wide]), [products])
 
 
 def _pairwise_add(builder, v):
@@ -537,19 +555,24 @@ def _transposed_dwords(builder, rows, offset):
             builder.shuffle_vector(t1, t3, low64), builder.shuffle_vector(t1, t3, high64)]
 
 
+def _words_of_rows(builder, rows, offset):
+    """<8 x i32>, lane i the int32 at byte offset of rows[i] (8 byte pointers): put together in two
+    halves (a load and three inserts each), joined."""
+    halves = []
+    for h in (0, 4):
+        v = ir.Constant(_vector(_I32, 4), ir.Undefined)
+        for i in range(4):
+            v = builder.insert_element(v, _load(builder, rows[h + i], offset, _I32), ir.Constant(_I32, i))
+        halves.append(v)
+    return builder.shuffle_vector(halves[0], halves[1], ir.Constant(_vector(_I32, 8), list(range(8))))
+
+
 def _halves_of_rows(builder, rows, offset, count):
     """The f16 value at byte offset of each of the 8 rows (count 1), and with count 2 the one after it
     too -> `count` <8 x float>, lane i from rows[i]. The rows' 32-bit words are put together in two
     halves (a load and three inserts each) joined, then narrowed to the 8 halves wanted and converted
     at once (vcvtph2ps with F16C): fewer shuffles than inserting 8 or 16 halves one by one."""
-    word = lambda row: _load(builder, row, offset, _I32)   # noqa: E731
-    halves = []
-    for h in (0, 4):
-        v = ir.Constant(_vector(_I32, 4), ir.Undefined)
-        for i in range(4):
-            v = builder.insert_element(v, word(rows[h + i]), ir.Constant(_I32, i))
-        halves.append(v)
-    words = builder.shuffle_vector(halves[0], halves[1], ir.Constant(_vector(_I32, 8), list(range(8))))
+    words = _words_of_rows(builder, rows, offset)
     out = []
     for c in range(count):
         part = builder.lshr(words, ir.Constant(_vector(_I32, 8), [16] * 8)) if c else words
@@ -604,6 +627,39 @@ def _prefetch(builder, pointer):
     builder.call(prefetch, [pointer, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
+def _group_arguments(context, builder, sig, args):
+    """The group kernels' arguments (raw, o, xq, xd, xsum, xs, j, out) as IR values -> (const: int64
+    constants, rows: pointers to weight rows o .. o + 7 (past the matrix's end: its last row), the
+    data pointers of xq, xd, xsum, xs, n_in, groups (activation blocks per row), j, out's data
+    pointer, ahead: the bytes from a row to the same row PREFETCH_GROUPS groups on)."""
+    i64 = ir.IntType(64)
+    const = lambda v: ir.Constant(i64, v)   # noqa: E731
+    matrix = context.make_array(sig.args[0])(context, builder, value=args[0])
+    n_weight_rows = cgutils.unpack_tuple(builder, matrix.shape, 2)[0]
+    o = context.cast(builder, args[1], sig.args[1], types.intp)
+    last = builder.sub(n_weight_rows, const(1))
+    rows = []
+    for i in range(ROW_GROUP):
+        r = builder.add(o, const(i))
+        r = builder.select(builder.icmp_signed("<", r, n_weight_rows), r, last)
+        rows.append(_row_pointer(context, builder, sig.args[0], args[0], types.intp, r))
+    xq, xd, xsum, xs = (_data(context, builder, t, a) for t, a in zip(sig.args[2:6], args[2:6]))
+    n_in = cgutils.unpack_tuple(builder, context.make_array(sig.args[2])(context, builder, value=args[2]).shape, 2)[1]
+    groups = cgutils.unpack_tuple(builder, context.make_array(sig.args[3])(context, builder, value=args[3]).shape, 2)[1]
+    j = context.cast(builder, args[6], sig.args[6], types.intp)
+    out = _data(context, builder, sig.args[7], args[7])
+    stride = cgutils.unpack_tuple(builder, matrix.strides, 2)[0]
+    ahead = builder.mul(stride, const(ROW_GROUP * PREFETCH_GROUPS))
+    return const, rows, xq, xd, xsum, xs, n_in, groups, j, out, ahead
+
+
+def _store_rows(builder, const, out, j, r, total):
+    """out[j + r, 0:8] = total (<8 x float>): one activation row's products with the 8 weight rows."""
+    at_row = builder.gep(out, [builder.mul(builder.add(j, const(r)), const(ROW_GROUP))])
+    store = builder.store(total, builder.bitcast(at_row, _vector(_F32, 8).as_pointer()))
+    store.align = 4
+
+
 def _row_group_codegen(qt, n_rows):
     """Code for weight rows o .. o + 7 of a matrix of type qt (Q8_0, Q4_0, Q4_1), rows past its end
     read as its last row, times rows j .. j + n_rows - 1 of the quantized activations; per block g:
@@ -622,29 +678,12 @@ def _row_group_codegen(qt, n_rows):
     block_bytes = {Q8_0: Q8_0_BYTES, Q4_0: Q4_0_BYTES, Q4_1: Q4_1_BYTES}[qt]
 
     def codegen(context, builder, sig, args):
-        i64 = ir.IntType(64)
-        const = lambda v: ir.Constant(i64, v)   # noqa: E731
-        matrix = context.make_array(sig.args[0])(context, builder, value=args[0])
-        n_weight_rows = cgutils.unpack_tuple(builder, matrix.shape, 2)[0]
-        o = context.cast(builder, args[1], sig.args[1], types.intp)
-        last = builder.sub(n_weight_rows, const(1))
-        rows = []
-        for i in range(ROW_GROUP):
-            r = builder.add(o, const(i))
-            r = builder.select(builder.icmp_signed("<", r, n_weight_rows), r, last)
-            rows.append(_row_pointer(context, builder, sig.args[0], args[0], types.intp, r))
-        xq, xd, xsum, xs = (_data(context, builder, t, a) for t, a in zip(sig.args[2:6], args[2:6]))
-        n_in = cgutils.unpack_tuple(builder, context.make_array(sig.args[2])(context, builder, value=args[2]).shape, 2)[1]
-        groups = cgutils.unpack_tuple(builder, context.make_array(sig.args[3])(context, builder, value=args[3]).shape, 2)[1]
-        j = context.cast(builder, args[6], sig.args[6], types.intp)
-        out = _data(context, builder, sig.args[7], args[7])
+        const, rows, xq, xd, xsum, xs, n_in, groups, j, out, ahead = _group_arguments(context, builder, sig, args)
         floats, words = _vector(_F32, 8), _vector(_I32, 8)
         zero, izero = ir.Constant(floats, [0.0] * 8), ir.Constant(words, [0] * 8)
         d_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)]   # registers after mem2reg
         s_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)] if qt == Q4_1 else []
         nibbles = ir.Constant(words, [0x0F0F0F0F] * 8)
-        stride = cgutils.unpack_tuple(builder, matrix.strides, 2)[0]
-        ahead = builder.mul(stride, const(ROW_GROUP * PREFETCH_GROUPS))
         with cgutils.for_range(builder, groups) as loop:
             g = loop.index
             p = builder.mul(g, const(block_bytes))
@@ -686,22 +725,148 @@ def _row_group_codegen(qt, n_rows):
             total = builder.load(d_sums[r])
             if qt == Q4_1:
                 total = builder.fadd(total, builder.load(s_sums[r]))
-            at_row = builder.gep(out, [builder.mul(builder.add(j, const(r)), const(ROW_GROUP))])
-            store = builder.store(total, builder.bitcast(at_row, floats.as_pointer()))
-            store.align = 4
+            _store_rows(builder, const, out, j, r, total)
         return context.get_dummy_value()
     return codegen
 
 
 def _row_group_intrinsic(qt, n_rows):
+    make = _k_group_codegen if qt in (Q4_K, Q5_K, Q6_K) else _row_group_codegen
+
     def typer(typingctx, raw, o, xq, xd, xsum, xs, j, out):
         floats = (xd, xs, out)
         if not (_bytes_matrix(raw) and isinstance(o, types.Integer) and isinstance(j, types.Integer)
                 and all(isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" for t in (xq, xd, xsum, xs, out))
                 and xq.dtype == types.int8 and xsum.dtype == types.int32 and all(t.dtype == types.float32 for t in floats)):
             return None
-        return types.void(raw, o, xq, xd, xsum, xs, j, out), _row_group_codegen(qt, n_rows)
+        return types.void(raw, o, xq, xd, xsum, xs, j, out), make(qt, n_rows)
     return intrinsic(typer)
+
+
+# The K-quants' group kernels: the same lanes (one per weight row), per 256-value super-block. Their
+# 32-value sub-blocks line up with the activations' blocks, so each sub-block is one integer sum per
+# (weight row, activation row), scaled in float32 by the row's sub-block scale (a vector of 8: the
+# rows' 6-bit or 8-bit scales unpacked in the lanes, times their d) and the block's d_x:
+#     Q4_K  (d sc_s) d_x sum(n_w q_x) - (dmin m_s) s_x          (as Q4_1, with the min subtracted; Q5_K alike)
+#     Q6_K  (d sc_a) d_x (sum_a(q6 q_x) - 32 sum_a(q_x)) + (d sc_b) d_x (...)_b    (halves a, b of 16)
+# Q6_K's quants are taken unsigned (q6 = q + 32, 0..63, as vpdpbusd and pmaddubsw take them) and
+# 32 times each half's sum of q_x taken off after: exact, and the same integers on every path.
+
+def _q4_k_scales(builder, rows, p):
+    """The 8 rows' 6-bit scales and mins of the Q4_K super-block at byte p -> (sc, m): 8 <8 x i32>
+    each, sub-block s in sc[s] (gguf's get_scale_min, in the lanes: bytes 0-3 of the 12 hold scales
+    0-3, bytes 4-7 mins 0-3, low 6 bits; scales and mins 4-7 have their low 4 bits in bytes 8-11 and
+    their high 2 bits in the top bits of bytes 0-3 and 4-7)."""
+    words = _vector(_I32, 8)
+    c = lambda v: ir.Constant(words, [v] * 8)   # noqa: E731
+    v0, v1, v2 = (_words_of_rows(builder, rows, builder.add(p, ir.Constant(ir.IntType(64), k))) for k in (4, 8, 12))
+    byte = lambda v, b, shift, mask: builder.and_(builder.lshr(v, c(8 * b + shift)), c(mask))   # noqa: E731
+    sc = [byte(v0, s, 0, 63) for s in range(4)]
+    m = [byte(v1, s, 0, 63) for s in range(4)]
+    for s in range(4):
+        sc.append(builder.or_(byte(v2, s, 0, 15), builder.shl(byte(v0, s, 6, 3), c(4))))
+        m.append(builder.or_(byte(v2, s, 4, 15), builder.shl(byte(v1, s, 6, 3), c(4))))
+    return sc, m
+
+
+def _q6_k_scales(builder, rows, p):
+    """The 8 rows' 16 int8 scales of the Q6_K super-block at byte p (bytes 192..207) -> 16 <8 x i32>."""
+    words = _vector(_I32, 8)
+    c = lambda v: ir.Constant(words, [v] * 8)   # noqa: E731
+    v = [_words_of_rows(builder, rows, builder.add(p, ir.Constant(ir.IntType(64), 192 + 4 * k))) for k in range(4)]
+    return [builder.ashr(builder.shl(v[k // 4], c(24 - 8 * (k % 4))), c(24)) for k in range(16)]
+
+
+def _k_group_codegen(qt, n_rows):
+    """Code for weight rows o .. o + 7 of a Q4_K, Q5_K or Q6_K matrix times rows j .. j + n_rows - 1 of the
+    quantized activations, as _row_group_codegen (same arguments, same out), per super-block."""
+    block_bytes = {Q4_K: Q4_K_BYTES, Q5_K: Q5_K_BYTES, Q6_K: Q6_K_BYTES}[qt]
+    minus_min = qt in (Q4_K, Q5_K)
+
+    def codegen(context, builder, sig, args):
+        const, rows, xq, xd, xsum, xs, n_in, groups, j, out, ahead = _group_arguments(context, builder, sig, args)
+        floats, words = _vector(_F32, 8), _vector(_I32, 8)
+        c = lambda v: ir.Constant(words, [v] * 8)   # noqa: E731
+        zero, izero = ir.Constant(floats, [0.0] * 8), c(0)
+        d_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)]   # registers after mem2reg
+        m_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)] if minus_min else []
+        with cgutils.for_range(builder, builder.udiv(groups, const(8))) as loop:
+            b = loop.index
+            p = builder.mul(b, const(block_bytes))
+            at = lambda k: builder.add(p, const(k))   # noqa: E731
+            for line in range(0, block_bytes, 64):   # this super-block of the rows PREFETCH_GROUPS groups on
+                for row in rows:
+                    _prefetch(builder, builder.gep(row, [builder.add(at(line), ahead)]))
+            if minus_min:
+                d, dmin = _halves_of_rows(builder, rows, p, 2)
+                sc, m = _q4_k_scales(builder, rows, p)
+                ds = [builder.fmul(d, builder.sitofp(v, floats)) for v in sc]
+                ms = [builder.fmul(dmin, builder.sitofp(v, floats)) for v in m]
+                qs = 16 if qt == Q4_K else 48                         # Q5_K: 32 bytes of qh first
+                qh = (_transposed_dwords(builder, rows, at(16)) + _transposed_dwords(builder, rows, at(32))
+                      if qt == Q5_K else None)
+                subs = []       # (sub-block s, its 8 vectors of weight bytes)
+                for k in range(4):
+                    q = _transposed_dwords(builder, rows, at(qs + 32 * k)) + _transposed_dwords(builder, rows, at(qs + 16 + 32 * k))
+                    for s, shift in ((2 * k, 0), (2 * k + 1, 4)):
+                        w = [builder.and_(builder.lshr(v, c(shift)), c(0x0F0F0F0F)) for v in q]
+                        if qh is not None:          # bit s of qh, as bit 4
+                            w = [builder.or_(v, builder.shl(builder.and_(builder.lshr(h, c(s)), c(0x01010101)), c(4)))
+                                 for v, h in zip(w, qh)]
+                        subs.append((s, w))
+            else:
+                d = _halves_of_rows(builder, rows, at(206), 2)[1]     # at 208: read as the high half at 206,
+                scales = [builder.fmul(d, builder.sitofp(v, floats)) for v in _q6_k_scales(builder, rows, p)]
+                subs = []                                             # not past the matrix's last byte
+                for h in range(2):
+                    ql = [v for k in range(4) for v in _transposed_dwords(builder, rows, at(64 * h + 16 * k))]
+                    qh = _transposed_dwords(builder, rows, at(128 + 32 * h)) + _transposed_dwords(builder, rows, at(144 + 32 * h))
+                    for quarter in range(4):      # values 32 quarter .. + 31 of this half: sub-block 4 h + quarter
+                        low = [builder.and_(builder.lshr(v, c(4 * (quarter // 2))), c(0x0F0F0F0F))
+                               for v in ql[8 * (quarter % 2):8 * (quarter % 2) + 8]]
+                        high = [builder.and_(builder.lshr(v, c(2 * quarter)), c(0x03030303)) for v in qh]
+                        subs.append((4 * h + quarter, [builder.or_(lo, builder.shl(hi, c(4))) for lo, hi in zip(low, high)]))
+            g0 = builder.mul(b, const(8))
+            for s, w in subs:
+                g = builder.add(g0, const(s))
+                for r in range(n_rows):
+                    row = builder.add(j, const(r))
+                    block = builder.add(builder.mul(row, groups), g)
+                    base = builder.add(builder.mul(row, n_in), builder.mul(g, const(QK)))
+                    xs_k = [_splat(builder, _load(builder, xq, builder.add(base, const(4 * k)), _I32), 8) for k in range(8)]
+                    d_x = _splat(builder, builder.load(builder.gep(xd, [block])), 8)
+                    if minus_min:
+                        if qt == Q4_K and AVX2 and not VNNI:       # (Q5_K's values would overflow its int16 sums)
+                            isum = _nibbles_block_dot(builder, w, xs_k)
+                        else:
+                            sums = [izero, izero]
+                            for k in range(8):
+                                sums[k % 2] = _dwords_dot(builder, sums[k % 2], w[k], xs_k[k])
+                            isum = builder.add(sums[0], sums[1])
+                        scale = builder.fmul(ds[s], d_x)
+                        builder.store(_multiply_add(builder, builder.sitofp(isum, floats), scale, builder.load(d_sums[r])), d_sums[r])
+                        s_x = _splat(builder, builder.load(builder.gep(xs, [block])), 8)
+                        builder.store(_multiply_add(builder, ms[s], s_x, builder.load(m_sums[r])), m_sums[r])
+                    else:
+                        total = builder.load(d_sums[r])
+                        for half in range(2):       # two 16-value sub-blocks, each its own scale
+                            isum = izero
+                            for k in range(4 * half, 4 * half + 4):
+                                isum = _dwords_dot(builder, isum, w[k], xs_k[k])
+                            x16 = _load(builder, xq, builder.add(base, const(16 * half)), _vector(_I8, 16))
+                            x_sum = builder.call(_function(builder, "llvm.vector.reduce.add.v16i32", _I32, [_vector(_I32, 16)]),
+                                                 [builder.sext(x16, _vector(_I32, 16))])
+                            isum = builder.sub(isum, _splat(builder, builder.shl(x_sum, ir.Constant(_I32, 5)), 8))
+                            scale = builder.fmul(scales[2 * s + half], d_x)
+                            total = _multiply_add(builder, builder.sitofp(isum, floats), scale, total)
+                        builder.store(total, d_sums[r])
+        for r in range(n_rows):
+            total = builder.load(d_sums[r])
+            if minus_min:
+                total = builder.fsub(total, builder.load(m_sums[r]))
+            _store_rows(builder, const, out, j, r, total)
+        return context.get_dummy_value()
+    return codegen
 
 
 def _row_pointer(context, builder, matrix_type, matrix, o_type, o):
@@ -717,42 +882,17 @@ def _bytes_matrix(t) -> bool:
     return isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" and t.dtype in (types.uint8, types.int8)
 
 
-# one and four rows of activations, for each type with a group kernel
+# one, four and eight rows of activations (the K-quants: one and four), for each type with a group kernel
+# (the K-quants without 8: their kernels are several times the size of the others', every caller inlines
+# them, and with 8 the first compile of the fast path took over a minute more; 4 keep most of the sharing)
 _GROUPS = {(qt, n): _row_group_intrinsic(qt, n) for qt in (Q8_0, Q4_0, Q4_1) for n in (1, 4, 8)}
+_GROUPS |= {(qt, n): _row_group_intrinsic(qt, n) for qt in (Q4_K, Q5_K, Q6_K) for n in (1, 4)}
 _group1_q8_0, _group4_q8_0, _group8_q8_0 = _GROUPS[Q8_0, 1], _GROUPS[Q8_0, 4], _GROUPS[Q8_0, 8]
 _group1_q4_0, _group4_q4_0, _group8_q4_0 = _GROUPS[Q4_0, 1], _GROUPS[Q4_0, 4], _GROUPS[Q4_0, 8]
 _group1_q4_1, _group4_q4_1, _group8_q4_1 = _GROUPS[Q4_1, 1], _GROUPS[Q4_1, 4], _GROUPS[Q4_1, 8]
-
-
-@intrinsic
-def _isum_nibbles_at(typingctx, w, p, shift, x, c):
-    """sum over i < 32 of ((w[p + i] >> shift) & 15) * x[c + i]   (a Q4_K sub-block)"""
-    if not _contiguous_bytes(w, x):
-        return None
-
-    def codegen(context, builder, sig, args):
-        q = _load_bytes(context, builder, sig.args[0], args[0], args[1], 32)
-        values = builder.and_(builder.lshr(q, _splat_shift(builder, args[2], 32)), _bytes(32, 15))
-        return _int_dot(builder, values, False, _load_bytes(context, builder, sig.args[3], args[3], args[4], 32))
-    return types.int32(w, p, shift, x, c), codegen
-
-
-@intrinsic
-def _isum_q6(typingctx, w, ql, sl, qh, sh, x, c):
-    """sum over i < 16 of q6_i * x[c + i], q6_i = ((w[ql+i] >> sl) & 15 | ((w[qh+i] >> sh) & 3) << 4) - 32
-    (a Q6_K sub-block, see _q6_k_params)"""
-    if not _contiguous_bytes(w, x):
-        return None
-
-    def codegen(context, builder, sig, args):
-        w_type, w_value = sig.args[0], args[0]
-        low = _load_bytes(context, builder, w_type, w_value, args[1], 16)
-        high = _load_bytes(context, builder, w_type, w_value, args[3], 16)
-        low = builder.and_(builder.lshr(low, _splat_shift(builder, args[2], 16)), _bytes(16, 15))
-        high = builder.and_(builder.lshr(high, _splat_shift(builder, args[4], 16)), _bytes(16, 3))
-        values = builder.sub(builder.or_(low, builder.shl(high, _bytes(16, 4))), _bytes(16, 32))
-        return _int_dot(builder, values, True, _load_bytes(context, builder, sig.args[5], args[5], args[6], 16))
-    return types.int32(w, ql, sl, qh, sh, x, c), codegen
+_group1_q4_k, _group4_q4_k = _GROUPS[Q4_K, 1], _GROUPS[Q4_K, 4]
+_group1_q5_k, _group4_q5_k = _GROUPS[Q5_K, 1], _GROUPS[Q5_K, 4]
+_group1_q6_k, _group4_q6_k = _GROUPS[Q6_K, 1], _GROUPS[Q6_K, 4]
 
 
 @numba.njit(inline="always")
@@ -804,33 +944,6 @@ def quantize_into(x, xq, xd, xsum, xs):
     for j in range(xd.shape[0]):
         for g in range(xd.shape[1]):
             xs[j, g] = xd[j, g] * np.float32(xsum[j, g])
-
-
-@numba.njit(inline="always")
-def _k_quant_row(qt, row, xq, xd, xs):
-    """A Q4_K or Q6_K weight row times one row of quantized activations (xq (in,), xd and xs (in / 32,)):
-    per 32-value sub-block, an integer dot product scaled as the type says."""
-    acc = np.float32(0.0)
-    if qt == Q4_K:
-        for b in range(xd.shape[0] // 8):
-            p = b * Q4_K_BYTES
-            d, dmin = _f16(row, p), _f16(row, p + 2)
-            for s in range(8):
-                g = 8 * b + s
-                q, shift, ds, ms = _q4_k_params(row, p, s, d, dmin)
-                isum = _isum_nibbles_at(row, q, shift, xq, g * QK)
-                acc += ds * xd[g] * np.float32(isum) - ms * xs[g]
-    else:
-        for b in range(xd.shape[0] // 8):
-            p = b * Q6_K_BYTES
-            d = _f16(row, p + 208)
-            for s in range(8):
-                g = 8 * b + s
-                ql, sl, qh, sh, da, db = _q6_k_params(row, p, s, d)   # da, db: d * the 16-value scales
-                isum_a = _isum_q6(row, ql, sl, qh, sh, xq, g * QK)
-                isum_b = _isum_q6(row, ql + 16, sl, qh + 16, sh, xq, g * QK + 16)
-                acc += xd[g] * (da * np.float32(isum_a) + db * np.float32(isum_b))
-    return acc
 
 
 # How far ahead of the row being read the kernels ask for the weights (software prefetch, below).
@@ -893,7 +1006,7 @@ def group_range(t, tasks, rows):
 def _row_group_fast(qt, raw, o, xq, xd, xsum, xs, out):
     """out[j, i] = weight row o + i of the matrix raw (type qt) times row j of the quantized
     activations, for i < ROW_GROUP (rows past the matrix's end: its last row again) and every j:
-    four activation rows at a time, then one at a time. out: (n, ROW_GROUP) float32 scratch."""
+    eight (K-quants: four) activation rows at a time, then four, then one. out: (n, ROW_GROUP) float32 scratch."""
     n = xq.shape[0]
     j = 0
     if qt == Q4_1:
@@ -926,11 +1039,27 @@ def _row_group_fast(qt, raw, o, xq, xd, xsum, xs, out):
         while j < n:
             _group1_q4_0(raw, o, xq, xd, xsum, xs, j, out)
             j += 1
+    elif qt == Q4_K:
+        while j + 4 <= n:
+            _group4_q4_k(raw, o, xq, xd, xsum, xs, j, out)
+            j += 4
+        while j < n:
+            _group1_q4_k(raw, o, xq, xd, xsum, xs, j, out)
+            j += 1
+    elif qt == Q5_K:
+        while j + 4 <= n:
+            _group4_q5_k(raw, o, xq, xd, xsum, xs, j, out)
+            j += 4
+        while j < n:
+            _group1_q5_k(raw, o, xq, xd, xsum, xs, j, out)
+            j += 1
     else:
-        for i in range(ROW_GROUP):
-            row = raw[min(o + i, raw.shape[0] - 1)]
-            for j in range(n):
-                out[j, i] = _k_quant_row(qt, row, xq[j], xd[j], xs[j])
+        while j + 4 <= n:
+            _group4_q6_k(raw, o, xq, xd, xsum, xs, j, out)
+            j += 4
+        while j < n:
+            _group1_q6_k(raw, o, xq, xd, xsum, xs, j, out)
+            j += 1
 
 
 STORE, ADD, GATED = 0, 1, 2     # what put_group does with a group's products
@@ -1099,6 +1228,11 @@ def _group_values(qt, row, g, w):
         q, shift, ds, ms = _q4_k_params(row, p, g % 8, _f16(row, p), _f16(row, p + 2))
         for i in range(32):
             w[k + i] = ds * np.float32(_bits(row, q + i, shift, 15)) - ms
+    elif qt == Q5_K:
+        p = (g // 8) * Q5_K_BYTES
+        q, shift, ds, ms = _q4_k_params(row, p, g % 8, _f16(row, p), _f16(row, p + 2))
+        for i in range(32):
+            w[k + i] = ds * _q5(row, q + 32, shift, g % 8, p, i) - ms
     else:
         p = (g // 8) * Q6_K_BYTES
         ql, sl, qh, sh, da, db = _q6_k_params(row, p, g % 8, _f16(row, p + 208))

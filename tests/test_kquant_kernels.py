@@ -1,0 +1,87 @@
+"""The K-quants' group kernels (Q4_K, Q6_K: 8 weight rows per call, kernels/ggml.py) on the fast path.
+
+tests/test_kernels.py holds every type to the int8-rounding bound with 1, 3 and 8 rows of x, and
+checks that an adversarial x reaches the bound. Here: every batch shape the group kernels split a
+batch into (8, 4 and 1 rows of x at a time, and weight row counts that leave a short last group),
+and the integer paths against each other: the integer sums are exact, so vpdpbusd (VNNI), pmaddubsw
+(AVX2) and the plain-IR path must give the same float32 results bit for bit.
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from llamarun.kernels import ggml
+from llamarun.tensors import GGMLTensor
+from test_kernels import fast_bound, reference, random_blocks
+from test_portability import run_generic
+
+ROOT = Path(__file__).resolve().parents[1]
+K_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K]
+
+
+@pytest.mark.parametrize("rows", [8, 13, 64])
+@pytest.mark.parametrize("n", [2, 4, 5, 9, 13])
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
+def test_group_kernels_within_activation_rounding(qtype, n, rows):
+    rng = np.random.default_rng(int(qtype) * 10000 + 100 * n + rows)
+    raw = random_blocks(qtype, rows, 768, rng)
+    x = rng.standard_normal((n, 768)).astype(np.float32)
+    ref, magnitudes, w = reference(qtype, raw, x)
+    out = GGMLTensor("w", qtype, (rows, 768), raw, exact=False).linear(x)
+    assert np.all(np.abs(out - ref) <= fast_bound(x, w, magnitudes))
+
+
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
+def test_a_row_does_not_depend_on_its_batch(qtype):
+    """Each activation row gets the same arithmetic whether it is decoded alone or among 8."""
+    rng = np.random.default_rng(3)
+    raw = random_blocks(qtype, 21, 512, rng)
+    x = rng.standard_normal((9, 512)).astype(np.float32)
+    tensor = GGMLTensor("w", qtype, (21, 512), raw, exact=False)
+    together = tensor.linear(x)
+    for j in range(9):
+        assert np.array_equal(tensor.linear(x[j:j + 1])[0], together[j])
+
+
+def k_quant_outputs() -> str:
+    """Code printing (as JSON) the fast products of fixed random Q4_K and Q6_K matrices, as hex bits."""
+    return f"""
+        import json, sys
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        import numpy as np
+        from gguf import GGMLQuantizationType as T
+        from llamarun.kernels import ggml
+        from llamarun.tensors import GGMLTensor
+        from test_kernels import random_blocks
+        out = {{"vnni": ggml.VNNI, "avx2": ggml.AVX2}}
+        for qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
+            rng = np.random.default_rng(5)
+            raw = random_blocks(qtype, 19, 512, rng)
+            x = rng.standard_normal((9, 512)).astype(np.float32)
+            y = GGMLTensor("w", qtype, (19, 512), raw, exact=False).linear(x)
+            out[qtype.name] = y.view(np.uint32).tolist()
+        print(json.dumps(out))
+    """
+
+
+@pytest.mark.slow          # compiles the fast kernels afresh, for another CPU
+@pytest.mark.parametrize("target", [("generic", ""), ("haswell", "+avx2,+fma,+f16c")], ids=["generic", "avx2"])
+def test_integer_paths_agree_bit_for_bit(tmp_path, target):
+    """The host's integer path (vpdpbusd where it has VNNI) and pmaddubsw (AVX2 without VNNI) give the
+    same bits; the plain-IR path (no AVX2, no FMA: a multiply and an add) stays within rounding."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    other = run_generic(tmp_path, k_quant_outputs(), cpu=target)
+    assert not other["vnni"] and other["avx2"] == bool(target[1])
+    for qtype in K_TYPES:
+        rng = np.random.default_rng(5)
+        raw = random_blocks(qtype, 19, 512, rng)
+        x = rng.standard_normal((9, 512)).astype(np.float32)
+        ours = GGMLTensor("w", qtype, (19, 512), raw, exact=False).linear(x)
+        theirs = np.array(other[qtype.name], np.uint32).view(np.float32)
+        if other["avx2"] and ggml.AVX2:
+            assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)), qtype.name
+        else:
+            assert np.allclose(ours, theirs, rtol=1e-5, atol=1e-5), qtype.name
