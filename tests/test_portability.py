@@ -1,14 +1,19 @@
 """The kernels on the most generic CPU numba compiles for (NUMBA_CPU_NAME=generic: on x86-64, SSE2 and
 nothing after it), as on an x86 CPU without AVX2 or F16C, or a CPU that is not x86 at all: every
 x86-only instruction has a portable path (kernels/cpu.py says which), and it must compute the same
-numbers. Each test runs in a subprocess with its own empty numba cache (a target is chosen once per
-process, and the cached code of the host's target must not answer for it), so it pays its compiles:
-the checks use the fewest, smallest kernels that reach each portable path.
+numbers. Each test runs in a subprocess (a target is chosen once per process) with a numba cache that
+starts the session empty (the cached code of the host's target must not answer for it) and that the
+session's other-CPU runs share, so a kernel compiles once per target: the checks use the fewest,
+smallest kernels that reach each portable path.
 """
+import atexit
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -20,11 +25,22 @@ from conftest import MODELS, load_golden, logits_tolerance, require
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@functools.lru_cache(maxsize=None)
+def targets_cache() -> str:
+    """A numba cache for this test session's other-CPU runs, empty when the session starts: a kernel
+    compiled for one target in one test is loaded by the next (numba keys its cache by the target CPU
+    and features too, so targets never share machine code). Removed at exit."""
+    folder = tempfile.mkdtemp(prefix="llamarun-targets-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def run_generic(tmp_path, code: str, cpu=("generic", "")) -> dict:
     """Run `code` (which prints one JSON object last) compiled for the CPU named (NUMBA_CPU_NAME, with
-    the features NUMBA_CPU_FEATURES; generic with none: the baseline) with an empty numba cache."""
+    the features NUMBA_CPU_FEATURES; generic with none: the baseline), with a numba cache that holds
+    only what this session compiled for other CPUs (targets_cache), never the host's kernels."""
     env = {**os.environ, "NUMBA_CPU_NAME": cpu[0], "NUMBA_CPU_FEATURES": cpu[1],
-           "NUMBA_CACHE_DIR": str(tmp_path / "numba"),
+           "NUMBA_CACHE_DIR": targets_cache(),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
