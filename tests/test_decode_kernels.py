@@ -19,7 +19,9 @@ from test_kernels import KERNELS, random_blocks
 
 
 def ggml(qtype, rows, n_in, rng, exact):
-    return GGMLTensor("w", qtype, (rows, n_in), random_blocks(qtype, rows, n_in, rng), exact=exact)
+    raw = random_blocks(qtype, rows, n_in, rng)
+    raw.flags.writeable = False              # as the file's map: the kernels' specialization a model takes
+    return GGMLTensor("w", qtype, (rows, n_in), raw, exact=exact)
 
 
 def int8_matrix(rows, n_in, group_size, rng):
