@@ -299,7 +299,18 @@ def long_stream(running, max_tokens=400):
     return httpx.stream("POST", running.url + "/v1/completions", json=body, timeout=60)
 
 
-def test_busy_server_says_503_with_retry_after(one_slot):
+def test_busy_server_says_503_with_retry_after(one_slot, monkeypatch):
+    from llamarun.server.scheduler import Scheduler
+
+    # The first request holds the slot until the test lets it go: its steps wait once it has drawn a
+    # token (however fast the machine would otherwise finish its 400 tokens).
+    release, step = threading.Event(), Scheduler.step
+
+    def held_step(self):
+        if any(seq.generated for seq in self.active):
+            assert release.wait(60), "the test never let the first request go on"
+        step(self)
+    monkeypatch.setattr(Scheduler, "step", held_step)
     with long_stream(one_slot) as first:                       # takes the slot
         next(first.iter_lines())
         with ThreadPoolExecutor(1) as pool:
@@ -314,6 +325,7 @@ def test_busy_server_says_503_with_retry_after(one_slot):
             assert refused.headers["Retry-After"] == "1"
             assert refused.json()["error"]["type"] == "server_error"
             first.close()                                    # the waiting one now gets the slot
+            release.set()
             assert waiting.result().status_code == 200
 
 
