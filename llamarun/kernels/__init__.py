@@ -18,6 +18,11 @@ import hashlib
 import os
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:             # not POSIX: no lock (numba's own behaviour)
+    fcntl = None
+
 import numba
 from numba.core import caching
 
@@ -27,10 +32,10 @@ HERE = Path(__file__).parent
 
 
 def _sources_digest(here: Path = HERE) -> str:
-    """A hash of every source file of the kernels in `here` (but __main__.py, the compile step, which
-    compiles nothing of its own)."""
+    """A hash of every source file of the kernels in `here` (but the compile step's, __main__.py and
+    compile.py, which compile nothing of their own)."""
     digest = hashlib.sha256()
-    for source in sorted(p for p in here.glob("*.py") if p.name != "__main__.py"):
+    for source in sorted(p for p in here.glob("*.py") if p.name not in ("__main__.py", "compile.py")):
         digest.update(source.name.encode() + b"\0" + source.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -66,6 +71,23 @@ class _KernelCacheLocator(caching._SourceFileBackedLocatorMixin, caching._CacheL
             return None
         return super().from_function(py_func, py_file)     # None if CACHE_DIR cannot be written: numba's own then
 
+
+_numba_save = caching.IndexDataCacheFile.save
+
+
+def _save_one_process_at_a_time(self, key, data):
+    """numba's cache save, holding a lock on the function's cache folder when it is ours. Why: numba
+    reads a function's index, picks the next free data file name, writes the index, then the data;
+    two processes compiling kernels at once (the compile step's workers, two first runs side by side)
+    can pick the same name, and one index entry then points at the other's code."""
+    if fcntl is None or not self._cache_path.startswith(CACHE_DIR):
+        return _numba_save(self, key, data)
+    with open(os.path.join(self._cache_path, ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _numba_save(self, key, data)
+
+
+caching.IndexDataCacheFile.save = _save_one_process_at_a_time
 
 # numba picks a function's locator when its decorator runs (the module's import): put ours first for
 # the kernel modules' imports only, so other numba code keeps numba's own
