@@ -3,8 +3,8 @@
 tests/test_kernels.py holds every type to the int8-rounding bound with 1, 3 and 8 rows of x, and
 checks that an adversarial x reaches the bound. Here: every batch shape the group kernels split a
 batch into (8, 4 and 1 rows of x at a time, and weight row counts that leave a short last group),
-and the integer paths against each other: the integer sums are exact, so vpdpbusd (VNNI), pmaddubsw
-(AVX2) and the plain-IR path must give the same float32 results bit for bit.
+and the integer paths against each other: the integer sums are exact, so vpdpbusd (VNNI, on 512- or
+256-bit vectors), pmaddubsw (AVX2) and the plain-IR path must give the same float32 results bit for bit.
 """
 import sys
 from pathlib import Path
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from llamarun.kernels import ggml
+from llamarun.kernels import cpu, ggml
 from llamarun.tensors import GGMLTensor
 from test_kernels import fast_bound, reference, random_blocks
 from test_portability import run_generic
@@ -53,10 +53,10 @@ def k_quant_outputs() -> str:
         sys.path.insert(0, {str(ROOT / "tests")!r})
         import numpy as np
         from gguf import GGMLQuantizationType as T
-        from llamarun.kernels import ggml
+        from llamarun.kernels import cpu, ggml
         from llamarun.tensors import GGMLTensor
         from test_kernels import random_blocks
-        out = {{"vnni": ggml.VNNI, "avx2": ggml.AVX2}}
+        out = {{"vnni": ggml.VNNI, "vnni512": ggml.VNNI512, "avx2": ggml.AVX2}}
         for qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
             rng = np.random.default_rng(5)
             raw = random_blocks(qtype, 19, 512, rng)
@@ -67,14 +67,21 @@ def k_quant_outputs() -> str:
     """
 
 
+VNNI_256 = ("alderlake", "+avx2,+fma,+f16c,+avxvnni,-avx512f,-avx512vnni")
+
+
 @pytest.mark.slow          # compiles the fast kernels afresh, for another CPU
-@pytest.mark.parametrize("target", [("generic", ""), ("haswell", "+avx2,+fma,+f16c")], ids=["generic", "avx2"])
+@pytest.mark.parametrize("target", [("generic", ""), ("haswell", "+avx2,+fma,+f16c"), VNNI_256],
+                         ids=["generic", "avx2", "vnni256"])
 def test_integer_paths_agree_bit_for_bit(tmp_path, target):
-    """The host's integer path (vpdpbusd where it has VNNI) and pmaddubsw (AVX2 without VNNI) give the
+    """The host's integer path (vpdpbusd on 512-bit vectors where it has AVX512-VNNI, 256-bit where
+    it has AVX-VNNI only), vpdpbusd on 256-bit vectors, and pmaddubsw (AVX2 without VNNI) give the
     same bits; the plain-IR path (no AVX2, no FMA: a multiply and an add) stays within rounding."""
+    if target == VNNI_256 and not cpu.host_flags()["avxvnni"]:
+        pytest.skip("this CPU has no AVX-VNNI to run 256-bit vpdpbusd code")
     sys.path.insert(0, str(ROOT / "tests"))
     other = run_generic(tmp_path, k_quant_outputs(), cpu=target)
-    assert not other["vnni"] and other["avx2"] == bool(target[1])
+    assert other["vnni"] == (target == VNNI_256) and not other["vnni512"] and other["avx2"] == bool(target[1])
     for qtype in K_TYPES:
         rng = np.random.default_rng(5)
         raw = random_blocks(qtype, 19, 512, rng)

@@ -8,6 +8,7 @@ the host's, so that code compiled for a generic CPU never holds an instruction t
     AVX2 (with FMA)              byte dot products by pmaddubsw/pmaddwd, psignb, fused multiply-adds
     AVX512-VNNI + AVX512-VL,     byte dot products by vpdpbusd (256-bit)
       or AVX-VNNI
+    AVX512-VNNI + AVX512-BW      the K-quant group kernels' vpdpbusd on 512-bit vectors
     F16C                         half <-> float conversion by vcvtph2ps / vcvtps2ph (x86)
     x86                          the spin-wait hint `pause` in the one-call forward's barrier
 
@@ -88,6 +89,7 @@ X86 = arch() == "x86_64"
 _TARGET = target_flags()
 AVX2 = X86 and _TARGET["avx2"] and _TARGET["fma"]          # every AVX2 CPU has FMA; a target string might not
 VNNI = AVX2 and ((_TARGET["avx512vnni"] and _TARGET["avx512vl"]) or _TARGET["avxvnni"])
+VNNI512 = VNNI and _TARGET["avx512vnni"] and _TARGET["avx512f"] and _TARGET["avx512bw"]
 F16C = X86 and _TARGET["f16c"]
 NATIVE_HALF = F16C or arch() == "aarch64"                     # half <-> float in one instruction
 
@@ -95,6 +97,8 @@ NATIVE_HALF = F16C or arch() == "aarch64"                     # half <-> float i
 def dot_products() -> str:
     """Which instructions the int8 kernels' byte dot products use here."""
     if VNNI:
+        if VNNI512:
+            return "vpdpbusd (AVX512-VNNI; 512-bit in the K-quant kernels)"
         return "vpdpbusd (AVX512-VNNI)" if _TARGET["avx512vnni"] else "vpdpbusd (AVX-VNNI)"
     if AVX2:
         return "pmaddubsw + pmaddwd (AVX2)"

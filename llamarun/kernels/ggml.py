@@ -431,7 +431,7 @@ def matvec_exact(qt, raw, x, out):
 # all with eight rows (benchmarks/bench_decode_rows.py; docs/performance.md). The K-quants (Q4_K,
 # Q5_K, Q6_K) have group kernels of the same shape, per 256-value super-block (`_k_group_codegen`).
 
-_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+_I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 
 
 def _vector(element, n):
@@ -439,7 +439,7 @@ def _vector(element, n):
 
 
 # which instructions the code below may use: the target CPU's features, decided in cpu.py
-AVX2, VNNI, NATIVE_HALF = cpu.AVX2, cpu.VNNI, cpu.NATIVE_HALF
+AVX2, VNNI, VNNI512, NATIVE_HALF = cpu.AVX2, cpu.VNNI, cpu.VNNI512, cpu.NATIVE_HALF
 
 
 def _contiguous_bytes(*array_types) -> bool:
@@ -553,6 +553,17 @@ def _transposed_dwords(builder, rows, offset):
     t2, t3 = builder.shuffle_vector(c, d, low32), builder.shuffle_vector(c, d, high32)
     return [builder.shuffle_vector(t0, t2, low64), builder.shuffle_vector(t0, t2, high64),
             builder.shuffle_vector(t1, t3, low64), builder.shuffle_vector(t1, t3, high64)]
+
+
+def _transposed_qwords(builder, rows, offset):
+    """rows: 8 byte pointers. -> 2 vectors <16 x i32>: vector h holds, in lanes 2i and 2i + 1, the two
+    int32 at byte offset + 8h of rows[i] (the 8 x 2 transpose, in 64-bit units, of the 16 bytes at
+    offset of each row): the K-quants' wide layout, _transposed_dwords's four vectors two by two."""
+    mask = lambda *m: ir.Constant(_vector(_I32, len(m)), list(m))   # noqa: E731
+    q = [_load(builder, row, offset, _vector(_I64, 2)) for row in rows]
+    pairs = [builder.shuffle_vector(q[i], q[i + 1], mask(0, 1, 2, 3)) for i in range(0, 8, 2)]
+    low, high = (builder.shuffle_vector(pairs[i], pairs[i + 1], mask(*range(8))) for i in (0, 2))
+    return [builder.bitcast(builder.shuffle_vector(low, high, mask(*range(h, 16, 2))), _vector(_I32, 16)) for h in (0, 1)]
 
 
 def _words_of_rows(builder, rows, offset):
@@ -785,9 +796,11 @@ def _k_group_codegen(qt, n_rows):
 
     def codegen(context, builder, sig, args):
         const, rows, xq, xd, xsum, xs, n_in, groups, j, out, ahead = _group_arguments(context, builder, sig, args)
-        floats, words = _vector(_F32, 8), _vector(_I32, 8)
-        c = lambda v: ir.Constant(words, [v] * 8)   # noqa: E731
-        zero, izero = ir.Constant(floats, [0.0] * 8), c(0)
+        floats = _vector(_F32, 8)
+        zero = ir.Constant(floats, [0.0] * 8)
+        lanes = 16 if VNNI512 else 8                    # of the weight bytes' vectors (see _block_isum)
+        cw = lambda v: ir.Constant(_vector(_I32, lanes), [v] * lanes)   # noqa: E731
+        transposed = _transposed_qwords if VNNI512 else _transposed_dwords
         d_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)]   # registers after mem2reg
         m_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)] if minus_min else []
         with cgutils.for_range(builder, builder.udiv(groups, const(8))) as loop:
@@ -803,15 +816,15 @@ def _k_group_codegen(qt, n_rows):
                 ds = [builder.fmul(d, builder.sitofp(v, floats)) for v in sc]
                 ms = [builder.fmul(dmin, builder.sitofp(v, floats)) for v in m]
                 qs = 16 if qt == Q4_K else 48                         # Q5_K: 32 bytes of qh first
-                qh = (_transposed_dwords(builder, rows, at(16)) + _transposed_dwords(builder, rows, at(32))
+                qh = (transposed(builder, rows, at(16)) + transposed(builder, rows, at(32))
                       if qt == Q5_K else None)
-                subs = []       # (sub-block s, its 8 vectors of weight bytes)
+                subs = []       # (sub-block s, its vectors of weight bytes)
                 for k in range(4):
-                    q = _transposed_dwords(builder, rows, at(qs + 32 * k)) + _transposed_dwords(builder, rows, at(qs + 16 + 32 * k))
+                    q = transposed(builder, rows, at(qs + 32 * k)) + transposed(builder, rows, at(qs + 16 + 32 * k))
                     for s, shift in ((2 * k, 0), (2 * k + 1, 4)):
-                        w = [builder.and_(builder.lshr(v, c(shift)), c(0x0F0F0F0F)) for v in q]
+                        w = [builder.and_(builder.lshr(v, cw(shift)), cw(0x0F0F0F0F)) for v in q]
                         if qh is not None:          # bit s of qh, as bit 4
-                            w = [builder.or_(v, builder.shl(builder.and_(builder.lshr(h, c(s)), c(0x01010101)), c(4)))
+                            w = [builder.or_(v, builder.shl(builder.and_(builder.lshr(h, cw(s)), cw(0x01010101)), cw(4)))
                                  for v, h in zip(w, qh)]
                         subs.append((s, w))
             else:
@@ -819,13 +832,14 @@ def _k_group_codegen(qt, n_rows):
                 scales = [builder.fmul(d, builder.sitofp(v, floats)) for v in _q6_k_scales(builder, rows, p)]
                 subs = []                                             # not past the matrix's last byte
                 for h in range(2):
-                    ql = [v for k in range(4) for v in _transposed_dwords(builder, rows, at(64 * h + 16 * k))]
-                    qh = _transposed_dwords(builder, rows, at(128 + 32 * h)) + _transposed_dwords(builder, rows, at(144 + 32 * h))
+                    ql = [v for k in range(4) for v in transposed(builder, rows, at(64 * h + 16 * k))]
+                    qh = transposed(builder, rows, at(128 + 32 * h)) + transposed(builder, rows, at(144 + 32 * h))
+                    n = len(qh)           # vectors per 32 values
                     for quarter in range(4):      # values 32 quarter .. + 31 of this half: sub-block 4 h + quarter
-                        low = [builder.and_(builder.lshr(v, c(4 * (quarter // 2))), c(0x0F0F0F0F))
-                               for v in ql[8 * (quarter % 2):8 * (quarter % 2) + 8]]
-                        high = [builder.and_(builder.lshr(v, c(2 * quarter)), c(0x03030303)) for v in qh]
-                        subs.append((4 * h + quarter, [builder.or_(lo, builder.shl(hi, c(4))) for lo, hi in zip(low, high)]))
+                        low = [builder.and_(builder.lshr(v, cw(4 * (quarter // 2))), cw(0x0F0F0F0F))
+                               for v in ql[n * (quarter % 2):n * (quarter % 2) + n]]
+                        high = [builder.and_(builder.lshr(v, cw(2 * quarter)), cw(0x03030303)) for v in qh]
+                        subs.append((4 * h + quarter, [builder.or_(lo, builder.shl(hi, cw(4))) for lo, hi in zip(low, high)]))
             g0 = builder.mul(b, const(8))
             for s, w in subs:
                 g = builder.add(g0, const(s))
@@ -833,26 +847,22 @@ def _k_group_codegen(qt, n_rows):
                     row = builder.add(j, const(r))
                     block = builder.add(builder.mul(row, groups), g)
                     base = builder.add(builder.mul(row, n_in), builder.mul(g, const(QK)))
-                    xs_k = [_splat(builder, _load(builder, xq, builder.add(base, const(4 * k)), _I32), 8) for k in range(8)]
                     d_x = _splat(builder, builder.load(builder.gep(xd, [block])), 8)
                     if minus_min:
                         if qt == Q4_K and AVX2 and not VNNI:       # (Q5_K's values would overflow its int16 sums)
+                            xs_k = [_splat(builder, _load(builder, xq, builder.add(base, const(4 * k)), _I32), 8) for k in range(8)]
                             isum = _nibbles_block_dot(builder, w, xs_k)
                         else:
-                            sums = [izero, izero]
-                            for k in range(8):
-                                sums[k % 2] = _dwords_dot(builder, sums[k % 2], w[k], xs_k[k])
-                            isum = builder.add(sums[0], sums[1])
+                            isum = _block_isum(builder, w, xq, base)
                         scale = builder.fmul(ds[s], d_x)
                         builder.store(_multiply_add(builder, builder.sitofp(isum, floats), scale, builder.load(d_sums[r])), d_sums[r])
                         s_x = _splat(builder, builder.load(builder.gep(xs, [block])), 8)
                         builder.store(_multiply_add(builder, ms[s], s_x, builder.load(m_sums[r])), m_sums[r])
                     else:
                         total = builder.load(d_sums[r])
+                        n = len(w) // 2
                         for half in range(2):       # two 16-value sub-blocks, each its own scale
-                            isum = izero
-                            for k in range(4 * half, 4 * half + 4):
-                                isum = _dwords_dot(builder, isum, w[k], xs_k[k])
+                            isum = _block_isum(builder, w[n * half:n * half + n], xq, builder.add(base, const(16 * half)))
                             x16 = _load(builder, xq, builder.add(base, const(16 * half)), _vector(_I8, 16))
                             x_sum = builder.call(_function(builder, "llvm.vector.reduce.add.v16i32", _I32, [_vector(_I32, 16)]),
                                                  [builder.sext(x16, _vector(_I32, 16))])
@@ -867,6 +877,25 @@ def _k_group_codegen(qt, n_rows):
             _store_rows(builder, const, out, j, r, total)
         return context.get_dummy_value()
     return codegen
+
+
+def _block_isum(builder, w, xq, base):
+    """<8 x i32>, lane i: the exact integer sum over w's bytes of row i's unsigned weight bytes times
+    the activation bytes from xq[base] on (4 per int32 of a row). w: _transposed_dwords's vectors, or
+    (VNNI512) _transposed_qwords's, whose two lanes per row are added at the end: the same integers."""
+    if w[0].type.count == 16:
+        words = _vector(_I32, 16)
+        vpdpbusd = _function(builder, "llvm.x86.avx512.vpdpbusd.512", words, [words] * 3)
+        sums = [ir.Constant(words, [0] * 16)] * 2            # two chains, added at the end
+        for k, v in enumerate(w):
+            x = builder.bitcast(_splat(builder, _load(builder, xq, builder.add(base, ir.Constant(_I64, 8 * k)), _I64), 8), words)
+            sums[k % 2] = builder.call(vpdpbusd, [sums[k % 2], v, x])
+        return _pairwise_add(builder, builder.add(sums[0], sums[1]))
+    sums = [ir.Constant(_vector(_I32, 8), [0] * 8)] * 2
+    for k, v in enumerate(w):
+        x = _splat(builder, _load(builder, xq, builder.add(base, ir.Constant(_I64, 4 * k)), _I32), 8)
+        sums[k % 2] = _dwords_dot(builder, sums[k % 2], v, x)
+    return builder.add(sums[0], sums[1])
 
 
 def _row_pointer(context, builder, matrix_type, matrix, o_type, o):
