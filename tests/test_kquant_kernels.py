@@ -46,6 +46,22 @@ def test_a_row_does_not_depend_on_its_batch(qtype):
         assert np.array_equal(tensor.linear(x[j:j + 1])[0], together[j])
 
 
+@pytest.mark.parametrize("qtype", [*K_TYPES, T.Q4_1, T.Q8_0], ids=lambda t: t.name)
+def test_a_long_batch_in_tiles_computes_each_row_as_alone(qtype):
+    """A batch longer than a tile of activation rows (ggml.TILE_X_BYTES: 8 rows of 4096 inputs) goes
+    through the weights tile by tile, the last one short: every row as if decoded alone. 1100 weight
+    rows: more groups of 8 than the kernel has tasks, so that a task's groups share its scratch."""
+    rng = np.random.default_rng(11)
+    n_in, rows = 4096, 1100
+    assert ggml.TILE_X_BYTES // n_in == 8 and rows > ggml.TASKS * ggml.ROW_GROUP
+    raw = random_blocks(qtype, rows, n_in, rng)
+    x = rng.standard_normal((29, n_in)).astype(np.float32)
+    tensor = GGMLTensor("w", qtype, (rows, n_in), raw, exact=False)
+    together = tensor.linear(x)
+    for j in range(29):
+        assert np.array_equal(tensor.linear(x[j:j + 1])[0], together[j]), j
+
+
 def k_quant_outputs() -> str:
     """Code printing (as JSON) the fast products of fixed random Q4_K and Q6_K matrices, as hex bits."""
     return f"""

@@ -626,7 +626,7 @@ def _unsigned_q8_0(builder, w):
     sum); with AVX2, w' = |q| and signs = q, whose signs go onto x (psignb: llama.cpp's trick);
     without either, w unchanged (plain signed products)."""
     if VNNI:
-        return [builder.xor(v, ir.Constant(v.type, [0x80808080 - 2**32] * 8)) for v in w], None
+        return [builder.xor(v, ir.Constant(v.type, [0x80808080 - 2**32] * v.type.count)) for v in w], None
     if AVX2:
         return [_magnitude(builder, v) for v in w], w
     return w, None
@@ -694,7 +694,9 @@ def _row_group_codegen(qt, n_rows):
         zero, izero = ir.Constant(floats, [0.0] * 8), ir.Constant(words, [0] * 8)
         d_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)]   # registers after mem2reg
         s_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)] if qt == Q4_1 else []
-        nibbles = ir.Constant(words, [0x0F0F0F0F] * 8)
+        lanes = 16 if VNNI512 else 8                    # of the weight bytes' vectors (see _block_isum)
+        transposed = _transposed_qwords if VNNI512 else _transposed_dwords
+        nibbles, four = (ir.Constant(_vector(_I32, lanes), [v] * lanes) for v in (0x0F0F0F0F, 4))
         with cgutils.for_range(builder, groups) as loop:
             g = loop.index
             p = builder.mul(g, const(block_bytes))
@@ -704,18 +706,20 @@ def _row_group_codegen(qt, n_rows):
             signs = None
             if qt == Q8_0:
                 d_w, = _halves_of_rows(builder, rows, p, 1)
-                w, signs = _unsigned_q8_0(builder, _transposed_dwords(builder, rows, at(2)) + _transposed_dwords(builder, rows, at(18)))
+                w, signs = _unsigned_q8_0(builder, transposed(builder, rows, at(2)) + transposed(builder, rows, at(18)))
             else:
                 scales = _halves_of_rows(builder, rows, p, 2 if qt == Q4_1 else 1)
                 d_w = scales[0]
-                v = _transposed_dwords(builder, rows, at(block_bytes - 16))
-                w = [builder.and_(u, nibbles) for u in v] + [builder.and_(builder.lshr(u, ir.Constant(words, [4] * 8)), nibbles) for u in v]
+                v = transposed(builder, rows, at(block_bytes - 16))
+                w = [builder.and_(u, nibbles) for u in v] + [builder.and_(builder.lshr(u, four), nibbles) for u in v]
             for r in range(n_rows):
                 row = builder.add(j, const(r))
                 block = builder.add(builder.mul(row, groups), g)
                 base = builder.add(builder.mul(row, n_in), builder.mul(g, const(QK)))
                 xs_k = [_splat(builder, _load(builder, xq, builder.add(base, const(4 * k)), _I32), 8) for k in range(8)]
-                if qt != Q8_0 and AVX2 and not VNNI:
+                if VNNI512:
+                    isum = _block_isum(builder, w, xq, base)
+                elif qt != Q8_0 and AVX2 and not VNNI:
                     isum = _nibbles_block_dot(builder, w, xs_k)
                 else:
                     sums = [izero, izero]                      # two chains of vpdpbusd, added at the end
@@ -862,11 +866,8 @@ def _k_group_codegen(qt, n_rows):
                         total = builder.load(d_sums[r])
                         n = len(w) // 2
                         for half in range(2):       # two 16-value sub-blocks, each its own scale
-                            isum = _block_isum(builder, w[n * half:n * half + n], xq, builder.add(base, const(16 * half)))
-                            x16 = _load(builder, xq, builder.add(base, const(16 * half)), _vector(_I8, 16))
-                            x_sum = builder.call(_function(builder, "llvm.vector.reduce.add.v16i32", _I32, [_vector(_I32, 16)]),
-                                                 [builder.sext(x16, _vector(_I32, 16))])
-                            isum = builder.sub(isum, _splat(builder, builder.shl(x_sum, ir.Constant(_I32, 5)), 8))
+                            isum = _block_isum(builder, w[n * half:n * half + n], xq, builder.add(base, const(16 * half)),
+                                               minus_32_sum_x=True)
                             scale = builder.fmul(scales[2 * s + half], d_x)
                             total = _multiply_add(builder, builder.sitofp(isum, floats), scale, total)
                         builder.store(total, d_sums[r])
@@ -879,23 +880,36 @@ def _k_group_codegen(qt, n_rows):
     return codegen
 
 
-def _block_isum(builder, w, xq, base):
+def _block_isum(builder, w, xq, base, minus_32_sum_x=False):
     """<8 x i32>, lane i: the exact integer sum over w's bytes of row i's unsigned weight bytes times
-    the activation bytes from xq[base] on (4 per int32 of a row). w: _transposed_dwords's vectors, or
-    (VNNI512) _transposed_qwords's, whose two lanes per row are added at the end: the same integers."""
+    the activation bytes from xq[base] on (4 per int32 of a row), less 32 times the sum of those
+    activation bytes with minus_32_sum_x (Q6_K's offset). w: _transposed_dwords's vectors, or (VNNI512)
+    _transposed_qwords's, whose two lanes per row are added at the end: the same integers."""
     if w[0].type.count == 16:
         words = _vector(_I32, 16)
         vpdpbusd = _function(builder, "llvm.x86.avx512.vpdpbusd.512", words, [words] * 3)
-        sums = [ir.Constant(words, [0] * 16)] * 2            # two chains, added at the end
+        zero, ones = ir.Constant(words, [0] * 16), ir.Constant(words, [0x01010101] * 16)
+        sums, sum_x = [zero, zero], zero                # two chains, added at the end
         for k, v in enumerate(w):
             x = builder.bitcast(_splat(builder, _load(builder, xq, builder.add(base, ir.Constant(_I64, 8 * k)), _I64), 8), words)
             sums[k % 2] = builder.call(vpdpbusd, [sums[k % 2], v, x])
-        return _pairwise_add(builder, builder.add(sums[0], sums[1]))
+            if minus_32_sum_x:          # the activations' sum, by the same instruction (no horizontal sum)
+                sum_x = builder.call(vpdpbusd, [sum_x, ones, x])
+        total = builder.add(sums[0], sums[1])
+        if minus_32_sum_x:
+            total = builder.sub(total, builder.shl(sum_x, ir.Constant(words, [5] * 16)))
+        return _pairwise_add(builder, total)
     sums = [ir.Constant(_vector(_I32, 8), [0] * 8)] * 2
     for k, v in enumerate(w):
         x = _splat(builder, _load(builder, xq, builder.add(base, ir.Constant(_I64, 4 * k)), _I32), 8)
         sums[k % 2] = _dwords_dot(builder, sums[k % 2], v, x)
-    return builder.add(sums[0], sums[1])
+    total = builder.add(sums[0], sums[1])
+    if minus_32_sum_x:
+        x16 = _load(builder, xq, base, _vector(_I8, 4 * len(w)))
+        x_sum = builder.call(_function(builder, "llvm.vector.reduce.add.v16i32", _I32, [_vector(_I32, 16)]),
+                             [builder.sext(x16, _vector(_I32, 16))])
+        total = builder.sub(total, _splat(builder, builder.shl(x_sum, ir.Constant(_I32, 5)), 8))
+    return total
 
 
 def _row_pointer(context, builder, matrix_type, matrix, o_type, o):
@@ -1032,12 +1046,11 @@ def group_range(t, tasks, rows):
 
 
 @numba.njit(inline="always")
-def _row_group_fast(qt, raw, o, xq, xd, xsum, xs, out):
+def _row_group_fast(qt, raw, o, xq, xd, xsum, xs, out, j0, n):
     """out[j, i] = weight row o + i of the matrix raw (type qt) times row j of the quantized
-    activations, for i < ROW_GROUP (rows past the matrix's end: its last row again) and every j:
+    activations, for i < ROW_GROUP (rows past the matrix's end: its last row again) and j0 <= j < n:
     eight (K-quants: four) activation rows at a time, then four, then one. out: (n, ROW_GROUP) float32 scratch."""
-    n = xq.shape[0]
-    j = 0
+    j = j0
     if qt == Q4_1:
         while j + 8 <= n:
             _group8_q4_1(raw, o, xq, xd, xsum, xs, j, out)
@@ -1095,19 +1108,44 @@ STORE, ADD, GATED = 0, 1, 2     # what put_group does with a group's products
 
 
 @numba.njit(inline="always")
-def put_group(block, out, o, how):
-    """For the rows i of the group starting at weight row o that the matrix has: out[j, o + i] =
-    block[j, i] (STORE), or out[j, o + i] + block[j, i] (ADD: the residual stream), or
+def put_group(block, out, o, how, j0, n):
+    """For the rows i of the group starting at weight row o that the matrix has, and j0 <= j < n:
+    out[j, o + i] = block[j, i] (STORE), or out[j, o + i] + block[j, i] (ADD: the residual stream), or
     silu(out[j, o + i]) * block[j, i] (GATED: out holds the FFN gate's products, block the up
     projection's). out: (n, rows); block: (n, ROW_GROUP), from _row_group_fast."""
     for i in range(min(ROW_GROUP, out.shape[1] - o)):
-        for j in range(out.shape[0]):
+        for j in range(j0, n):
             if how == STORE:
                 out[j, o + i] = block[j, i]
             elif how == ADD:
                 out[j, o + i] = out[j, o + i] + block[j, i]
             else:
                 out[j, o + i] = _silu_times(out[j, o + i], block[j, i])
+
+
+# A batch of many activation rows (a prompt's part) goes through the weights in tiles: a block of weight
+# rows (their bytes stay in L2) times TILE_X_BYTES of activation rows (they stay in L1) at a time. Without
+# tiles, each group of 8 weight rows read every activation row, from L2 once they outgrew L1: a product
+# of 128 rows took twice the time per multiply of one of 16 (docs/performance.md).
+TILE_X_BYTES = 32 * 1024        # activation rows per tile: this many of their int8 bytes (L1: 32-48 KiB)
+TILE_W_BYTES = 256 * 1024       # weight rows per block: this many of their bytes (L2: 1-2 MiB)
+
+
+@numba.njit(inline="always")
+def products(qt, raw, start, stop, xq, xd, xsum, xs, out, block, how):
+    """Weight rows [start, stop) (whole groups of ROW_GROUP) of (quantized activations) @ W.T, put into
+    out as `how` says (put_group), in tiles of activation rows and blocks of weight rows. block:
+    (n, ROW_GROUP) float32 scratch. Each (weight row, activation row) is computed as untiled."""
+    n, n_in, row_bytes = xq.shape[0], xq.shape[1], raw.shape[1]
+    tile = max(ROW_GROUP, TILE_X_BYTES // n_in // ROW_GROUP * ROW_GROUP)
+    rows_per_block = max(ROW_GROUP, TILE_W_BYTES // row_bytes // ROW_GROUP * ROW_GROUP)
+    for o0 in range(start, stop, rows_per_block):
+        o1 = min(o0 + rows_per_block, stop)
+        for j0 in range(0, n, tile):
+            j1 = min(j0 + tile, n)
+            for o in range(o0, o1, ROW_GROUP):
+                _row_group_fast(qt, raw, o, xq, xd, xsum, xs, block, j0, j1)
+                put_group(block, out, o, how, j0, j1)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -1119,11 +1157,8 @@ def matvec_fast(qt, raw, x, out):
     rows, n = raw.shape[0], x.shape[0]
     tasks = min(TASKS, _groups(rows))
     for t in numba.prange(tasks):
-        block = np.empty((n, ROW_GROUP), np.float32)
         start, stop = group_range(t, tasks, rows)
-        for o in range(start, stop, ROW_GROUP):
-            _row_group_fast(qt, raw, o, xq, xd, xsum, xs, block)
-            put_group(block, out, o, STORE)
+        products(qt, raw, start, stop, xq, xd, xsum, xs, out, np.empty((n, ROW_GROUP), np.float32), STORE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1186,8 +1221,8 @@ def matvec3_fast(qts, raws, x, outs):
         for r in range(start, stop):
             i, group = _part(r, ga, gb)
             o = group * ROW_GROUP
-            _row_group_fast(qts[i], raws[i], o, xq, xd, xsum, xs, block)
-            put_group(block, outs[i], o, STORE)
+            _row_group_fast(qts[i], raws[i], o, xq, xd, xsum, xs, block, 0, n)
+            put_group(block, outs[i], o, STORE, 0, n)
 
 
 @numba.njit(inline="always")
@@ -1221,10 +1256,10 @@ def swiglu_fast(qts, raws, x, out):
         block = np.empty((n, ROW_GROUP), np.float32)
         start, stop = group_range(t, tasks, rows)
         for o in range(start, stop, ROW_GROUP):      # the gate's products into out, then times the up's
-            _row_group_fast(qts[0], raws[0], o, xq, xd, xsum, xs, block)
-            put_group(block, out, o, STORE)
-            _row_group_fast(qts[1], raws[1], o, xq, xd, xsum, xs, block)
-            put_group(block, out, o, GATED)
+            _row_group_fast(qts[0], raws[0], o, xq, xd, xsum, xs, block, 0, n)
+            put_group(block, out, o, STORE, 0, n)
+            _row_group_fast(qts[1], raws[1], o, xq, xd, xsum, xs, block, 0, n)
+            put_group(block, out, o, GATED, 0, n)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -43,8 +43,8 @@ from numba.typed import List
 
 from . import cpu, int8, matvec
 from .attention import _store_pairs, attend_heads_range, attend_jobs
-from .ggml import (ADD, GATED, PREFETCH_BYTES, ROW_GROUP, STORE, _quantized, _row_group_fast, _silu_times,
-                   _task_rows, group_range, prefetch_bytes, put_group, quantize_into)
+from .ggml import (ADD, GATED, PREFETCH_BYTES, ROW_GROUP, STORE, _quantized, _silu_times, _task_rows, group_range,
+                   prefetch_bytes, products, quantize_into)
 from .norm import rmsnorm, rmsnorm_layer
 
 SPINS = 20000   # pauses (~ 40 ns each) before a waiting thread starts yielding its core
@@ -194,9 +194,7 @@ def _product(t, n_threads, qt, raw, xq, xd, xsum, xs, out, block, how):
     is split between the threads on its own: a tuple of matrices indexed per row would count a
     reference to the shared matrix per row, see the module doc.)"""
     start, stop = group_range(t, n_threads, raw.shape[0])
-    for o in range(start, stop, ROW_GROUP):
-        _row_group_fast(qt, raw, o, xq, xd, xsum, xs, block)
-        put_group(block, out, o, how)
+    products(qt, raw, start, stop, xq, xd, xsum, xs, out, block, how)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
