@@ -430,6 +430,13 @@ def matvec_exact(qt, raw, x, out):
 # lanes of that row's partial sums, a horizontal sum per row) they made a decode step faster, most of
 # all with eight rows (benchmarks/bench_decode_rows.py; docs/performance.md). The K-quants (Q4_K,
 # Q5_K, Q6_K) have group kernels of the same shape, per 256-value super-block (`_k_group_codegen`).
+#
+# Where the CPU has AVX512-VNNI the weight bytes go in 512-bit vectors instead: lanes 2i and 2i + 1
+# hold eight consecutive bytes of row i (`_transposed_qwords`, fewer shuffles than the 4-byte
+# transpose), one broadcast of eight activation bytes feeds a vpdpbusd of 64 products, and the two
+# lanes of a row are added once per block (`_block_isum`). Half the unpacking and dot-product
+# instructions per block; the same integer sums, so the same float32 results bit for bit. (The
+# K-quants' products of several activation rows took about half the time: docs/performance.md.)
 
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 
