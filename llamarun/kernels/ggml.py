@@ -293,7 +293,8 @@ def _q6_k_dot4(row, p, s, d, x, j, c, acc):
 # after the product as there. One loop body serves both types, w = a * (q + 4 h - off) - m: Q3_K's m is
 # +0.0 (w - 0.0 is w exactly, signed zeros too), Q2_K's off and hmask bit are 0. Every type is compiled
 # into each specialization of the exact kernels: one body for the two, its group s a run-time value
-# (not unrolled as the other K-quants' are), called rather than inlined, keeps their compile time down.
+# (not unrolled as the other K-quants' are), mostly called rather than inlined, keeps their compile
+# time down.
 
 @numba.njit(inline="always")
 def _q3_k_scale(row, p, t):
@@ -331,11 +332,13 @@ def _q23(row, q, shift, h, s, hm, off, i):
     return np.float32(_bits(row, q + i, shift, 3) | (_bits(row, h + i, s, hm) << np.uint32(2))) - off
 
 
-# The three functions below are called, not inlined as the other types' code is: numba types an inlined
-# function anew at every call site, and the exact kernels have many (swiglu_exact reads two matrices,
-# each of any type); called, each is compiled once per kernel. Measured: inlined, Q2_K and Q3_K made
-# the exact kernels' compilation 80% longer. A call per weight row (per group, for the tiles) costs
-# nothing measurable beside the row's work.
+# _q23_row_dot and _q23_values are called, not inlined as the other types' code is: numba types an
+# inlined function anew at every call site, and the one-row dot has several (swiglu_exact reads two
+# matrices, each of any type); called, each is compiled once. Measured: all inlined, Q2_K and Q3_K made
+# the exact kernels' compilation 80% longer; this way, 20%. A call per weight row (per group, for the
+# tiles) costs nothing measurable beside its work. _q23_row_dot4 has one call site (matvec_exact) and
+# stays inlined: called, LLVM left its loop scalar (it cannot tell the four accumulator rows from x),
+# twice as slow.
 
 @numba.njit
 def _q23_row_dot(qt, row, groups, x, j, acc):
@@ -348,7 +351,7 @@ def _q23_row_dot(qt, row, groups, x, j, acc):
             acc[i + 16] += (a1 * _q23(row, q, shift, h, s, hm, off, i + 16) - m1) * x[j, c + 16 + i]
 
 
-@numba.njit
+@numba.njit(inline="always")
 def _q23_row_dot4(qt, row, groups, x, j, acc):
     """_row_dot4 of a Q2_K or Q3_K row: each value decoded once for rows j..j+3 of x."""
     for g in range(groups):
@@ -357,9 +360,14 @@ def _q23_row_dot4(qt, row, groups, x, j, acc):
         for i in range(16):
             lo = a0 * _q23(row, q, shift, h, s, hm, off, i) - m0
             hi = a1 * _q23(row, q, shift, h, s, hm, off, i + 16) - m1
-            for k in range(4):
-                acc[k, i] += lo * x[j + k, c + i]
-                acc[k, i + 16] += hi * x[j + k, c + 16 + i]
+            acc[0, i] += lo * x[j, c + i]
+            acc[0, i + 16] += hi * x[j, c + 16 + i]
+            acc[1, i] += lo * x[j + 1, c + i]
+            acc[1, i + 16] += hi * x[j + 1, c + 16 + i]
+            acc[2, i] += lo * x[j + 2, c + i]
+            acc[2, i + 16] += hi * x[j + 2, c + 16 + i]
+            acc[3, i] += lo * x[j + 3, c + i]
+            acc[3, i + 16] += hi * x[j + 3, c + 16 + i]
 
 
 @numba.njit
