@@ -6,8 +6,9 @@ memory-mapped GGUF file) once, in parallel over output rows, and keeps no float3
 ways to do the arithmetic:
 
 - exact (`matvec_exact`): every weight is decoded to the float32 value gguf's `dequantize` gives it
-  (bit for bit: tests/test_kernels.py), and dotted with the float32 activations. Only the order of
-  the float32 sum differs from dequantize-then-BLAS (BLAS reorders it too): the parity tests run this.
+  (bit for bit: tests/test_kernels.py, tests/test_q2k_q3k.py), and dotted with the float32
+  activations. Only the order of the float32 sum differs from dequantize-then-BLAS (BLAS reorders it
+  too): the parity tests run this.
 - fast (`matvec_fast`): activations quantized as llama.cpp quantizes them for these types (Q8_0 /
   Q8_1 blocks of 32: d_x = max|x| / 127, q_x = round(x * (1 / d_x)) halves away from zero, and
   s_x = d_x * sum(q_x)); per block, a sum of integer products, exact in int32, scaled once:
@@ -315,10 +316,10 @@ def _q23_params(qt, row, g):
     if qt == Q2_K:
         p = (g // 8) * Q2_K_BYTES
         d, dmin = _f16(row, p + 80), _f16(row, p + 82)
-        t = p + 2 * s
+        k = p + 2 * s                               # the bytes of sub-blocks 2 s and 2 s + 1
         return (p + 16 + 32 * (s // 4), shift, p, s, 0, np.float32(0.0),
-                d * np.float32(_bits(row, t, 0, 15)), dmin * np.float32(_bits(row, t, 4, 15)),
-                d * np.float32(_bits(row, t + 1, 0, 15)), dmin * np.float32(_bits(row, t + 1, 4, 15)))
+                d * np.float32(_bits(row, k, 0, 15)), dmin * np.float32(_bits(row, k, 4, 15)),
+                d * np.float32(_bits(row, k + 1, 0, 15)), dmin * np.float32(_bits(row, k + 1, 4, 15)))
     p = (g // 8) * Q3_K_BYTES
     d = _f16(row, p + 108)
     return (p + 32 + 32 * (s // 4), shift, p, s, 1, np.float32(4.0),
@@ -335,8 +336,8 @@ def _q23(row, q, shift, h, s, hm, off, i):
 # _q23_row_dot and _q23_values are called, not inlined as the other types' code is: numba types an
 # inlined function anew at every call site, and the one-row dot has several (swiglu_exact reads two
 # matrices, each of any type); called, each is compiled once. Measured: all inlined, Q2_K and Q3_K made
-# the exact kernels' compilation 80% longer; this way, 20%. A call per weight row (per group, for the
-# tiles) costs nothing measurable beside its work. _q23_row_dot4 has one call site (matvec_exact) and
+# the exact kernels' compilation 80% longer; this way, 20%. A call per weight row costs nothing
+# measurable beside its work. _q23_row_dot4 has one call site (matvec_exact) and
 # stays inlined: called, LLVM left its loop scalar (it cannot tell the four accumulator rows from x),
 # twice as slow.
 
@@ -371,13 +372,14 @@ def _q23_row_dot4(qt, row, groups, x, j, acc):
 
 
 @numba.njit
-def _q23_values(qt, row, g, w):
-    """_group_values of a Q2_K or Q3_K row."""
-    q, shift, h, s, hm, off, a0, m0, a1, m1 = _q23_params(qt, row, g)
-    k = g * QK
-    for i in range(16):
-        w[k + i] = a0 * _q23(row, q, shift, h, s, hm, off, i) - m0
-        w[k + i + 16] = a1 * _q23(row, q, shift, h, s, hm, off, i + 16) - m1
+def _q23_values(qt, row, groups, w):
+    """w[32 g + i] = value i of group g of a Q2_K or Q3_K row, for g < groups (as _group_values)."""
+    for g in range(groups):
+        q, shift, h, s, hm, off, a0, m0, a1, m1 = _q23_params(qt, row, g)
+        k = g * QK
+        for i in range(16):
+            w[k + i] = a0 * _q23(row, q, shift, h, s, hm, off, i) - m0
+            w[k + i + 16] = a1 * _q23(row, q, shift, h, s, hm, off, i + 16) - m1
 
 
 # ggml type ids (GGMLQuantizationType's values)
@@ -1337,8 +1339,6 @@ def _group_values(qt, row, g, w):
         q, shift, ds, ms = _q4_k_params(row, p, g % 8, _f16(row, p), _f16(row, p + 2))
         for i in range(32):
             w[k + i] = ds * _q5(row, q + 32, shift, g % 8, p, i) - ms
-    elif qt == Q2_K or qt == Q3_K:
-        _q23_values(qt, row, g, w)
     else:
         p = (g // 8) * Q6_K_BYTES
         ql, sl, qh, sh, da, db = _q6_k_params(row, p, g % 8, _f16(row, p + 208))
@@ -1356,5 +1356,8 @@ def dequantize_rows(qt, raw, out):
     groups = out.shape[1] // QK
     for o in range(raw.shape[0]):
         row, w = raw[o], out[o]
+        if qt == Q2_K or qt == Q3_K:
+            _q23_values(qt, row, groups, w)
+            continue
         for g in range(groups):
             _group_values(qt, row, g, w)
