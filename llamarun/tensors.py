@@ -163,11 +163,14 @@ DEQUANTIZERS = {
 GGML_TYPES = (_T.F32, *DEQUANTIZERS)   # the tensor types llamarun reads from GGUF files
 
 
-# The types with native kernels (kernels/ggml.py): matrix-vector products that read the blocks as
-# stored, and a decoder for the tiles of the prefill's BLAS products.
+# The types with native kernels of both arithmetics (kernels/ggml.py): matrix-vector products that read
+# the blocks as stored, exact and fast (int8), and a decoder for the tiles of the prefill's BLAS products.
 KERNEL_TYPES = frozenset({_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q4_K, _T.Q5_K, _T.Q6_K})
 # Those whose fast kernels take 8 weight rows at once, each block shared by every row of x.
 GROUP_KERNEL_TYPES = KERNEL_TYPES
+# The types with the exact kernels and the tile decoder: those, and Q2_K and Q3_K, which have no fast
+# (int8) kernel, so no place in the one-call forward (which computes with the fast kernels only).
+EXACT_KERNEL_TYPES = KERNEL_TYPES | {_T.Q2_K, _T.Q3_K}
 
 _tile_buffers: dict[tuple[int, int], np.ndarray] = {}   # shared: one product at a time (one forward)
 
@@ -185,13 +188,14 @@ class GGMLTensor:
 
     shape is (out_features, in_features); `raw` is (out_features, bytes_per_row) uint8, one row of
     blocks per output. Never dequantized whole by a product: `linear` reads the blocks directly
-    (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, for a few rows of x) or a tile of rows at a time; `rows` for an
-    embedding lookup; `dequantize` when asked for the whole matrix.
+    (EXACT_KERNEL_TYPES, for a few rows of x) or a tile of rows at a time; `rows` for an embedding
+    lookup; `dequantize` when asked for the whole matrix.
 
     `exact` chooses the arithmetic of the matrix-vector kernels (kernels/ggml.py): True, float32
     activations times the weights as gguf dequantizes them (what the parity tests run); False,
-    activations quantized to int8 blocks and integer dot products, as llama.cpp does. It is fixed when
-    the tensor is made (the model's plan gives it, llamarun/plan.py): `with_exact` makes another.
+    activations quantized to int8 blocks and integer dot products, as llama.cpp does, where the type
+    has such kernels (KERNEL_TYPES; Q2_K and Q3_K take the exact kernels on either arithmetic). It is
+    fixed when the tensor is made (the model's plan gives it, llamarun/plan.py): `with_exact` makes another.
     """
 
     def __init__(self, name: str, qtype, shape: tuple[int, int], raw: np.ndarray, exact: bool = True):
@@ -202,12 +206,20 @@ class GGMLTensor:
         self.raw.flags.writeable = False     # as the file's map: one compiled signature for every kernel
         self._exact = exact
         self._dequantize_rows = DEQUANTIZERS[qtype] or (lambda raw: gguf_quants.dequantize(raw, qtype))
-        self._kernel_type = int(qtype) if qtype in KERNEL_TYPES else None
+        self._kernel_type = int(qtype) if qtype in EXACT_KERNEL_TYPES else None
+        # the fast (int8) kernels where asked for and the type has them. Q2_K and Q3_K have none: on the
+        # fast path too their products take the exact kernels (decode) and the tile decoder (prompts)
+        self._int8 = not exact and qtype in KERNEL_TYPES
         self._tile_rows = max(16, min(shape[0], TILE_BYTES // (4 * shape[1]) // 16 * 16))
 
     @property
     def exact(self) -> bool:
         return self._exact
+
+    @property
+    def int8_kernels(self) -> bool:
+        """Whether the products take the fast (int8) kernels: the fast arithmetic, and a type with them."""
+        return self._int8
 
     def with_exact(self, exact: bool) -> GGMLTensor:
         """This tensor (the same bytes, no copy) with the given arithmetic."""
@@ -240,22 +252,22 @@ class GGMLTensor:
     def linear(self, x: np.ndarray) -> np.ndarray:
         """x @ W.T for x (n, in_features) float32.   -> (n, out_features) float32
 
-        A type with a kernel goes to the matrix-vector kernels, exact or fast as `self.exact` says, for
-        up to MATVEC_ROWS rows (a decode step; fast: FAST_KERNEL_ROWS, short prompts too); on numba's
+        A type with a kernel goes to the matrix-vector kernels, exact or fast (`int8_kernels`), for up
+        to MATVEC_ROWS rows (a decode step; fast: FAST_KERNEL_ROWS, short prompts too); on numba's
         thread pool only, no BLAS (why: kernels/matvec.py). More rows (a prompt): BLAS, a tile of W at
         a time (`_linear_tiled`)."""
         x = np.ascontiguousarray(x, np.float32)
         if not self.on_kernels(x):
             return self._linear_tiled(x)
         out = np.empty((x.shape[0], self.shape[0]), np.float32)
-        kernel = ggml_kernels.matvec_exact if self.exact else ggml_kernels.matvec_fast
+        kernel = ggml_kernels.matvec_fast if self._int8 else ggml_kernels.matvec_exact
         kernel(self._kernel_type, self.raw, x, out)
         return out
 
     def on_kernels(self, x: np.ndarray) -> bool:
         """Whether x @ W.T runs on the matrix-vector kernels: a type with a kernel, and a decode-sized x
-        (exact) or up to FAST_KERNEL_ROWS rows (fast)."""
-        return self._kernel_type is not None and x.shape[0] <= (MATVEC_ROWS if self.exact else FAST_KERNEL_ROWS)
+        (exact kernels) or up to FAST_KERNEL_ROWS rows (int8 kernels)."""
+        return self._kernel_type is not None and x.shape[0] <= (FAST_KERNEL_ROWS if self._int8 else MATVEC_ROWS)
 
     def _linear_tiled(self, x: np.ndarray) -> np.ndarray:
         """x @ W.T, W dequantized TILE_BYTES at a time into a reused buffer, each tile multiplied by
@@ -286,9 +298,11 @@ class GGMLTensor:
 
 def fusable(x: np.ndarray, *weights) -> bool:
     """Whether linear3 / swiglu take these weights for this x: all on their kernels, all one kind
-    (GGML tensors equally exact, or llama2.c int8 of one group size)."""
+    (GGML tensors all on the int8 kernels or all on the exact ones, or llama2.c int8 of one group size).
+    (A fast Q3_K matrix is on the exact kernels: it fuses with other Q2_K / Q3_K matrices, not with
+    int8 ones, whose one call quantizes x.)"""
     if all(isinstance(w, GGMLTensor) and w.on_kernels(x) for w in weights):
-        return len({w.exact for w in weights}) == 1
+        return len({w.int8_kernels for w in weights}) == 1
     if all(isinstance(w, GroupQuantized) and w.on_kernels(x) for w in weights):
         return len({w.group_size for w in weights}) == 1
     return False
@@ -301,7 +315,7 @@ def linear3(x: np.ndarray, a, b, c) -> tuple[np.ndarray, ...]:
     if isinstance(a, GroupQuantized):
         int8_kernels.matvec3((a.q, b.q, c.q), (a.scale, b.scale, c.scale), a.group_size, x, *outs)
     else:
-        kernel = ggml_kernels.matvec3_exact if a.exact else ggml_kernels.matvec3_fast
+        kernel = ggml_kernels.matvec3_fast if a.int8_kernels else ggml_kernels.matvec3_exact
         kernel((a._kernel_type, b._kernel_type, c._kernel_type), (a.raw, b.raw, c.raw), x, outs)
     return outs
 
@@ -313,7 +327,7 @@ def swiglu(x: np.ndarray, w1, w3) -> np.ndarray:
     if isinstance(w1, GroupQuantized):
         int8_kernels.swiglu(w1.q, w1.scale, w3.q, w3.scale, w1.group_size, x, out)
     else:
-        kernel = ggml_kernels.swiglu_exact if w1.exact else ggml_kernels.swiglu_fast
+        kernel = ggml_kernels.swiglu_fast if w1.int8_kernels else ggml_kernels.swiglu_exact
         kernel((w1._kernel_type, w3._kernel_type), (w1.raw, w3.raw), x, out)
     return out
 

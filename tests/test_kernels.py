@@ -35,6 +35,8 @@ LAYOUTS = {
     T.Q4_K: (256, 144, [0, 2]),      # d, dmin; then 12 bytes of 6-bit scales/mins, 128 of nibbles
     T.Q5_K: (256, 176, [0, 2]),      # as Q4_K, with 32 bytes of high bits before the nibbles
     T.Q6_K: (256, 210, [208]),       # 128 bytes ql, 64 qh, 16 int8 scales, then d
+    T.Q2_K: (256, 84, [80, 82]),     # 16 bytes of 4-bit scales and mins, 64 of 2-bit quants, d, dmin
+    T.Q3_K: (256, 110, [108]),       # 32 bytes hmask, 64 of 2-bit quants, 12 of 6-bit scales, then d
     T.Q5_0: (32, 22, [0]),
     T.F16: (1, 2, []),
 }

@@ -1,12 +1,14 @@
 """Matrix-vector products with ggml's quantized block formats, reading the weights as the file stores them.
 
-out = x @ W.T for a decode-sized x (up to 8 rows) and W in Q8_0, Q4_0, Q4_1, Q4_K, Q5_K or Q6_K: each
-kernel reads the raw bytes of the matrix (a view of the memory-mapped GGUF file) once, in parallel
-over output rows, and keeps no float32 copy of it. Two ways to do the arithmetic:
+out = x @ W.T for a decode-sized x (up to 8 rows) and W in Q8_0, Q4_0, Q4_1, Q4_K, Q5_K or Q6_K (and, on
+the exact arithmetic only, Q2_K or Q3_K): each kernel reads the raw bytes of the matrix (a view of the
+memory-mapped GGUF file) once, in parallel over output rows, and keeps no float32 copy of it. Two
+ways to do the arithmetic:
 
 - exact (`matvec_exact`): every weight is decoded to the float32 value gguf's `dequantize` gives it
-  (bit for bit: tests/test_kernels.py), and dotted with the float32 activations. Only the order of
-  the float32 sum differs from dequantize-then-BLAS (BLAS reorders it too): the parity tests run this.
+  (bit for bit: tests/test_kernels.py, tests/test_q2k_q3k.py), and dotted with the float32
+  activations. Only the order of the float32 sum differs from dequantize-then-BLAS (BLAS reorders it
+  too): the parity tests run this.
 - fast (`matvec_fast`): activations quantized as llama.cpp quantizes them for these types (Q8_0 /
   Q8_1 blocks of 32: d_x = max|x| / 127, q_x = round(x * (1 / d_x)) halves away from zero, and
   s_x = d_x * sum(q_x)); per block, a sum of integer products, exact in int32, scaled once:
@@ -49,7 +51,7 @@ from .half import half_to_float
 
 LANES = 32          # float32 partial sums per row of x: one per value of a 32-value block
 QK = 32             # values per block (Q8_0, Q4_0, Q4_1, and the activations' blocks)
-QK_K = 256          # values per super-block (Q4_K, Q5_K, Q6_K)
+QK_K = 256          # values per super-block (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
 
 # bytes per block, as ggml-common.h lays them out
 Q8_0_BYTES = 34     # f16 d, int8 qs[32]                           w = d * q
@@ -58,6 +60,8 @@ Q4_1_BYTES = 20     # f16 d, f16 m, u8 qs[16]                      w = d * nibbl
 Q4_K_BYTES = 144    # f16 d, f16 dmin, u8 scales[12], u8 qs[128]   w = (d sc_s) nibble - (dmin m_s)
 Q5_K_BYTES = 176    # as Q4_K, u8 qh[32] before qs: bit s of qh[i] is bit 4 of value i of sub-block s
 Q6_K_BYTES = 210    # u8 ql[128], u8 qh[64], i8 scales[16], f16 d  w = (d sc_s) (q6 - 32)
+Q2_K_BYTES = 84     # u8 scales[16], u8 qs[64], f16 d, f16 dmin    w = (d sc_s) q2 - (dmin m_s), 16-value s
+Q3_K_BYTES = 110    # u8 hmask[32], u8 qs[64], u8 scales[12], f16 d w = (d (sc_s - 32)) (q2 + 4 h - 4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,8 +284,106 @@ def _q6_k_dot4(row, p, s, d, x, j, c, acc):
         acc[3, i + 16] += hi * x[j + 3, c + 16 + i]
 
 
+# Q2_K and Q3_K (exact only: they have no fast kernel). Both pack 2-bit quants as Q6_K packs its low
+# bits: value 128 h + 32 k + i (i < 32) at bits 2 k of qs[32 h + i]; and both have sixteen 16-value
+# sub-blocks, so a group s of 32 values spans sub-blocks 2 s and 2 s + 1 (as in Q6_K).
+#   Q2_K  w = (d sc_t) q - (dmin m_t)       sc_t, m_t: the low and high nibbles of scales[t]
+#   Q3_K  w = (d (sc_t - 32)) (q + 4 h - 4) h: bit s of hmask[i]; sc_t 6 bits packed in 12 bytes
+# Bit for bit as gguf computes them: d sc_t and d (sc_t - 32) are exact (an f16 times at most 6 bits),
+# and so is their product with the quant; Q2_K's only rounding is the subtraction of its min, done
+# after the product as there. One loop body serves both types, w = a * (q + 4 h - off) - m: Q3_K's m is
+# +0.0 (w - 0.0 is w exactly, signed zeros too), Q2_K's off and hmask bit are 0. Every type is compiled
+# into each specialization of the exact kernels: one body for the two, its group s a run-time value
+# (not unrolled as the other K-quants' are), mostly called rather than inlined, keeps their compile
+# time down.
+
+@numba.njit(inline="always")
+def _q3_k_scale(row, p, t):
+    """d's factor sc_t - 32 of sub-block t (0..15) of the Q3_K super-block at p, as float32: the low 4
+    bits of sc_t are nibble t // 8 of scales[t % 8], its high 2 bits bits 2 (t // 4) of scales[8 + t % 4]."""
+    k = p + 96
+    sc = _bits(row, k + t % 8, 4 * (t // 8), 15) | (_bits(row, k + 8 + t % 4, 2 * (t // 4), 3) << np.uint32(4))
+    return np.float32(np.int32(sc) - 32)
+
+
+@numba.njit(inline="always")
+def _q23_params(qt, row, g):
+    """Group g (values 32 g .. 32 g + 31 of the row) of a Q2_K or Q3_K row: (qs offset, shift of its
+    quants, hmask offset, hmask bit (s, masked by hm: 0 for Q2_K), off, a and m of its first 16
+    values, a and m of its last 16), for w = a * (q + 4 h - off) - m."""
+    s = g % 8
+    shift = 2 * (s % 4)
+    if qt == Q2_K:
+        p = (g // 8) * Q2_K_BYTES
+        d, dmin = _f16(row, p + 80), _f16(row, p + 82)
+        k = p + 2 * s                               # the bytes of sub-blocks 2 s and 2 s + 1
+        return (p + 16 + 32 * (s // 4), shift, p, s, 0, np.float32(0.0),
+                d * np.float32(_bits(row, k, 0, 15)), dmin * np.float32(_bits(row, k, 4, 15)),
+                d * np.float32(_bits(row, k + 1, 0, 15)), dmin * np.float32(_bits(row, k + 1, 4, 15)))
+    p = (g // 8) * Q3_K_BYTES
+    d = _f16(row, p + 108)
+    return (p + 32 + 32 * (s // 4), shift, p, s, 1, np.float32(4.0),
+            d * _q3_k_scale(row, p, 2 * s), np.float32(0.0), d * _q3_k_scale(row, p, 2 * s + 1), np.float32(0.0))
+
+
+@numba.njit(inline="always")
+def _q23(row, q, shift, h, s, hm, off, i):
+    """Quant i of a Q2_K / Q3_K group (_q23_params) as float32: its 2 bits, and bit s of hmask[i]
+    (masked by hm) as bit 2, minus off: small integers, exact."""
+    return np.float32(_bits(row, q + i, shift, 3) | (_bits(row, h + i, s, hm) << np.uint32(2))) - off
+
+
+# _q23_row_dot and _q23_values are called, not inlined as the other types' code is: numba types an
+# inlined function anew at every call site, and the one-row dot has several (swiglu_exact reads two
+# matrices, each of any type); called, each is compiled once. Measured: all inlined, Q2_K and Q3_K made
+# the exact kernels' compilation 80% longer; this way, 20%. A call per weight row costs nothing
+# measurable beside its work. _q23_row_dot4 has one call site (matvec_exact) and
+# stays inlined: called, LLVM left its loop scalar (it cannot tell the four accumulator rows from x),
+# twice as slow.
+
+@numba.njit
+def _q23_row_dot(qt, row, groups, x, j, acc):
+    """_row_dot of a Q2_K or Q3_K row."""
+    for g in range(groups):
+        q, shift, h, s, hm, off, a0, m0, a1, m1 = _q23_params(qt, row, g)
+        c = g * QK
+        for i in range(16):
+            acc[i] += (a0 * _q23(row, q, shift, h, s, hm, off, i) - m0) * x[j, c + i]
+            acc[i + 16] += (a1 * _q23(row, q, shift, h, s, hm, off, i + 16) - m1) * x[j, c + 16 + i]
+
+
+@numba.njit(inline="always")
+def _q23_row_dot4(qt, row, groups, x, j, acc):
+    """_row_dot4 of a Q2_K or Q3_K row: each value decoded once for rows j..j+3 of x."""
+    for g in range(groups):
+        q, shift, h, s, hm, off, a0, m0, a1, m1 = _q23_params(qt, row, g)
+        c = g * QK
+        for i in range(16):
+            lo = a0 * _q23(row, q, shift, h, s, hm, off, i) - m0
+            hi = a1 * _q23(row, q, shift, h, s, hm, off, i + 16) - m1
+            acc[0, i] += lo * x[j, c + i]
+            acc[0, i + 16] += hi * x[j, c + 16 + i]
+            acc[1, i] += lo * x[j + 1, c + i]
+            acc[1, i + 16] += hi * x[j + 1, c + 16 + i]
+            acc[2, i] += lo * x[j + 2, c + i]
+            acc[2, i + 16] += hi * x[j + 2, c + 16 + i]
+            acc[3, i] += lo * x[j + 3, c + i]
+            acc[3, i + 16] += hi * x[j + 3, c + 16 + i]
+
+
+@numba.njit
+def _q23_values(qt, row, groups, w):
+    """w[32 g + i] = value i of group g of a Q2_K or Q3_K row, for g < groups (as _group_values)."""
+    for g in range(groups):
+        q, shift, h, s, hm, off, a0, m0, a1, m1 = _q23_params(qt, row, g)
+        k = g * QK
+        for i in range(16):
+            w[k + i] = a0 * _q23(row, q, shift, h, s, hm, off, i) - m0
+            w[k + i + 16] = a1 * _q23(row, q, shift, h, s, hm, off, i + 16) - m1
+
+
 # ggml type ids (GGMLQuantizationType's values)
-Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 8, 12, 13, 14
+Q4_0, Q4_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 2, 3, 8, 10, 11, 12, 13, 14
 
 
 @numba.njit(inline="always")
@@ -312,6 +414,8 @@ def _row_dot(qt, row, groups, x, j, acc):
             d, dmin = _f16(row, p), _f16(row, p + 2)
             for s in range(8):
                 _q5_k_dot(row, p, s, d, dmin, x, j, (8 * b + s) * QK, acc)
+    elif qt == Q2_K or qt == Q3_K:
+        _q23_row_dot(qt, row, groups, x, j, acc)
     else:
         for b in range(groups // 8):
             p = b * Q6_K_BYTES
@@ -346,6 +450,8 @@ def _row_dot4(qt, row, groups, x, j, acc):
             d, dmin = _f16(row, p), _f16(row, p + 2)
             for s in range(8):
                 _q5_k_dot4(row, p, s, d, dmin, x, j, (8 * b + s) * QK, acc)
+    elif qt == Q2_K or qt == Q3_K:
+        _q23_row_dot4(qt, row, groups, x, j, acc)
     else:
         for b in range(groups // 8):
             p = b * Q6_K_BYTES
@@ -379,7 +485,7 @@ def _task_rows(t, tasks, rows):
 
 @numba.njit(parallel=True, cache=True)
 def matvec_exact(qt, raw, x, out):
-    """out = x @ W.T, W of ggml type qt (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K or Q6_K) given as its raw bytes.
+    """out = x @ W.T, W of ggml type qt (Q8_0, Q4_0, Q4_1, Q2_K, Q3_K, Q4_K, Q5_K or Q6_K) given as its raw bytes.
 
     raw: (out_features, row bytes) uint8; x: (n, in_features) float32, C-contiguous; out: (n,
     out_features) float32.
@@ -1321,5 +1427,8 @@ def dequantize_rows(qt, raw, out):
     groups = out.shape[1] // QK
     for o in range(raw.shape[0]):
         row, w = raw[o], out[o]
+        if qt == Q2_K or qt == Q3_K:
+            _q23_values(qt, row, groups, w)
+            continue
         for g in range(groups):
             _group_values(qt, row, g, w)
