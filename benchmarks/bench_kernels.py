@@ -1,10 +1,12 @@
 """Speed of the native quantized matrix-vector kernels (llamarun/kernels/ggml.py), beside numpy's fp32.
 
     python benchmarks/bench_kernels.py [--runs 7] [--types Q4_1,Q8_0] [--threads N] [--min-time 0.05]
+                                       [--shapes smollm2|1b] [--rows 1,8]
 
-For each type with a kernel (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K), at SmolLM2-135M's matrix shapes
+For each type with a kernel (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K), at SmolLM2-135M's matrix shapes
 (out_features x in_features: 576x1536 the FFN down projection, 1536x576 up/gate, 576x576 attention,
-and 49152x576, the Q8_0 classifier, for Q8_0 only), with 1 and 8 rows of activations:
+and 49152x576, the Q8_0 classifier, for Q8_0 only) or, with --shapes 1b, Llama-3.2-1B's (2048x8192,
+8192x2048, 2048x2048), with 1 and 8 rows of activations (--rows: a prompt's part is 128):
 - exact: float32 activations times the weights as gguf dequantizes them;
 - fast: activations quantized to int8 blocks of 32, integer dot products (quantizing x included);
 each through GGMLTensor.linear (what the engine calls, so its per-call cost is counted), as
@@ -48,8 +50,9 @@ from llamarun.tensors import GGMLTensor, GroupQuantized, quantize_groups  # noqa
 
 # block values, block bytes, byte offsets of the f16 scales in a block
 LAYOUTS = {T.Q8_0: (32, 34, [0]), T.Q4_0: (32, 18, [0]), T.Q4_1: (32, 20, [0, 2]),
-           T.Q4_K: (256, 144, [0, 2]), T.Q6_K: (256, 210, [208])}
-SHAPES = [(576, 1536), (1536, 576), (576, 576), (49152, 576)]
+           T.Q4_K: (256, 144, [0, 2]), T.Q5_K: (256, 176, [0, 2]), T.Q6_K: (256, 210, [208])}
+SHAPES = {"smollm2": [(576, 1536), (1536, 576), (576, 576), (49152, 576)],
+          "1b": [(2048, 8192), (8192, 2048), (2048, 2048)]}
 # llama2.c's int8 groups (type INT8: version-2 checkpoints, group 64), at the s110M TinyStories shapes
 INT8_SHAPES = [(768, 2048), (2048, 768), (768, 768), (32000, 768)]
 
@@ -95,6 +98,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="numba threads (default: all)")
     parser.add_argument("--min-time", type=float, default=0.05, help="seconds per run (default 0.05)")
     parser.add_argument("--cpu-time", action="store_true", help="time by process CPU time (see above)")
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="smollm2")
+    parser.add_argument("--rows", default="1,8", help="rows of activations, comma-separated (default 1,8)")
     args = parser.parse_args()
     global CLOCK
     if args.cpu_time:
@@ -114,7 +119,7 @@ def main() -> None:
             continue
         qtype = T[name.strip()]
         block = LAYOUTS[qtype][0]
-        for out_features, in_features in SHAPES:
+        for out_features, in_features in SHAPES[args.shapes]:
             if out_features == 49152 and qtype != T.Q8_0:
                 continue
             n_in = -(-in_features // block) * block
@@ -122,7 +127,7 @@ def main() -> None:
             tensor = GGMLTensor("w", qtype, (out_features, n_in), raw)
             fast = GGMLTensor("w", qtype, (out_features, n_in), raw, exact=False)
             w32 = tensor.dequantize()
-            for n in (1, 8):
+            for n in (int(r) for r in args.rows.split(",")):
                 x = rng.standard_normal((n, n_in)).astype(np.float32)
                 numpy_product = (lambda: w32 @ x[0]) if n == 1 else (lambda: x @ w32.T)
                 result = measure({"numpy": numpy_product}, args.runs, args.min_time)
@@ -134,7 +139,9 @@ def main() -> None:
                     median, best = result[key]
                     cells.append(f"{weights / median / 1e9:7.2f} [{weights / best / 1e9:7.2f}] "
                                  f"{nbytes / median / 1e9:5.1f}")
-                print(f"{name:5} {f'{out_features}x{n_in}':>10} {n:4} | " + " | ".join(cells), flush=True)
+                gmacs = n * weights / result["fast"][0] / 1e9
+                print(f"{name:5} {f'{out_features}x{n_in}':>10} {n:4} | " + " | ".join(cells)
+                      + f" | fast {gmacs:6.1f} GMAC/s", flush=True)
 
 
 def bench_int8(rng, args) -> None:
