@@ -214,3 +214,32 @@ def test_the_compiled_kernels_cache_is_named_for_every_kernel_source(tmp_path):
     with open(copy / "ggml.py", "a") as f:
         f.write("\n# an edit\n")
     assert os.path.basename(kernels._cache_dir(copy)) != os.path.basename(folder)
+
+
+SAVER = """
+import sys
+import llamarun.kernels as kernels
+from numba.core.caching import IndexDataCacheFile
+kernels.CACHE_DIR = sys.argv[1]               # the lock applies to the package's cache folder only
+cache = IndexDataCacheFile(sys.argv[1], "kernel", "stamp")
+for i in range(60):
+    cache.save((sys.argv[2], i), (sys.argv[2], i))
+"""
+
+
+def test_processes_compiling_at_once_keep_every_cache_entry(tmp_path):
+    """Two processes saving compiled kernels into one cache folder at once (the compile step's workers):
+    numba alone reads the index, picks a free data file name and writes both back, so one process's
+    entries could be lost or point at the other's code. Each entry must load as what was saved."""
+    import subprocess
+    import sys
+
+    from numba.core.caching import IndexDataCacheFile
+
+    folder = str(tmp_path)
+    procs = [subprocess.Popen([sys.executable, "-c", SAVER, folder, name]) for name in ("a", "b")]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    cache = IndexDataCacheFile(folder, "kernel", "stamp")
+    for name in ("a", "b"):
+        for i in range(60):
+            assert cache.load((name, i)) == (name, i)
