@@ -6,14 +6,10 @@ starts the session empty (the cached code of the host's target must not answer f
 session's other-CPU runs share, so a kernel compiles once per target: the checks use the fewest,
 smallest kernels that reach each portable path.
 """
-import atexit
-import functools
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -25,20 +21,21 @@ from conftest import MODELS, load_golden, logits_tolerance, require
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@functools.lru_cache(maxsize=None)
 def targets_cache() -> str:
-    """A numba cache for this test session's other-CPU runs, empty when the session starts: a kernel
-    compiled for one target in one test is loaded by the next (numba keys its cache by the target CPU
-    and features too, so targets never share machine code). Removed at exit."""
-    folder = tempfile.mkdtemp(prefix="llamarun-targets-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return folder
+    """The numba cache of the other-CPU runs: beside the host's kernels ($LLAMARUN_HOME/kernels), in a
+    folder of its own, kept as the host's are: a second session (a warm CI run) loads what the first
+    compiled for the same kernel sources (kernels/__init__.py names the folder for them) and target
+    (numba keys its cache by the target CPU and features too, so targets never share machine code)."""
+    from llamarun.hub import home
+    folder = home() / "kernels" / "other-cpus"
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder)
 
 
 def run_generic(tmp_path, code: str, cpu=("generic", "")) -> dict:
     """Run `code` (which prints one JSON object last) compiled for the CPU named (NUMBA_CPU_NAME, with
-    the features NUMBA_CPU_FEATURES; generic with none: the baseline), with a numba cache that holds
-    only what this session compiled for other CPUs (targets_cache), never the host's kernels."""
+    the features NUMBA_CPU_FEATURES; generic with none: the baseline), with the other CPUs' numba cache
+    (targets_cache), never the host's kernels."""
     env = {**os.environ, "NUMBA_CPU_NAME": cpu[0], "NUMBA_CPU_FEATURES": cpu[1],
            "NUMBA_CACHE_DIR": targets_cache(),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
