@@ -918,8 +918,13 @@ def _k_group_codegen(qt, n_rows):
         lanes = 16 if VNNI512 else 8                    # of the weight bytes' vectors (see _block_isum)
         cw = lambda v: ir.Constant(_vector(_I32, lanes), [v] * lanes)   # noqa: E731
         transposed = _transposed_qwords if VNNI512 else _transposed_dwords
-        d_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)]   # registers after mem2reg
-        m_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)] if minus_min else []
+        # per activation row, float32 sums of the 8 rows (registers after mem2reg): Q4_K and Q5_K the d and
+        # the min terms; Q6_K its halves' terms, each half's sub-blocks in a sum of its own (with 512-bit
+        # vectors both in one, lanes 8-15 the second half's), the two added at the end
+        wide_q6 = VNNI512 and not minus_min
+        d_sums = [cgutils.alloca_once_value(builder, ir.Constant(_vector(_F32, 16), [0.0] * 16) if wide_q6 else zero)
+                  for _ in range(n_rows)]
+        m_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)] if not wide_q6 else []
         with cgutils.for_range(builder, builder.udiv(groups, const(8))) as loop:
             b = loop.index
             p = builder.mul(b, const(block_bytes))
@@ -947,6 +952,9 @@ def _k_group_codegen(qt, n_rows):
             else:
                 d = _halves_of_rows(builder, rows, at(206), 2)[1]     # at 208: read as the high half at 206,
                 scales = [builder.fmul(d, builder.sitofp(v, floats)) for v in _q6_k_scales(builder, rows, p)]
+                if wide_q6:                 # sub-block s's two scales in one vector, as its two halves' sums
+                    scales = [builder.shuffle_vector(scales[2 * k], scales[2 * k + 1], ir.Constant(_vector(_I32, 16), list(range(16))))
+                              for k in range(8)]
                 subs = []                                             # not past the matrix's last byte
                 for h in range(2):
                     ql = [v for k in range(4) for v in transposed(builder, rows, at(64 * h + 16 * k))]
@@ -975,19 +983,29 @@ def _k_group_codegen(qt, n_rows):
                         builder.store(_multiply_add(builder, builder.sitofp(isum, floats), scale, builder.load(d_sums[r])), d_sums[r])
                         s_x = _splat(builder, builder.load(builder.gep(xs, [block])), 8)
                         builder.store(_multiply_add(builder, ms[s], s_x, builder.load(m_sums[r])), m_sums[r])
-                    else:
-                        total = builder.load(d_sums[r])
+                    elif wide_q6:                   # both halves at once: lanes 0-7 the first's rows, 8-15 the second's
                         n = len(w) // 2
-                        for half in range(2):       # two 16-value sub-blocks, each its own scale
+                        both = [_wide_sums(builder, w[n * half:n * half + n], xq, builder.add(base, const(16 * half)),
+                                           minus_32_sum_x=True) for half in range(2)]
+                        isum = _pairwise_add(builder, builder.shuffle_vector(both[0], both[1], ir.Constant(_vector(_I32, 32), list(range(32)))))
+                        scale = builder.fmul(scales[s], _splat(builder, builder.load(builder.gep(xd, [block])), 16))
+                        builder.store(_multiply_add(builder, builder.sitofp(isum, _vector(_F32, 16)), scale, builder.load(d_sums[r])), d_sums[r])
+                    else:
+                        n = len(w) // 2
+                        for half, sums in ((0, d_sums), (1, m_sums)):       # two 16-value halves, each its own scale
                             isum = _block_isum(builder, w[n * half:n * half + n], xq, builder.add(base, const(16 * half)),
                                                minus_32_sum_x=True)
                             scale = builder.fmul(scales[2 * s + half], d_x)
-                            total = _multiply_add(builder, builder.sitofp(isum, floats), scale, total)
-                        builder.store(total, d_sums[r])
+                            builder.store(_multiply_add(builder, builder.sitofp(isum, floats), scale, builder.load(sums[r])), sums[r])
         for r in range(n_rows):
             total = builder.load(d_sums[r])
             if minus_min:
                 total = builder.fsub(total, builder.load(m_sums[r]))
+            elif wide_q6:
+                halves = [builder.shuffle_vector(total, total, ir.Constant(_vector(_I32, 8), list(range(h, h + 8)))) for h in (0, 8)]
+                total = builder.fadd(halves[0], halves[1])
+            else:
+                total = builder.fadd(total, builder.load(m_sums[r]))
             _store_rows(builder, const, out, j, r, total)
         return context.get_dummy_value()
     return codegen
@@ -999,19 +1017,7 @@ def _block_isum(builder, w, xq, base, minus_32_sum_x=False):
     activation bytes with minus_32_sum_x (Q6_K's offset). w: _transposed_dwords's vectors, or (VNNI512)
     _transposed_qwords's, whose two lanes per row are added at the end: the same integers."""
     if w[0].type.count == 16:
-        words = _vector(_I32, 16)
-        vpdpbusd = _function(builder, "llvm.x86.avx512.vpdpbusd.512", words, [words] * 3)
-        zero, ones = ir.Constant(words, [0] * 16), ir.Constant(words, [0x01010101] * 16)
-        sums, sum_x = [zero, zero], zero                # two chains, added at the end
-        for k, v in enumerate(w):
-            x = builder.bitcast(_splat(builder, _load(builder, xq, builder.add(base, ir.Constant(_I64, 8 * k)), _I64), 8), words)
-            sums[k % 2] = builder.call(vpdpbusd, [sums[k % 2], v, x])
-            if minus_32_sum_x:          # the activations' sum, by the same instruction (no horizontal sum)
-                sum_x = builder.call(vpdpbusd, [sum_x, ones, x])
-        total = builder.add(sums[0], sums[1])
-        if minus_32_sum_x:
-            total = builder.sub(total, builder.shl(sum_x, ir.Constant(words, [5] * 16)))
-        return _pairwise_add(builder, total)
+        return _pairwise_add(builder, _wide_sums(builder, w, xq, base, minus_32_sum_x))
     sums = [ir.Constant(_vector(_I32, 8), [0] * 8)] * 2
     for k, v in enumerate(w):
         x = _splat(builder, _load(builder, xq, builder.add(base, ir.Constant(_I64, 4 * k)), _I32), 8)
@@ -1022,6 +1028,24 @@ def _block_isum(builder, w, xq, base, minus_32_sum_x=False):
         x_sum = builder.call(_function(builder, "llvm.vector.reduce.add.v16i32", _I32, [_vector(_I32, 16)]),
                              [builder.sext(x16, _vector(_I32, 16))])
         total = builder.sub(total, _splat(builder, builder.shl(x_sum, ir.Constant(_I32, 5)), 8))
+    return total
+
+
+def _wide_sums(builder, w, xq, base, minus_32_sum_x=False):
+    """_block_isum on _transposed_qwords's vectors, before the two lanes of each row are added:
+    <16 x i32>, lanes 2i and 2i + 1 summing to row i's integer sum."""
+    words = _vector(_I32, 16)
+    vpdpbusd = _function(builder, "llvm.x86.avx512.vpdpbusd.512", words, [words] * 3)
+    zero, ones = ir.Constant(words, [0] * 16), ir.Constant(words, [0x01010101] * 16)
+    sums, sum_x = [zero, zero], zero                # two chains, added at the end
+    for k, v in enumerate(w):
+        x = builder.bitcast(_splat(builder, _load(builder, xq, builder.add(base, ir.Constant(_I64, 8 * k)), _I64), 8), words)
+        sums[k % 2] = builder.call(vpdpbusd, [sums[k % 2], v, x])
+        if minus_32_sum_x:          # the activations' sum, by the same instruction (no horizontal sum)
+            sum_x = builder.call(vpdpbusd, [sum_x, ones, x])
+    total = builder.add(sums[0], sums[1])
+    if minus_32_sum_x:
+        total = builder.sub(total, builder.shl(sum_x, ir.Constant(words, [5] * 16)))
     return total
 
 
