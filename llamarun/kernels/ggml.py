@@ -858,16 +858,40 @@ def _row_group_codegen(qt, n_rows):
     return codegen
 
 
-def _row_group_intrinsic(qt, n_rows):
+def _row_groups_intrinsic(qt):
+    """An intrinsic (raw, o, xq, xd, xsum, xs, j0, n, out): weight rows o .. o + 7 of the matrix raw (type
+    qt) times activation rows j0 .. n - 1, into out as _row_group_codegen's: eight activation rows at a
+    time (the K-quants: four; their code is several times the size of the others', every caller inlines
+    it, and with eight the first compile of the fast path took over a minute more), then four, then one."""
     make = _k_group_codegen if qt in (Q4_K, Q5_K, Q6_K) else _row_group_codegen
+    sizes = (4, 1) if qt in (Q4_K, Q5_K, Q6_K) else (8, 4, 1)
 
-    def typer(typingctx, raw, o, xq, xd, xsum, xs, j, out):
+    def typer(typingctx, raw, o, xq, xd, xsum, xs, j0, n, out):
         floats = (xd, xs, out)
-        if not (_bytes_matrix(raw) and isinstance(o, types.Integer) and isinstance(j, types.Integer)
+        if not (_bytes_matrix(raw) and all(isinstance(t, types.Integer) for t in (o, j0, n))
                 and all(isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" for t in (xq, xd, xsum, xs, out))
                 and xq.dtype == types.int8 and xsum.dtype == types.int32 and all(t.dtype == types.float32 for t in floats)):
             return None
-        return types.void(raw, o, xq, xd, xsum, xs, j, out), make(qt, n_rows)
+        group_sig = types.void(raw, o, xq, xd, xsum, xs, types.intp, out)
+
+        def codegen(context, builder, sig, args):
+            raw_v, o_v, xq_v, xd_v, xsum_v, xs_v, j0_v, n_v, out_v = args
+            j = cgutils.alloca_once_value(builder, context.cast(builder, j0_v, sig.args[6], types.intp))
+            n_v = context.cast(builder, n_v, sig.args[7], types.intp)
+            for size in sizes:                      # while j + size <= n: rows j .. j + size - 1; j += size
+                step = ir.Constant(n_v.type, size)
+                check, body, done = (builder.append_basic_block(f"rows{size}.{part}") for part in ("check", "body", "done"))
+                builder.branch(check)
+                builder.position_at_end(check)
+                builder.cbranch(builder.icmp_signed("<=", builder.add(builder.load(j), step), n_v), body, done)
+                builder.position_at_end(body)
+                at = builder.load(j)
+                make(qt, size)(context, builder, group_sig, [raw_v, o_v, xq_v, xd_v, xsum_v, xs_v, at, out_v])
+                builder.store(builder.add(at, step), j)
+                builder.branch(check)
+                builder.position_at_end(done)
+            return context.get_dummy_value()
+        return types.void(raw, o, xq, xd, xsum, xs, j0, n, out), codegen
     return intrinsic(typer)
 
 
@@ -1062,17 +1086,9 @@ def _bytes_matrix(t) -> bool:
     return isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" and t.dtype in (types.uint8, types.int8)
 
 
-# one, four and eight rows of activations (the K-quants: one and four), for each type with a group kernel
-# (the K-quants without 8: their kernels are several times the size of the others', every caller inlines
-# them, and with 8 the first compile of the fast path took over a minute more; 4 keep most of the sharing)
-_GROUPS = {(qt, n): _row_group_intrinsic(qt, n) for qt in (Q8_0, Q4_0, Q4_1) for n in (1, 4, 8)}
-_GROUPS |= {(qt, n): _row_group_intrinsic(qt, n) for qt in (Q4_K, Q5_K, Q6_K) for n in (1, 4)}
-_group1_q8_0, _group4_q8_0, _group8_q8_0 = _GROUPS[Q8_0, 1], _GROUPS[Q8_0, 4], _GROUPS[Q8_0, 8]
-_group1_q4_0, _group4_q4_0, _group8_q4_0 = _GROUPS[Q4_0, 1], _GROUPS[Q4_0, 4], _GROUPS[Q4_0, 8]
-_group1_q4_1, _group4_q4_1, _group8_q4_1 = _GROUPS[Q4_1, 1], _GROUPS[Q4_1, 4], _GROUPS[Q4_1, 8]
-_group1_q4_k, _group4_q4_k = _GROUPS[Q4_K, 1], _GROUPS[Q4_K, 4]
-_group1_q5_k, _group4_q5_k = _GROUPS[Q5_K, 1], _GROUPS[Q5_K, 4]
-_group1_q6_k, _group4_q6_k = _GROUPS[Q6_K, 1], _GROUPS[Q6_K, 4]
+# each type's group kernels, over a range of activation rows
+_row_groups_q8_0, _row_groups_q4_0, _row_groups_q4_1 = (_row_groups_intrinsic(qt) for qt in (Q8_0, Q4_0, Q4_1))
+_row_groups_q4_k, _row_groups_q5_k, _row_groups_q6_k = (_row_groups_intrinsic(qt) for qt in (Q4_K, Q5_K, Q6_K))
 
 
 @numba.njit(inline="always")
@@ -1187,58 +1203,18 @@ def _row_group_fast(qt, raw, o, xq, xd, xsum, xs, out, j0, n):
     """out[j, i] = weight row o + i of the matrix raw (type qt) times row j of the quantized
     activations, for i < ROW_GROUP (rows past the matrix's end: its last row again) and j0 <= j < n:
     eight (K-quants: four) activation rows at a time, then four, then one. out: (n, ROW_GROUP) float32 scratch."""
-    j = j0
     if qt == Q4_1:
-        while j + 8 <= n:
-            _group8_q4_1(raw, o, xq, xd, xsum, xs, j, out)
-            j += 8
-        while j + 4 <= n:
-            _group4_q4_1(raw, o, xq, xd, xsum, xs, j, out)
-            j += 4
-        while j < n:
-            _group1_q4_1(raw, o, xq, xd, xsum, xs, j, out)
-            j += 1
+        _row_groups_q4_1(raw, o, xq, xd, xsum, xs, j0, n, out)
     elif qt == Q8_0:
-        while j + 8 <= n:
-            _group8_q8_0(raw, o, xq, xd, xsum, xs, j, out)
-            j += 8
-        while j + 4 <= n:
-            _group4_q8_0(raw, o, xq, xd, xsum, xs, j, out)
-            j += 4
-        while j < n:
-            _group1_q8_0(raw, o, xq, xd, xsum, xs, j, out)
-            j += 1
+        _row_groups_q8_0(raw, o, xq, xd, xsum, xs, j0, n, out)
     elif qt == Q4_0:
-        while j + 8 <= n:
-            _group8_q4_0(raw, o, xq, xd, xsum, xs, j, out)
-            j += 8
-        while j + 4 <= n:
-            _group4_q4_0(raw, o, xq, xd, xsum, xs, j, out)
-            j += 4
-        while j < n:
-            _group1_q4_0(raw, o, xq, xd, xsum, xs, j, out)
-            j += 1
+        _row_groups_q4_0(raw, o, xq, xd, xsum, xs, j0, n, out)
     elif qt == Q4_K:
-        while j + 4 <= n:
-            _group4_q4_k(raw, o, xq, xd, xsum, xs, j, out)
-            j += 4
-        while j < n:
-            _group1_q4_k(raw, o, xq, xd, xsum, xs, j, out)
-            j += 1
+        _row_groups_q4_k(raw, o, xq, xd, xsum, xs, j0, n, out)
     elif qt == Q5_K:
-        while j + 4 <= n:
-            _group4_q5_k(raw, o, xq, xd, xsum, xs, j, out)
-            j += 4
-        while j < n:
-            _group1_q5_k(raw, o, xq, xd, xsum, xs, j, out)
-            j += 1
+        _row_groups_q5_k(raw, o, xq, xd, xsum, xs, j0, n, out)
     else:
-        while j + 4 <= n:
-            _group4_q6_k(raw, o, xq, xd, xsum, xs, j, out)
-            j += 4
-        while j < n:
-            _group1_q6_k(raw, o, xq, xd, xsum, xs, j, out)
-            j += 1
+        _row_groups_q6_k(raw, o, xq, xd, xsum, xs, j0, n, out)
 
 
 STORE, ADD, GATED = 0, 1, 2     # what put_group does with a group's products
