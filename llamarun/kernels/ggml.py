@@ -861,11 +861,11 @@ def _row_group_codegen(qt, n_rows):
 def _row_groups_intrinsic(qt):
     """An intrinsic (raw, o, xq, xd, xsum, xs, j0, n, out): weight rows o .. o + 7 of the matrix raw (type
     qt) times activation rows j0 .. n - 1, into out as _row_group_codegen's: eight activation rows at a
-    time, then four, then one. (The K-quants' eight-row kernels, once dropped as they made the first
-    compile of the fast path a minute longer, cost ~15 s with 512-bit vectors and run a prompt's products
-    ~15% faster than four rows at a time: docs/performance.md.)"""
+    time, then four, then one. The K-quants take eight only with 512-bit vectors: on 256-bit ones their
+    eight-row code made the first compile of the fast path over a minute longer; with 512-bit ones it
+    costs ~15 s and runs a prompt's products ~15% faster than four rows at a time (docs/performance.md)."""
     make = _k_group_codegen if qt in (Q4_K, Q5_K, Q6_K) else _row_group_codegen
-    sizes = (8, 4, 1)
+    sizes = (8, 4, 1) if VNNI512 or qt not in (Q4_K, Q5_K, Q6_K) else (4, 1)
 
     def typer(typingctx, raw, o, xq, xd, xsum, xs, j0, n, out):
         floats = (xd, xs, out)
@@ -1203,7 +1203,8 @@ def group_range(t, tasks, rows):
 def _row_group_fast(qt, raw, o, xq, xd, xsum, xs, out, j0, n):
     """out[j, i] = weight row o + i of the matrix raw (type qt) times row j of the quantized
     activations, for i < ROW_GROUP (rows past the matrix's end: its last row again) and j0 <= j < n:
-    eight activation rows at a time, then four, then one. out: (n, ROW_GROUP) float32 scratch."""
+    eight activation rows at a time (K-quants without 512-bit vectors: four), then four, then one. out:
+    (n, ROW_GROUP) float32 scratch."""
     if qt == Q4_1:
         _row_groups_q4_1(raw, o, xq, xd, xsum, xs, j0, n, out)
     elif qt == Q8_0:
