@@ -137,19 +137,22 @@ def _nibbles_dot(row, q, off, a, b, x, j, c, acc):
 
 
 @numba.njit(inline="always")
+def _add4(acc, i, w, x, j, k):
+    """acc[r, i] += w * x[j + r, k] for the four rows r of the _dot4 kernels (written out: unrolled)."""
+    acc[0, i] += w * x[j, k]
+    acc[1, i] += w * x[j + 1, k]
+    acc[2, i] += w * x[j + 2, k]
+    acc[3, i] += w * x[j + 3, k]
+
+
+@numba.njit(inline="always")
 def _nibbles_dot4(row, q, off, a, b, x, j, c, acc):
     """_nibbles_dot for rows j..j+3 of x into acc[0..3]."""
     for i in range(16):
         lo = a * (np.float32(_bits(row, q + i, 0, 15)) - off) + b
         hi = a * (np.float32(_bits(row, q + i, 4, 15)) - off) + b
-        acc[0, i] += lo * x[j, c + i]
-        acc[0, i + 16] += hi * x[j, c + 16 + i]
-        acc[1, i] += lo * x[j + 1, c + i]
-        acc[1, i + 16] += hi * x[j + 1, c + 16 + i]
-        acc[2, i] += lo * x[j + 2, c + i]
-        acc[2, i + 16] += hi * x[j + 2, c + 16 + i]
-        acc[3, i] += lo * x[j + 3, c + i]
-        acc[3, i + 16] += hi * x[j + 3, c + 16 + i]
+        _add4(acc, i, lo, x, j, c + i)
+        _add4(acc, i + 16, hi, x, j, c + 16 + i)
 
 
 @numba.njit(inline="always")
@@ -166,10 +169,7 @@ def _q8_0_dot4(row, g, x, j, c, acc):
     d = _f16(row, p)
     for i in range(32):
         w = d * np.float32(np.int8(row[p + 2 + i]))
-        acc[0, i] += w * x[j, c + i]
-        acc[1, i] += w * x[j + 1, c + i]
-        acc[2, i] += w * x[j + 2, c + i]
-        acc[3, i] += w * x[j + 3, c + i]
+        _add4(acc, i, w, x, j, c + i)
 
 
 @numba.njit(inline="always")
@@ -208,10 +208,7 @@ def _q4_k_dot4(row, p, s, d, dmin, x, j, c, acc):
     q, shift, ds, ms = _q4_k_params(row, p, s, d, dmin)
     for i in range(32):
         w = ds * np.float32(_bits(row, q + i, shift, 15)) - ms
-        acc[0, i] += w * x[j, c + i]
-        acc[1, i] += w * x[j + 1, c + i]
-        acc[2, i] += w * x[j + 2, c + i]
-        acc[3, i] += w * x[j + 3, c + i]
+        _add4(acc, i, w, x, j, c + i)
 
 
 @numba.njit(inline="always")
@@ -235,10 +232,7 @@ def _q5_k_dot4(row, p, s, d, dmin, x, j, c, acc):
     q += 32
     for i in range(32):
         w = ds * _q5(row, q, shift, s, p, i) - ms
-        acc[0, i] += w * x[j, c + i]
-        acc[1, i] += w * x[j + 1, c + i]
-        acc[2, i] += w * x[j + 2, c + i]
-        acc[3, i] += w * x[j + 3, c + i]
+        _add4(acc, i, w, x, j, c + i)
 
 
 @numba.njit(inline="always")
@@ -274,14 +268,8 @@ def _q6_k_dot4(row, p, s, d, x, j, c, acc):
     for i in range(16):
         lo = da * _q6(row, ql, sl, qh, sh, i)
         hi = db * _q6(row, ql, sl, qh, sh, i + 16)
-        acc[0, i] += lo * x[j, c + i]
-        acc[0, i + 16] += hi * x[j, c + 16 + i]
-        acc[1, i] += lo * x[j + 1, c + i]
-        acc[1, i + 16] += hi * x[j + 1, c + 16 + i]
-        acc[2, i] += lo * x[j + 2, c + i]
-        acc[2, i + 16] += hi * x[j + 2, c + 16 + i]
-        acc[3, i] += lo * x[j + 3, c + i]
-        acc[3, i + 16] += hi * x[j + 3, c + 16 + i]
+        _add4(acc, i, lo, x, j, c + i)
+        _add4(acc, i + 16, hi, x, j, c + 16 + i)
 
 
 # Q2_K and Q3_K (exact only: they have no fast kernel). Both pack 2-bit quants as Q6_K packs its low
@@ -361,14 +349,8 @@ def _q23_row_dot4(qt, row, groups, x, j, acc):
         for i in range(16):
             lo = a0 * _q23(row, q, shift, h, s, hm, off, i) - m0
             hi = a1 * _q23(row, q, shift, h, s, hm, off, i + 16) - m1
-            acc[0, i] += lo * x[j, c + i]
-            acc[0, i + 16] += hi * x[j, c + 16 + i]
-            acc[1, i] += lo * x[j + 1, c + i]
-            acc[1, i + 16] += hi * x[j + 1, c + 16 + i]
-            acc[2, i] += lo * x[j + 2, c + i]
-            acc[2, i + 16] += hi * x[j + 2, c + 16 + i]
-            acc[3, i] += lo * x[j + 3, c + i]
-            acc[3, i + 16] += hi * x[j + 3, c + 16 + i]
+            _add4(acc, i, lo, x, j, c + i)
+            _add4(acc, i + 16, hi, x, j, c + 16 + i)
 
 
 @numba.njit
