@@ -19,7 +19,9 @@ compilation and for paging the file in):
 - prompt: one forward of --prompt random tokens from an empty cache, last token's logits;
 - bounds, measured between llamarun's runs: decode tok/s <= numpy fp32 matvec GB/s / bytes of weights
   one token reads (as the file stores them); prompt tok/s <= numpy sgemm GFLOP/s at one layer's
-  shapes / FLOPs per token;
+  shapes / FLOPs per token, and <= the CPU's peak int8 dot-product GOP/s (common.Int8PeakBound: the
+  widest byte multiply-add the kernels use, from registers, on all threads) / ops per token, the bound
+  of quantized kernels that multiply int8 activations with the weights' integers;
 - llama.cpp: `llama-bench -p PROMPT -n GEN -r RUNS -t THREADS` on the same file, when found (--llama-bench
   PATH, or on PATH), right after llamarun's runs of that type.
 """
@@ -66,7 +68,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import gguf  # noqa: E402
 
-from common import MATRICES, MatvecBound, SgemmBound, decode_rate, interleaved, prefill_rate, stats  # noqa: E402
+from common import (MATRICES, Int8PeakBound, MatvecBound, SgemmBound, decode_rate, interleaved,  # noqa: E402
+                    prefill_rate, stats)
 from llamarun.errors import LlamarunError  # noqa: E402
 from llamarun.formats import load_checkpoint  # noqa: E402
 from llamarun.hub import home  # noqa: E402
@@ -230,6 +233,7 @@ def measure(path: str, bench_tool: str | None) -> dict:
         sgemm = SgemmBound(w, args.prompt)
         gflops, pre = interleaved(lambda: prefill_rate(model, args.prompt), sgemm.measure, args.runs)
         row["prompt"], row["prompt_bound"] = stats(pre), float(np.median(gflops)) * 1e9 / prompt_flops(c, w, args.prompt)
+        row["prompt_int8_bound"] = INT8_PEAK.measure() * 1e9 / prompt_flops(c, w, args.prompt)
         del sgemm
     if bench_tool:
         row["llama.cpp"] = llama_bench(bench_tool, path)
@@ -247,6 +251,9 @@ def main():
     print(f"shape {args.shape} {SHAPES[args.shape]}, vocab {VOCAB}; {cpu}; threads {THREADS}; runs {args.runs}; "
           f"decode {args.gen} tokens, prompt {args.prompt}; llama-bench: {bench_tool or 'not found'}; load average "
           f"{os.getloadavg()[0]:.2f}", flush=True)
+    global INT8_PEAK
+    INT8_PEAK = Int8PeakBound(THREADS)
+    print(f"int8 peak ({INT8_PEAK.instruction}, {THREADS} threads): {INT8_PEAK.measure():.0f} GOP/s", flush=True)
     results = {}
     for t in types:
         t0 = time.perf_counter()
@@ -254,21 +261,25 @@ def main():
         print(f"  {t}: {json.dumps(results[t])} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     print(f"\n{args.shape}, {cpu}, threads {THREADS}; tok/s, median [min-max] of {args.runs}; bounds from numpy "
-          f"fp32 matvec GB/s and sgemm GFLOP/s measured between the runs; llama.cpp: llama-bench, same run\n")
-    print("| type | decode | bound | % | llama.cpp | ratio | prompt | bound | % | llama.cpp | ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"fp32 matvec GB/s, sgemm GFLOP/s and the int8 dot-product peak, measured between the runs; llama.cpp: "
+          f"llama-bench, same run\n")
+    print("| type | decode | bound | % | llama.cpp | ratio | prompt | bound | % | int8 bound | % | llama.cpp | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for t, r in results.items():
         lc = r.get("llama.cpp", {})
         cells = [t]
         for kind in ("decode", "prompt"):
             if kind not in r:
-                cells += [""] * 5
+                cells += [""] * (7 if kind == "prompt" else 5)
                 continue
             med, lo, hi = r[kind]
             bound = r[f"{kind}_bound"]
             peer = lc.get(kind)
-            cells += [f"{med:.2f} [{lo:.2f}-{hi:.2f}]", f"{bound:.1f}", f"{100 * med / bound:.0f}%",
-                      f"{peer:.2f}" if peer else "-", f"{med / peer:.2f}x" if peer else "-"]
+            cells += [f"{med:.2f} [{lo:.2f}-{hi:.2f}]", f"{bound:.1f}", f"{100 * med / bound:.0f}%"]
+            if kind == "prompt":
+                int8 = r["prompt_int8_bound"]
+                cells += [f"{int8:.1f}", f"{100 * med / int8:.0f}%"]
+            cells += [f"{peer:.2f}" if peer else "-", f"{med / peer:.2f}x" if peer else "-"]
         print("| " + " | ".join(cells) + " |")
 
 

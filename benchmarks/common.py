@@ -108,3 +108,94 @@ class SgemmBound:
             for x, m in zip(self.xs, self.mats):
                 x @ m.T
         return self.flops / seconds(layer, 3) / 1e9
+
+
+class Int8PeakBound:
+    """The CPU's peak rate of int8 dot products, registers only: the compute bound of the quantized
+    kernels, as sgemm's is of float32 BLAS. A loop of independent chains of the widest byte
+    multiply-add the kernels use (vpdpbusd on 512-bit vectors with AVX512-VNNI, 256-bit with AVX-VNNI;
+    pmaddubsw + pmaddwd + paddd on AVX2), JIT-compiled through llvmlite for this CPU and run on
+    `threads` threads at once (ctypes lets go of the GIL). Ops count a multiply and an add per byte
+    product, as FLOPs do."""
+
+    CHAINS = 16            # independent accumulators: more than latency x issue rate, so the loop is throughput-bound
+    ITERATIONS = 4_000_000
+
+    def __init__(self, threads: int):
+        import ctypes
+
+        from llvmlite import binding as llvm
+
+        from llamarun.kernels import cpu
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        self.threads = threads
+        self.width = 512 if cpu.VNNI512 else 256
+        self.instruction = (f"vpdpbusd {self.width}-bit" if cpu.VNNI else "pmaddubsw+pmaddwd 256-bit")
+        module = llvm.parse_assembly(self._loop_ir(cpu.VNNI))
+        machine = llvm.Target.from_default_triple().create_target_machine(
+            cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3)
+        self._engine = llvm.create_mcjit_compiler(module, machine)
+        self._engine.finalize_object()
+        self._loop = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)(self._engine.get_function_address("loop"))
+        self.ops_per_iteration = 2 * self.CHAINS * self.width // 8
+        self.measure()
+
+    def _loop_ir(self, vnni: bool) -> str:
+        from llvmlite import ir
+        lanes = self.width // 32
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        words = ir.VectorType(i32, lanes)
+        mod = ir.Module(name="int8_peak")
+        fn = ir.Function(mod, ir.FunctionType(i64, [i64]), name="loop")
+        entry, body, done = (fn.append_basic_block(n) for n in ("entry", "body", "done"))
+        b = ir.IRBuilder(entry)
+        # operands from the argument, so that nothing folds at compile time
+        seed = b.insert_element(ir.Constant(words, ir.Undefined), b.trunc(fn.args[0], i32), ir.Constant(i32, 0))
+        x0 = b.shuffle_vector(seed, ir.Constant(words, ir.Undefined), ir.Constant(words, [0] * lanes))
+        y = b.add(x0, ir.Constant(words, [0x01010101] * lanes))
+        ys = [b.add(y, ir.Constant(words, [k] * lanes)) for k in range(self.CHAINS)]   # one per chain: no common products
+        b.branch(body)
+        b = ir.IRBuilder(body)
+        i, x_now = b.phi(i64), b.phi(words)
+        accs = [b.phi(words) for _ in range(self.CHAINS)]
+        x = x_now
+        x_next = b.add(x, y)            # new bytes every iteration: no product is loop-invariant
+        if vnni:
+            dp = ir.Function(mod, ir.FunctionType(words, [words] * 3), name=f"llvm.x86.avx512.vpdpbusd.{self.width}")
+            new = [b.call(dp, [a, x, yk]) for a, yk in zip(accs, ys)]
+        else:
+            bytes_, shorts = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(16), 16)
+            ubsw = ir.Function(mod, ir.FunctionType(shorts, [bytes_, bytes_]), name="llvm.x86.avx2.pmadd.ub.sw")
+            wd = ir.Function(mod, ir.FunctionType(words, [shorts, shorts]), name="llvm.x86.avx2.pmadd.wd")
+            xb, ones = b.bitcast(x, bytes_), ir.Constant(shorts, [1] * 16)
+            new = [b.add(a, b.call(wd, [b.call(ubsw, [xb, b.bitcast(yk, bytes_)]), ones])) for a, yk in zip(accs, ys)]
+        step = b.add(i, ir.Constant(i64, 1))
+        i.add_incoming(ir.Constant(i64, 0), entry)
+        i.add_incoming(step, body)
+        x_now.add_incoming(x0, entry)
+        x_now.add_incoming(x_next, body)
+        for a, v in zip(accs, new):
+            a.add_incoming(ir.Constant(words, [0] * lanes), entry)
+            a.add_incoming(v, body)
+        b.cbranch(b.icmp_unsigned("<", step, ir.Constant(i64, self.ITERATIONS)), body, done)
+        b = ir.IRBuilder(done)
+        total = new[0]
+        for v in new[1:]:
+            total = b.add(total, v)
+        b.ret(b.zext(b.extract_element(total, ir.Constant(i32, 0)), i64))
+        return str(mod)
+
+    def measure(self) -> float:
+        """GOP/s on all threads, best of 3 (a compute peak: a slower run is an interruption)."""
+        import threading
+        best = float("inf")
+        for _ in range(3):
+            workers = [threading.Thread(target=self._loop, args=(3,)) for _ in range(self.threads)]
+            t0 = time.perf_counter()
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join()
+            best = min(best, time.perf_counter() - t0)
+        return self.threads * self.ITERATIONS * self.ops_per_iteration / best / 1e9
