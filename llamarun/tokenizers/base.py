@@ -10,11 +10,16 @@ class Tokenizer(Protocol):
     eos_id: int | None
     eog_ids: frozenset[int]      # ids that end generation (EOS, end-of-turn tokens)
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool = True, eos: bool = False, special: bool = True) -> list[int]:
         """Text -> ids, with BOS/EOS prepended/appended when asked.
 
         Left out, `bos` follows the tokenizer's convention: always for llama2.c and SentencePiece
         tokenizers, the file's add_bos_token flag for GGUF ones (SmolLM2 adds none).
+        special: a control token's text ("<|im_end|>") is read as that one token, as in a prompt
+        written by hand; special=False reads it as plain text, spelled with ordinary pieces (what a
+        chat message's content needs, llama.cpp's parse_special=false). User-defined tokens are
+        matched either way, as llama.cpp and Hugging Face match them. llama2.c's and SentencePiece's
+        tokenizers never read a control token from text, so for them the flag changes nothing.
         """
 
     def token_bytes(self, token: int, prev: int | None = None) -> bytes:

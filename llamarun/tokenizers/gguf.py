@@ -14,6 +14,9 @@ values. Two kinds are read, chosen by `tokenizer.ggml.model`:
 Token types (`tokenizer.ggml.token_type`): 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused,
 6 byte. Control and user-defined tokens written in the text (`<|im_start|>`, `<s>`) are read as those
 single tokens, as llama.cpp does for a prompt (its `parse_special`): chat templates rely on it.
+`encode(text, special=False)` reads a control token's text as plain text instead (llama.cpp's
+parse_special=false, Hugging Face's split_special_tokens): what a chat message's content needs, so
+that typing "<|im_end|>" cannot end a turn. User-defined tokens are matched either way, as both do.
 
 What a token prints (`token_bytes`), decided per kind:
 - gpt2: a normal token's characters map back to raw bytes through GPT-2's byte<->unicode table; every
@@ -28,6 +31,7 @@ What a token prints (`token_bytes`), decided per kind:
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -256,7 +260,11 @@ class GGUFBpeTokenizer:
         self.bos_id = self.vocab.bos_id
         self.eos_id = self.vocab.eos_id
         self.eog_ids = end_of_generation_ids(self.vocab)
+        self.special_ids = special_token_ids(self.vocab)
         self.hf = self.build_hf_tokenizer(meta, recipe)
+        # special=False is a switch on the one Hugging Face tokenizer (a second copy would cost ~40 MB):
+        # encodes that set it take turns, so that threads sharing the model never see the other's mode
+        self.hf_mode = threading.Lock()
         self.piece_bytes = [self.bytes_of(token) for token in range(self.vocab_size)]
 
     def build_hf_tokenizer(self, meta: dict, recipe: PreTokenizerRecipe):
@@ -273,10 +281,11 @@ class GGUFBpeTokenizer:
         hf = tk.Tokenizer(model)
         hf.pre_tokenizer = recipe.build(tk.pre_tokenizers, tk.Regex)
         hf.decoder = tk.decoders.ByteLevel()
-        # Special tokens are cut out of the text before pre-tokenization and keep their vocab ids.
+        # Special tokens are cut out of the text before pre-tokenization and keep their vocab ids;
+        # `special` marks the control ones, which encode_special_tokens (special=False) leaves as text.
         hf.add_special_tokens([
             tk.AddedToken(text, special=self.vocab.types[token] == CONTROL, normalized=False)
-            for text, token in special_token_ids(self.vocab).items()])
+            for text, token in self.special_ids.items()])
         return hf
 
     def bytes_of(self, token: int) -> bytes:
@@ -288,9 +297,12 @@ class GGUFBpeTokenizer:
             return byte_level_bytes(text)
         return b""                               # unused (and byte, which byte-level BPE lacks)
 
-    def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
-        """Text -> ids. `bos=None` follows the model's add_bos_token flag; True/False force it."""
-        ids = self.hf.encode(valid_unicode(text), add_special_tokens=False).ids
+    def encode(self, text: str, bos: bool | None = None, eos: bool = False, special: bool = True) -> list[int]:
+        """Text -> ids. `bos=None` follows the model's add_bos_token flag; True/False force it.
+        special=False: control tokens' texts are plain text (Tokenizer.encode)."""
+        with self.hf_mode:
+            self.hf.encode_special_tokens = not special
+            ids = self.hf.encode(valid_unicode(text), add_special_tokens=False).ids
         return with_bos_eos(ids, self.vocab, bos, eos)
 
     def token_bytes(self, token: int, prev: int | None = None) -> bytes:
@@ -343,6 +355,10 @@ class GGUFSpmTokenizer:
         self.byte_ids = self.byte_token_ids()
         self.special_ids = special_token_ids(vocab)
         self.special_pattern = special_token_pattern(self.special_ids)
+        # what special=False still matches: the user-defined tokens only
+        self.user_defined_ids = {text: token for text, token in self.special_ids.items()
+                                 if vocab.types[token] == USER_DEFINED}
+        self.user_defined_pattern = special_token_pattern(self.user_defined_ids)
         self.piece_bytes = [self.bytes_of(token) for token in range(self.vocab_size)]
 
     def byte_token_ids(self) -> dict[int, int]:
@@ -369,13 +385,16 @@ class GGUFSpmTokenizer:
 
     # encoding
 
-    def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
-        """Text -> ids. `bos=None` follows the model's add_bos_token flag; True/False force it."""
+    def encode(self, text: str, bos: bool | None = None, eos: bool = False, special: bool = True) -> list[int]:
+        """Text -> ids. `bos=None` follows the model's add_bos_token flag; True/False force it.
+        special=False: control tokens' texts are plain text (Tokenizer.encode)."""
         ids: list[int] = []
         after_special = True           # llama.cpp: the text at the start or after a special token
-        for fragment, special in split_special(text, self.special_pattern, self.special_ids):
-            if special is not None:
-                ids.append(special)
+        matched = (self.special_pattern, self.special_ids) if special else \
+            (self.user_defined_pattern, self.user_defined_ids)
+        for fragment, token in split_special(text, *matched):
+            if token is not None:
+                ids.append(token)
                 after_special = True
                 continue
             # SentencePiece and llama.cpp write every space as '▁' before encoding, so a '▁' in the

@@ -92,7 +92,8 @@ class Llama2cTokenizer:
     # ----------------------------------------------------------------------------------------
     # encoding
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool = True, eos: bool = False, special: bool = True) -> list[int]:
+        # special: run.c reads no token from its text, so "<s>" is always plain text (Tokenizer.encode)
         # surrogateescape gives back the raw bytes of a command-line argument that was not UTF-8,
         # which is what run.c would have seen in argv.
         data = text.encode("utf-8", errors="surrogateescape")

@@ -71,7 +71,8 @@ class SentencePieceTokenizer:
             return bytes([int(_BYTE_PIECE.fullmatch(piece).group(1), 16)])
         return piece.replace(SPACE_SYMBOL, " ").encode("utf-8")
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool = True, eos: bool = False, special: bool = True) -> list[int]:
+        # special: SentencePiece never reads a control piece ("<s>") from text (Tokenizer.encode)
         ids = list(self.sp.EncodeAsIds(text))
         if bos and self.bos_id is not None:
             ids.insert(0, self.bos_id)
