@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .decoding import Completion, LogitBias, LogitsProcessor, TokenEvent
+from .decoding import Completion, LogitBias, LogitsProcessor, TokenEvent, check_token_ids
 from .errors import LlamarunError
 from .formats import load_checkpoint
 from .generation import generate_stream
@@ -95,25 +95,38 @@ class Llama:
 
     # -- text <-> ids -------------------------------------------------------------------------
 
-    def encode(self, prompt: str | Sequence[int], bos: bool | None = None) -> list[int]:
-        """Text -> ids (BOS as the tokenizer's convention has it, unless `bos` says); ids pass through."""
+    def encode(self, prompt: str | Sequence[int], bos: bool | None = None, special: bool = True) -> list[int]:
+        """Text -> ids (BOS as the tokenizer's convention has it, unless `bos` says); ids pass through,
+        checked to be tokens of the vocabulary.
+
+        special: a special token's text in the prompt ("<|im_start|>") is that one token, as in a chat
+        prompt written by hand; special=False reads it as plain text, as text from someone else must
+        be read (Tokenizer.encode). Chat messages need neither: ChatFormat keeps their content plain.
+        """
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise LlamarunError("this model was loaded without a tokenizer: pass token ids, or load it with "
                                     "tokenizer=PATH (CLI: -z PATH)")
-            return self.tokenizer.encode(prompt) if bos is None else self.tokenizer.encode(prompt, bos=bos)
-        return [int(t) for t in prompt]
+            if bos is None:
+                return self.tokenizer.encode(prompt, special=special)
+            return self.tokenizer.encode(prompt, bos=bos, special=special)
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Iterable):
+            raise LlamarunError(f"a prompt is text (str) or a sequence of token ids, not {type(prompt).__name__} "
+                                f"{prompt!r:.40}")
+        return check_token_ids(prompt, self.config.vocab_size)
 
     def decode(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:
             raise LlamarunError("this model was loaded without a tokenizer, so it cannot turn ids into text")
-        return self.tokenizer.decode(list(ids))
+        return self.tokenizer.decode(check_token_ids(ids, self.config.vocab_size))
 
     # -- scoring ------------------------------------------------------------------------------
 
     def logits(self, ids: Sequence[int] | str) -> np.ndarray:
         """Teacher-forced logits of every position, in one batched pass.   -> (len(ids), vocab) float32"""
         ids = self.encode(ids)
+        if not ids:
+            raise LlamarunError("there are no tokens to score: give some text or token ids")
         if len(ids) > self.config.seq_len:
             raise LlamarunError(f"{len(ids)} tokens do not fit the model's context of {self.config.seq_len}")
         return self.model.forward(Batch.sequence(ids, all_logits=True), self.model.new_cache(seq_len=len(ids)))
@@ -123,7 +136,8 @@ class Llama:
     def stream(self, prompt: str | Sequence[int], max_tokens: int = 256, *, sampler: str = "default",
                stop: Sequence[str] = (), confidence: bool = False, confidence_top: int = 5,
                logprobs: int | None = None, ignore_eos: bool = False, logit_bias: dict[int, float] | None = None,
-               processors: Sequence[LogitsProcessor] = (), probe: Probe | None = None, **sampling) -> "Stream":
+               processors: Sequence[LogitsProcessor] = (), probe: Probe | None = None, special: bool = True,
+               **sampling) -> "Stream":
         """Generate lazily: iterate for TokenEvents (ev.token, ev.text); `.completion` holds the result.
 
         sampling: temperature, top_p, top_k, min_p, repeat_penalty, presence_penalty, frequency_penalty,
@@ -137,9 +151,12 @@ class Llama:
         logit_bias: {token id: bias} added to the logits before each draw (-inf or -100 bans).
         processors: further logits processors, `f(ids, logits_row)` changing the row in place
         (llamarun.decoding). probe: what inspection tools ask of each forward (llamarun.model.Probe).
+        special: how a text prompt reads special tokens' texts, as `encode`'s.
         """
-        ids = self.encode(prompt)
+        ids = self.encode(prompt, special=special)
         chosen = make_sampler(sampler, **sampling)
+        if logit_bias:
+            check_logit_bias(logit_bias, self.config.vocab_size)
         processors = ([LogitBias(logit_bias)] if logit_bias else []) + list(processors)
         result = Completion("", [])
         events = generate_stream(self.model, self.tokenizer, ids, chosen, max_tokens=max_tokens, ignore_eos=ignore_eos,
@@ -155,18 +172,43 @@ class Llama:
         return s.completion
 
 
+def check_logit_bias(bias, vocab_size: int) -> None:
+    if not isinstance(bias, Mapping):
+        raise LlamarunError(f"logit_bias must be a dict of token id -> bias, not {type(bias).__name__}")
+    check_token_ids(list(bias), vocab_size)
+    for token, value in bias.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            raise LlamarunError(f"logit_bias[{token}] must be a number, not {type(value).__name__} {value!r:.40}")
+
+
 class Stream:
-    """An iterator of TokenEvents; once it is exhausted (or abandoned), `.completion` is the result so far."""
+    """An iterator of TokenEvents, and in `.completion` their result.
+
+    `.completion` is what a caller who asks for the result expects: read before the stream was
+    iterated at all, it runs the stream to its end first (as `Llama.generate` does); once iteration
+    has begun it is the result so far, whole when the stream is exhausted, partial when the loop
+    left it early (a break, close(), Ctrl-C), and readable while it runs.
+    """
 
     def __init__(self, events: Iterator[TokenEvent], completion: Completion):
         self._events = events
-        self.completion = completion
+        self._completion = completion
+        self._started = False
 
     def __iter__(self) -> Iterator[TokenEvent]:
-        return self._events
+        return self
 
     def __next__(self) -> TokenEvent:
+        self._started = True
         return next(self._events)
 
+    @property
+    def completion(self) -> Completion:
+        if not self._started:
+            for _ in self:
+                pass
+        return self._completion
+
     def close(self) -> None:
+        self._started = True
         self._events.close()

@@ -333,8 +333,8 @@ class ChatSession:
                  max_tokens: int = 512, history: Sequence[dict] = (), sampler=None, **sampling):
         if llama.tokenizer is None:
             raise LlamarunError("chat needs the model's tokenizer: load it with tokenizer=PATH (CLI: -z PATH)")
-        if max_tokens < 1:
-            raise LlamarunError(f"a reply needs room for at least one token, not max_tokens={max_tokens}")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise LlamarunError(f"a reply needs room for at least one token, not max_tokens={max_tokens!r}")
         self.llama = llama
         self.tokenizer = llama.tokenizer
         self.chat_format = chat_format or chat_format_for(llama)

@@ -26,7 +26,7 @@ the driver goes on from `decoder.pos - 1` as after one token, which rolls its KV
 positions of rejected draft tokens are written over).
 
 The special token ids live here too: which ids end generation (`end_tokens`) and what a prompt
-starts with when it has no text (`first_token`).
+starts with when it has no text (`first_token`); and what a token id is at all (`check_token_ids`).
 """
 from __future__ import annotations
 
@@ -172,15 +172,37 @@ class LogitBias:
             logits[self.ids] += self.values
 
 
+def check_token_ids(ids, vocab_size: int) -> list[int]:
+    """`ids` as a list of Python ints, once each is known to be a token of the vocabulary [0, vocab_size).
+
+    Every way token ids come into llamarun from a caller (Llama.encode, decode, logits, generate,
+    stream, the generation loop) passes here: an id of -1 would index the embedding table from its
+    end, and 1.5 or True would be read as 1.
+    """
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise LlamarunError(f"token ids must be a sequence of integers, not {type(ids).__name__} {ids!r:.40}")
+    out = []
+    for n, token in enumerate(ids):
+        if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
+            raise LlamarunError(f"token ids must be integers: item {n} is {type(token).__name__} {token!r:.40}")
+        if not 0 <= token < vocab_size:
+            raise LlamarunError(f"token id {token} (item {n}) is outside the model's vocabulary [0, {vocab_size})")
+        out.append(int(token))
+    return out
+
+
+def check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise LlamarunError(f"{name} must be an integer >= 0, not {type(value).__name__} {value!r:.40}")
+
+
 def check_prompt(prompt_ids: Sequence[int], start_pos: int, context: int, vocab_size: int) -> None:
-    if not prompt_ids:
+    if not len(prompt_ids):
         raise LlamarunError("the prompt is empty: give some text, or enable BOS so there is a first token")
     if start_pos + len(prompt_ids) > context:
         raise LlamarunError(f"the prompt is {len(prompt_ids)} tokens but the context holds {context - start_pos} "
                             "more: shorten the prompt (or use a model with a longer context)")
-    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
-    if bad:
-        raise LlamarunError(f"token id {bad[0]} is outside the model's vocabulary of {vocab_size}")
+    check_token_ids(prompt_ids, vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,12 +225,14 @@ class Decoder:
                  start_pos: int = 0, end: frozenset[int] | None = None, ignore_eos: bool = False,
                  stop: Sequence[str] = (), logprobs: int | None = None, confidence_top: int | None = None,
                  processors: Sequence[LogitsProcessor] = (), completion: Completion | None = None):
-        if max_tokens < 0:
-            raise LlamarunError(f"the number of new tokens must be >= 0, not {max_tokens}")
-        if confidence_top is not None and confidence_top < 0:
-            raise LlamarunError(f"the number of alternatives must be >= 0, not {confidence_top}")
-        if isinstance(stop, str):
-            stop = [stop]
+        check_count("max_tokens (the number of new tokens)", max_tokens)
+        if confidence_top is not None:
+            check_count("confidence_top (the number of alternatives)", confidence_top)
+        if logprobs is not None:
+            check_count("logprobs (the number of most probable tokens)", logprobs)
+        stop = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, Iterable) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise LlamarunError(f"stop must be a string or a list of strings, not {stop!r:.60}")
         self.tokenizer, self.sampler = tokenizer, sampler
         self.end = end_tokens(tokenizer, sampler) if end is None else frozenset(end)
         self.processors = list(processors)
