@@ -2,16 +2,22 @@
 
 - `ChatFormat` turns a list of messages ({"role": ..., "content": ...}) into text and token ids.
   `ChatFormat.from_template` renders a Hugging Face chat template (jinja2, in the environment that
-  transformers' `apply_chat_template` uses, so the text is the same to the byte);
-  `ChatFormat.llama2()` is Llama 2's [INST] format as llama2.c's run.c builds it in chat mode.
+  transformers' `apply_chat_template` uses, so the text is the same to the byte, within bounds of
+  time and size: a template is data from a model file); `ChatFormat.llama2()` is Llama 2's [INST]
+  format as llama2.c's run.c builds it in chat mode. Only a format's own markers become control
+  tokens: what the messages say is tokenized as plain text, so no message can end its turn early
+  or forge another one by typing "<|im_end|>".
 - `ChatSession` holds a conversation with a model. Every turn renders the whole conversation, but
   only the tokens the KV cache does not hold yet are prefilled: a turn costs its new tokens only.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import re
+import secrets
+import time
 from datetime import datetime
 from typing import Iterator, Sequence
 
@@ -50,12 +56,120 @@ def _strftime_now(format):
     return datetime.now().strftime(format)
 
 
+# A template comes with the model file: its rendering must end, soon and small, whatever it says.
+# Real templates render in milliseconds, in a few loops over the messages.
+TEMPLATE_SECONDS = 2.0           # wall time of one rendering
+TEMPLATE_ITEMS = 1_000_000       # items of all its range()s and repetitions (seq * n) in one rendering
+TEMPLATE_SIZE = 16 << 20         # length of any string or list it builds (the rendering included),
+                                 # and the largest width it may pass to what pads (WIDTH_TAKING)
+# the filters and str methods whose integer arguments are widths or counts of what they build
+WIDTH_TAKING = frozenset({"center", "indent", "truncate", "wordwrap", "ljust", "rjust", "zfill", "expandtabs"})
+
+
+class TemplateTooCostly(LlamarunError):
+    """A chat template that would run too long or build too much: it is broken or hostile."""
+
+
+def _too_costly(what: str) -> TemplateTooCostly:
+    return TemplateTooCostly(f"the chat template exceeds {what}: it is broken or hostile; use a model file "
+                             f"with another template")
+
+
+class TemplateBudget:
+    """What one rendering may still spend. Loops with empty bodies are bounded by the items of what
+    they loop over (range() and seq * n are the ways to make a long sequence from nothing); every
+    other step of a template (an attribute, an item, a call, a filter, a piece of output) checks the
+    clock and the size of what it takes and gives."""
+
+    def __init__(self):
+        self.deadline = time.monotonic() + TEMPLATE_SECONDS
+        self.items = TEMPLATE_ITEMS
+
+    def spend(self, items: int) -> None:
+        self.items -= items
+        if self.items < 0:
+            raise _too_costly(f"{TEMPLATE_ITEMS} items of range() and repetition in one rendering")
+
+    def check(self, value=None):
+        """`value`, once the clock and its size are checked."""
+        if time.monotonic() > self.deadline:
+            raise _too_costly(f"{TEMPLATE_SECONDS:g} s of rendering")
+        if isinstance(value, (str, list, tuple, dict)) and len(value) > TEMPLATE_SIZE:
+            raise _too_costly(f"{TEMPLATE_SIZE} items in one value (a {type(value).__name__} of {len(value)})")
+        return value
+
+
+# the budget of the rendering under way in this thread (render_chat_template sets it)
+_budget: contextvars.ContextVar[TemplateBudget | None] = contextvars.ContextVar("template_budget", default=None)
+
+
+def _check(value=None):
+    budget = _budget.get()
+    return value if budget is None else budget.check(value)
+
+
+def _check_widths(name: str, args, kwargs) -> None:
+    """Refuse "x".ljust(10**9) before it runs: it would build its gigabyte in one step."""
+    if name in WIDTH_TAKING and any(isinstance(v, int) and v > TEMPLATE_SIZE for v in (*args, *kwargs.values())):
+        raise _too_costly(f"a width of {TEMPLATE_SIZE} in {name}()")
+
+
+def _bounded_range(*args):
+    r = range(*args)
+    budget = _budget.get()
+    if budget is not None:
+        budget.spend(len(r))
+    return r
+
+
+def _bounded_filter(name: str, f):
+    """The filter `f`, checking the budget on its widths and on what it gives."""
+    @functools.wraps(f)               # keeps jinja's pass_context/pass_environment marks
+    def bounded(*args, **kwargs):
+        _check_widths(name, args, kwargs)
+        return _check(f(*args, **kwargs))
+    return bounded
+
+
+class BoundedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """transformers' sandbox (nothing a template does changes its arguments or reaches Python's
+    internals), with every rendering held to a TemplateBudget of time, items and size."""
+
+    intercepted_binops = frozenset({"*", "**"})     # "x" * 10**9, 9**9**9: refused before they run
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.globals["range"] = _bounded_range
+        self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
+
+    def call_binop(self, context, operator, left, right):
+        budget = _budget.get()
+        if budget is not None and operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                    budget.spend(len(seq) * max(n, 0))
+        if budget is not None and operator == "**" and isinstance(left, int) and isinstance(right, int):
+            if abs(left) > 1 and right * abs(left).bit_length() > 4096:
+                raise _too_costly("4096 bits in a power")
+        return _check(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context, __obj, *args, **kwargs):
+        _check_widths(getattr(__obj, "__name__", ""), args, kwargs)
+        return _check(super().call(__context, __obj, *args, **kwargs))
+
+    def getattr(self, obj, attribute):
+        return _check(super().getattr(obj, attribute))
+
+    def getitem(self, obj, argument):
+        return _check(super().getitem(obj, argument))
+
+
 @functools.lru_cache(maxsize=16)
 def compile_chat_template(template: str) -> jinja2.Template:
-    """Compile a chat template in the environment transformers' apply_chat_template uses."""
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                       extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
+    """Compile a chat template in the environment transformers' apply_chat_template uses (bounded:
+    BoundedSandbox)."""
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _bounded_filter("tojson", _tojson)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     try:
@@ -69,17 +183,31 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
     """The text of `messages` under a Hugging Face chat template, as apply_chat_template renders it.
 
     `extra` are further template variables (transformers passes the tokenizer's special tokens and
-    any keyword arguments; `tools` and `documents` are None unless given).
+    any keyword arguments; `tools` and `documents` are None unless given). A template that runs
+    past its TemplateBudget is a TemplateTooCostly error.
     """
     compiled = compile_chat_template(template)
     variables = dict(tools=None, documents=None, bos_token=bos_token, eos_token=eos_token)
     variables.update(extra)
+    budget = TemplateBudget()
+    token = _budget.set(budget)
     try:
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        out, size = [], 0
+        for piece in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt, **variables):
+            budget.check()
+            size += len(piece)
+            if size > TEMPLATE_SIZE:
+                raise _too_costly(f"{TEMPLATE_SIZE} characters of rendering")
+            out.append(piece)
+        return "".join(out)
     except _TemplateRaised as e:
         raise LlamarunError(f"the chat template refused the conversation: {e.message}") from None
+    except LlamarunError:
+        raise
     except Exception as e:   # the template is data from the model file: any failure is its own
         raise LlamarunError(f"the chat template failed to render: {type(e).__name__}: {e}") from None
+    finally:
+        _budget.reset(token)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 it, a session that reuses its KV cache from turn to turn, and the `chat` command."""
 import io
 import json
+import time
 
 import pytest
 
@@ -82,6 +83,32 @@ def test_raise_exception_and_broken_templates_are_llamarun_errors():
         ChatFormat.from_template("{% for m in messages %}")
     with pytest.raises(LlamarunError):     # the sandbox refuses to change the messages
         render_chat_template("{{ messages.append(1) }}", [])
+
+
+HOSTILE_TEMPLATES = {
+    "nested loops": "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+    "a repeated string": "{{ 'x' * 10**9 }}",
+    "a huge power": "{{ 7 ** 99999999 }}",
+    "a padding filter": "{{ 'x' | center(10**9) }}",
+    "a padding method": "{{ 'x'.ljust(10**9) }}",
+    "a doubling string": ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+                          "{% endfor %}{{ ns.s }}"),
+    "a long rendering": "{% for i in range(999999) %}{{ messages }}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("template", HOSTILE_TEMPLATES.values(), ids=HOSTILE_TEMPLATES.keys())
+def test_a_hostile_template_is_a_clear_error_soon(template):
+    start = time.perf_counter()
+    with pytest.raises(LlamarunError, match="^the chat template exceeds .*: it is broken or hostile"):
+        render_chat_template(template, [{"role": "user", "content": "Hi"}])
+    assert time.perf_counter() - start < 1.5
+
+
+def test_a_slow_template_runs_out_of_time(monkeypatch):
+    monkeypatch.setattr(llamarun.chat, "TEMPLATE_SECONDS", 0.05)
+    with pytest.raises(LlamarunError, match=r"exceeds 0.05 s of rendering"):
+        render_chat_template("{% for i in range(999999) %}{{ i }}{% endfor %}", [])
 
 
 def test_template_special_tokens_are_one_id_each():
