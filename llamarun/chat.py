@@ -248,13 +248,16 @@ class TemplateChatFormat(ChatFormat):
 
     The rendered text holds special tokens as text ("<|im_start|>"); `special_tokens` maps those texts
     to their ids, so they become one id each rather than being spelled out by the tokenizer. Without
-    it, the BOS and EOS texts map to the tokenizer's bos_id and eos_id.
+    it, the tokenizer's own special tokens (a GGUF tokenizer's `special_ids`) and the BOS and EOS
+    texts map to their ids. Only the template's own text gives special ids: what the messages say
+    is plain text, however it is spelled.
     """
 
     def __init__(self, template: str, bos: str = "", eos: str = "", special_tokens: dict[str, int] | None = None):
         self.template = template
         self.bos, self.eos = bos or "", eos or ""
         self.special_tokens = special_tokens
+        self._protected: tuple[object, frozenset[str]] | None = None    # (tokenizer, its protected_texts)
         compile_chat_template(template)     # a template that does not parse is refused now, not mid-chat
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
@@ -262,59 +265,134 @@ class TemplateChatFormat(ChatFormat):
                                     bos_token=self.bos, eos_token=self.eos)
 
     def encode(self, messages: list[dict], tokenizer, add_generation_prompt: bool = True) -> list[int]:
+        """The conversation's ids: a special token's text that the template writes is its one id, a
+        reply whose drawn tokens are known is those tokens, and all other text (the template's and the
+        messages', run together between ids, as the rendered text runs) is tokenized as plain text.
+        A message that says "<|im_end|>" gets those characters in ordinary pieces, not the end of its turn."""
         specials = self.specials_of(tokenizer)
-        text = self.render(messages, add_generation_prompt)
-        pieces = self.split_at_replies(messages, add_generation_prompt, text)
         ids: list[int] = []
-        for piece in pieces:
-            ids += piece if isinstance(piece, list) else encode_with_specials(piece, tokenizer, specials)
+        plain: list[str] = []            # text waiting to be tokenized: it runs up to the next id
+
+        def flush():
+            text = "".join(plain)
+            if text:
+                ids.extend(tokenizer.encode(text, bos=False, special=False))
+            plain.clear()
+
+        for kind, value in self.pieces(messages, add_generation_prompt, self.protected_texts(tokenizer, specials)):
+            if kind == "template":
+                for n, part in enumerate(split_at_specials(value, specials)):
+                    if n % 2:
+                        flush()
+                        ids.append(specials[part])
+                    else:
+                        plain.append(part)
+            elif kind == "content":
+                plain.append(value)
+            else:                        # "tokens"
+                flush()
+                ids += value
+        flush()
         return ids
 
     def specials_of(self, tokenizer) -> dict[str, int]:
         if self.special_tokens is not None:
             return self.special_tokens
-        pairs = ((self.bos, tokenizer.bos_id), (self.eos, tokenizer.eos_id))
-        return {text: token for text, token in pairs if text and token is not None}
+        specials = dict(getattr(tokenizer, "special_ids", {}))
+        for text, token in ((self.bos, tokenizer.bos_id), (self.eos, tokenizer.eos_id)):
+            if text and token is not None:
+                specials.setdefault(text, token)
+        return specials
 
-    def split_at_replies(self, messages, add_generation_prompt, text) -> list[str | list[int]]:
-        """The rendered text cut around the replies whose drawn tokens are known: text, ids, text, ...
+    def protected_texts(self, tokenizer, specials: dict[str, int]) -> frozenset[str]:
+        """The special texts that plain tokenization does not read as their token (control tokens:
+        "<|im_end|>"): a message must not write them. A user-defined token, which plain text gives
+        anyway, may stay in a message, where the template can see it (a "</think>" it splits at)."""
+        if self._protected is None or self._protected[0] is not tokenizer:
+            texts = frozenset(text for text, token in specials.items()
+                              if tokenizer.encode(text, bos=False, special=False) != [token])
+            self._protected = (tokenizer, texts)
+        return self._protected[1]
 
-        The template is rendered again with a marker in place of each such reply; the cut is used only
-        if putting the replies back into that rendering gives the real text exactly (a template that
-        edits a reply, say strips it, keeps its text, and the text is tokenized).
+    def pieces(self, messages: list[dict], add_generation_prompt: bool,
+               protected: frozenset[str]) -> list[tuple[str, str | list[int]]]:
+        """The rendering cut into ("template", text), ("content", text) and ("tokens", ids) pieces.
+
+        The template renders the messages with markers in place of what they bring: each message's
+        content as a whole (or, for a reply whose drawn tokens are known, those tokens), and every
+        protected text in their other strings. The cut is used if putting the contents back gives
+        the real rendering exactly. A template that edits content (trims it, splits it) renders it
+        instead with markers in place of the protected texts only, wherever they are: the rest of
+        the content then reads as template text, and holds no special text to mistake.
         """
-        known = [i for i, m in enumerate(messages) if m.get("role") == "assistant" and m.get("tokens") is not None]
-        if not known:
-            return [text]
-        marked = [dict(m) for m in messages]
-        markers = {}
-        for n, i in enumerate(known):
-            marker = f"\ue000{n}\ue001"      # private-use characters: never in a real conversation
-            marked[i]["content"] = marker
-            markers[marker] = messages[i]
-        rendered = self.render(marked, add_generation_prompt)
-        parts = re.split("(" + "|".join(map(re.escape, markers)) + ")", rendered)
-        if sorted(parts[1::2]) != sorted(markers) or \
-                "".join(markers[p]["content"] if p in markers else p for p in parts) != text:
-            return [text]
-        return [list(markers[p]["tokens"]) if p in markers else p for p in parts]
+        real = self.render(messages, add_generation_prompt)
+        replies = any(m.get("tokens") is not None for m in messages)
+        attempts = [(True, True)] + ([(False, True)] if replies else []) + [(False, False)]
+        for n, (whole_content, drawn_tokens) in enumerate(attempts):
+            markers = ContentMarkers(protected)
+            marked = [markers.message(m, whole_content, drawn_tokens) for m in messages]
+            rendered = self.render(marked, add_generation_prompt)
+            if n == len(attempts) - 1 or markers.restore(rendered) == real:
+                return markers.split(rendered)
 
 
-def encode_with_specials(text: str, tokenizer, specials: dict[str, int]) -> list[int]:
-    """Token ids of template text: each special token's text is its one id, the rest is tokenized."""
-    if not text:
-        return []
+class ContentMarkers:
+    """Stand-ins, in a rendering, for what the messages bring: each marker is a run of private-use
+    characters around a number no message can guess, and names the piece it stands for."""
+
+    def __init__(self, protected: frozenset[str]):
+        self.nonce = secrets.token_hex(8)
+        self.pieces: list[tuple[str, str | list[int], str]] = []     # (kind, value, its text)
+        self.pattern = re.compile(f"\ue000{self.nonce}:(\\d+)\ue001")
+        # longest first, so that a protected text that begins another one does not cut it
+        self.protected = re.compile("|".join(map(re.escape, sorted(protected, key=len, reverse=True)))) \
+            if protected else None
+
+    def add(self, kind: str, value, text: str) -> str:
+        self.pieces.append((kind, value, text))
+        return f"\ue000{self.nonce}:{len(self.pieces) - 1}\ue001"
+
+    def masked(self, value):
+        """`value` (a string, or lists and dicts of them) with a marker for each protected text."""
+        if isinstance(value, str):
+            return value if self.protected is None else \
+                self.protected.sub(lambda m: self.add("content", m.group(), m.group()), value)
+        if isinstance(value, dict):
+            return {k: self.masked(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.masked(v) for v in value]
+        return value
+
+    def message(self, message: dict, whole_content: bool, drawn_tokens: bool) -> dict:
+        """The message as the template sees it, with markers."""
+        marked = {k: self.masked(v) for k, v in message.items() if k not in ("tokens", "content")}
+        content = message.get("content")
+        if isinstance(content, str) and drawn_tokens and message.get("tokens") is not None:
+            marked["content"] = self.add("tokens", list(message["tokens"]), content)
+        elif isinstance(content, str) and whole_content:
+            marked["content"] = self.add("content", content, content)
+        elif "content" in message:
+            marked["content"] = self.masked(content)
+        return marked
+
+    def restore(self, rendered: str) -> str:
+        """The rendering with each marker replaced by the text it stands for."""
+        return self.pattern.sub(lambda m: self.pieces[int(m.group(1))][2], rendered)
+
+    def split(self, rendered: str) -> list[tuple[str, str | list[int]]]:
+        parts = self.pattern.split(rendered)
+        if any(self.nonce in part for part in parts[::2]):
+            raise LlamarunError("the chat template cuts into the text of a message that holds a special token: "
+                                "llamarun cannot tell the message from the template; use another template")
+        return [("template", part) if n % 2 == 0 else self.pieces[int(part)][:2] for n, part in enumerate(parts)]
+
+
+def split_at_specials(text: str, specials: dict[str, int]) -> list[str]:
+    """[text, special, text, special, ..., text]: `text` cut at each special token's text."""
     if not specials:
-        return tokenizer.encode(text, bos=False)
-    ids: list[int] = []
+        return [text]
     # longest first, so that a special token that begins another one does not cut it
-    pattern = "(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")"
-    for n, part in enumerate(re.split(pattern, text)):
-        if n % 2:
-            ids.append(specials[part])
-        elif part:
-            ids += tokenizer.encode(part, bos=False)
-    return ids
+    return re.split("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")", text)
 
 
 LLAMA2_SYSTEM_TURN = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]"
@@ -327,6 +405,8 @@ class Llama2ChatFormat(ChatFormat):
     The system prompt goes into the first turn only: "[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST]".
     run.c encodes each turn's text on its own (with BOS and the dummy-prefix space) and keeps the
     reply's drawn tokens and the EOS that ended it in the cache; `encode` gives that same sequence.
+    BOS and EOS are the only special ids: the text of a turn is tokenized as plain text, so a
+    message that says "</s>" does not end it.
     """
 
     def turns(self, messages: list[dict]) -> tuple[str, list[tuple[str, dict | None]]]:
@@ -366,7 +446,7 @@ class Llama2ChatFormat(ChatFormat):
         system, turns = self.turns(messages)
         ids: list[int] = []
         for n, (user, reply) in enumerate(turns):
-            ids += tokenizer.encode(self.instruction(user, system, n == 0), bos=True)
+            ids += tokenizer.encode(self.instruction(user, system, n == 0), bos=True, special=False)
             if reply is not None:
                 ids += self.reply_ids(reply, tokenizer) + [tokenizer.eos_id]
         return ids
@@ -376,7 +456,7 @@ class Llama2ChatFormat(ChatFormat):
         if reply.get("tokens") is not None:
             return list(reply["tokens"])
         # the model writes its reply as "▁word ...": the dummy-prefix space of encode() is that space
-        return tokenizer.encode(reply["content"].strip(), bos=False)
+        return tokenizer.encode(reply["content"].strip(), bos=False, special=False)
 
 
 # ----------------------------------------------------------------------------------------------

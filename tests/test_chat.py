@@ -115,7 +115,7 @@ def test_template_special_tokens_are_one_id_each():
     class CharTokenizer:          # one id per character: enough to see where the special ids fall
         bos_id, eos_id = 1, 2
 
-        def encode(self, text, bos=True, eos=False):
+        def encode(self, text, bos=True, eos=False, special=True):
             return [1000 + ord(c) for c in text]
 
     case = smol_chat_case()
