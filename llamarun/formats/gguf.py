@@ -132,13 +132,13 @@ class _Cursor:
             _past_the_end(field, n)
         return n
 
-    def string(self, what: str) -> str:
+    def string(self, what: str = "a metadata key") -> str:
         """A string; `what` names it in errors ("general.name", "a tensor name")."""
         n = self.count(f"the length of {what}")
         start = self.skip(n)
         return _utf8(self.buf[start:start + n], what)
 
-    def value(self, vtype: int, key: str):
+    def value(self, vtype: int, key: str = "value"):
         """The value of metadata `key` (named in errors), of type vtype."""
         fmt = _SCALAR_FORMATS.get(vtype)
         if fmt is not None:
