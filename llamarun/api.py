@@ -7,6 +7,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from .config import with_context
 from .decoding import Completion, LogitBias, LogitsProcessor, TokenEvent, check_token_ids
 from .errors import LlamarunError
 from .formats import load_checkpoint
@@ -18,7 +19,7 @@ from .tokenizers import load_tokenizer, tokenizer_from_gguf
 
 
 def load(path: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
-         exact: bool = False) -> "Llama":
+         exact: bool = False, n_ctx: int | None = None) -> "Llama":
     """Load a model (memory-mapped) with its tokenizer.
 
     path: a llama2.c .bin or a GGUF file; None loads the default model (SmolLM2-135M-Instruct,
@@ -29,6 +30,8 @@ def load(path: str | os.PathLike | None = None, tokenizer: str | os.PathLike | N
     blocks as llama.cpp does (held to: perplexity within 2% of exact, tests/test_fast_path.py).
     The choice, and every other of how the model computes, is its plan (`Llama.plan`, llamarun/plan.py),
     made here once: another arithmetic is another load.
+    n_ctx: the context in tokens (CLI: --ctx), at most the one the model was trained for; default: the
+    trained one up to config.DEFAULT_CONTEXT_LIMIT. `Llama.config.seq_len` is then the context used.
     """
     if path is None:
         from .hub import ensure_default_model
@@ -44,7 +47,7 @@ def load(path: str | os.PathLike | None = None, tokenizer: str | os.PathLike | N
         # it lowers a loaded model's peak memory by a few MiB, which keeps it under the budget of
         # file + KV cache + 200 MB (docs/performance.md).
         getattr(checkpoint, "metadata", {}).pop("tokenizer.ggml.merges", None)
-    return Llama(checkpoint, tok, exact=exact)
+    return Llama(checkpoint, tok, exact=exact, n_ctx=n_ctx)
 
 
 def embedded_tokenizer(checkpoint):
@@ -76,13 +79,13 @@ def find_tokenizer(model_path: str | os.PathLike, vocab_size: int) -> str | None
 class Llama:
     """A loaded model with its tokenizer: the object the API and the CLI work with."""
 
-    def __init__(self, checkpoint, tokenizer=None, exact: bool = False):
+    def __init__(self, checkpoint, tokenizer=None, exact: bool = False, n_ctx: int | None = None):
         """exact: as `load`'s (the default, fast, where the weights have it: GGUF; llama2.c checkpoints
-        compute as run.c does either way, their reference)."""
+        compute as run.c does either way, their reference). n_ctx: as `load`'s; `config` is the
+        checkpoint's with the context used as its seq_len (checkpoint.config keeps the trained one)."""
         self.checkpoint = checkpoint
-        self.config = checkpoint.config
-        self.model = Transformer(checkpoint.config, checkpoint.weights, choose_plan(checkpoint.config,
-                                                                                    checkpoint.weights, exact))
+        self.config = with_context(checkpoint.config, n_ctx)
+        self.model = Transformer(self.config, checkpoint.weights, choose_plan(self.config, checkpoint.weights, exact))
         self.tokenizer = tokenizer
 
     @property

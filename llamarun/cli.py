@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 
+from .config import DEFAULT_CONTEXT_LIMIT
 from .errors import LlamarunError
 
 EXIT_USER_ERROR = 1
@@ -23,13 +24,14 @@ EXIT_INTERRUPTED = 130
 # ----------------------------------------------------------------------------------------------
 # shared helpers
 
-def open_model(model_path: str | None, tokenizer_path: str | None, need_tokenizer: bool, exact: bool = False):
+def open_model(model_path: str | None, tokenizer_path: str | None, need_tokenizer: bool, exact: bool = False,
+               ctx: int | None = None):
     """Load the model (the default one when no path is given) and its tokenizer: the one given with
-    -z, else the one a GGUF file embeds, else one found beside the model whose size fits."""
+    -z, else the one a GGUF file embeds, else one found beside the model whose size fits. ctx: --ctx."""
     from .api import find_tokenizer, load
     from .tokenizers import load_tokenizer
 
-    llama = load(model_path, tokenizer_path, exact=exact)
+    llama = load(model_path, tokenizer_path, exact=exact, n_ctx=ctx)
     vocab = llama.config.vocab_size
     if llama.tokenizer is None:
         found = find_tokenizer(llama.checkpoint.path, vocab)
@@ -140,7 +142,8 @@ def cmd_generate(args) -> int:
     prompt = prompt_of(args)
     if args.confidence_json is not None:
         check_writable(args.confidence_json)
-    llama = open_model(args.model, args.tokenizer, need_tokenizer=bool(prompt) or not args.ids, exact=args.exact)
+    llama = open_model(args.model, args.tokenizer, need_tokenizer=bool(prompt) or not args.ids, exact=args.exact,
+                       ctx=args.ctx)
     sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.sampler != "llama2c":
         sampling.update(top_k=args.top_k, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
@@ -215,7 +218,7 @@ def cmd_run(args) -> int:
     if args.mode == "chat" and args.ids:
         raise LlamarunError("--ids is for -m generate: a chat prints its text")
     need_tokenizer = args.mode == "chat" or bool(args.input) or not args.ids
-    llama = open_model(args.checkpoint, args.tokenizer, need_tokenizer)
+    llama = open_model(args.checkpoint, args.tokenizer, need_tokenizer, ctx=args.ctx)
     seq_len = llama.config.seq_len
     steps = seq_len if args.steps <= 0 or args.steps > seq_len else args.steps   # run.c's clamp
     seed = args.seed if args.seed > 0 else None                                 # run.c: <= 0 seeds from the clock
@@ -333,7 +336,7 @@ def cmd_chat(args) -> int:
     """
     from .chat import ChatSession, chat_format_for
 
-    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact)
+    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact, ctx=args.ctx)
     session = ChatSession(llama, chat_format_for(llama), system=args.system, max_tokens=args.n,
                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                           repeat_penalty=args.repeat_penalty, seed=args.seed)
@@ -439,7 +442,7 @@ def cmd_attention(args) -> int:
     prompt = prompt_of(args)
     if not prompt:
         raise LlamarunError("attention needs a prompt")
-    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact)
+    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact, ctx=args.ctx)
     record = record_attention(llama, prompt, args.n, emphasis=args.emphasize or [], temperature=args.temperature,
                               top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                               repeat_penalty=args.repeat_penalty, seed=args.seed)
@@ -488,11 +491,20 @@ def cmd_models(args) -> int:
         print(f"no models in {folder} (empty): `llamarun pull` downloads the default model")
         return 0
     print(f"models in {folder}:")
+    failed = 0
     for path, size, name in models:
         label = name or ""
         if name == hub.DEFAULT_MODEL:
             label += " (default)"
-        print(f"  {path}  {size / 1e6:8.1f} MB  {label}".rstrip())
+        if args.verify:        # the sha256 of every known model, hashed again now
+            model = hub.known_by_filename(path.name)
+            problem = hub.verify_cached(model, path) if model else None
+            failed += problem is not None
+            label += "  " + ("no checksum known" if model is None else f"FAILED: {problem}" if problem else "sha256 ok")
+        print(f"  {path}  {size / 1e6:8.1f} MB  {label.strip()}".rstrip())
+    if failed:
+        raise LlamarunError(f"{failed} cached model{'s' if failed > 1 else ''} failed verification: "
+                            "`llamarun pull --force NAME` downloads one again")
     return 0
 
 
@@ -577,7 +589,7 @@ def cmd_bench(args) -> int:
     from .api import load
     from .bench import check_settings, format_report, run_bench
     check_settings(args.n_prompt, args.n_gen, args.depth, args.repetitions)   # before the model loads
-    llama = load(args.model, exact=args.exact)
+    llama = load(args.model, exact=args.exact, n_ctx=args.ctx)
     report = run_bench(llama, n_prompt=args.n_prompt, n_gen=args.n_gen, depth=args.depth,
                        repetitions=args.repetitions,
                        progress=lambda message: print(f"  {message} ...", file=sys.stderr, flush=True))
@@ -612,7 +624,7 @@ def cmd_perplexity(args) -> int:
     text = read_text_file(args.file)
     if args.ctx is not None and args.ctx < 2:
         raise LlamarunError(f"--ctx must be at least 2 tokens, not {args.ctx}")
-    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact)
+    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact, ctx=args.ctx)
     ctx = args.ctx if args.ctx is not None else min(512, llama.config.seq_len)
     ids = llama.tokenizer.encode(text, bos=False)     # no special tokens, as the reference scores text
     check_inputs(llama.model, ids, ctx)               # before the progress bar takes the terminal
@@ -628,6 +640,11 @@ def cmd_perplexity(args) -> int:
     return 0
 
 
+# The most tokens per layer `llamarun lens` shows: its table has a column per rank, and a table of
+# thousands of columns takes minutes and gigabytes to lay out (--top 100000: 118 s, 1.56 GB) for no reader.
+LENS_TABLE_TOP = 100
+
+
 def cmd_lens(args) -> int:
     """The logit lens as a table: per layer, the top tokens the final norm and classifier read."""
     from rich.console import Console
@@ -637,9 +654,12 @@ def cmd_lens(args) -> int:
 
     if args.top < 1:
         raise LlamarunError(f"--top must be at least 1, not {args.top}")
-    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact)
+    top = min(args.top, LENS_TABLE_TOP)
+    if top < args.top:
+        print(f"llamarun: --top {args.top} shows the top {top}, the most the table holds", file=sys.stderr)
+    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact, ctx=args.ctx)
     ids = llama.encode(prompt_of(args))
-    lens = logit_lens(llama.model, ids, args.pos, args.top)
+    lens = logit_lens(llama.model, ids, args.pos, top)
     here = ids[lens.pos]
     shown = token_text(llama.tokenizer, here, ids[lens.pos - 1] if lens.pos else None)
     table = Table(title=f"logit lens at position {lens.pos} ({shown!r}): the next token read after each layer")
@@ -650,7 +670,7 @@ def cmd_lens(args) -> int:
         table.add_row(str(row.layer), *(f"{token_text(llama.tokenizer, t, here)!r} {p:.3f}"
                                         for t, p in zip(row.tokens, row.probs)))
     # piped output is not cut to 80 columns: a wide table stays one row per layer
-    Console(highlight=False, width=None if sys.stdout.isatty() else 40 + 24 * args.top).print(table)
+    Console(highlight=False, width=None if sys.stdout.isatty() else 40 + 24 * len(lens.layers[0].tokens)).print(table)
     return 0
 
 
@@ -665,7 +685,7 @@ def cmd_serve(args) -> int:
                              ("--max-body", args.max_body, 1), ("--port", args.port, 0)):
         if value is not None and value < low:
             raise LlamarunError(f"{flag} must be at least {low}, not {value}")
-    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact)
+    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact, ctx=args.ctx)
     ctx = args.ctx if args.ctx is not None else min(2048, llama.config.seq_len)
     serve(llama, Path(llama.checkpoint.path).stem, host=args.host, port=args.port, parallel=args.parallel,
           ctx=ctx, queue=args.queue, api_key=args.api_key, max_body=args.max_body)
@@ -715,6 +735,12 @@ def add_threads(p: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # argument parsing
+
+def add_ctx(p: argparse.ArgumentParser) -> None:
+    """--ctx for a command that runs a model (perplexity and serve have their own, which means it too)."""
+    p.add_argument("--ctx", type=int, metavar="N", help="context in tokens (default: the model's trained context, "
+                                                        f"at most {DEFAULT_CONTEXT_LIMIT})")
+
 
 def add_exact(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exact", action="store_true",
@@ -796,6 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "margin2 (1st - 3rd), entropy (of the model's distribution, nats), top (the 5 most "
                         "probable tokens: token, text, prob, sampled_prob)")
     add_emphasize(g)
+    add_ctx(g)
     add_threads(g)
     add_exact(g)
     g.set_defaults(func=cmd_generate)
@@ -811,6 +838,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-m", dest="mode", default="generate", help="mode: generate|chat (default generate)")
     r.add_argument("-y", dest="system", default=None, help="system prompt in chat mode (default: asked on stdin)")
     r.add_argument("--ids", action="store_true", help="print the walked token ids as JSON instead of text")
+    add_ctx(r)
     add_threads(r)
     r.set_defaults(func=cmd_run)
 
@@ -821,6 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-n", type=int, default=512, help="at most N tokens per reply (default 512)")
     add_sampling(c)
     c.add_argument("--seed", type=int, help="random seed (default: from the clock)")
+    add_ctx(c)
     add_threads(c)
     add_exact(c)
     c.set_defaults(func=cmd_chat)
@@ -836,6 +865,7 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--seed", type=int, help="random seed (default: from the clock)")
     at.set_defaults(temperature=0.0)                    # greedy unless asked: a map one can reproduce
     add_emphasize(at)
+    add_ctx(at)
     add_threads(at)
     add_exact(at)
     at.set_defaults(func=cmd_attention)
@@ -853,6 +883,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_pull)
 
     ms = sub.add_parser("models", help="list the cached models")
+    ms.add_argument("--verify", action="store_true", help="check the sha256 of every cached model llamarun knows")
     ms.set_defaults(func=cmd_models)
 
     inf = sub.add_parser("info", help="what a model file holds, how llamarun will run it (the plan), and the "
@@ -872,6 +903,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="depth: N tokens already in the cache before each test (default 0)")
     b.add_argument("-r", dest="repetitions", type=int, default=5, metavar="N",
                    help="timed runs of each test, after one warm-up (default 5)")
+    add_ctx(b)
     add_threads(b)
     add_exact(b)
     b.set_defaults(func=cmd_bench)
@@ -892,8 +924,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "each scored from an empty cache); prints PPL = <value>")
     pp.add_argument("file", help="a UTF-8 text file (tokenized without BOS/EOS)")
     add_model(pp)
-    pp.add_argument("--ctx", type=int, metavar="N", help="tokens per chunk (default: 512 or the model's "
-                                                         "context if shorter)")
+    pp.add_argument("--ctx", type=int, metavar="N", help="tokens per chunk, and the model's context (default: "
+                                                         "512 or the model's context if shorter)")
     add_threads(pp)
     add_exact(pp)
     pp.set_defaults(func=cmd_perplexity)
@@ -904,7 +936,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model(ln)
     ln.add_argument("--pos", type=int, metavar="P", help="the position to read, 0-based; negative counts "
                                                          "from the end (default: the last)")
-    ln.add_argument("--top", type=int, default=5, metavar="K", help="tokens shown per layer (default 5)")
+    ln.add_argument("--top", type=int, default=5, metavar="K", help="tokens shown per layer (default 5; at most "
+                                                                f"{LENS_TABLE_TOP} and the vocabulary)")
+    add_ctx(ln)
     add_threads(ln)
     add_exact(ln)
     ln.set_defaults(func=cmd_lens)

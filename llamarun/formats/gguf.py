@@ -47,11 +47,17 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from ..config import ModelConfig
 from ..errors import LlamarunError
 from ..tensors import GGML_TYPES, GGMLTensor
-
-MAGIC = b"GGUF"
+from . import GGUF_MAGIC as MAGIC, MAX_HEADER_VALUE
 SUPPORTED_VERSIONS = (2, 3)     # version 1 had 32-bit counts and lengths; llama.cpp dropped it too
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4                    # GGML_MAX_DIMS
+MAX_NESTING = 8                 # arrays of arrays: llama.cpp writes one level; deeper is a corrupt file
+# the fewest bytes one item of a count takes in the file (a count whose items cannot fit is refused
+# before anything is read or allocated for them)
+KV_BYTES = 8 + 4 + 1            # key length, value type, a one-byte value
+TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8     # name length, n_dims, one dim, type, offset
+STRING_BYTES = 8                # its length
+ARRAY_BYTES = 4 + 8             # item type, count
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,6 +69,13 @@ class _BadFile(Exception):
 
 class _Truncated(_BadFile):
     pass
+
+
+class _Corrupt(_BadFile):
+    """A count or length no file could hold (beyond MAX_HEADER_VALUE, and past the end of this one)."""
+
+    def __init__(self, field: str, value: int):
+        super().__init__(f"corrupt header ({field} = {value})")
 
 
 @dataclass(frozen=True)
@@ -110,63 +123,83 @@ class _Cursor:
     def u64(self) -> int:
         return self.unpack(self.U64)
 
-    def string(self) -> str:
+    def count(self, field: str, item_bytes: int = 1) -> int:
+        """A u64 count (or length) of items taking at least item_bytes each. If they cannot fit in the
+        rest of the file: a corrupt header when the count is absurd (beyond MAX_HEADER_VALUE), else a
+        truncated file (a download cut short in its header)."""
         n = self.u64()
-        start = self.skip(n)
-        return _utf8(self.buf[start:start + n])
+        if n * item_bytes > self.size - self.offset:
+            _past_the_end(field, n)
+        return n
 
-    def value(self, vtype: int):
+    def string(self, what: str = "a metadata key") -> str:
+        """A string; `what` names it in errors ("general.name", "a tensor name")."""
+        n = self.count(f"the length of {what}")
+        start = self.skip(n)
+        return _utf8(self.buf[start:start + n], what)
+
+    def value(self, vtype: int, key: str = "value"):
+        """The value of metadata `key` (named in errors), of type vtype."""
         fmt = _SCALAR_FORMATS.get(vtype)
         if fmt is not None:
             return self.unpack(fmt)
         if vtype == GGUFValueType.STRING:
-            return self.string()
+            return self.string(key)
         if vtype == GGUFValueType.ARRAY:
-            return self.array()
-        raise _BadFile(f"a metadata value has unknown type {vtype}")
+            return self.array(key)
+        raise _BadFile(f"its metadata {key} has unknown type {vtype}")
 
-    def array(self) -> list:
-        item_type, count = self.u32(), self.u64()
+    def array(self, key: str, depth: int = 0) -> list:
+        if depth >= MAX_NESTING:
+            raise _BadFile(f"its metadata {key} nests arrays more than {MAX_NESTING} deep")
+        item_type = self.u32()
+        field = f"the array count of {key}"
         dtype = _ARRAY_DTYPES.get(item_type)
         if dtype is not None:       # numbers: one numpy read, then Python values
+            count = self.count(field, dtype.itemsize)
             start = self.skip(count * dtype.itemsize)
             return np.frombuffer(self.buf, dtype, count, start).tolist()
         if item_type == GGUFValueType.STRING:
-            return self.strings(count)
+            return self.strings(self.count(field, STRING_BYTES), key)
         if item_type == GGUFValueType.ARRAY:
-            return [self.array() for _ in range(count)]
-        raise _BadFile(f"a metadata array has unknown item type {item_type}")
+            return [self.array(key, depth + 1) for _ in range(self.count(field, ARRAY_BYTES))]
+        raise _BadFile(f"its metadata {key} is an array of unknown item type {item_type}")
 
-    def strings(self, count: int) -> list[str]:
-        """`count` consecutive strings. The hot loop of opening a file (a vocabulary and its merges,
-        ~100k strings): locals only, one bounds check at the end (a slice past the end is short,
-        not an error, and offsets only grow)."""
-        if count * 8 > self.size - self.offset:      # every string takes at least its length field
-            raise _Truncated()
-        buf, offset, unpack = self.buf, self.offset, self.U64.unpack_from
+    def strings(self, count: int, key: str) -> list[str]:
+        """`count` consecutive strings (the caller checked that their length fields fit). The hot loop
+        of opening a file (a vocabulary and its merges, ~100k strings): locals only, one comparison
+        per string (a slice past the end would be short, not an error)."""
+        buf, offset, size, unpack = self.buf, self.offset, self.size, self.U64.unpack_from
         out = []
         append = out.append
         try:
-            for _ in range(count):
+            for i in range(count):
                 (n,) = unpack(buf, offset)
                 offset += 8
+                if offset + n > size:
+                    _past_the_end(f"the length of {key}[{i}]", n)
                 append(str(buf[offset:offset + n], "utf-8"))
                 offset += n
         except struct.error:
             raise _Truncated() from None
         except UnicodeDecodeError:
-            raise _BadFile("a metadata string is not valid UTF-8") from None
-        if offset > self.size:
-            raise _Truncated()
+            raise _BadFile(f"its metadata {key} holds a string that is not valid UTF-8") from None
         self.offset = offset
         return out
 
 
-def _utf8(data: bytes) -> str:
+def _past_the_end(field: str, value: int):
+    """A count or length reaching past the end of the file: corrupt if absurd, else truncated."""
+    if value > MAX_HEADER_VALUE:
+        raise _Corrupt(field, value)
+    raise _Truncated()
+
+
+def _utf8(data: bytes, what: str) -> str:
     try:
         return str(data, "utf-8")
     except UnicodeDecodeError:
-        raise _BadFile("a metadata string is not valid UTF-8") from None
+        raise _BadFile(f"{what} is not valid UTF-8") from None
 
 
 # Numeric value types: struct format of one value (scalars), numpy dtype (arrays: one read for all).
@@ -190,17 +223,13 @@ def parse_header(buf) -> GGUFFile:
         if version & 0xFFFF == 0 and version:       # a small number read in the wrong byte order
             raise _BadFile("it is a big-endian GGUF file; llamarun reads little-endian ones")
         raise _BadFile(f"it is GGUF version {version}; llamarun reads versions 2 and 3")
-    n_tensors, n_kv = cursor.u64(), cursor.u64()
+    n_tensors = cursor.count("tensor count", TENSOR_INFO_BYTES)
+    n_kv = cursor.count("metadata count", KV_BYTES)
 
     metadata = {}
-    for _ in range(n_kv):
-        key = cursor.string()
-        try:
-            metadata[key] = cursor.value(cursor.u32())
-        except _Truncated:
-            raise
-        except _BadFile as e:
-            raise _BadFile(f"its metadata {key} is malformed: {e}") from None
+    for i in range(n_kv):
+        key = cursor.string(f"metadata key #{i}")
+        metadata[key] = cursor.value(cursor.u32(), key)
 
     tensors = {}
     for _ in range(n_tensors):
@@ -210,14 +239,16 @@ def parse_header(buf) -> GGUFFile:
         tensors[info.name] = info
 
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise _BadFile(f"general.alignment is {alignment!r}, not a power of two")
+    if alignment > MAX_HEADER_VALUE:
+        raise _Corrupt("general.alignment", alignment)
     data_start = -(-cursor.offset // alignment) * alignment
     return GGUFFile(version, metadata, tensors, alignment, data_start, len(buf))
 
 
 def _tensor_info(cursor: _Cursor) -> TensorInfo:
-    name = cursor.string()
+    name = cursor.string("a tensor name")
     n_dims = cursor.u32()
     if not 1 <= n_dims <= MAX_DIMS:
         raise _BadFile(f"tensor {name} has {n_dims} dimensions")
@@ -261,6 +292,7 @@ def load(path: str) -> GGUFCheckpoint:
         raise LlamarunError(f"{path} is not a valid GGUF file: {e}") from None
     _check_architecture(path, file.metadata)
     config = config_from_metadata(path, file)
+    _check_special_tokens(path, file.metadata, config.vocab_size)
     weights = map_weights(path, file, mapping, config)
     type_counts = Counter(_type_name(info.type_id) for info in file.tensors.values())
     return GGUFCheckpoint(path, config, weights, file.metadata, file.version, type_counts, mapping)
@@ -332,6 +364,22 @@ def config_from_metadata(path: str, file: GGUFFile) -> ModelConfig:
     return config
 
 
+# The special tokens whose ids the tokenizer and the decoder use (tokenizers/gguf.py's read_vocab).
+SPECIAL_TOKENS = ("bos", "eos", "eot", "eom", "unknown")
+
+
+def _check_special_tokens(path: str, meta: dict, vocab_size: int) -> None:
+    """BOS, EOS and the other special ids the file names must be tokens of its vocabulary: an id beyond
+    it would index past the embedding table when BOS is prepended, or never end a generation."""
+    for name in SPECIAL_TOKENS:
+        key = f"tokenizer.ggml.{name}_token_id"
+        value = meta.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 <= value < vocab_size):
+            raise LlamarunError(f"{path} has {key} = {value!r}, outside its vocabulary of {vocab_size} tokens: "
+                                "the file is inconsistent; convert it again")
+
+
 def _per_layer_constant(path, key, value):
     """llama.cpp allows some counts as one value per layer; llamarun needs them all equal."""
     if isinstance(value, list):
@@ -388,13 +436,17 @@ def map_weights(path: str, file: GGUFFile, mapping, config: ModelConfig) -> dict
     """llamarun's weight dict: views of the file's tensors under llamarun's names, checked for shape."""
     shapes = expected_shapes(config)
     L = config.n_layers
+    if L * len(LAYER_NAMES) > len(file.tensors):       # before a list per layer is made for them
+        raise LlamarunError(f"{path} is not a valid GGUF file: corrupt header (llama.block_count = {L}): "
+                            f"its {len(file.tensors)} tensors cannot hold {L} layers")
     weights: dict = {name: [None] * L for name in LAYER_NAMES.values()}
     for info in file.tensors.values():
         name, layer = _llamarun_name(path, info.name, L)
-        tensor = _map_tensor(path, file, mapping, info)
-        if tuple(tensor.shape) != shapes[name]:
-            raise LlamarunError(f"{path}: tensor {info.name} has shape {tuple(tensor.shape)} but the model's "
+        shape = tuple(reversed(info.dims))              # llamarun's (out, in) order; checked before it is mapped
+        if shape != shapes[name]:
+            raise LlamarunError(f"{path}: tensor {info.name} has shape {shape} but the model's "
                                 f"metadata implies {shapes[name]}")
+        tensor = _map_tensor(path, file, mapping, info)
         if layer is None:
             weights[name] = tensor
         else:

@@ -11,6 +11,7 @@ Matrices are stored (out_features, in_features), as run.c's matmul reads them.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -20,8 +21,10 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import LlamarunError
 from ..tensors import GroupQuantized
+from . import MAX_HEADER_VALUE
 
 MAGIC = 0x616B3432            # "ak42" read as a little-endian uint32
+BOS, EOS = 1, 2               # run.c's fixed ids: every llama2.c vocabulary holds them
 VERSIONED_HEADER_BYTES = 256
 LEGACY_HEADER_BYTES = 7 * 4
 
@@ -54,7 +57,8 @@ def load(path: str) -> Llama2cCheckpoint:
     except OSError as e:
         raise LlamarunError(f"cannot read checkpoint {path}: {e.strerror}") from None
     if len(head) < LEGACY_HEADER_BYTES:
-        raise LlamarunError(f"{path} is too small to be a llama2.c checkpoint ({size} bytes)")
+        raise LlamarunError(f"{path} is too small to be a llama2.c checkpoint ({size} bytes), and it is not a "
+                            "GGUF file (no GGUF magic)")
 
     (magic,) = struct.unpack_from("<I", head)
     if magic == MAGIC:
@@ -67,26 +71,35 @@ def load(path: str) -> Llama2cCheckpoint:
 # ----------------------------------------------------------------------------------------------
 # headers
 
-def _check_config(path: str, dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len):
+def _check_config(path: str, legacy: bool, dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len):
+    """Refuse a header no llama2.c model has. legacy: the header has no magic, so the file may be
+    anything at all: the error then says that it is no GGUF file either."""
+    invalid = (f"{path} is neither a GGUF file (no GGUF magic) nor a valid llama2.c checkpoint" if legacy
+               else f"{path} is not a valid llama2.c checkpoint")
     values = dict(dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                   vocab_size=vocab, seq_len=seq_len)
     bad = [f"{k}={v}" for k, v in values.items() if v <= 0]
     if bad:
-        raise LlamarunError(f"{path} is not a valid llama2.c checkpoint: header has non-positive "
-                            f"{', '.join(bad)}")
+        raise LlamarunError(f"{invalid}: header has non-positive {', '.join(bad)}")
+    # the context is not a size in the file (but for the legacy RoPE tables, checked with the size):
+    # the model runs a context it chooses (config.with_context), so a huge one costs nothing
+    absurd = [(k, v) for k, v in values.items() if v > MAX_HEADER_VALUE and k != "seq_len"]
+    if absurd:
+        raise LlamarunError(f"{invalid}: corrupt header ({absurd[0][0]} = {absurd[0][1]})")
     if dim % n_heads or (dim // n_heads) % 2:
-        raise LlamarunError(f"{path} is not a valid llama2.c checkpoint: dim {dim} does not split into "
-                            f"{n_heads} heads of even size")
+        raise LlamarunError(f"{invalid}: dim {dim} does not split into {n_heads} heads of even size")
     if n_heads % n_kv_heads:
-        raise LlamarunError(f"{path} is not a valid llama2.c checkpoint: {n_kv_heads} kv heads do not "
-                            f"divide {n_heads} heads")
+        raise LlamarunError(f"{invalid}: {n_kv_heads} kv heads do not divide {n_heads} heads")
+    if vocab <= EOS:
+        raise LlamarunError(f"{invalid}: its vocabulary of {vocab} tokens leaves out llama2.c's BOS ({BOS}) "
+                            f"and EOS ({EOS}) ids")
 
 
 def _load_legacy(path, head, size, mapping) -> Llama2cCheckpoint:
     dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = struct.unpack_from("<7i", head)
     shared = vocab > 0       # run.c: a negative vocab size means a separate classifier at the end
     vocab = abs(vocab)
-    _check_config(path, dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len)
+    _check_config(path, True, dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len)
     config = ModelConfig(dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len, shared_classifier=shared)
     D = config.head_dim
     layout = [
@@ -106,7 +119,7 @@ def _load_legacy(path, head, size, mapping) -> Llama2cCheckpoint:
     ]
     if not shared:
         layout.append(("output", (vocab, dim)))
-    _check_size(path, size, LEGACY_HEADER_BYTES + _float32_bytes(layout))
+    _check_size(path, size, LEGACY_HEADER_BYTES + _float32_bytes(layout), config)
     weights = _map_float32(mapping, LEGACY_HEADER_BYTES, layout)
     del weights["freq_cis_real"], weights["freq_cis_imag"]
     if shared:
@@ -123,7 +136,7 @@ def _load_versioned(path, head, size, mapping) -> Llama2cCheckpoint:
                             "format and versions 1 and 2")
     dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = struct.unpack_from("<7i", head, 8)
     shared = bool(head[36])
-    _check_config(path, dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len)
+    _check_config(path, False, dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len)
     config = ModelConfig(dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len, shared_classifier=shared)
     if version == 1:
         weights = _map_version1(path, mapping, size, config)
@@ -137,14 +150,14 @@ def _load_versioned(path, head, size, mapping) -> Llama2cCheckpoint:
 # tensor layouts
 
 def _float32_bytes(layout) -> int:
-    return 4 * sum(int(np.prod(shape)) for _, shape in layout)
+    return 4 * sum(math.prod(shape) for _, shape in layout)      # Python ints: no overflow at any header
 
 
 def _map_float32(mapping, offset, layout) -> dict:
     """Views of consecutive float32 tensors starting at `offset`."""
     weights = {}
     for name, shape in layout:
-        count = int(np.prod(shape))
+        count = math.prod(shape)
         weights[name] = np.frombuffer(mapping, np.float32, count, offset).reshape(shape)
         offset += 4 * count
     return weights
@@ -167,7 +180,7 @@ def _map_version1(path, mapping, size, config: ModelConfig) -> dict:
     ]
     if not c.shared_classifier:
         layout.append(("output", (c.vocab_size, c.dim)))
-    _check_size(path, size, VERSIONED_HEADER_BYTES + _float32_bytes(layout))
+    _check_size(path, size, VERSIONED_HEADER_BYTES + _float32_bytes(layout), config)
     weights = _map_float32(mapping, VERSIONED_HEADER_BYTES, layout)
     if c.shared_classifier:
         weights["output"] = weights["tok_embeddings"]
@@ -202,7 +215,7 @@ def _map_version2(path, mapping, size, config: ModelConfig, group_size: int) -> 
     norms = [("attention_norm", (L, c.dim)), ("ffn_norm", (L, c.dim)), ("norm", (c.dim,))]
     offset = VERSIONED_HEADER_BYTES + _float32_bytes(norms)
     expected = offset + sum(n * (rows * cols + 4 * rows * cols // group_size) for _, n, (rows, cols) in matrices)
-    _check_size(path, size, expected)
+    _check_size(path, size, expected, config)
     weights = _map_float32(mapping, VERSIONED_HEADER_BYTES, norms)
 
     for name, n, (n_out, n_in) in matrices:
@@ -219,10 +232,11 @@ def _map_version2(path, mapping, size, config: ModelConfig, group_size: int) -> 
     return weights
 
 
-def _check_size(path, size, expected):
+def _check_size(path, size, expected, c: ModelConfig):
     if size < expected:
-        raise LlamarunError(f"{path} is truncated: its header describes {expected} bytes but the file has "
-                            f"{size}; download or export it again")
+        raise LlamarunError(f"{path} is truncated, or not a llama2.c checkpoint: its header (dim {c.dim}, "
+                            f"hidden_dim {c.hidden_dim}, n_layers {c.n_layers}, vocab_size {c.vocab_size}) "
+                            f"describes {expected} bytes but the file has {size}; download or export it again")
     if size > expected:
         raise LlamarunError(f"{path} has {size} bytes but its header describes {expected}: it is not a "
                             "llama2.c checkpoint of the kind its header claims")

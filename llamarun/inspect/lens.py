@@ -52,7 +52,11 @@ def residual_streams(model, ids: Sequence[int], pos: int) -> np.ndarray:
 
 
 def logit_lens(model, ids: Sequence[int], pos: int | None = None, top: int = 5) -> Lens:
-    """Per layer, the `top` next tokens that the final norm and classifier read at position `pos`."""
+    """Per layer, the `top` next tokens (at most the vocabulary) that the final norm and classifier read
+    at position `pos`."""
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise LlamarunError(f"top must be a positive number of tokens, not {top!r}")
+    top = min(top, model.config.vocab_size)
     ids = list(ids)
     if not ids:
         raise LlamarunError("the prompt is empty: the lens needs at least one token")
