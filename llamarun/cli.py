@@ -681,10 +681,12 @@ def cmd_serve(args) -> int:
     """An OpenAI-compatible HTTP server with continuous batching (llamarun/server/)."""
     from pathlib import Path
     from .server import serve
+    from .server.app import check_port
     for flag, value, low in (("--parallel", args.parallel, 1), ("--ctx", args.ctx, 2), ("--queue", args.queue, 0),
-                             ("--max-body", args.max_body, 1), ("--port", args.port, 0)):
+                             ("--max-body", args.max_body, 1)):
         if value is not None and value < low:
             raise LlamarunError(f"{flag} must be at least {low}, not {value}")
+    check_port(args.port)                  # before the model loads
     llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact, ctx=args.ctx)
     ctx = args.ctx if args.ctx is not None else min(2048, llama.config.seq_len)
     serve(llama, Path(llama.checkpoint.path).stem, host=args.host, port=args.port, parallel=args.parallel,

@@ -34,6 +34,7 @@ class Running:
     it waits for the warm-up step too (/health 503 while the kernels compile or load)."""
 
     def __init__(self, app, wait_ready: bool = True):
+        self.app = app
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -269,7 +270,7 @@ def test_malformed_or_wrong_types_are_400(server, body):
 
 def test_unsupported_values_are_400(server):
     client = server.client()
-    with pytest.raises(openai.BadRequestError, match="n=1"):
+    with pytest.raises(openai.BadRequestError, match="'n' must be 1"):
         client.chat.completions.create(model="smollm2", messages=MESSAGES, n=2)
     with pytest.raises(openai.BadRequestError, match="tools"):
         client.chat.completions.create(model="smollm2", messages=MESSAGES,
@@ -300,27 +301,36 @@ def long_stream(running, max_tokens=400):
 
 
 def test_busy_server_says_503_with_retry_after(one_slot, monkeypatch):
+    """One slot, a queue of one: with the slot taken and one request waiting, the next is refused (503,
+    Retry-After). Each state is waited for as the scheduler holds it, not inferred from the HTTP side:
+    a stream's first chunk is sent before its request is even admitted, and /health's `waiting` counts
+    the first request too until it is (the test used to read both, under load wrongly)."""
     from llamarun.server.scheduler import Scheduler
 
     # The first request holds the slot until the test lets it go: its steps wait once it has drawn a
     # token (however fast the machine would otherwise finish its 400 tokens).
-    release, step = threading.Event(), Scheduler.step
+    release, holding, step = threading.Event(), threading.Event(), Scheduler.step
+    scheduler = one_slot.app.state.server.scheduler
 
     def held_step(self):
         if any(seq.generated for seq in self.active):
-            assert release.wait(60), "the test never let the first request go on"
+            holding.set()
+            assert release.wait(120), "the test never let the first request go on"
         step(self)
     monkeypatch.setattr(Scheduler, "step", held_step)
     with long_stream(one_slot) as first:                       # takes the slot
-        next(first.iter_lines())
+        lines = first.iter_lines()
+        started = [next(lines)]
+        assert holding.wait(120), f"the first request did not draw a token within 120 s: {started}"
         with ThreadPoolExecutor(1) as pool:
-            waiting = pool.submit(httpx.post, one_slot.url + "/v1/completions", timeout=60,
+            waiting = pool.submit(httpx.post, one_slot.url + "/v1/completions", timeout=120,
                                   json={"prompt": "Hi", "max_tokens": 1})
-            deadline = time.time() + 20
-            while httpx.get(one_slot.url + "/health").json()["waiting"] < 1:
-                assert time.time() < deadline, "the second request was not queued within 20 s"
+            deadline = time.time() + 120
+            while len(scheduler.waiting) < 1:
+                assert time.time() < deadline, "the second request was not queued within 120 s"
+                assert not waiting.done(), f"the second request was answered, not queued: {waiting.result().text}"
                 time.sleep(0.02)
-            refused = httpx.post(one_slot.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
+            refused = httpx.post(one_slot.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=60)
             assert refused.status_code == 503
             assert refused.headers["Retry-After"] == "1"
             assert refused.json()["error"]["type"] == "server_error"

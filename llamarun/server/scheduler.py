@@ -271,7 +271,11 @@ class Scheduler:
                 del seq.pending[:len(chunk)]
                 if seq.pending:
                     continue                                  # more prompt to go: no logits yet
-            self.advance(seq, logits[i])
+            try:
+                self.advance(seq, logits[i])
+            except Exception:           # one request's draw (its sampler, its processors) ends only that request
+                log.exception("drawing a token failed")
+                self.finish(seq, "error")
             i += 1
 
     def prefill_budget(self, n_decoding: int) -> int:
