@@ -10,6 +10,11 @@ process starts to that token, as a user waits for it. Two cases:
 - first ever: the same with an empty cache directory (NUMBA_CACHE_DIR pointed at a new folder), so
   every kernel compiles: what the first run on a new machine pays, once.
 Beside each: the process's peak resident memory (VmHWM) against the model file's size.
+
+Then the README's first command as a new user runs it, `llamarun generate "Once upon a time"` (256
+tokens), with an empty kernel cache and the model downloaded: the times from the process's start to
+its first line on stderr saying kernels compile, to the first generated text, and to its end (the
+last token). Issue 19's goal for that last one: 45 s or less on 2 cores.
 """
 from __future__ import annotations
 
@@ -59,12 +64,52 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         first, first_peak = run_once(model, {**env, "NUMBA_CACHE_DIR": cache})
 
+    with tempfile.TemporaryDirectory() as cache:
+        timeline = readme_command({**env, "NUMBA_CACHE_DIR": cache})
+
     seconds = [s for s, _ in warm]
     print(f"model {os.path.basename(model)} ({size:.0f} MiB)")
     print(f"cold start, kernel cache warm: {statistics.median(seconds):.2f} s median "
           f"[{min(seconds):.2f} - {max(seconds):.2f}] over {args.runs} runs; "
           f"peak RSS {statistics.median(p for _, p in warm):.0f} MiB")
     print(f"first ever (kernels compiling): {first:.1f} s; peak RSS {first_peak:.0f} MiB")
+    print("the README's first command, first ever: compile notice at {notice}, first text at {text}, last token at "
+          "{end} (exit {rc}); its stats line: {stats}".format(**timeline))
+
+
+def readme_command(env: dict) -> dict:
+    """Run `llamarun generate "Once upon a time"` (as python -m llamarun), timing its first compile
+    notice on stderr, its first generated text on stdout (after the echoed prompt) and its exit."""
+    import selectors
+    start = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "llamarun", "generate", "Once upon a time"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    marks, out, err = {}, b"", b""
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ, "out")
+    sel.register(proc.stderr, selectors.EVENT_READ, "err")
+    open_streams = 2
+    while open_streams:
+        for key, _ in sel.select():
+            chunk = os.read(key.fileobj.fileno(), 65536)
+            if not chunk:
+                sel.unregister(key.fileobj)
+                open_streams -= 1
+                continue
+            now = time.time() - start
+            if key.data == "out":
+                out += chunk
+                if "text" not in marks and len(out) > len("Once upon a time"):
+                    marks["text"] = now
+            else:
+                err += chunk
+                if "notice" not in marks and b"compiling" in err:
+                    marks["notice"] = now
+    rc = proc.wait()
+    end = time.time() - start
+    stats = next((line for line in err.decode(errors="replace").splitlines() if line.startswith("prompt:")), "-")
+    fmt = lambda key: f"{marks[key]:.1f} s" if key in marks else "never"   # noqa: E731
+    return {"notice": fmt("notice"), "text": fmt("text"), "end": f"{end:.1f} s", "rc": rc, "stats": stats}
 
 
 if __name__ == "__main__":

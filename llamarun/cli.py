@@ -183,8 +183,9 @@ def cmd_generate(args) -> int:
     reason = "interrupted" if interrupted else result.finish_reason
     if result.context_full:
         reason += f" (context full: {llama.config.seq_len} tokens)"
+    compiled = f" | kernels compiled: {result.compile_seconds:.1f} s" if result.compile_seconds >= 0.05 else ""
     print(f"prompt: {len(result.prompt_tokens)} tokens, {result.prefill_tok_s:.1f} tok/s | "
-          f"generated: {len(result.tokens)} tokens, {result.decode_tok_s:.1f} tok/s | finish: {reason}",
+          f"generated: {len(result.tokens)} tokens, {result.decode_tok_s:.1f} tok/s | finish: {reason}{compiled}",
           file=sys.stderr)
     return EXIT_INTERRUPTED if interrupted else 0
 
@@ -967,6 +968,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         apply_threads(getattr(args, "threads", None))    # before numpy or numba do any work
+        from . import compiling
+        compiling.announce(sys.stderr)                   # a first run's compile says so, and how long
         return args.func(args)
     except LlamarunError as e:
         print(f"llamarun: error: {e}", file=sys.stderr)

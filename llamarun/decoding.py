@@ -86,6 +86,7 @@ class Completion:
     end_token: int | None = None       # the end token that stopped generation, if one did
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    compile_seconds: float = 0.0       # kernels compiled during this run (left out of the two above)
     confidence: list[TokenConfidence] = field(default_factory=list)   # one per `tokens` entry, when asked
     logprobs: list[TokenLogprob] = field(default_factory=list)        # one per `tokens` entry, when asked
     drafted: int = 0                   # speculative decoding: draft tokens offered to `accept`

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from typing import Iterator, Sequence
 
+from . import compiling
 from .decoding import Completion, Decoder, LogitsProcessor, TokenEvent, check_prompt
 from .model import Batch, KVCache, Probe, Transformer
 
@@ -43,10 +44,11 @@ def generate_stream(model: Transformer, tokenizer, prompt_ids: Sequence[int], sa
 def _generate(model: Transformer, decoder: Decoder, prompt_ids: list[int], cache: KVCache, start_pos: int,
               seq_id: int, probe: Probe | None) -> Iterator[TokenEvent]:
     result = decoder.completion
-    t0 = time.perf_counter()
+    # rates leave out the kernels' first compile (llamarun/compiling.py), reported on its own
+    c0, t0 = compiling.seconds(), time.perf_counter()
     logits = model.forward(Batch.sequence(prompt_ids, start_pos, seq_id), cache, probe)[-1]
-    t1 = time.perf_counter()
-    result.prefill_seconds = t1 - t0
+    c1, t1 = compiling.seconds(), time.perf_counter()
+    result.prefill_seconds = t1 - t0 - (c1 - c0)
     while not decoder.done:
         event = decoder.next_token(logits)
         if event.token is not None or event.text:     # an end token that releases no text is not shown
@@ -54,5 +56,6 @@ def _generate(model: Transformer, decoder: Decoder, prompt_ids: list[int], cache
         if decoder.done:
             break
         logits = model.forward(Batch.sequence([event.token], decoder.pos - 1, seq_id), cache, probe)[0]
-        result.decode_seconds = time.perf_counter() - t1
-    result.decode_seconds = time.perf_counter() - t1
+        result.decode_seconds = time.perf_counter() - t1 - (compiling.seconds() - c1)
+    result.decode_seconds = time.perf_counter() - t1 - (compiling.seconds() - c1)
+    result.compile_seconds = compiling.seconds() - c0

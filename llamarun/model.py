@@ -20,7 +20,6 @@ import mmap
 from dataclasses import dataclass
 from typing import Callable
 
-import numba
 import numpy as np
 
 from . import tensors
@@ -28,10 +27,12 @@ from .config import ModelConfig
 from .errors import LlamarunError
 from .kernels.attention import BLOCK as KEY_BLOCK, attention as attention_kernel, attention_parallel, key_blocks
 from .kernels.attention import rope as rope_kernel, store as store_kernel
+from .kernels.ggml import kinds_of
 from .kernels.matvec import matvec, matvec3, swiglu
 from .kernels.norm import rmsnorm as rmsnorm_kernel
-from .kernels.step import forward_f32, forward_fast, forward_int8, typed_list
+from .kernels.step import forward_f32, forward_fast_for, forward_int8, typed_list
 from .plan import MATVEC_ROWS, QUERY_BLOCK, ExecutionPlan, choose_plan
+from .threads import AdaptiveThreads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,7 +334,7 @@ class CompiledForward:
     """Transformer.forward for a batch the kernels take whole (a decode step, a short prompt) as one
     call of kernels/step.py, which runs every layer on one start of the thread pool: the same values,
     bit for bit, without ~6 kernel calls from Python per layer. Three kinds of weights have it:
-    ggml types with a kernel on the fast path (`forward_fast`), llama2.c's int8 groups
+    ggml types with a kernel on the fast path (`forward_fast_for` the model's types), llama2.c's int8 groups
     (`forward_int8`), and float32 matrices (`forward_f32`).
 
     A longer prompt goes through it in parts of `rows` tokens when every matrix has a group kernel
@@ -366,11 +367,13 @@ class CompiledForward:
         output = weights["output"]
         self.rows = plan.compiled_rows
         self.takes_prompts = plan.compiled_parts
+        self.threads = AdaptiveThreads()
         if isinstance(output, tensors.GGMLTensor):
             self.kind = "ggml"
             self.qts = np.array([[int(lw[name].qtype) for name in self.MATRICES] for lw in layers], np.int64)
             self.raws = tuple(typed_list(tuple(lw[name].raw for lw in layers)) for name in self.MATRICES)
             self.output_qt, self.output = int(output.qtype), output.raw
+            self.forward_fast = forward_fast_for(kinds_of(self.qts.ravel()), kinds_of([self.output_qt]))
         elif isinstance(output, tensors.GroupQuantized):
             self.kind = "int8"
             self.group_size = output.group_size
@@ -410,14 +413,16 @@ class CompiledForward:
         wanted = np.flatnonzero(batch.logits)
         logits = np.empty((len(wanted), c.vocab_size), np.float32)
         eps = np.float32(c.norm_eps)
-        rest = (cos, sin, cache.k, cache.v, batch.seq_ids, batch.pos, wanted, c.n_heads, logits, numba.get_num_threads())
         norms = (self.attention_norm, self.ffn_norm, self.norm)
-        if self.kind == "int8":
-            forward_int8(x, self.values, self.scales, self.layouts, self.group_size, *norms, *self.output, eps, *rest)
-        elif self.kind == "f32":
-            forward_f32(x, *self.matrices, *norms, self.output, eps, *rest)
-        else:
-            forward_fast(x, self.qts, *self.raws, *norms, self.output_qt, self.output, eps, *rest)
+        with self.threads.count(len(x)) as n_threads:      # all of numba's, or fewer on a busy machine
+            rest = (cos, sin, cache.k, cache.v, batch.seq_ids, batch.pos, wanted, c.n_heads, logits, n_threads)
+            if self.kind == "int8":
+                forward_int8(x, self.values, self.scales, self.layouts, self.group_size, *norms, *self.output, eps,
+                             *rest)
+            elif self.kind == "f32":
+                forward_f32(x, *self.matrices, *norms, self.output, eps, *rest)
+            else:
+                self.forward_fast(x, self.qts, *self.raws, *norms, self.output_qt, self.output, eps, *rest)
         return logits
 
 

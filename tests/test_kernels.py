@@ -206,7 +206,7 @@ def test_the_compiled_kernels_cache_is_named_for_every_kernel_source(tmp_path):
     from llamarun.kernels import ggml as ggml_kernels, step
 
     folder = kernels._cache_dir()
-    for dispatcher in (step.forward_fast, ggml_kernels.matvec_fast):
+    for dispatcher in (step.forward_fast_for(ggml_kernels.Q4_1_BIT, ggml_kernels.Q8_0_BIT), ggml_kernels.matvec_fast):
         assert dispatcher._cache._cache_path.startswith(folder + os.sep)
     copy = tmp_path / "kernels"
     shutil.copytree(Path(kernels.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))

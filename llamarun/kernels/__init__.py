@@ -14,6 +14,7 @@ clone elsewhere, finds the compiled code of the same sources. (A folder of an ol
 until removed, a few MB.) numba's own key of each entry still holds the function's signature and
 the CPU it was compiled for (NUMBA_CPU_NAME), so targets do not mix.
 """
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -89,10 +90,17 @@ def _save_one_process_at_a_time(self, key, data):
 
 caching.IndexDataCacheFile.save = _save_one_process_at_a_time
 
-# numba picks a function's locator when its decorator runs (the module's import): put ours first for
-# the kernel modules' imports only, so other numba code keeps numba's own
-caching.CacheImpl._locator_classes.insert(0, _KernelCacheLocator)
-try:
+@contextlib.contextmanager
+def kernel_cache():
+    """numba picks a function's cache locator when its decorator runs: ours goes first while the kernel
+    modules are imported and while step.py makes a forward for a model's types, so that other numba
+    code keeps numba's own."""
+    caching.CacheImpl._locator_classes.insert(0, _KernelCacheLocator)
+    try:
+        yield
+    finally:
+        caching.CacheImpl._locator_classes.remove(_KernelCacheLocator)
+
+
+with kernel_cache():
     from . import attention, ggml, int8, matvec, norm, step  # noqa: E402,F401
-finally:
-    caching.CacheImpl._locator_classes.remove(_KernelCacheLocator)

@@ -32,8 +32,8 @@ MODULES = (attention, ggml, int8, matvec, norm, step)
 def dispatchers() -> list[CPUDispatcher]:
     """Every cached kernel entry point of the package (the functions they call are compiled, and
     cached, within them)."""
-    return [v for m in MODULES for v in vars(m).values()
-            if isinstance(v, CPUDispatcher) and not isinstance(v._cache, NullCache)]
+    made = [v for m in MODULES for v in vars(m).values() if isinstance(v, CPUDispatcher)]
+    return [v for v in made + list(step._forward_fast.values()) if not isinstance(v._cache, NullCache)]
 
 
 def counts() -> tuple[int, int]:

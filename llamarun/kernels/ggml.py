@@ -367,6 +367,22 @@ def _q23_values(qt, row, groups, w):
 # ggml type ids (GGMLQuantizationType's values)
 Q4_0, Q4_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 2, 3, 8, 10, 11, 12, 13, 14
 
+# The types a compiled product takes, one bit each (`kinds`): a one-call forward is compiled for its
+# model's types only (step.forward_fast_for). Why: each type's group kernels are long vector code, and
+# the branches of the types a model lacks were most of its first compile (docs/performance.md). numba
+# prunes a branch on `kinds & BIT` before typing when kinds is a constant of the caller.
+Q4_1_BIT, Q8_0_BIT, Q4_0_BIT, Q4_K_BIT, Q5_K_BIT, Q6_K_BIT = 1, 2, 4, 8, 16, 32
+ALL_KINDS = 63
+KIND_BITS = {Q4_1: Q4_1_BIT, Q8_0: Q8_0_BIT, Q4_0: Q4_0_BIT, Q4_K: Q4_K_BIT, Q5_K: Q5_K_BIT, Q6_K: Q6_K_BIT}
+
+
+def kinds_of(qtypes) -> int:
+    """The `kinds` bits of these ggml types (each must have a group kernel)."""
+    kinds = 0
+    for qt in qtypes:
+        kinds |= KIND_BITS[int(qt)]
+    return kinds
+
 
 @numba.njit(inline="always")
 def _row_dot(qt, row, groups, x, j, acc):
@@ -1182,22 +1198,22 @@ def group_range(t, tasks, rows):
 
 
 @numba.njit(inline="always")
-def _row_group_fast(qt, raw, o, xq, xd, xsum, xs, out, j0, n):
-    """out[j, i] = weight row o + i of the matrix raw (type qt) times row j of the quantized
-    activations, for i < ROW_GROUP (rows past the matrix's end: its last row again) and j0 <= j < n:
-    eight activation rows at a time (K-quants without 512-bit vectors: four), then four, then one. out:
-    (n, ROW_GROUP) float32 scratch."""
-    if qt == Q4_1:
+def _row_group_fast(kinds, qt, raw, o, xq, xd, xsum, xs, out, j0, n):
+    """out[j, i] = weight row o + i of the matrix raw (type qt, one of `kinds`) times row j of the
+    quantized activations, for i < ROW_GROUP (rows past the matrix's end: its last row again) and
+    j0 <= j < n: eight activation rows at a time (K-quants without 512-bit vectors: four), then four,
+    then one. out: (n, ROW_GROUP) float32 scratch."""
+    if kinds & Q4_1_BIT and qt == Q4_1:
         _row_groups_q4_1(raw, o, xq, xd, xsum, xs, j0, n, out)
-    elif qt == Q8_0:
+    elif kinds & Q8_0_BIT and qt == Q8_0:
         _row_groups_q8_0(raw, o, xq, xd, xsum, xs, j0, n, out)
-    elif qt == Q4_0:
+    elif kinds & Q4_0_BIT and qt == Q4_0:
         _row_groups_q4_0(raw, o, xq, xd, xsum, xs, j0, n, out)
-    elif qt == Q4_K:
+    elif kinds & Q4_K_BIT and qt == Q4_K:
         _row_groups_q4_k(raw, o, xq, xd, xsum, xs, j0, n, out)
-    elif qt == Q5_K:
+    elif kinds & Q5_K_BIT and qt == Q5_K:
         _row_groups_q5_k(raw, o, xq, xd, xsum, xs, j0, n, out)
-    else:
+    elif kinds & Q6_K_BIT and qt == Q6_K:
         _row_groups_q6_k(raw, o, xq, xd, xsum, xs, j0, n, out)
 
 
@@ -1229,9 +1245,10 @@ TILE_W_BYTES = 256 * 1024       # weight rows per block: this many of their byte
 
 
 @numba.njit(inline="always")
-def products(qt, raw, start, stop, xq, xd, xsum, xs, out, block, how):
-    """Weight rows [start, stop) (whole groups of ROW_GROUP) of (quantized activations) @ W.T, put into
-    out as `how` says (put_group), in tiles of activation rows and blocks of weight rows. block:
+def products(kinds, qt, raw, start, stop, xq, xd, xsum, xs, out, block, how):
+    """Weight rows [start, stop) (whole groups of ROW_GROUP) of (quantized activations) @ W.T, W of type
+    qt (one of `kinds`), put into out as `how` says (put_group), in tiles of activation rows and blocks
+    of weight rows. block:
     (n, ROW_GROUP) float32 scratch. Each (weight row, activation row) is computed as untiled."""
     n, n_in, row_bytes = xq.shape[0], xq.shape[1], raw.shape[1]
     tile = max(ROW_GROUP, TILE_X_BYTES // n_in // ROW_GROUP * ROW_GROUP)
@@ -1241,7 +1258,7 @@ def products(qt, raw, start, stop, xq, xd, xsum, xs, out, block, how):
         for j0 in range(0, n, tile):
             j1 = min(j0 + tile, n)
             for o in range(o0, o1, ROW_GROUP):
-                _row_group_fast(qt, raw, o, xq, xd, xsum, xs, block, j0, j1)
+                _row_group_fast(kinds, qt, raw, o, xq, xd, xsum, xs, block, j0, j1)
                 put_group(block, out, o, how, j0, j1)
 
 
@@ -1255,7 +1272,8 @@ def matvec_fast(qt, raw, x, out):
     tasks = min(TASKS, _groups(rows))
     for t in numba.prange(tasks):
         start, stop = group_range(t, tasks, rows)
-        products(qt, raw, start, stop, xq, xd, xsum, xs, out, np.empty((n, ROW_GROUP), np.float32), STORE)
+        products(ALL_KINDS, qt, raw, start, stop, xq, xd, xsum, xs, out, np.empty((n, ROW_GROUP), np.float32),
+                 STORE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1318,7 +1336,7 @@ def matvec3_fast(qts, raws, x, outs):
         for r in range(start, stop):
             i, group = _part(r, ga, gb)
             o = group * ROW_GROUP
-            _row_group_fast(qts[i], raws[i], o, xq, xd, xsum, xs, block, 0, n)
+            _row_group_fast(ALL_KINDS, qts[i], raws[i], o, xq, xd, xsum, xs, block, 0, n)
             put_group(block, outs[i], o, STORE, 0, n)
 
 
@@ -1353,9 +1371,9 @@ def swiglu_fast(qts, raws, x, out):
         block = np.empty((n, ROW_GROUP), np.float32)
         start, stop = group_range(t, tasks, rows)
         for o in range(start, stop, ROW_GROUP):      # the gate's products into out, then times the up's
-            _row_group_fast(qts[0], raws[0], o, xq, xd, xsum, xs, block, 0, n)
+            _row_group_fast(ALL_KINDS, qts[0], raws[0], o, xq, xd, xsum, xs, block, 0, n)
             put_group(block, out, o, STORE, 0, n)
-            _row_group_fast(qts[1], raws[1], o, xq, xd, xsum, xs, block, 0, n)
+            _row_group_fast(ALL_KINDS, qts[1], raws[1], o, xq, xd, xsum, xs, block, 0, n)
             put_group(block, out, o, GATED, 0, n)
 
 

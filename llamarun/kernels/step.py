@@ -18,7 +18,7 @@ markedly faster than layer by layer (docs/performance.md). Per layer:
 
 and at the end: rmsnorm of the rows whose logits are wanted, rows of the classifier split. Rows of
 the ggml matrices are split in whole groups of ROW_GROUP (the kernels take 8 weight rows at once).
-`forward_fast` takes ggml weights (int8 activations, the fast path); `forward_int8` llama2.c's int8
+`forward_fast_for(kinds)` takes ggml weights (int8 activations, the fast path); `forward_int8` llama2.c's int8
 groups (runq.c's arithmetic); `forward_f32` float32 weights (run.c's).
 
 No array views in the loops over rows: a view made in compiled code counts a reference to its
@@ -188,74 +188,92 @@ def _shared_arrays(n, H, KV, D, hidden):
 # docs/performance.md.)
 
 @numba.njit(inline="always")
-def _product(t, n_threads, qt, raw, xq, xd, xsum, xs, out, block, how):
+def _product(kinds, t, n_threads, qt, raw, xq, xd, xsum, xs, out, block, how):
     """This thread's share of W's rows (whole groups of ROW_GROUP) of (quantized activations) @ W.T,
     put into out as `how` says (put_group: STORE, ADD to the residual stream, or GATED). (Each matrix
     is split between the threads on its own: a tuple of matrices indexed per row would count a
     reference to the shared matrix per row, see the module doc.)"""
     start, stop = group_range(t, n_threads, raw.shape[0])
-    products(qt, raw, start, stop, xq, xd, xsum, xs, out, block, how)
+    products(kinds, qt, raw, start, stop, xq, xd, xsum, xs, out, block, how)
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
-def forward_fast(x, qts, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, output_qt, output,
-                 eps, cos, sin, k_cache, v_cache, seq_ids, pos, wanted, n_heads, logits, n_threads):
-    """The forward pass of a batch of n tokens on the fast path (int8 activations, ggml weights).
+_forward_fast = {}     # (kinds, output_kinds) -> forward_fast compiled for them
 
-    x: (n, dim) float32, the tokens' embeddings, updated in place into the last residual stream;
-    qts: (n_layers, 7) the ggml types of wq, wk, wv, wo, w1, w2, w3; those seven: typed lists of
-    each layer's raw matrix (out_features, row bytes) uint8; attention_norm, ffn_norm: (n_layers,
-    dim) float32; norm: (dim,); output: the classifier's raw matrix, of type output_qt;
-    cos, sin: (n, head_dim / 2) the tokens' rotations; k_cache, v_cache: KVCache.k / .v (all layers);
-    seq_ids, pos: (n,) int64; wanted: the indices of the tokens whose logits are computed;
-    logits: (len(wanted), vocab) float32, written; n_threads: numba.get_num_threads() of the caller
-    (one iteration of the parallel loop per thread: the barriers need them all running at once;
-    asked by the caller, as numba's get_num_threads in compiled code makes the function uncacheable).
-    """
-    n, dim, H, KV, D = _sizes(x, cos, k_cache, n_heads)
-    n_layers = qts.shape[0]
-    hidden = w1[0].shape[0]
-    q, k, v, a, qh, kh, vh, ah, g, state = _shared_arrays(n, H, KV, D, hidden)
-    qkv_weights, qkv, ffn_weights = (wq, wk, wv), (q, k, v), (w1, w3)
-    for t in numba.prange(n_threads):
-        # this thread's scratch: the normalized x and every product's quantized input
-        h = np.empty((n, dim), np.float32)
-        hq, hd, hsum, hs = (np.empty((n, dim), np.int8), np.empty((n, dim // 32), np.float32),
-                            np.empty((n, dim // 32), np.int32), np.empty((n, dim // 32), np.float32))
-        aq, ad, asum, as_ = (np.empty((n, H * D), np.int8), np.empty((n, H * D // 32), np.float32),
-                             np.empty((n, H * D // 32), np.int32), np.empty((n, H * D // 32), np.float32))
-        gq, gd, gsum, gs = (np.empty((n, hidden), np.int8), np.empty((n, hidden // 32), np.float32),
-                            np.empty((n, hidden // 32), np.int32), np.empty((n, hidden // 32), np.float32))
-        block = np.empty((n, ROW_GROUP), np.float32)
-        for layer in range(n_layers):
-            # attention: q, k, v from the normalized x (one call site for the three: see _product)
-            rmsnorm_layer(x, attention_norm, layer, eps, h)
-            quantize_into(h, hq, hd, hsum, hs)
-            for m in range(3):
-                _product(t, n_threads, qts[layer, m], qkv_weights[m][layer], hq, hd, hsum, hs, qkv[m], block, STORE)
-            barrier(state, n_threads)
-            _attention(t, n_threads, state, qh, kh, vh, cos, sin, k_cache, v_cache, layer, seq_ids, pos, ah)
-            quantize_into(a, aq, ad, asum, as_)
-            _product(t, n_threads, qts[layer, 3], wo[layer], aq, ad, asum, as_, x, block, ADD)
-            barrier(state, n_threads)
 
-            # feed-forward, SwiGLU: the gate's products into g, then g = silu(g) * the up projection's
-            # (this thread's rows of both: no barrier between)
-            rmsnorm_layer(x, ffn_norm, layer, eps, h)
-            quantize_into(h, hq, hd, hsum, hs)
-            for m in range(2):
-                _product(t, n_threads, qts[layer, 4 + 2 * m], ffn_weights[m][layer], hq, hd, hsum, hs, g, block,
-                         STORE if m == 0 else GATED)
-            barrier(state, n_threads)
-            quantize_into(g, gq, gd, gsum, gs)
-            _product(t, n_threads, qts[layer, 5], w2[layer], gq, gd, gsum, gs, x, block, ADD)
-            barrier(state, n_threads)
+def forward_fast_for(kinds: int, output_kinds: int):
+    """forward_fast for models whose layers' matrices are of the ggml types in `kinds` and whose
+    classifier is of one in `output_kinds` (ggml.kinds_of): the group kernels of the other types are
+    left out of its code (pruned before typing, as both are constants of the closure), and so out of
+    its compile. One function per pair, each cached on disk (numba keys a closure's cache entries by
+    the values it closes over)."""
+    if (kinds, output_kinds) not in _forward_fast:
+        from . import kernel_cache
+        with kernel_cache():
+            compiled = numba.njit(parallel=True, nogil=True, cache=True)(_forward_fast_closure(kinds, output_kinds))
+        _forward_fast[kinds, output_kinds] = compiled
+    return _forward_fast[kinds, output_kinds]
 
-        # the classifier, for the wanted tokens
-        m = wanted.shape[0]
-        hw = _normalized_rows(x, wanted, norm, eps)
-        wq_, wd_, wsum_, ws_ = _quantized(hw)
-        _product(t, n_threads, output_qt, output, wq_, wd_, wsum_, ws_, logits, np.empty((m, ROW_GROUP), np.float32), STORE)
+
+def _forward_fast_closure(kinds, output_kinds):
+    def forward_fast(x, qts, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, output_qt, output,
+                     eps, cos, sin, k_cache, v_cache, seq_ids, pos, wanted, n_heads, logits, n_threads):
+        """The forward pass of a batch of n tokens on the fast path (int8 activations, ggml weights).
+
+        x: (n, dim) float32, the tokens' embeddings, updated in place into the last residual stream;
+        qts: (n_layers, 7) the ggml types of wq, wk, wv, wo, w1, w2, w3; those seven: typed lists of
+        each layer's raw matrix (out_features, row bytes) uint8; attention_norm, ffn_norm: (n_layers,
+        dim) float32; norm: (dim,); output: the classifier's raw matrix, of type output_qt;
+        cos, sin: (n, head_dim / 2) the tokens' rotations; k_cache, v_cache: KVCache.k / .v (all layers);
+        seq_ids, pos: (n,) int64; wanted: the indices of the tokens whose logits are computed;
+        logits: (len(wanted), vocab) float32, written; n_threads: numba.get_num_threads() of the caller
+        (one iteration of the parallel loop per thread: the barriers need them all running at once;
+        asked by the caller, as numba's get_num_threads in compiled code makes the function uncacheable).
+        """
+        n, dim, H, KV, D = _sizes(x, cos, k_cache, n_heads)
+        n_layers = qts.shape[0]
+        hidden = w1[0].shape[0]
+        q, k, v, a, qh, kh, vh, ah, g, state = _shared_arrays(n, H, KV, D, hidden)
+        qkv_weights, qkv, ffn_weights = (wq, wk, wv), (q, k, v), (w1, w3)
+        for t in numba.prange(n_threads):
+            # this thread's scratch: the normalized x and every product's quantized input
+            h = np.empty((n, dim), np.float32)
+            hq, hd, hsum, hs = (np.empty((n, dim), np.int8), np.empty((n, dim // 32), np.float32),
+                                np.empty((n, dim // 32), np.int32), np.empty((n, dim // 32), np.float32))
+            aq, ad, asum, as_ = (np.empty((n, H * D), np.int8), np.empty((n, H * D // 32), np.float32),
+                                 np.empty((n, H * D // 32), np.int32), np.empty((n, H * D // 32), np.float32))
+            gq, gd, gsum, gs = (np.empty((n, hidden), np.int8), np.empty((n, hidden // 32), np.float32),
+                                np.empty((n, hidden // 32), np.int32), np.empty((n, hidden // 32), np.float32))
+            block = np.empty((n, ROW_GROUP), np.float32)
+            for layer in range(n_layers):
+                # attention: q, k, v from the normalized x (one call site for the three: see _product)
+                rmsnorm_layer(x, attention_norm, layer, eps, h)
+                quantize_into(h, hq, hd, hsum, hs)
+                for m in range(3):
+                    _product(kinds, t, n_threads, qts[layer, m], qkv_weights[m][layer], hq, hd, hsum, hs, qkv[m], block, STORE)
+                barrier(state, n_threads)
+                _attention(t, n_threads, state, qh, kh, vh, cos, sin, k_cache, v_cache, layer, seq_ids, pos, ah)
+                quantize_into(a, aq, ad, asum, as_)
+                _product(kinds, t, n_threads, qts[layer, 3], wo[layer], aq, ad, asum, as_, x, block, ADD)
+                barrier(state, n_threads)
+
+                # feed-forward, SwiGLU: the gate's products into g, then g = silu(g) * the up projection's
+                # (this thread's rows of both: no barrier between)
+                rmsnorm_layer(x, ffn_norm, layer, eps, h)
+                quantize_into(h, hq, hd, hsum, hs)
+                for m in range(2):
+                    _product(kinds, t, n_threads, qts[layer, 4 + 2 * m], ffn_weights[m][layer], hq, hd, hsum, hs, g, block,
+                             STORE if m == 0 else GATED)
+                barrier(state, n_threads)
+                quantize_into(g, gq, gd, gsum, gs)
+                _product(kinds, t, n_threads, qts[layer, 5], w2[layer], gq, gd, gsum, gs, x, block, ADD)
+                barrier(state, n_threads)
+
+            # the classifier, for the wanted tokens
+            m = wanted.shape[0]
+            hw = _normalized_rows(x, wanted, norm, eps)
+            wq_, wd_, wsum_, ws_ = _quantized(hw)
+            _product(output_kinds, t, n_threads, output_qt, output, wq_, wd_, wsum_, ws_, logits, np.empty((m, ROW_GROUP), np.float32), STORE)
+    return forward_fast
 
 
 @numba.njit(inline="always")
