@@ -3,7 +3,8 @@ perplexity | lens | attention | serve`.
 
 One rule for every command: the model is -m/--model, the prompt is positional or --prompt, -n is the
 number of new tokens. The exception is `run`, which takes llama2.c's run.c arguments unchanged.
-User errors print one line and exit 1; Ctrl-C keeps what was printed and exits 130.
+User errors print one line and exit 1; Ctrl-C keeps what was printed and exits 130, and a second
+Ctrl-C ends any command at once (llamarun/interrupts.py).
 """
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 from .errors import LlamarunError
+from .interrupts import raise_where_safe, second_press_kills
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -60,35 +63,41 @@ class Output:
 
 
 class CtrlC:
-    """Ctrl-C while tokens stream: a flag the loop reads after each token, not an exception.
+    """Ctrl-C while tokens stream: a flag the loop reads after each token, and a KeyboardInterrupt
+    where one cannot be lost (interrupts.raise_where_safe), which cuts a long prompt's prefill short.
 
-    A KeyboardInterrupt is raised at whatever Python code runs when the signal lands, and part of each
-    decode step's Python code runs inside numba's dispatcher, which unboxes the typed lists of layer
-    matrices by calling back into Python: an exception raised there is lost, or comes out as a
-    TypeError ("can't unbox a List"). So the first Ctrl-C only sets `pressed`, and the loop stops after
-    the token it is on (a few ms). The handler it replaces comes back then, so a second Ctrl-C (say,
-    during a long prompt's prefill, which no flag can cut short) interrupts at once; this block takes
-    that KeyboardInterrupt as a press too. A SIGINT ignored at start (a background job) stays ignored.
+    The flag is what stops the loop when the exception is swallowed on its way (by code that catches
+    everything): the loop still stops after the token it is on. The block takes the KeyboardInterrupt
+    as a press. A second Ctrl-C, even during a native call that holds Python up, ends the process at
+    once (interrupts.second_press_kills, armed here as in main). The handler it replaces comes back
+    when the block ends (a chat goes back to its prompt, where Ctrl-C exits). A SIGINT ignored at
+    start (a background job) stays ignored.
     """
 
     def __enter__(self) -> "CtrlC":
         self.pressed = False
         self.previous = signal.getsignal(signal.SIGINT)
         if self.previous is not signal.SIG_IGN:
-            signal.signal(signal.SIGINT, self._press)
+            on_ctrl_c(self._press)
         return self
 
     def _press(self, signum, frame) -> None:
         self.pressed = True
-        signal.signal(signal.SIGINT, self.previous)
+        raise_where_safe(signum, frame)
 
     def __exit__(self, kind, value, traceback) -> bool:
         if self.previous is not signal.SIG_IGN:
-            signal.signal(signal.SIGINT, self.previous)
+            on_ctrl_c(self.previous)
         if kind is KeyboardInterrupt:
             self.pressed = True
             return True
         return False
+
+
+def on_ctrl_c(handler) -> None:
+    """Install a SIGINT handler, and make a second press end the process at once (interrupts.py)."""
+    signal.signal(signal.SIGINT, handler)
+    second_press_kills()
 
 
 def prompt_of(args) -> str:
@@ -928,9 +937,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    original = signal.getsignal(signal.SIGINT)
+    catch = original not in (signal.SIG_IGN, None) and threading.current_thread() is threading.main_thread()
     try:
         args = build_parser().parse_args(argv)
         apply_threads(getattr(args, "threads", None))    # before numpy or numba do any work
+        if catch:
+            on_ctrl_c(raise_where_safe)     # Ctrl-C: KeyboardInterrupt, never lost; a second one ends it
         return args.func(args)
     except LlamarunError as e:
         print(f"llamarun: error: {e}", file=sys.stderr)
@@ -941,6 +954,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         sys.stderr.close()   # the reader went away (`| head`): not an error
         return 0
+    finally:
+        if catch:
+            signal.signal(signal.SIGINT, original)     # for a caller that runs main() in its own process
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import time
 from typing import Iterator, Sequence
 
 from .decoding import Completion, Decoder, LogitsProcessor, TokenEvent, check_prompt
+from .interrupts import ctrl_c_never_lost
 from .model import Batch, KVCache, Probe, Transformer
 
 
@@ -44,7 +45,8 @@ def _generate(model: Transformer, decoder: Decoder, prompt_ids: list[int], cache
               seq_id: int, probe: Probe | None) -> Iterator[TokenEvent]:
     result = decoder.completion
     t0 = time.perf_counter()
-    logits = model.forward(Batch.sequence(prompt_ids, start_pos, seq_id), cache, probe)[-1]
+    with ctrl_c_never_lost():       # a Ctrl-C raises after the native call it lands in, never inside numba
+        logits = model.forward(Batch.sequence(prompt_ids, start_pos, seq_id), cache, probe)[-1]
     t1 = time.perf_counter()
     result.prefill_seconds = t1 - t0
     while not decoder.done:
@@ -53,6 +55,7 @@ def _generate(model: Transformer, decoder: Decoder, prompt_ids: list[int], cache
             yield event
         if decoder.done:
             break
-        logits = model.forward(Batch.sequence([event.token], decoder.pos - 1, seq_id), cache, probe)[0]
+        with ctrl_c_never_lost():
+            logits = model.forward(Batch.sequence([event.token], decoder.pos - 1, seq_id), cache, probe)[0]
         result.decode_seconds = time.perf_counter() - t1
     result.decode_seconds = time.perf_counter() - t1
