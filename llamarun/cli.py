@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -26,9 +27,11 @@ EXIT_INTERRUPTED = 130
 # ----------------------------------------------------------------------------------------------
 # shared helpers
 
-def open_model(model_path: str | None, tokenizer_path: str | None, need_tokenizer: bool, exact: bool = False):
+def open_model(model_path: str | None, tokenizer_path: str | None, need_tokenizer: bool, exact: bool = False,
+               ids_only: bool = False):
     """Load the model (the default one when no path is given) and its tokenizer: the one given with
-    -z, else the one a GGUF file embeds, else one found beside the model whose size fits."""
+    -z, else the one a GGUF file embeds, else one found beside the model whose size fits. ids_only:
+    the command can run without one (--ids with an empty prompt), which the error then says."""
     from .api import find_tokenizer, load
     from .tokenizers import load_tokenizer
 
@@ -39,7 +42,7 @@ def open_model(model_path: str | None, tokenizer_path: str | None, need_tokenize
         llama.tokenizer = load_tokenizer(found, vocab_size=vocab) if found else None
     if llama.tokenizer is None and need_tokenizer:
         raise LlamarunError(f"no tokenizer of {vocab} tokens found beside {llama.checkpoint.path}: pass one with "
-                            "-z PATH (or use --ids with an empty prompt for ids-only output)")
+                            "-z PATH" + (" (or use --ids with an empty prompt for ids-only output)" if ids_only else ""))
     return llama
 
 
@@ -149,7 +152,8 @@ def cmd_generate(args) -> int:
     prompt = prompt_of(args)
     if args.confidence_json is not None:
         check_writable(args.confidence_json)
-    llama = open_model(args.model, args.tokenizer, need_tokenizer=bool(prompt) or not args.ids, exact=args.exact)
+    llama = open_model(args.model, args.tokenizer, need_tokenizer=bool(prompt) or not args.ids, exact=args.exact,
+                       ids_only=True)
     sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.sampler != "llama2c":
         sampling.update(top_k=args.top_k, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
@@ -162,7 +166,8 @@ def cmd_generate(args) -> int:
                                 ("--frequency-penalty", args.frequency_penalty)) if v is not None]
         if given:
             raise LlamarunError(f"--sampler llama2c uses only --temperature, --top-p and --seed, not {given[0]}")
-    ids = llama.encode(prompt) if llama.tokenizer else [first_token(None)]
+    # a prompt of no text starts from BOS alone (run.c without -i), also where the tokenizer adds no BOS
+    ids = (llama.encode(prompt) if llama.tokenizer else []) or [first_token(llama.tokenizer)]
     probe, _ = emphasize(llama, ids, args.emphasize or [])
     measured = args.confidence or args.confidence_json is not None
     stream = llama.stream(ids, args.n, sampler=args.sampler, stop=args.stop or (), confidence=measured,
@@ -224,7 +229,7 @@ def cmd_run(args) -> int:
     if args.mode == "chat" and args.ids:
         raise LlamarunError("--ids is for -m generate: a chat prints its text")
     need_tokenizer = args.mode == "chat" or bool(args.input) or not args.ids
-    llama = open_model(args.checkpoint, args.tokenizer, need_tokenizer)
+    llama = open_model(args.checkpoint, args.tokenizer, need_tokenizer, ids_only=args.mode == "generate")
     seq_len = llama.config.seq_len
     steps = seq_len if args.steps <= 0 or args.steps > seq_len else args.steps   # run.c's clamp
     seed = args.seed if args.seed > 0 else None                                 # run.c: <= 0 seeds from the clock
@@ -332,10 +337,31 @@ def skip_draws(sampler, n: int) -> None:
 # llamarun chat
 
 CONTEXT_FULL_HINT = "context full: /reset to start over"
+CHAT_COMMANDS = {"/help": "list these commands", "/reset": "start the conversation over (the system prompt stays)",
+                 "/exit": "end the chat (as Ctrl-D does)"}
+
+
+def chat_command(session, line: str) -> bool | None:
+    """Run `line` if it is a chat command (a first word like /reset): True to go on, False to end the
+    chat; None when it is a message for the model. An unknown command is answered here, never sent."""
+    words = line.split()
+    if not words or not re.fullmatch(r"/[A-Za-z][\w-]*", words[0]):
+        return None
+    command = words[0]
+    if command == "/exit":
+        return False
+    if command == "/reset":
+        session.reset()
+    else:
+        if command != "/help":
+            print(f"llamarun: unknown command {command}", file=sys.stderr)
+        print("commands: " + "; ".join(f"{name}: {what}" for name, what in CHAT_COMMANDS.items()), file=sys.stderr)
+    return True
 
 
 def cmd_chat(args) -> int:
-    """Interactive on a terminal (a `> ` prompt, /reset, /exit); otherwise each stdin line is a message.
+    """Interactive on a terminal (a `> ` prompt, /help, /reset, /exit); otherwise each stdin line is a
+    message or one of those commands.
 
     Ctrl-C while a reply streams stops that reply (it stays in the conversation) and returns to the
     prompt; Ctrl-C at the prompt exits with 130, as llama.cpp does.
@@ -367,13 +393,12 @@ def chat_interactive(session, out: Output) -> int:
             out.text("\n")
             return 0
         # a KeyboardInterrupt here (Ctrl-C at the prompt) ends the program: main() exits with 130
-        command = line.strip()
-        if not command:
+        if not line.strip():
             continue
-        if command == "/exit":
+        went_on = chat_command(session, line)
+        if went_on is False:
             return 0
-        if command == "/reset":
-            session.reset()
+        if went_on:
             continue
         try:
             chat_turn(session, line, out)      # False (Ctrl-C stopped the reply): back to the prompt
@@ -386,13 +411,13 @@ def chat_lines(session, out: Output) -> int:
     failed = False
     for line in sys.stdin:
         line = line.rstrip("\r\n")
-        command = line.strip()
-        if not command:
+        if not line.strip():
             continue
-        if command == "/exit":
+        went_on = chat_command(session, line)
+        if went_on is False:
             break
-        if command == "/reset":
-            session.reset()
+        if went_on:
+            failed = failed or line.split()[0] not in CHAT_COMMANDS      # an unknown command: a user error
             continue
         try:
             if not chat_turn(session, line, out):
@@ -777,7 +802,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     parser = Parser(prog="llamarun", description="A readable, fast Llama inference engine.")
+    parser.add_argument("--version", action="version", version=f"llamarun {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="continue a prompt, streaming the text")
@@ -940,7 +967,11 @@ def main(argv: list[str] | None = None) -> int:
     original = signal.getsignal(signal.SIGINT)
     catch = original not in (signal.SIG_IGN, None) and threading.current_thread() is threading.main_thread()
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        if not (sys.argv[1:] if argv is None else argv):
+            parser.print_help()             # bare `llamarun`: what it can do
+            return 0
+        args = parser.parse_args(argv)
         apply_threads(getattr(args, "threads", None))    # before numpy or numba do any work
         if catch:
             on_ctrl_c(raise_where_safe)     # Ctrl-C: KeyboardInterrupt, never lost; a second one ends it
