@@ -3,19 +3,23 @@ perplexity | lens | attention | serve`.
 
 One rule for every command: the model is -m/--model, the prompt is positional or --prompt, -n is the
 number of new tokens. The exception is `run`, which takes llama2.c's run.c arguments unchanged.
-User errors print one line and exit 1; Ctrl-C keeps what was printed and exits 130.
+User errors print one line and exit 1; Ctrl-C keeps what was printed and exits 130, and a second
+Ctrl-C ends any command at once (llamarun/interrupts.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import signal
 import sys
+import threading
 import time
 
 from .config import DEFAULT_CONTEXT_LIMIT
 from .errors import LlamarunError
+from .interrupts import raise_where_safe, second_press_kills
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -25,9 +29,10 @@ EXIT_INTERRUPTED = 130
 # shared helpers
 
 def open_model(model_path: str | None, tokenizer_path: str | None, need_tokenizer: bool, exact: bool = False,
-               ctx: int | None = None):
+               ctx: int | None = None, ids_only: bool = False):
     """Load the model (the default one when no path is given) and its tokenizer: the one given with
-    -z, else the one a GGUF file embeds, else one found beside the model whose size fits. ctx: --ctx."""
+    -z, else the one a GGUF file embeds, else one found beside the model whose size fits. ctx: --ctx.
+    ids_only: the command can run without one (--ids with an empty prompt), which the error then says."""
     from .api import find_tokenizer, load
     from .tokenizers import load_tokenizer
 
@@ -38,7 +43,7 @@ def open_model(model_path: str | None, tokenizer_path: str | None, need_tokenize
         llama.tokenizer = load_tokenizer(found, vocab_size=vocab) if found else None
     if llama.tokenizer is None and need_tokenizer:
         raise LlamarunError(f"no tokenizer of {vocab} tokens found beside {llama.checkpoint.path}: pass one with "
-                            "-z PATH (or use --ids with an empty prompt for ids-only output)")
+                            "-z PATH" + (" (or use --ids with an empty prompt for ids-only output)" if ids_only else ""))
     return llama
 
 
@@ -62,35 +67,41 @@ class Output:
 
 
 class CtrlC:
-    """Ctrl-C while tokens stream: a flag the loop reads after each token, not an exception.
+    """Ctrl-C while tokens stream: a flag the loop reads after each token, and a KeyboardInterrupt
+    where one cannot be lost (interrupts.raise_where_safe), which cuts a long prompt's prefill short.
 
-    A KeyboardInterrupt is raised at whatever Python code runs when the signal lands, and part of each
-    decode step's Python code runs inside numba's dispatcher, which unboxes the typed lists of layer
-    matrices by calling back into Python: an exception raised there is lost, or comes out as a
-    TypeError ("can't unbox a List"). So the first Ctrl-C only sets `pressed`, and the loop stops after
-    the token it is on (a few ms). The handler it replaces comes back then, so a second Ctrl-C (say,
-    during a long prompt's prefill, which no flag can cut short) interrupts at once; this block takes
-    that KeyboardInterrupt as a press too. A SIGINT ignored at start (a background job) stays ignored.
+    The flag is what stops the loop when the exception is swallowed on its way (by code that catches
+    everything): the loop still stops after the token it is on. The block takes the KeyboardInterrupt
+    as a press. A second Ctrl-C, even during a native call that holds Python up, ends the process at
+    once (interrupts.second_press_kills, armed here as in main). The handler it replaces comes back
+    when the block ends (a chat goes back to its prompt, where Ctrl-C exits). A SIGINT ignored at
+    start (a background job) stays ignored.
     """
 
     def __enter__(self) -> "CtrlC":
         self.pressed = False
         self.previous = signal.getsignal(signal.SIGINT)
         if self.previous is not signal.SIG_IGN:
-            signal.signal(signal.SIGINT, self._press)
+            on_ctrl_c(self._press)
         return self
 
     def _press(self, signum, frame) -> None:
         self.pressed = True
-        signal.signal(signal.SIGINT, self.previous)
+        raise_where_safe(signum, frame)
 
     def __exit__(self, kind, value, traceback) -> bool:
         if self.previous is not signal.SIG_IGN:
-            signal.signal(signal.SIGINT, self.previous)
+            on_ctrl_c(self.previous)
         if kind is KeyboardInterrupt:
             self.pressed = True
             return True
         return False
+
+
+def on_ctrl_c(handler) -> None:
+    """Install a SIGINT handler, and make a second press end the process at once (interrupts.py)."""
+    signal.signal(signal.SIGINT, handler)
+    second_press_kills()
 
 
 def prompt_of(args) -> str:
@@ -143,7 +154,7 @@ def cmd_generate(args) -> int:
     if args.confidence_json is not None:
         check_writable(args.confidence_json)
     llama = open_model(args.model, args.tokenizer, need_tokenizer=bool(prompt) or not args.ids, exact=args.exact,
-                       ctx=args.ctx)
+                       ctx=args.ctx, ids_only=True)
     sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.sampler != "llama2c":
         sampling.update(top_k=args.top_k, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
@@ -156,7 +167,8 @@ def cmd_generate(args) -> int:
                                 ("--frequency-penalty", args.frequency_penalty)) if v is not None]
         if given:
             raise LlamarunError(f"--sampler llama2c uses only --temperature, --top-p and --seed, not {given[0]}")
-    ids = llama.encode(prompt) if llama.tokenizer else [first_token(None)]
+    # a prompt of no text starts from BOS alone (run.c without -i), also where the tokenizer adds no BOS
+    ids = (llama.encode(prompt) if llama.tokenizer else []) or [first_token(llama.tokenizer)]
     probe, _ = emphasize(llama, ids, args.emphasize or [])
     measured = args.confidence or args.confidence_json is not None
     stream = llama.stream(ids, args.n, sampler=args.sampler, stop=args.stop or (), confidence=measured,
@@ -219,7 +231,7 @@ def cmd_run(args) -> int:
     if args.mode == "chat" and args.ids:
         raise LlamarunError("--ids is for -m generate: a chat prints its text")
     need_tokenizer = args.mode == "chat" or bool(args.input) or not args.ids
-    llama = open_model(args.checkpoint, args.tokenizer, need_tokenizer, ctx=args.ctx)
+    llama = open_model(args.checkpoint, args.tokenizer, need_tokenizer, ctx=args.ctx, ids_only=args.mode == "generate")
     seq_len = llama.config.seq_len
     steps = seq_len if args.steps <= 0 or args.steps > seq_len else args.steps   # run.c's clamp
     seed = args.seed if args.seed > 0 else None                                 # run.c: <= 0 seeds from the clock
@@ -327,10 +339,31 @@ def skip_draws(sampler, n: int) -> None:
 # llamarun chat
 
 CONTEXT_FULL_HINT = "context full: /reset to start over"
+CHAT_COMMANDS = {"/help": "list these commands", "/reset": "start the conversation over (the system prompt stays)",
+                 "/exit": "end the chat (as Ctrl-D does)"}
+
+
+def chat_command(session, line: str) -> bool | None:
+    """Run `line` if it is a chat command (a first word like /reset): True to go on, False to end the
+    chat; None when it is a message for the model. An unknown command is answered here, never sent."""
+    words = line.split()
+    if not words or not re.fullmatch(r"/[A-Za-z][\w-]*", words[0]):
+        return None
+    command = words[0]
+    if command == "/exit":
+        return False
+    if command == "/reset":
+        session.reset()
+    else:
+        if command != "/help":
+            print(f"llamarun: unknown command {command}", file=sys.stderr)
+        print("commands: " + "; ".join(f"{name}: {what}" for name, what in CHAT_COMMANDS.items()), file=sys.stderr)
+    return True
 
 
 def cmd_chat(args) -> int:
-    """Interactive on a terminal (a `> ` prompt, /reset, /exit); otherwise each stdin line is a message.
+    """Interactive on a terminal (a `> ` prompt, /help, /reset, /exit); otherwise each stdin line is a
+    message or one of those commands.
 
     Ctrl-C while a reply streams stops that reply (it stays in the conversation) and returns to the
     prompt; Ctrl-C at the prompt exits with 130, as llama.cpp does.
@@ -362,13 +395,12 @@ def chat_interactive(session, out: Output) -> int:
             out.text("\n")
             return 0
         # a KeyboardInterrupt here (Ctrl-C at the prompt) ends the program: main() exits with 130
-        command = line.strip()
-        if not command:
+        if not line.strip():
             continue
-        if command == "/exit":
+        went_on = chat_command(session, line)
+        if went_on is False:
             return 0
-        if command == "/reset":
-            session.reset()
+        if went_on:
             continue
         try:
             chat_turn(session, line, out)      # False (Ctrl-C stopped the reply): back to the prompt
@@ -381,13 +413,13 @@ def chat_lines(session, out: Output) -> int:
     failed = False
     for line in sys.stdin:
         line = line.rstrip("\r\n")
-        command = line.strip()
-        if not command:
+        if not line.strip():
             continue
-        if command == "/exit":
+        went_on = chat_command(session, line)
+        if went_on is False:
             break
-        if command == "/reset":
-            session.reset()
+        if went_on:
+            failed = failed or line.split()[0] not in CHAT_COMMANDS      # an unknown command: a user error
             continue
         try:
             if not chat_turn(session, line, out):
@@ -797,7 +829,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     parser = Parser(prog="llamarun", description="A readable, fast Llama inference engine.")
+    parser.add_argument("--version", action="version", version=f"llamarun {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="continue a prompt, streaming the text")
@@ -965,11 +999,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    original = signal.getsignal(signal.SIGINT)
+    catch = original not in (signal.SIG_IGN, None) and threading.current_thread() is threading.main_thread()
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        if not (sys.argv[1:] if argv is None else argv):
+            parser.print_help()             # bare `llamarun`: what it can do
+            return 0
+        args = parser.parse_args(argv)
         apply_threads(getattr(args, "threads", None))    # before numpy or numba do any work
         from . import compiling
         compiling.announce(sys.stderr)                   # a first run's compile says so, and how long
+        if catch:
+            on_ctrl_c(raise_where_safe)     # Ctrl-C: KeyboardInterrupt, never lost; a second one ends it
         return args.func(args)
     except LlamarunError as e:
         print(f"llamarun: error: {e}", file=sys.stderr)
@@ -980,6 +1022,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         sys.stderr.close()   # the reader went away (`| head`): not an error
         return 0
+    finally:
+        if catch:
+            signal.signal(signal.SIGINT, original)     # for a caller that runs main() in its own process
 
 
 if __name__ == "__main__":

@@ -199,7 +199,7 @@ def check_count(name: str, value) -> None:
 
 def check_prompt(prompt_ids: Sequence[int], start_pos: int, context: int, vocab_size: int) -> None:
     if not len(prompt_ids):
-        raise LlamarunError("the prompt is empty: give some text, or enable BOS so there is a first token")
+        raise LlamarunError("the prompt is empty: give some text or at least one token id")
     if start_pos + len(prompt_ids) > context:
         raise LlamarunError(f"the prompt is {len(prompt_ids)} tokens but the context holds {context - start_pos} "
                             "more: shorten the prompt (or use a model with a longer context)")

@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 
 from . import compiling
 from .decoding import Completion, Decoder, LogitsProcessor, TokenEvent, check_prompt
+from .interrupts import ctrl_c_never_lost
 from .model import Batch, KVCache, Probe, Transformer
 
 
@@ -46,7 +47,8 @@ def _generate(model: Transformer, decoder: Decoder, prompt_ids: list[int], cache
     result = decoder.completion
     # rates leave out the kernels' first compile (llamarun/compiling.py), reported on its own
     c0, t0 = compiling.seconds(), time.perf_counter()
-    logits = model.forward(Batch.sequence(prompt_ids, start_pos, seq_id), cache, probe)[-1]
+    with ctrl_c_never_lost():       # a Ctrl-C raises after the native call it lands in, never inside numba
+        logits = model.forward(Batch.sequence(prompt_ids, start_pos, seq_id), cache, probe)[-1]
     c1, t1 = compiling.seconds(), time.perf_counter()
     result.prefill_seconds = t1 - t0 - (c1 - c0)
     while not decoder.done:
@@ -55,7 +57,8 @@ def _generate(model: Transformer, decoder: Decoder, prompt_ids: list[int], cache
             yield event
         if decoder.done:
             break
-        logits = model.forward(Batch.sequence([event.token], decoder.pos - 1, seq_id), cache, probe)[0]
+        with ctrl_c_never_lost():
+            logits = model.forward(Batch.sequence([event.token], decoder.pos - 1, seq_id), cache, probe)[0]
         result.decode_seconds = time.perf_counter() - t1 - (compiling.seconds() - c1)
     result.decode_seconds = time.perf_counter() - t1 - (compiling.seconds() - c1)
     result.compile_seconds = compiling.seconds() - c0

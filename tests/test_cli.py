@@ -1,5 +1,6 @@
 """The command line as a user meets it: output, exit codes, one-line errors, Ctrl-C."""
 import io
+import re
 import json
 import signal
 import subprocess
@@ -131,7 +132,6 @@ def test_ctrl_c_keeps_the_output_and_exits_130(tmp_path):
 
 
 @pytest.mark.parametrize("args, words, command", [
-    ([], "required: COMMAND", "llamarun"),
     (["speak"], "invalid choice: 'speak'", "llamarun"),
     (["generate", "-n", "many"], "argument -n: invalid int value: 'many'", "llamarun generate"),
     (["generate", "Hi", "--colour"], "unrecognized arguments: --colour", "llamarun generate"),
@@ -195,3 +195,96 @@ def test_run_chat_takes_turns_as_runc(tmp_path, monkeypatch, capsysbinary):
     assert capsysbinary.readouterr().out == (
         b"Enter system prompt (optional): User: Assistant: \nUser: Assistant: \xd0\xb5\xd0\xb9vie photos} peuvent "
         b"Representatives\xd1\x92river voceElement\nUser: Assistant: \nUser: \n")
+
+
+# ----------------------------------------------------------------------------------------------
+# the first contact: bare `llamarun`, --version, chat's own commands, hints, an empty prompt
+
+def test_bare_llamarun_prints_the_help(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: llamarun") and "generate" in out and "chat" in out and "--version" in out
+
+
+def test_version():
+    import llamarun as package
+    r = llamarun("--version")
+    assert r.returncode == 0 and r.stdout == f"llamarun {package.__version__}\n" and r.stderr == "", r
+
+
+def chat_args(*extra):
+    return ["chat", "-m", model("tiny_gqa.bin"), "-z", model("tokenizer.bin"), "-n", "4", "--temperature", "0", *extra]
+
+
+def test_chat_answers_help_and_unknown_commands_itself(monkeypatch, capsys):
+    import llamarun.chat
+    sent = []
+    real = llamarun.chat.ChatSession.send
+    monkeypatch.setattr(llamarun.chat.ChatSession, "send", lambda self, text: sent.append(text) or real(self, text))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/help\n/model big\n  /reset\n/usr/bin is a folder\nHi\n/exit\n"))
+    assert main(chat_args()) == 1                  # an unknown command, as an unknown flag, is a user error
+    err = capsys.readouterr().err
+    assert sent == ["/usr/bin is a folder", "Hi"]   # a path is a message; the commands never reach the model
+    assert "unknown command /model" in err
+    listings = [line for line in err.splitlines() if line.startswith("commands:")]
+    assert len(listings) == 2 and all(c in listings[0] for c in ("/help", "/reset", "/exit"))
+
+
+def parser_flags() -> set[str]:
+    """Every --flag that `llamarun` or one of its commands accepts."""
+    import argparse
+    from llamarun.cli import build_parser
+    parser = build_parser()
+    parsers = [parser] + [p for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                          for p in a.choices.values()]
+    return {s for p in parsers for a in p._actions for s in a.option_strings if s.startswith("--")}
+
+
+def test_every_flag_an_error_names_exists():
+    # each --flag that a user-facing error of llamarun's names (LlamarunError and its kinds, hints)
+    import ast
+    import re
+    from pathlib import Path
+    package = Path(__file__).resolve().parents[1] / "llamarun"
+    named = {}
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            is_error = (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                        and node.func.id in ("LlamarunError", "UsageError", "ContextFull"))
+            is_hint = isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id.endswith("HINT")
+                                                             for t in node.targets)
+            if is_error or is_hint:
+                for part in ast.walk(node):
+                    if isinstance(part, ast.Constant) and isinstance(part.value, str):
+                        for flag in re.findall(r"--[a-z][a-z0-9-]*", part.value):
+                            named.setdefault(flag, f"{path.name}:{part.lineno}")
+    assert len(named) >= 5                         # the scan finds the errors' flags
+    missing = {flag: where for flag, where in named.items() if flag not in parser_flags()}
+    assert not missing
+
+
+@pytest.mark.parametrize("command", [["generate", "Hi"], ["chat", "--prompt", "Hi"], ["lens", "Hi"],
+                                     ["perplexity", "{text}"], ["attention", "Hi", "--out", "{html}"],
+                                     ["run", "{s260}", "-i", "Hi"], ["run", "{s260}", "-m", "chat", "-y", "", "-i", "Hi"]])
+def test_the_no_tokenizer_hint_names_only_the_commands_flags(command, tmp_path, monkeypatch, capsys):
+    import argparse
+    from llamarun.cli import build_parser
+    monkeypatch.chdir(tmp_path)                    # no tokenizer.bin in the working directory to be found
+    (tmp_path / "text.txt").write_text("Some text.")
+    names = {"{s260}": model("stories260K.bin"), "{text}": "text.txt", "{html}": "map.html"}
+    args = [names.get(a, a) for a in command] + ([] if command[0] == "run" else ["-m", model("stories260K.bin")])
+    assert main(args) == 1
+    error = capsys.readouterr().err
+    assert "no tokenizer" in error and "-z" in error
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command[0]]
+    accepted = {s for a in sub._actions for s in a.option_strings}
+    assert set(re.findall(r"--[a-z][a-z0-9-]*", error)) <= accepted, error
+
+
+def test_an_empty_prompt_starts_from_bos_in_generate_and_is_a_message_in_chat(smol_path, capsysbinary):
+    # the default model's tokenizer adds no BOS: "" used to be an error there ("enable BOS", no such flag)
+    assert main(["generate", "", "-m", str(smol_path), "-n", "3", "--temperature", "0", "--ids"]) == 0
+    walked = json.loads(capsysbinary.readouterr().out)
+    assert walked[0] == 1 and len(walked) == 4     # <|im_start|>, SmolLM2's BOS, then 3 drawn tokens
+    assert main(["chat", "--prompt", "", "-m", str(smol_path), "-n", "3", "--temperature", "0"]) == 0
+    assert capsysbinary.readouterr().out.strip()   # a reply to the empty message
