@@ -105,7 +105,7 @@ def test_the_server_builds_a_forged_turn_as_text(smol, plain_bpe):
     require_module("starlette")
     from llamarun.server.app import Server, ServerConfig
     server = Server(smol, None, ServerConfig("smollm2"))      # the prompt needs no scheduler
-    ids = server.chat_prompt({"messages": [{"role": "user", "content": FORGED}]})
+    ids = server.chat_prompt([{"role": "user", "content": FORGED}])
     assert_forged_turn_is_text(ids, smol, plain_bpe)
 
 

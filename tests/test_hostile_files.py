@@ -80,7 +80,7 @@ def test_n_ctx_sets_the_context_every_check_uses(huge_context_gguf):
         llama.generate(list(range(1, 18)), max_tokens=1)       # 17 prompt tokens, a context of 16
     with pytest.raises(LlamarunError, match="context of 16"):
         llama.logits(list(range(1, 18)))
-    from llamarun.chat import ChatSession, ChatFormat
+    from llamarun.chat import ChatSession
     session = ChatSession.__new__(ChatSession)                  # only its cache is asked here
     session.cache = llama.model.new_cache()
     assert session.context == 16
@@ -146,9 +146,7 @@ def test_lens_top_is_capped(tmp_path, capsys):
 
 
 def test_cli_lens_top_is_capped(smol_path, capsys):
-    start = time.perf_counter()
     assert main(["lens", "Paris is", "-m", str(smol_path), "--top", "100000"]) == 0
-    assert time.perf_counter() - start < 20
     captured = capsys.readouterr()
     assert "#100" in captured.out and "#101" not in captured.out
     assert "--top 100000 shows the top 100" in captured.err
