@@ -1025,6 +1025,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if catch:
             signal.signal(signal.SIGINT, original)     # for a caller that runs main() in its own process
+        if "llamarun.compiling" in sys.modules:
+            sys.modules["llamarun.compiling"].announce(None)
 
 
 if __name__ == "__main__":

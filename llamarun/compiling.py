@@ -83,12 +83,22 @@ class _CompileWatch(event.Listener):
             spent = self.seconds() - before
             if not self.announced:
                 self.announced = True
-                print(f"llamarun: compiling the kernels for this CPU, once per machine and llamarun version "
-                      f"({EXPECTED})", file=self.stream, flush=True)
+                self._say(f"llamarun: compiling the kernels for this CPU, once per machine and llamarun version "
+                          f"({EXPECTED})")
             elif spent - shown >= TICK:
                 shown = spent
-                print(f"llamarun: compiling... {spent:.0f} s", file=self.stream, flush=True)
+                self._say(f"llamarun: compiling... {spent:.0f} s")
             time.sleep(SETTLE)
+
+
+    def _say(self, line: str):
+        stream = self.stream
+        if stream is None:
+            return
+        try:
+            print(line, file=stream, flush=True)
+        except (ValueError, OSError):       # the stream was closed (a command that ended, a test's capture)
+            self.stream = None
 
 
 _watch = _CompileWatch()
@@ -101,5 +111,6 @@ def seconds() -> float:
 
 
 def announce(stream=sys.stderr) -> None:
-    """Tell `stream` when kernels start compiling, and how long they take (the command line's notice)."""
+    """Tell `stream` when kernels start compiling, and how long they take (the command line's notice);
+    None: stop telling."""
     _watch.stream = stream

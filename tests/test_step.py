@@ -41,6 +41,11 @@ def random_model(types: dict, seed: int = 0, **plan) -> Transformer:
     return Transformer(c, weights, dataclasses.replace(choose_plan(c, weights, exact=False), **plan))
 
 
+# every type with a group kernel in one model, and a Q4_K classifier (python -m llamarun.kernels compiles its
+# forward ahead: kernels/compile.py)
+MIXED = {"wq": T.Q8_0, "wk": T.Q4_0, "wv": T.Q6_K, "wo": T.Q5_K, "w1": T.Q4_K, "w2": T.Q6_K, "w3": T.Q4_1,
+         "output": T.Q4_K}
+
 BATCHES = [
     Batch.sequence(list(range(5, 17)), 0, 0),                                    # a prompt: 12 tokens
     Batch.of([20, 21, 22], [12, 0, 0], [0, 1, 2]),                               # three sequences
@@ -74,7 +79,7 @@ def assert_same(results):
 
 @pytest.mark.parametrize("types", [
     {},                                                                          # Q4_1, a Q8_0 classifier
-    {"wq": T.Q8_0, "wk": T.Q4_0, "wv": T.Q6_K, "w1": T.Q4_K, "w2": T.Q6_K, "w3": T.Q4_0, "output": T.Q4_K},
+    MIXED,
 ], ids=["q4_1", "mixed"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_one_call_forward_equals_the_layer_by_layer_path(types, threads):
@@ -109,16 +114,12 @@ def test_batch_order_and_parts():
     assert part.logits.tolist() == [True, True]
 
 
-K_QUANT_MIX = {"wq": T.Q4_K, "wk": T.Q4_K, "wv": T.Q6_K, "wo": T.Q5_K, "w1": T.Q4_K, "w2": T.Q6_K, "w3": T.Q5_K,
-               "output": T.Q6_K}        # a Q4_K_M / Q5_K_M file's mix of types, an embedding in Q6_K
-
-
-@pytest.mark.parametrize("types", [{}, K_QUANT_MIX], ids=["q4_1", "k_quants"])
+@pytest.mark.parametrize("types", [{}, MIXED], ids=["q4_1", "mixed"])
 def test_a_long_prompt_runs_in_parts_where_every_matrix_has_a_group_kernel(monkeypatch, types):
     """A batch longer than the plan's compiled_rows (16 here) goes through the one-call forward in parts of
     16, each part seeing the earlier ones in the cache: the logits and cache of the layer-by-layer path
-    over the whole batch at once, bit for bit. K-quants mixed with each other (as a Q4_K_M file mixes
-    them) take it too."""
+    over the whole batch at once, bit for bit. Every type, mixed (as a Q4_K_M file mixes K-quants),
+    takes it too."""
     model = random_model(types, compiled_rows=16)
     compiled = model.compiled_forward()
     assert compiled.rows == 16 and compiled.takes_prompts

@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+import numba
 import numpy as np
 from numba.core.caching import NullCache
 from numba.core.registry import CPUDispatcher
@@ -79,6 +80,34 @@ def run_model(path, exact: bool, prompt_lengths=(1, 5, 12)):
             model.forward(Batch.sequence(ids[n:n + 1], n), cache, probe)
 
 
+def compile_forward_for_types(path, kinds: int, output_kinds: int):
+    """The one-call forward for models of these ggml types (step.forward_fast_for), compiled for the
+    argument types that the forward of the model at `path` (a GGUF file) takes: those of every GGUF
+    model, and of the tests' random ones (tests/test_step.py), whatever their types. The model's own
+    forward is not run (nor compiled): its arguments are taken on the way in."""
+    import llamarun
+    from llamarun.model import Batch
+
+    model = llamarun.load(path).model
+    compiled = model.compiled_forward()
+    arguments = []
+
+    def capture(*args):
+        arguments.append(args)
+        raise _Captured
+
+    compiled.forward_fast = capture
+    try:
+        model.forward(Batch.sequence([1], 0), model.new_cache(seq_len=2))
+    except _Captured:
+        pass
+    step.forward_fast_for(kinds, output_kinds).compile(tuple(numba.typeof(a) for a in arguments[0]))
+
+
+class _Captured(Exception):
+    pass
+
+
 def warm_ups(folder: Path, default_model: Path | None) -> list[tuple[str, str, tuple]]:
     """(what, function name, arguments): the forwards that reach every kernel specialization, the
     longest first (the order the workers take them in)."""
@@ -86,7 +115,10 @@ def warm_ups(folder: Path, default_model: Path | None) -> list[tuple[str, str, t
     int8 = quantize_to(f32, folder / "tiny-int8.bin")
     parts = []
     if default_model is not None:
-        parts += [("default model, fast path", "run_model", (default_model, False, (1, 5, 200))),
+        # the tests' model of every type with a group kernel (tests/test_step.py's MIXED), first: the longest
+        parts += [("every ggml type, a Q4_K classifier (tests)", "compile_forward_for_types",
+                   (default_model, ggml.ALL_KINDS, ggml.Q4_K_BIT)),
+                  ("default model, fast path", "run_model", (default_model, False, (1, 5, 200))),
                   ("default model, exact path", "run_model", (default_model, True, (1, 5, 40)))]
     return parts + [("llama2.c int8 (runq.c's arithmetic)", "run_model", (int8, True)),
                     ("llama2.c float32 (run.c's)", "run_model", (f32, True))]
