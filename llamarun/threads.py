@@ -30,7 +30,7 @@ from . import compiling
 ADAPT = os.environ.get("LLAMARUN_ADAPT_THREADS", "1") != "0"
 SETTLE_CALLS = 2       # a trial's first forwards, not counted: the OS moves threads between cores after a switch
 TRIAL_CALLS = 5        # forwards at the other count in one trial, at most (see record)
-FIRST_INTERVAL = 32    # forwards before the first trial, and after a switch
+FIRST_INTERVAL = 16    # forwards before the first trial, and after a switch
 MAX_INTERVAL = 1024    # the longest stretch between trials while the choice keeps winning
 MARGIN = 0.85          # fewer threads win when their mean time is under this share of all threads'
 MARGIN_UP = 0.7        # all threads win back under this share of fewer threads' time: a short trial on a busy
@@ -92,10 +92,10 @@ class ThreadChoice:
         self.since_trial = 0
         if self.current == 0:
             self.best = min(self.best, min(ours))
-        # on all threads, times near their best say nothing takes our cores: a trial would only cost (a
+        # on all threads, recent times near their best say nothing takes our cores: a trial would only cost (a
         # busy machine's forwards take longer on average, with now and then one as fast as ever: the
         # waits at the barriers come and go); trials still come, ever more rarely
-        if self.current == 0 and statistics.fmean(ours) <= CALM * self.best:
+        if self.current == 0 and statistics.fmean(list(ours)[-HISTORY // 2:]) <= CALM * self.best:
             self.interval = min(2 * self.interval, MAX_INTERVAL)
             return
         # on fewer threads, a trial of all of them on a busy machine is costly (the idle thread waits
