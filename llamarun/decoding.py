@@ -202,7 +202,8 @@ def check_prompt(prompt_ids: Sequence[int], start_pos: int, context: int, vocab_
         raise LlamarunError("the prompt is empty: give some text or at least one token id")
     if start_pos + len(prompt_ids) > context:
         raise LlamarunError(f"the prompt is {len(prompt_ids)} tokens but the context holds {context - start_pos} "
-                            "more: shorten the prompt (or use a model with a longer context)")
+                            "more: shorten the prompt, or give a longer context (--ctx, load(n_ctx=)) up to the "
+                            "model's trained one")
     check_token_ids(prompt_ids, vocab_size)
 
 
