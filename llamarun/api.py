@@ -51,7 +51,10 @@ def load(path: str | os.PathLike | None = None, tokenizer: str | os.PathLike | N
 
 
 def embedded_tokenizer(checkpoint):
-    """The tokenizer a GGUF file carries in its metadata, or None."""
+    """The tokenizer a checkpoint brings: its own tokenizer file (a directory's), else the one a GGUF
+    file carries in its metadata, else None."""
+    if getattr(checkpoint, "tokenizer", None) is not None:
+        return checkpoint.tokenizer
     metadata = getattr(checkpoint, "metadata", {})
     if "tokenizer.ggml.model" not in metadata:
         return None

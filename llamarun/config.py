@@ -25,6 +25,19 @@ class ModelConfig:
     shared_classifier: bool = True   # output projection is the token embedding table
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    # RoPE's pairs: False, interleaved (x[2i], x[2i+1]): Meta's, run.c's, llama.cpp's llama files;
+    # True, halves (x[i], x[i + D/2]): Hugging Face's rotate_half, its checkpoints' Q and K rows as
+    # stored (read as they are, not permuted: a permuted copy of wq and wk is memory the map saves)
+    rope_halves: bool = False
+    # RoPE scaling. rope_factors: per pair i (head_dim / 2 of them) its frequency is divided by
+    # rope_factors[i] (Llama 3's "llama3" scaling, llama.cpp's rope_freqs tensor); rope_scale:
+    # positions are divided by it ("linear" scaling, llama.cpp's 1 / freq_scale)
+    rope_factors: tuple[float, ...] | None = None
+    rope_scale: float = 1.0
+    # attention reaches back this many positions (Mistral's sliding window), or all of them (None).
+    # llamarun attends to every position, so a model with a window runs contexts up to it, where the
+    # two are the same (with_context caps the context there)
+    sliding_window: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -39,6 +52,12 @@ def with_context(config: ModelConfig, n_ctx: int | None = None) -> ModelConfig:
     """The config a model runs with: `config` (a file's: its trained context) with seq_len the context
     to use, n_ctx if given (at most the trained context), else the trained one up to DEFAULT_CONTEXT_LIMIT."""
     trained = config.seq_len
+    if config.sliding_window is not None and config.sliding_window < trained:
+        if n_ctx is not None and not isinstance(n_ctx, bool) and isinstance(n_ctx, int) and n_ctx > config.sliding_window:
+            raise LlamarunError(f"a context of {n_ctx} tokens exceeds the model's sliding attention window of "
+                                f"{config.sliding_window}, which llamarun does not implement: ask for at most "
+                                f"{config.sliding_window} (--ctx, n_ctx)")
+        trained = config.sliding_window
     if n_ctx is None:
         return replace(config, seq_len=min(trained, DEFAULT_CONTEXT_LIMIT))
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
