@@ -1,4 +1,5 @@
 """Model hyper-parameters: one dataclass shared by every file format, and the context a model runs with."""
+import math
 from dataclasses import dataclass, replace
 
 from .errors import LlamarunError
@@ -66,3 +67,28 @@ def with_context(config: ModelConfig, n_ctx: int | None = None) -> ModelConfig:
         raise LlamarunError(f"a context of {n_ctx} tokens exceeds the model's {trained} (the context it was "
                             f"trained for): ask for at most {trained} (--ctx, n_ctx)")
     return replace(config, seq_len=n_ctx)
+
+
+def llama3_rope_factors(head_dim: int, theta: float, factor: float, low_freq_factor: float = 1.0,
+                        high_freq_factor: float = 4.0, original_context: int = 8192) -> tuple[float, ...]:
+    """Llama 3.1's RoPE scaling ("llama3": Meta's apply_scaling, Hugging Face's rope_type "llama3") as
+    one divisor per pair, what llama.cpp's converter stores as the rope_freqs tensor: pairs whose
+    wavelength is shorter than original_context / high_freq_factor keep their frequency (1), those
+    longer than original_context / low_freq_factor turn `factor` times slower, and the ones between
+    move smoothly from one to the other."""
+    if not (factor > 0 and high_freq_factor > low_freq_factor > 0 and original_context > 0):
+        raise LlamarunError(f"llama3 RoPE scaling needs factor > 0 and high_freq_factor > low_freq_factor > 0 "
+                            f"(got factor {factor}, low {low_freq_factor}, high {high_freq_factor})")
+    low_wavelength = original_context / low_freq_factor
+    high_wavelength = original_context / high_freq_factor
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * theta ** (i / head_dim)          # 2 pi / frequency
+        if wavelength < high_wavelength:
+            factors.append(1.0)
+        elif wavelength > low_wavelength:
+            factors.append(float(factor))
+        else:
+            smooth = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return tuple(factors)
