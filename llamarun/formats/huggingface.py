@@ -404,7 +404,6 @@ def read_tokenizer(path: str, hf: dict, config: ModelConfig):
     end_ids = token_ids(generation.get("eos_token_id")) | token_ids(hf.get("eos_token_id"))
 
     json_path, model_path = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer.model")
-    vocabulary: Callable[[], dict] | None = None
     if os.path.isfile(json_path):
         hf_tokenizer = load_hf_tokenizer(json_path)
 
@@ -422,16 +421,22 @@ def read_tokenizer(path: str, hf: dict, config: ModelConfig):
             add_bos = bos_id is not None and hf_tokenizer.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
         tokenizer = HuggingFaceTokenizer(hf_tokenizer, bos_id, eos_id, add_bos, end_ids=frozenset(end_ids))
         model_kind = "gpt2" if tokenizer.kind == BYTE_LEVEL else "llama"
-        if model_kind == "gpt2":
-            pre = pre_tokenizer_name(hf_tokenizer)
-            if pre:
-                metadata["tokenizer.ggml.pre"] = pre
-        vocabulary = lambda: vocabulary_from_json(json_path, tokenizer, config.vocab_size)   # noqa: E731
+        if model_kind == "gpt2" and pre_tokenizer_name(hf_tokenizer):
+            metadata["tokenizer.ggml.pre"] = pre_tokenizer_name(hf_tokenizer)
+        # two groups, each built when one of its keys is first read: the token list and types come from
+        # the tokenizer in memory (what chat templates' special tokens need); the merges, or the
+        # scores made from them, need the file parsed again (only `convert` reads them)
+        tokens = lambda: tokens_from_hf(tokenizer, config.vocab_size)         # noqa: E731
+        lazy = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": tokens}
+        ranked = "tokenizer.ggml.merges" if model_kind == "gpt2" else "tokenizer.ggml.scores"
+        lazy[ranked] = lambda: merges_from_json(json_path, tokenizer.kind, lazy_metadata)   # noqa: E731
     elif os.path.isfile(model_path):
         tokenizer = SentencePieceTokenizer.from_file(model_path)
         tokenizer.eog_ids = tokenizer.eog_ids | end_ids
         bos_id, eos_id, add_bos, model_kind = tokenizer.bos_id, tokenizer.eos_id, True, "llama"
         vocabulary = lambda: vocabulary_from_sentencepiece(tokenizer, config.vocab_size)   # noqa: E731
+        lazy = dict.fromkeys(("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"),
+                             vocabulary)
     else:
         return None, metadata
     if tokenizer.vocab_size > config.vocab_size:
@@ -442,9 +447,8 @@ def read_tokenizer(path: str, hf: dict, config: ModelConfig):
     for key, token in (("bos", bos_id), ("eos", eos_id)):
         if token is not None:
             metadata[f"tokenizer.ggml.{key}_token_id"] = token
-    lazy_keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type") + \
-        (("tokenizer.ggml.merges",) if model_kind == "gpt2" else ("tokenizer.ggml.scores",))
-    return tokenizer, LazyMetadata(metadata, lazy_keys, vocabulary)
+    lazy_metadata = LazyMetadata(metadata, lazy)
+    return tokenizer, lazy_metadata
 
 
 def special_text(value) -> str | None:
@@ -517,13 +521,12 @@ def looks_special(text: str) -> bool:
     return text.startswith("<|") and text.endswith("|>")
 
 
-def vocabulary_from_json(json_path: str, tokenizer, vocab_size: int) -> dict:
-    """tokenizer.ggml.tokens, token_type and merges (byte-level) or scores (SentencePiece-style), for ids
-    0..vocab_size-1 as convert_hf_to_gguf.py writes them: a hole is "[PADn]", unused."""
+def tokens_from_hf(tokenizer, vocab_size: int) -> dict:
+    """tokenizer.ggml.tokens and token_type for ids 0..vocab_size-1 as convert_hf_to_gguf.py writes them
+    (a hole in the ids is "[PADn]", unused; added tokens control or user-defined)."""
     from ..tokenizers.huggingface import BYTE_LEVEL
-    with open(json_path, encoding="utf-8") as f:
-        model = json.load(f).get("model", {})
-    hf = tokenizer.hf
+    hf, byte_level = tokenizer.hf, tokenizer.kind == BYTE_LEVEL
+    unknown = getattr(hf.model, "unk_token", None)
     tokens, types = [], []
     for token in range(vocab_size):
         text = hf.id_to_token(token)
@@ -532,22 +535,32 @@ def vocabulary_from_json(json_path: str, tokenizer, vocab_size: int) -> dict:
             text, kind = f"[PAD{token}]", UNUSED
         elif added is not None:
             kind = CONTROL if added.special or looks_special(text) else USER_DEFINED
-        elif tokenizer.kind != BYTE_LEVEL and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+        elif not byte_level and _BYTE_TOKEN.fullmatch(text):
             kind = BYTE
-        elif tokenizer.kind != BYTE_LEVEL and text == model.get("unk_token"):
+        elif not byte_level and text == unknown:
             kind = UNKNOWN
         else:
             kind = NORMAL
         tokens.append(text)
         types.append(kind)
+    return {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types}
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def merges_from_json(json_path: str, kind: str, metadata) -> dict:
+    """tokenizer.ggml.merges ("a b", by rank) of a byte-level tokenizer.json; for a SentencePiece-style one,
+    the tokenizer.ggml.scores that make SentencePiece's merge-by-score loop merge in the same order."""
+    from ..tokenizers.huggingface import BYTE_LEVEL
+    with open(json_path, encoding="utf-8") as f:
+        merges = json.load(f).get("model", {}).get("merges", [])
     # tokenizers writes a merge as "a b" (older files) or ["a", "b"]
-    pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges", [])]
-    vocabulary = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types}
-    if tokenizer.kind == BYTE_LEVEL:
-        vocabulary["tokenizer.ggml.merges"] = [" ".join(pair) for pair in pairs]
-    else:
-        vocabulary["tokenizer.ggml.scores"] = merge_rank_scores(pairs, tokens, types)
-    return vocabulary
+    pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in merges]
+    if kind == BYTE_LEVEL:
+        return {"tokenizer.ggml.merges": [" ".join(pair) for pair in pairs]}
+    return {"tokenizer.ggml.scores": merge_rank_scores(pairs, metadata["tokenizer.ggml.tokens"],
+                                                       metadata["tokenizer.ggml.token_type"])}
 
 
 def merge_rank_scores(pairs: list, tokens: list[str], types: list[int]) -> list[float]:
@@ -581,40 +594,38 @@ def vocabulary_from_sentencepiece(tokenizer, vocab_size: int) -> dict:
 
 
 class LazyMetadata(MutableMapping):
-    """A checkpoint's metadata whose vocabulary keys are built on first use of any of them: 100k+ strings
-    (a 128k vocabulary, 280k merges) cost more than the rest of opening, and a model that runs from its
-    tokenizer.json never reads them (chat templates' special tokens, `convert` do).
+    """A checkpoint's metadata whose vocabulary keys are built on first use: 100k+ strings (a 128k
+    vocabulary, 280k merges) cost more than the rest of opening, and a model that runs from its
+    tokenizer.json never reads them (chat templates' special tokens and `convert` do).
 
-    Deleting (or popping) a vocabulary key before it is built drops it without building it, as api.load
-    drops the merges it does not need; `pop` then returns its default."""
+    lazy: key -> a function building a dict that holds that key (and perhaps others still pending).
+    Deleting (or popping) a key before it is built drops it without building it, as api.load drops
+    the merges it does not need; `pop` then returns its default (None if none is given)."""
 
-    def __init__(self, values: dict, lazy_keys: tuple[str, ...], build: Callable[[], dict] | None):
+    _MISSING = object()
+
+    def __init__(self, values: dict, lazy: dict[str, Callable[[], dict]]):
         self._values = dict(values)
-        self._pending = [key for key in lazy_keys if key not in values] if build is not None else []
-        self._build = build
+        self._pending = {key: build for key, build in lazy.items() if key not in values}
 
-    def _resolve(self) -> None:
-        if self._pending:
-            built = self._build()
-            for key in self._pending:
-                self._values[key] = built[key]
-            self._pending = []
-        self._build = None
+    def _build(self, key) -> None:
+        built = self._pending[key]()
+        for name, value in built.items():
+            if name in self._pending:
+                del self._pending[name]
+                self._values[name] = value
 
     def __getitem__(self, key):
         if key in self._pending:
-            self._resolve()
+            self._build(key)
         return self._values[key]
 
     def __setitem__(self, key, value) -> None:
-        if key in self._pending:
-            self._pending.remove(key)
+        self._pending.pop(key, None)
         self._values[key] = value
 
     def __delitem__(self, key) -> None:
-        if key in self._pending:
-            self._pending.remove(key)
-        else:
+        if self._pending.pop(key, None) is None:
             del self._values[key]
 
     def __contains__(self, key) -> bool:
@@ -626,13 +637,11 @@ class LazyMetadata(MutableMapping):
     def __len__(self) -> int:
         return len(self._values) + len(self._pending)
 
-    _MISSING = object()
-
     def pop(self, key, default=_MISSING):
         if key in self._pending:
-            self._pending.remove(key)
+            del self._pending[key]
             return None if default is self._MISSING else default
         return super().pop(key) if default is self._MISSING else super().pop(key, default)
 
     def __repr__(self) -> str:
-        return f"LazyMetadata({self._values!r}, not yet built: {self._pending})"
+        return f"LazyMetadata({self._values!r}, not yet built: {list(self._pending)})"

@@ -14,6 +14,7 @@ raw bytes. Two kinds of vocabulary are decoded, told apart by the model the file
 """
 from __future__ import annotations
 
+import ctypes
 import re
 import threading
 from pathlib import Path
@@ -35,11 +36,23 @@ def load_hf_tokenizer(path: str | Path):
     except ImportError:
         raise LlamarunError(f"reading {path} needs the tokenizers package: pip install tokenizers") from None
     try:
-        return tokenizers.Tokenizer.from_file(str(path))
+        hf = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:      # tokenizers raises a bare Exception for a file it cannot parse
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LlamarunError(f"{path} is not a tokenizer.json that the tokenizers package reads ({reason}): "
                             "download it again") from None
+    release_freed_memory()
+    return hf
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim). Parsing a tokenizer.json
+    builds a JSON tree of small allocations that is freed once the tokenizer is made, but glibc keeps
+    the pages: Llama 3's 128k vocabulary left 150 MB resident where the tokenizer itself holds 48."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):       # not glibc: its allocator decides
+        pass
 
 
 def vocabulary_kind(hf) -> str:
