@@ -213,6 +213,15 @@ def test_one_shard_stays_memory_mapped(weights, one_shard):
     assert_logits_close(model.logits(IDS), meta_forward(weights, PARAMS, IDS))
 
 
+@pytest.mark.parametrize("dtype, n_shards, kind", [(torch.float16, 1, "F16"), (torch.float32, 2, "float32")])
+def test_float16_and_float32_checkpoints(weights, tmp_path, dtype, n_shards, kind):
+    typed = {name: t.to(dtype) for name, t in weights.items()}
+    model = llamarun.load(write_checkpoint(tmp_path / "typed", typed, n_shards=n_shards), exact=True)
+    wq = model.checkpoint.weights["wq"][0]
+    assert getattr(wq, "ggml_type", str(getattr(wq, "dtype", None))) == kind
+    assert_logits_close(model.logits(IDS), meta_forward(typed, PARAMS, IDS))
+
+
 def test_llama31_scaled_rope_at_long_positions(weights, tmp_path):
     # apply_scaling slows the pairs whose wavelength exceeds 2048 positions (with head_dim 16 and
     # theta 500000: 4 of 8): at position p their angles differ by p * (1 - 1/factor) * freq, which is
