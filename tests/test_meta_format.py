@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import llamarun  # noqa: E402
-from conftest import MODELS, logits_tolerance, require  # noqa: E402
+from conftest import MODELS, logits_tolerance, require, require_module  # noqa: E402
 from llamarun.errors import LlamarunError  # noqa: E402
 from llamarun.formats import load_checkpoint  # noqa: E402
 
@@ -248,7 +248,7 @@ def test_a_compressed_entry_is_read_into_memory(weights, one_shard, tmp_path):
 
 
 def test_tokenizer_model_becomes_gguf_metadata(tmp_path):
-    spm = pytest.importorskip("sentencepiece")
+    spm = require_module("sentencepiece")
     tokenizer_file = require(MODELS / "tokenizer.model")
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
     path = write_checkpoint(tmp_path / "Llama-2-tiny", random_weights(vocab=sp.vocab_size()))

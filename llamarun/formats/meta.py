@@ -135,7 +135,7 @@ def hidden_size(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) ->
 def trained_context(params: dict, rope_theta: float, norm_eps: float, scaled: bool) -> int:
     """The context the model was trained for (see LLAMA1_CONTEXT ...): params.json's max_seq_len if it
     has one, else by the generation its other parameters tell."""
-    if isinstance(params.get("max_seq_len"), int) and params["max_seq_len"] > 0:
+    if type(params.get("max_seq_len")) is int and params["max_seq_len"] > 0:
         return params["max_seq_len"]
     if scaled:
         return LLAMA31_CONTEXT

@@ -149,7 +149,7 @@ def load(path: str) -> PthFile:
 
 
 def _read(path: str, archive: zipfile.ZipFile, mapping, size: int) -> PthFile:
-    pickles = [name for name in archive.namelist() if name.endswith("data.pkl") and name.count("/") == 1]
+    pickles = [name for name in archive.namelist() if name.endswith("/data.pkl") and name.count("/") == 1]
     if len(pickles) != 1:
         found = "none" if not pickles else ", ".join(pickles)
         raise LlamarunError(f"{path} is a zip archive but not a torch.save checkpoint: it needs one ARCHIVE/data.pkl "
