@@ -155,10 +155,10 @@ def config_from_params(path: str, params: dict, tensors: dict) -> ModelConfig:
     ffn_dim_multiplier = _param(path, params, "ffn_dim_multiplier", float)
     norm_eps = float(_param(path, params, "norm_eps", float, default=1e-5))
     rope_theta = float(_param(path, params, "rope_theta", float, default=10000.0))
+    file = os.path.join(path, "params.json")
     scaled = params.get("use_scaled_rope", False)
     if not isinstance(scaled, bool):
-        raise LlamarunError(f"{os.path.join(path, 'params.json')}: use_scaled_rope is {scaled!r}, not true or false")
-    file = os.path.join(path, "params.json")
+        raise LlamarunError(f"{file}: use_scaled_rope is {scaled!r}, not true or false")
     if dim % n_heads or (dim // n_heads) % 2:
         raise LlamarunError(f"{file}: dim {dim} does not split into {n_heads} heads of even size")
     if n_heads % n_kv_heads:
