@@ -67,7 +67,8 @@ def embedded_tokenizer(checkpoint):
 
 def find_tokenizer(model_path: str | os.PathLike, vocab_size: int) -> str | None:
     """A tokenizer beside the model (or in the working directory) whose size fits the model, if any."""
-    for folder in (Path(model_path).resolve().parent, Path.cwd()):
+    model_path = Path(model_path).resolve()
+    for folder in (model_path if model_path.is_dir() else model_path.parent, Path.cwd()):
         for name in ("tokenizer.model", "tokenizer.bin"):
             candidate = folder / name
             if candidate.is_file():

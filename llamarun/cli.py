@@ -558,21 +558,28 @@ def cmd_info(args) -> int:
 
 
 def model_lines(checkpoint) -> list[str]:
-    c, metadata = checkpoint.config, getattr(checkpoint, "metadata", None)
-    if metadata is not None:                                        # GGUF: the file's own type table
+    c, metadata = checkpoint.config, getattr(checkpoint, "metadata", None) or {}
+    if hasattr(checkpoint, "type_counts"):                          # GGUF: the file's own type table
         name = metadata.get("general.name")
         kind = f"GGUF v{checkpoint.version} {metadata.get('general.architecture', 'llama')}"
         kind += f" ({name})" if name else ""
         counts = checkpoint.type_counts
     else:
         kind, counts = checkpoint.description, tensor_types(c, checkpoint.weights)
-    size = os.path.getsize(checkpoint.path)
+    size = path_size(checkpoint.path)
     config = (f"dim {c.dim}, hidden {c.hidden_dim}, layers {c.n_layers}, heads {c.n_heads}, kv heads {c.n_kv_heads}, "
               f"head dim {c.head_dim}, vocab {c.vocab_size}, context {c.seq_len}, rope theta {c.rope_theta:g}, "
               f"norm eps {c.norm_eps:g}, classifier {'the embeddings' if c.shared_classifier else 'its own'}")
     types = ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     return [f"file: {checkpoint.path}", f"format: {kind}", f"size: {size / 1e6:.1f} MB ({size} bytes)",
             f"config: {config}", f"tensors: {types}", f"parameters: {parameter_count(checkpoint.weights):,}"]
+
+
+def path_size(path: str) -> int:
+    """Bytes in a model file, or in the files of a checkpoint directory."""
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(entry.stat().st_size for entry in os.scandir(path) if entry.is_file())
 
 
 def tensor_types(config, weights: dict) -> dict[str, int]:
@@ -584,6 +591,8 @@ def tensor_types(config, weights: dict) -> dict[str, int]:
     def type_of(tensor) -> str:
         if isinstance(tensor, GroupQuantized):
             return f"INT8/{tensor.group_size}"
+        if hasattr(tensor, "ggml_type"):                            # F16, BF16 from a checkpoint directory
+            return tensor.ggml_type
         return {"float32": "F32", "float16": "F16"}.get(str(tensor.dtype), str(tensor.dtype))
 
     counts, seen = Counter(), set()
