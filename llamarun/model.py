@@ -163,26 +163,43 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 def rope_tables(config: ModelConfig, n_positions: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin of the (position, pair) rotation angles of positions 0..n_positions-1 (default: the
-    whole context), each (n_positions, head_dim // 2). A position's rows do not depend on n_positions.
+    whole context), each (n_positions, head_dim // 2); (n_positions, head_dim) for a model in Hugging
+    Face's pair layout (config.rope_halves), both halves alike, as its own tables are: the kernels
+    read the layout from the width (kernels/attention.py, _pair). A position's rows do not depend on
+    n_positions.
 
     Computed in float32 as run.c does (freq = 1/theta^(2i/D), angle = pos * freq), so positions far
-    into the context rotate exactly as the reference engine rotates them.
+    into the context rotate exactly as the reference engine rotates them. Scaled RoPE divides each
+    pair's frequency by its factor (rope_factors: Llama 3's) and by rope_scale (linear scaling: as
+    positions divided by it), in float32, as transformers divides its inv_freq.
     """
     D = config.head_dim
     freqs = np.float32(1.0) / np.power(np.float32(config.rope_theta),
                                        np.arange(0, D, 2, dtype=np.float32) / np.float32(D))
+    if config.rope_factors is not None:
+        freqs = freqs / np.asarray(config.rope_factors, np.float32)
+    if config.rope_scale != 1.0:
+        freqs = freqs / np.float32(config.rope_scale)
     n = config.seq_len if n_positions is None else n_positions
     angles = np.arange(n, dtype=np.float32)[:, None] * freqs[None, :]                # (n, D/2)
+    if config.rope_halves:
+        angles = np.concatenate([angles, angles], axis=1)                          # (n, D)
     return np.cos(angles.astype(np.float64)).astype(np.float32), np.sin(angles.astype(np.float64)).astype(np.float32)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by its angle (llama2.c's layout).
+    """Rotate each pair of every head by its angle: interleaved pairs (x[2i], x[2i+1]), llama2.c's
+    layout, for tables of one column a pair; (x[i], x[i + D/2]), Hugging Face's, for tables of D.
 
-    x: (n, heads, head_dim); cos, sin: (n, head_dim // 2) for the tokens' positions.
+    x: (n, heads, head_dim); cos, sin: (n, head_dim // 2) (or (n, head_dim)) for the tokens' positions.
     The forward pass does this rotation inside the attention kernel (with the same float32
     arithmetic, fused with the cache writes); this is its plain numpy statement.
     """
+    D = x.shape[-1]
+    if cos.shape[1] == D:                           # halves: pair i is (x[i], x[i + D/2])
+        x0, x1 = x[..., :D // 2], x[..., D // 2:]
+        c, s = cos[:, None, :D // 2], sin[:, None, :D // 2]
+        return np.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
     pairs = x.reshape(*x.shape[:-1], -1, 2)        # (n, heads, D/2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     c, s = cos[:, None, :], sin[:, None, :]

@@ -92,6 +92,61 @@ def test_the_prefill_rope_kernel_is_apply_rope_bit_for_bit():
     assert np.array_equal(out, apply_rope(x, cos, sin))
 
 
+def test_rope_in_hugging_face_layout_rotates_halves_and_scaling_divides_the_frequencies():
+    """rope_halves: pair i is (x[i], x[i + D/2]); rope_factors and rope_scale divide pair i's frequency
+    (Llama 3's and linear scaling, as transformers divides its inv_freq)."""
+    from dataclasses import replace
+    factors = (1.0, 2.0, 3.0, 8.0)
+    config = replace(llamarun.config.ModelConfig(8, 16, 1, 1, 1, 10, 16, rope_theta=500.0), rope_halves=True,
+                     rope_factors=factors, rope_scale=2.0)
+    cos, sin = rope_tables(config)
+    assert cos.shape == (16, 8)
+    x = np.arange(1, 9, dtype=np.float32).reshape(1, 1, 8)
+    pos = 5
+    out = apply_rope(x, cos[[pos]], sin[[pos]])[0, 0]
+    for i in range(4):
+        angle = pos / 500.0 ** (2 * i / 8) / factors[i] / 2.0
+        x0, x1 = x[0, 0, i], x[0, 0, i + 4]
+        assert out[i] == pytest.approx(x0 * np.cos(angle) - x1 * np.sin(angle), rel=1e-5)
+        assert out[i + 4] == pytest.approx(x0 * np.sin(angle) + x1 * np.cos(angle), rel=1e-5)
+    from llamarun.kernels.attention import rope
+    kernel_out = np.empty_like(x)
+    rope(x, cos[[pos]], sin[[pos]], kernel_out)
+    assert np.array_equal(kernel_out, apply_rope(x, cos[[pos]], sin[[pos]]))
+
+
+class _Checkpoint:
+    def __init__(self, config, weights):
+        self.path, self.config, self.weights, self.description, self.metadata = "test", config, weights, "test", {}
+
+
+def _to_halves(w: np.ndarray, heads: int) -> np.ndarray:
+    """Q or K rows from interleaved pairs to Hugging Face's halves: row 2i of a head to i, 2i+1 to i + D/2."""
+    out_features, dim = w.shape
+    D = out_features // heads
+    return np.ascontiguousarray(w.reshape(heads, D // 2, 2, dim).transpose(0, 2, 1, 3).reshape(out_features, dim))
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
+def test_a_model_in_hugging_face_pair_layout_gives_the_logits_of_its_interleaved_twin(gqa, exact):
+    """The same model with its Q and K rows in halves order and config.rope_halves: every path (the
+    prefill's attention kernel or BLAS attention, the decode steps) gives the interleaved model's logits."""
+    from dataclasses import replace
+    c = gqa.config
+    weights = dict(gqa.checkpoint.weights)
+    weights["wq"] = np.stack([_to_halves(w, c.n_heads) for w in weights["wq"]])
+    weights["wk"] = np.stack([_to_halves(w, c.n_kv_heads) for w in weights["wk"]])
+    twin = llamarun.Llama(_Checkpoint(replace(gqa.checkpoint.config, rope_halves=True), weights), exact=exact)
+    base = llamarun.Llama(gqa.checkpoint, exact=exact)
+    ids = [1, 512, 278, 14089, 29892, 727, 471, 263, 2217]
+    ref = alone(base, ids)
+    tol = logits_tolerance(ref, 2e-5)[:, None]
+    assert (np.abs(alone(twin, ids) - ref) <= tol).all()
+    cache = twin.model.new_cache()
+    decoded = np.array([twin.model.forward(Batch.sequence([t], p), cache)[0] for p, t in enumerate(ids)])
+    assert (np.abs(decoded - ref) <= tol).all()
+
+
 def test_multi_query_attention_matches_a_naive_reference(mqa_path):
     llama = llamarun.load(mqa_path)
     assert (llama.config.n_heads, llama.config.n_kv_heads) == (4, 1)

@@ -259,10 +259,23 @@ def _weighted_values(probs, v_cache, layer, seq, kv, T, acc):
 
 
 @numba.njit(inline="always")
+def _pair(cos, D, j):
+    """Where RoPE's pair j lies in a head of D values, told by the tables' width: one column a pair,
+    (2j, 2j+1), interleaved (Meta's, run.c's, llama.cpp's llama files); D columns (Hugging Face's
+    tables, both halves alike), (j, j + D/2), Hugging Face's rotate_half layout. (The width rather
+    than one more argument to every kernel: the tables already travel with every call, and only
+    their maker, model.rope_tables, knows the layout.)"""
+    if cos.shape[1] == D:
+        return j, j + D // 2
+    return 2 * j, 2 * j + 1
+
+
+@numba.njit(inline="always")
 def _rotate(x, i, h, cos, sin, j):
-    """Pair j of x[i, h] (x[i, h, 2j], x[i, h, 2j+1]) rotated by token i's angle j, as run.c (and
-    apply_rope) rotate it."""
-    x0, x1 = x[i, h, 2 * j], x[i, h, 2 * j + 1]
+    """Pair j of x[i, h] (_pair: x[i, h, 2j], x[i, h, 2j+1] interleaved) rotated by token i's angle j,
+    as run.c (and apply_rope) rotate it."""
+    a, b = _pair(cos, x.shape[2], j)
+    x0, x1 = x[i, h, a], x[i, h, b]
     return x0 * cos[i, j] - x1 * sin[i, j], x0 * sin[i, j] + x1 * cos[i, j]
 
 
@@ -290,8 +303,9 @@ def _store_pairs(start, stop, k, v, cos, sin, k_cache, v_cache, layer, seq_ids, 
         b, tt = p // BLOCK, p % BLOCK
         for j in range(D // 2):
             k0, k1 = _rotate(k, i, kv, cos, sin, j)
-            k_cache[layer, seq, kv, b, 2 * j, tt] = _narrow(k_cache, k0)
-            k_cache[layer, seq, kv, b, 2 * j + 1, tt] = _narrow(k_cache, k1)
+            d0, d1 = _pair(cos, D, j)
+            k_cache[layer, seq, kv, b, d0, tt] = _narrow(k_cache, k0)
+            k_cache[layer, seq, kv, b, d1, tt] = _narrow(k_cache, k1)
         for d in range(D):
             v_cache[layer, seq, kv, p, d] = _narrow(v_cache, v[i, kv, d])
 
@@ -320,7 +334,8 @@ def _attend_heads(i, kv, g0, g1, q, cos, sin, k_cache, v_cache, layer, seq_ids, 
     acc = np.empty((count, D), np.float32)
     for g in range(count):
         for j in range(D // 2):
-            qr[g, 2 * j], qr[g, 2 * j + 1] = _rotate(q, i, first + g, cos, sin, j)
+            d0, d1 = _pair(cos, D, j)
+            qr[g, d0], qr[g, d1] = _rotate(q, i, first + g, cos, sin, j)
     _scores(qr, k_cache, layer, seq, kv, T, scores)
     for g in range(count):
         _softmax(k_cache, scores, g, T, np.float32(math.sqrt(np.float32(D))), bias)
@@ -361,11 +376,13 @@ def attend_jobs(q, k_cache):
 @numba.njit(error_model="numpy", cache=True)
 def rope(x, cos, sin, out):
     """out[i, h] = x[i, h] rotated by token i's angles (model.apply_rope's arithmetic, as a loop: the
-    numpy statement makes four temporaries the size of x).   x, out: (n, heads, D); cos, sin: (n, D/2)"""
+    numpy statement makes four temporaries the size of x).   x, out: (n, heads, D); cos, sin: (n, D/2),
+    or (n, D) for Hugging Face's pair layout (_pair)"""
     for i in range(x.shape[0]):
         for h in range(x.shape[1]):
             for j in range(x.shape[2] // 2):
-                out[i, h, 2 * j], out[i, h, 2 * j + 1] = _rotate(x, i, h, cos, sin, j)
+                d0, d1 = _pair(cos, x.shape[2], j)
+                out[i, h, d0], out[i, h, d1] = _rotate(x, i, h, cos, sin, j)
 
 
 @numba.njit(error_model="numpy", cache=True)
@@ -385,7 +402,8 @@ def attention(q, k, v, cos, sin, k_cache, v_cache, seq_ids, pos, out, probs_out,
     """Rotate this batch's queries and keys, store its keys and values, attend.
 
     q: (n, H, D) queries and k, v: (n, KV, D) keys and values of the batch's tokens, before RoPE;
-    cos, sin: (n, D/2) the rotation angles of each token's position;
+    cos, sin: (n, D/2) the rotation angles of each token's position (one per pair; (n, D) for
+    Hugging Face's pair layout, see _pair);
     k_cache: (n_seqs, KV, blocks, D, BLOCK) keys, block b holding positions b*BLOCK onwards,
     transposed; v_cache: (n_seqs, KV, S, D) values (one layer's caches; float32, or uint16 for a
     half-precision cache);

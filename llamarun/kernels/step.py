@@ -164,7 +164,7 @@ def _attention(t, n_threads, state, q, k, v, cos, sin, k_cache, v_cache, layer, 
 @numba.njit(inline="always")
 def _sizes(x, cos, k_cache, n_heads):
     """(tokens n, dim, heads H, kv heads KV, head_dim D) of a batch x (n, dim) and the caches."""
-    return x.shape[0], x.shape[1], n_heads, k_cache.shape[2], 2 * cos.shape[1]
+    return x.shape[0], x.shape[1], n_heads, k_cache.shape[2], k_cache.shape[4]
 
 
 @numba.njit(inline="always")
@@ -223,7 +223,7 @@ def _forward_fast_closure(kinds, output_kinds):
         qts: (n_layers, 7) the ggml types of wq, wk, wv, wo, w1, w2, w3; those seven: typed lists of
         each layer's raw matrix (out_features, row bytes) uint8; attention_norm, ffn_norm: (n_layers,
         dim) float32; norm: (dim,); output: the classifier's raw matrix, of type output_qt;
-        cos, sin: (n, head_dim / 2) the tokens' rotations; k_cache, v_cache: KVCache.k / .v (all layers);
+        cos, sin: (n, head_dim / 2) the tokens' rotations ((n, head_dim): Hugging Face's pairs, attention._pair); k_cache, v_cache: KVCache.k / .v (all layers);
         seq_ids, pos: (n,) int64; wanted: the indices of the tokens whose logits are computed;
         logits: (len(wanted), vocab) float32, written; n_threads: numba.get_num_threads() of the caller
         (one iteration of the parallel loop per thread: the barriers need them all running at once;
