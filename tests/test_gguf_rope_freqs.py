@@ -126,3 +126,15 @@ def test_other_scaling_is_refused(meta, words):
     with pytest.raises(LlamarunError, match=words) as e:
         rope_scale("m.gguf", meta)
     assert "\n" not in str(e.value)
+
+
+def test_quantize_keeps_rope_freqs(tmp_path):
+    """llamarun quantize of a Llama 3.1-style file: rope_freqs goes through as F32, unchanged."""
+    from llamarun.quantize import quantize
+    out = tmp_path / "q8.gguf"
+    quantize(FIXTURE, out, "q8_0")
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    source = {t.name: t for t in gguf.GGUFReader(FIXTURE).tensors}
+    assert tensors["rope_freqs.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert np.array_equal(tensors["rope_freqs.weight"].data, source["rope_freqs.weight"].data)
+    assert load_checkpoint(out).config.rope_factors == load_checkpoint(FIXTURE).config.rope_factors
