@@ -1,5 +1,5 @@
 """The command line: `llamarun generate | run | chat | tokenize | pull | models | info | bench | quantize |
-perplexity | lens | attention | serve`.
+convert | perplexity | lens | attention | serve`.
 
 One rule for every command: the model is -m/--model, the prompt is positional or --prompt, -n is the
 number of new tokens. The exception is `run`, which takes llama2.c's run.c arguments unchanged.
@@ -624,6 +624,18 @@ def cmd_quantize(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# llamarun convert
+
+def cmd_convert(args) -> int:
+    from .convert import convert
+    written = convert(args.input, args.output, args.type, force=args.force)
+    print(f"wrote {args.output}: {written.description}")
+    for note in written.notes:
+        print(f"note: {note}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # llamarun bench
 
 def cmd_bench(args) -> int:
@@ -965,6 +977,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "and hidden_dim)")
     add_threads(qz)
     qz.set_defaults(func=cmd_quantize)
+
+    cv = sub.add_parser("convert", help="write a model in another format: GGUF, llama2.c or a Hugging Face "
+                                        "directory, from any model llamarun reads")
+    cv.add_argument("input", help="the model: a GGUF file, a llama2.c .bin, a Meta or Hugging Face directory")
+    cv.add_argument("output", help="OUT.gguf (llama.cpp), OUT.bin (llama2.c) or OUT/ (a Hugging Face directory)")
+    cv.add_argument("--type", default="f32", help="the matrices' type: f32 (default), f16, bf16, q8_0, q4_0, "
+                                                  "q4_1 (GGUF); f32 or bf16/f16 (Hugging Face); f32 (llama2.c "
+                                                  "version 1) or int8 (version 2)")
+    cv.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    cv.set_defaults(func=cmd_convert)
 
     pp = sub.add_parser("perplexity", help="perplexity of a text file (consecutive chunks of --ctx tokens, "
                                            "each scored from an empty cache); prints PPL = <value>")

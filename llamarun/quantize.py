@@ -213,6 +213,9 @@ def _gguf_plan(source: _GGUFSource, qtype: str) -> list[_TensorPlan]:
     n_layers = checkpoint.config.n_layers
     plan = []
     for info in source.header.tensors.values():
+        if info.name == gguf_format.ROPE_FREQS:        # Llama 3.1's RoPE divisors: copied as float32
+            plan.append(_TensorPlan(info.name, np.array(checkpoint.config.rope_factors, np.float32), T.F32))
+            continue
         name, layer = _llamarun_name(checkpoint.path, info.name, n_layers)
         tensor = checkpoint.weights[name] if layer is None else checkpoint.weights[name][layer]
         if len(info.dims) != 2:
