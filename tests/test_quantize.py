@@ -459,3 +459,11 @@ def test_load_refuses_a_type_it_cannot_quantize_to():
         llamarun.load(path, quantize="q3_k")
     with pytest.raises(LlamarunError, match="not whole"):
         llamarun.load(path, quantize="q8_0")
+
+
+def test_cli_quantize_at_load_reports_the_cost(tmp_path, capsys):
+    from llamarun.kernels.compile import write_llama2c
+    path = str(write_llama2c(tmp_path / "tiny.bin"))
+    assert main(["generate", "-m", path, "--quantize", "q4_0", "--exact", "--ids", "-n", "3", ""]) == 0
+    err = capsys.readouterr().err
+    assert "quantized to Q4_0 in memory" in err and "perplexity" in err and "top-1 agreement" in err
