@@ -1,7 +1,7 @@
 """Speed of llamarun on K-quant models of the sizes people run (Llama-3.2-1B / 3B shapes), beside the
 machine's bounds and llama.cpp measured in the same run.
 
-    python benchmarks/bench_kquants.py [--shape 1b|3b] [--types q4_k_m,q5_k_m,q6_k,q8_0] [--threads N]
+    python benchmarks/bench_kquants.py [--shape 1b|3b] [--types q4_k_m,q5_k_m,q6_k,q8_0,f16,bf16] [--threads N]
                                        [--runs 3] [--gen 4] [--prompt 512] [--llama-bench PATH]
                                        [--llama-quantize PATH]
 
@@ -40,13 +40,16 @@ SHAPES = {   # dim, layers, heads, kv heads, hidden
     "3b": (3072, 28, 24, 8, 8192),
 }
 VOCAB = 49152
-TYPES = {"q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K", "q8_0": "Q8_0"}   # ours -> llama-quantize's
+# ours -> llama-quantize's. f16 and bf16: the half-precision matrices a Hugging Face or Meta checkpoint
+# holds (kernels/matvec.py's matvec_half), not in the default list
+TYPES = {"q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K", "q8_0": "Q8_0", "f16": "F16", "bf16": "BF16"}
+DEFAULT_TYPES = ("q4_k_m", "q5_k_m", "q6_k", "q8_0")
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
-    p.add_argument("--types", default=",".join(TYPES), help=f"comma-separated, of {', '.join(TYPES)}")
+    p.add_argument("--types", default=",".join(DEFAULT_TYPES), help=f"comma-separated, of {', '.join(TYPES)}")
     p.add_argument("--threads", type=int, default=None, help="threads for both engines (default: all cores)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median reported)")
     p.add_argument("--gen", type=int, default=4, help="decoded tokens per decode run")
@@ -160,6 +163,10 @@ def model_path(shape: str, qtype: str, quantizer: str | None) -> str:
     out = str(folder / f"random-{shape}.{qtype}.gguf")
     if os.path.exists(out):
         return out
+    if qtype == "f16" and not os.path.exists(f16):
+        print(f"writing {f16} ...", flush=True)
+        write_f16(f16, shape)
+        return f16
     if quantizer is None:
         raise LlamarunError(f"{out} is missing and no llama-quantize was found: pass --llama-quantize PATH")
     if not os.path.exists(f16):

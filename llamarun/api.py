@@ -19,7 +19,7 @@ from .tokenizers import load_tokenizer, tokenizer_from_gguf
 
 
 def load(path: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
-         exact: bool = False, n_ctx: int | None = None) -> "Llama":
+         exact: bool = False, n_ctx: int | None = None, quantize: str | None = None) -> "Llama":
     """Load a model (memory-mapped) with its tokenizer.
 
     path: a llama2.c .bin or a GGUF file; None loads the default model (SmolLM2-135M-Instruct,
@@ -32,6 +32,9 @@ def load(path: str | os.PathLike | None = None, tokenizer: str | os.PathLike | N
     made here once: another arithmetic is another load.
     n_ctx: the context in tokens (CLI: --ctx), at most the one the model was trained for; default: the
     trained one up to config.DEFAULT_CONTEXT_LIMIT. `Llama.config.seq_len` is then the context used.
+    quantize: "q8_0", "q4_0" or "q4_1" (CLI: --quantize): every matrix quantized in memory at load, as
+    `llamarun quantize` would write it (a float or bf16 checkpoint then runs on the quantized kernels);
+    `Llama.quantization_quality()` measures what it cost, as `llamarun quantize` reports it.
     """
     if path is None:
         from .hub import ensure_default_model
@@ -47,7 +50,14 @@ def load(path: str | os.PathLike | None = None, tokenizer: str | os.PathLike | N
         # it lowers a loaded model's peak memory by a few MiB, which keeps it under the budget of
         # file + KV cache + 200 MB (docs/performance.md).
         getattr(checkpoint, "metadata", {}).pop("tokenizer.ggml.merges", None)
-    return Llama(checkpoint, tok, exact=exact, n_ctx=n_ctx)
+    if quantize is None:
+        return Llama(checkpoint, tok, exact=exact, n_ctx=n_ctx)
+    from .quantize import quantize_weights
+    source = checkpoint.weights
+    checkpoint.weights = quantize_weights(checkpoint.config, source, quantize)
+    llama = Llama(checkpoint, tok, exact=exact, n_ctx=n_ctx)
+    llama.unquantized = source
+    return llama
 
 
 def embedded_tokenizer(checkpoint):
@@ -67,7 +77,8 @@ def embedded_tokenizer(checkpoint):
 
 def find_tokenizer(model_path: str | os.PathLike, vocab_size: int) -> str | None:
     """A tokenizer beside the model (or in the working directory) whose size fits the model, if any."""
-    for folder in (Path(model_path).resolve().parent, Path.cwd()):
+    model_path = Path(model_path).resolve()
+    for folder in (model_path if model_path.is_dir() else model_path.parent, Path.cwd()):
         for name in ("tokenizer.model", "tokenizer.bin"):
             candidate = folder / name
             if candidate.is_file():
@@ -90,6 +101,7 @@ class Llama:
         self.config = with_context(checkpoint.config, n_ctx)
         self.model = Transformer(self.config, checkpoint.weights, choose_plan(self.config, checkpoint.weights, exact))
         self.tokenizer = tokenizer
+        self.unquantized = None      # the weights as stored, when load quantized them (quantization_quality)
 
     @property
     def plan(self) -> ExecutionPlan:
@@ -137,6 +149,17 @@ class Llama:
             raise LlamarunError(f"{len(ids)} tokens do not fit the model's context of {self.config.seq_len}")
         return self.model.forward(Batch.sequence(ids, all_logits=True), self.model.new_cache(seq_len=len(ids)))
 
+    def quantization_quality(self, max_tokens: int | None = 256):
+        """For a model quantized at load (load(quantize=...)): its perplexity, logits and top-1 token
+        against the weights as stored, on the first max_tokens tokens of the text `llamarun quantize`
+        scores (llamarun.quantize.Quality; .lines() as that command prints it)."""
+        from .quantize import compare_quality
+        if getattr(self, "unquantized", None) is None:
+            raise LlamarunError("this model was not quantized at load: load it with quantize=TYPE")
+        stored = _Stored(self.checkpoint, self.unquantized)
+        return compare_quality(Llama(stored, self.tokenizer, exact=True), Llama(self.checkpoint, self.tokenizer, exact=True),
+                               max_tokens=max_tokens)
+
     # -- generation ---------------------------------------------------------------------------
 
     def stream(self, prompt: str | Sequence[int], max_tokens: int = 256, *, sampler: str = "default",
@@ -176,6 +199,15 @@ class Llama:
         for _ in s:
             pass
         return s.completion
+
+
+class _Stored:
+    """A checkpoint with other weights (the same file's, as stored, beside a copy quantized at load)."""
+
+    def __init__(self, checkpoint, weights: dict):
+        self.path, self.config, self.weights = checkpoint.path, checkpoint.config, weights
+        self.description = checkpoint.description
+        self.metadata = getattr(checkpoint, "metadata", {})
 
 
 def check_logit_bias(bias, vocab_size: int) -> None:

@@ -1,5 +1,5 @@
 """The command line: `llamarun generate | run | chat | tokenize | pull | models | info | bench | quantize |
-perplexity | lens | attention | serve`.
+convert | perplexity | lens | attention | serve`.
 
 One rule for every command: the model is -m/--model, the prompt is positional or --prompt, -n is the
 number of new tokens. The exception is `run`, which takes llama2.c's run.c arguments unchanged.
@@ -29,22 +29,37 @@ EXIT_INTERRUPTED = 130
 # shared helpers
 
 def open_model(model_path: str | None, tokenizer_path: str | None, need_tokenizer: bool, exact: bool = False,
-               ctx: int | None = None, ids_only: bool = False):
+               ctx: int | None = None, ids_only: bool = False, quantize: str | None = None):
     """Load the model (the default one when no path is given) and its tokenizer: the one given with
     -z, else the one a GGUF file embeds, else one found beside the model whose size fits. ctx: --ctx.
     ids_only: the command can run without one (--ids with an empty prompt), which the error then says."""
     from .api import find_tokenizer, load
     from .tokenizers import load_tokenizer
 
-    llama = load(model_path, tokenizer_path, exact=exact, n_ctx=ctx)
+    llama = load(model_path, tokenizer_path, exact=exact, n_ctx=ctx, quantize=quantize)
     vocab = llama.config.vocab_size
     if llama.tokenizer is None:
         found = find_tokenizer(llama.checkpoint.path, vocab)
         llama.tokenizer = load_tokenizer(found, vocab_size=vocab) if found else None
+    if quantize is not None:
+        report_quantization(llama, quantize)
     if llama.tokenizer is None and need_tokenizer:
         raise LlamarunError(f"no tokenizer of {vocab} tokens found beside {llama.checkpoint.path}: pass one with "
                             "-z PATH" + (" (or use --ids with an empty prompt for ids-only output)" if ids_only else ""))
     return llama
+
+
+QUANTIZE_REPORT_TOKENS = 64     # --quantize's quality report scores this many tokens: seconds, not minutes
+
+
+def report_quantization(llama, qtype: str) -> None:
+    """--quantize: what quantizing at load cost, on stderr, measured as `llamarun quantize` measures it."""
+    quality = llama.quantization_quality(max_tokens=QUANTIZE_REPORT_TOKENS)
+    change = (quality.ppl_after / quality.ppl_before - 1) * 100
+    print(f"quantized to {qtype.upper()} in memory: {quality.bytes_before / 1e6:.1f} MB -> {quality.bytes_after / 1e6:.1f} MB; "
+          f"on {quality.tokens} tokens of {quality.scored_on}: perplexity {quality.ppl_before:.3f} -> "
+          f"{quality.ppl_after:.3f} ({change:+.2f}%), top-1 agreement {quality.top1_agreement * 100:.1f}%",
+          file=sys.stderr, flush=True)
 
 
 class Output:
@@ -153,7 +168,7 @@ def cmd_generate(args) -> int:
     prompt = prompt_of(args)
     if args.confidence_json is not None:
         check_writable(args.confidence_json)
-    llama = open_model(args.model, args.tokenizer, need_tokenizer=bool(prompt) or not args.ids, exact=args.exact,
+    llama = open_model(args.model, args.tokenizer, need_tokenizer=bool(prompt) or not args.ids, exact=args.exact, quantize=args.quantize,
                        ctx=args.ctx, ids_only=True)
     sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.sampler != "llama2c":
@@ -370,7 +385,7 @@ def cmd_chat(args) -> int:
     """
     from .chat import ChatSession, chat_format_for
 
-    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact, ctx=args.ctx)
+    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact, quantize=args.quantize, ctx=args.ctx)
     session = ChatSession(llama, chat_format_for(llama), system=args.system, max_tokens=args.n,
                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                           repeat_penalty=args.repeat_penalty, seed=args.seed)
@@ -475,7 +490,7 @@ def cmd_attention(args) -> int:
     prompt = prompt_of(args)
     if not prompt:
         raise LlamarunError("attention needs a prompt")
-    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact, ctx=args.ctx)
+    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact, quantize=args.quantize, ctx=args.ctx)
     record = record_attention(llama, prompt, args.n, emphasis=args.emphasize or [], temperature=args.temperature,
                               top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                               repeat_penalty=args.repeat_penalty, seed=args.seed)
@@ -548,7 +563,7 @@ def cmd_info(args) -> int:
     """The model (file, format, config, tensor types, size), its plan, and the CPU the kernels run on."""
     from .api import load
     from .plan import cpu_description
-    llama = load(args.model, exact=args.exact)
+    llama = load(args.model, exact=args.exact, quantize=args.quantize)
     for section, lines in (("model", model_lines(llama.checkpoint)), ("plan", llama.plan.describe()),
                            ("cpu", cpu_description())):
         print(f"{section}:")
@@ -558,21 +573,28 @@ def cmd_info(args) -> int:
 
 
 def model_lines(checkpoint) -> list[str]:
-    c, metadata = checkpoint.config, getattr(checkpoint, "metadata", None)
-    if metadata is not None:                                        # GGUF: the file's own type table
+    c, metadata = checkpoint.config, getattr(checkpoint, "metadata", None) or {}
+    if hasattr(checkpoint, "type_counts"):                          # GGUF: the file's own type table
         name = metadata.get("general.name")
         kind = f"GGUF v{checkpoint.version} {metadata.get('general.architecture', 'llama')}"
         kind += f" ({name})" if name else ""
         counts = checkpoint.type_counts
     else:
         kind, counts = checkpoint.description, tensor_types(c, checkpoint.weights)
-    size = os.path.getsize(checkpoint.path)
+    size = path_size(checkpoint.path)
     config = (f"dim {c.dim}, hidden {c.hidden_dim}, layers {c.n_layers}, heads {c.n_heads}, kv heads {c.n_kv_heads}, "
               f"head dim {c.head_dim}, vocab {c.vocab_size}, context {c.seq_len}, rope theta {c.rope_theta:g}, "
               f"norm eps {c.norm_eps:g}, classifier {'the embeddings' if c.shared_classifier else 'its own'}")
     types = ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     return [f"file: {checkpoint.path}", f"format: {kind}", f"size: {size / 1e6:.1f} MB ({size} bytes)",
             f"config: {config}", f"tensors: {types}", f"parameters: {parameter_count(checkpoint.weights):,}"]
+
+
+def path_size(path: str) -> int:
+    """Bytes in a model file, or in the files of a checkpoint directory."""
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(entry.stat().st_size for entry in os.scandir(path) if entry.is_file())
 
 
 def tensor_types(config, weights: dict) -> dict[str, int]:
@@ -584,6 +606,8 @@ def tensor_types(config, weights: dict) -> dict[str, int]:
     def type_of(tensor) -> str:
         if isinstance(tensor, GroupQuantized):
             return f"INT8/{tensor.group_size}"
+        if hasattr(tensor, "ggml_type"):                            # F16, BF16 from a checkpoint directory
+            return tensor.ggml_type
         return {"float32": "F32", "float16": "F16"}.get(str(tensor.dtype), str(tensor.dtype))
 
     counts, seen = Counter(), set()
@@ -615,6 +639,18 @@ def cmd_quantize(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# llamarun convert
+
+def cmd_convert(args) -> int:
+    from .convert import convert
+    written = convert(args.input, args.output, args.type, force=args.force)
+    print(f"wrote {args.output}: {written.description}")
+    for note in written.notes:
+        print(f"note: {note}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # llamarun bench
 
 def cmd_bench(args) -> int:
@@ -622,7 +658,7 @@ def cmd_bench(args) -> int:
     from .api import load
     from .bench import check_settings, format_report, run_bench
     check_settings(args.n_prompt, args.n_gen, args.depth, args.repetitions)   # before the model loads
-    llama = load(args.model, exact=args.exact, n_ctx=args.ctx)
+    llama = load(args.model, exact=args.exact, quantize=args.quantize, n_ctx=args.ctx)
     report = run_bench(llama, n_prompt=args.n_prompt, n_gen=args.n_gen, depth=args.depth,
                        repetitions=args.repetitions,
                        progress=lambda message: print(f"  {message} ...", file=sys.stderr, flush=True))
@@ -657,7 +693,7 @@ def cmd_perplexity(args) -> int:
     text = read_text_file(args.file)
     if args.ctx is not None and args.ctx < 2:
         raise LlamarunError(f"--ctx must be at least 2 tokens, not {args.ctx}")
-    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact, ctx=args.ctx)
+    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact, quantize=args.quantize, ctx=args.ctx)
     ctx = args.ctx if args.ctx is not None else min(512, llama.config.seq_len)
     ids = llama.tokenizer.encode(text, bos=False)     # no special tokens, as the reference scores text
     check_inputs(llama.model, ids, ctx)               # before the progress bar takes the terminal
@@ -690,7 +726,7 @@ def cmd_lens(args) -> int:
     top = min(args.top, LENS_TABLE_TOP)
     if top < args.top:
         print(f"llamarun: --top {args.top} shows the top {top}, the most the table holds", file=sys.stderr)
-    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact, ctx=args.ctx)
+    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact, quantize=args.quantize, ctx=args.ctx)
     ids = llama.encode(prompt_of(args))
     lens = logit_lens(llama.model, ids, args.pos, top)
     here = ids[lens.pos]
@@ -720,7 +756,7 @@ def cmd_serve(args) -> int:
         if value is not None and value < low:
             raise LlamarunError(f"{flag} must be at least {low}, not {value}")
     check_port(args.port)                  # before the model loads
-    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact, ctx=args.ctx)
+    llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact, quantize=args.quantize, ctx=args.ctx)
     ctx = args.ctx if args.ctx is not None else min(2048, llama.config.seq_len)
     serve(llama, Path(llama.checkpoint.path).stem, host=args.host, port=args.port, parallel=args.parallel,
           ctx=ctx, queue=args.queue, api_key=args.api_key, max_body=args.max_body)
@@ -778,9 +814,13 @@ def add_ctx(p: argparse.ArgumentParser) -> None:
 
 
 def add_exact(p: argparse.ArgumentParser) -> None:
+    """--exact, and --quantize: how a command's model computes."""
     p.add_argument("--exact", action="store_true",
                    help="float32 activations for quantized GGUF weights (the reference arithmetic); "
                         "default: int8 activations in the decode step, as llama.cpp")
+    p.add_argument("--quantize", choices=("q8_0", "q4_0", "q4_1"), metavar="TYPE",
+                   help="quantize every matrix in memory at load (q8_0, q4_0, q4_1), reporting the quality cost "
+                        "on stderr; the file is not changed")
 
 
 def add_sampling(p: argparse.ArgumentParser) -> None:
@@ -956,6 +996,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "and hidden_dim)")
     add_threads(qz)
     qz.set_defaults(func=cmd_quantize)
+
+    cv = sub.add_parser("convert", help="write a model in another format: GGUF, llama2.c or a Hugging Face "
+                                        "directory, from any model llamarun reads")
+    cv.add_argument("input", help="the model: a GGUF file, a llama2.c .bin, a Meta or Hugging Face directory")
+    cv.add_argument("output", help="OUT.gguf (llama.cpp), OUT.bin (llama2.c) or OUT/ (a Hugging Face directory)")
+    cv.add_argument("--type", default="f32", help="the matrices' type: f32 (default), f16, bf16, q8_0, q4_0, "
+                                                  "q4_1 (GGUF); f32 or bf16/f16 (Hugging Face); f32 (llama2.c "
+                                                  "version 1) or int8 (version 2)")
+    cv.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    cv.set_defaults(func=cmd_convert)
 
     pp = sub.add_parser("perplexity", help="perplexity of a text file (consecutive chunks of --ctx tokens, "
                                            "each scored from an empty cache); prints PPL = <value>")

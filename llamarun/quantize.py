@@ -213,6 +213,9 @@ def _gguf_plan(source: _GGUFSource, qtype: str) -> list[_TensorPlan]:
     n_layers = checkpoint.config.n_layers
     plan = []
     for info in source.header.tensors.values():
+        if info.name == gguf_format.ROPE_FREQS:        # Llama 3.1's RoPE divisors: copied as float32
+            plan.append(_TensorPlan(info.name, np.array(checkpoint.config.rope_factors, np.float32), T.F32))
+            continue
         name, layer = _llamarun_name(checkpoint.path, info.name, n_layers)
         tensor = checkpoint.weights[name] if layer is None else checkpoint.weights[name][layer]
         if len(info.dims) != 2:
@@ -274,6 +277,67 @@ def quantize_matrix(values: np.ndarray, ggml_type) -> np.ndarray:
     if ggml_type == T.F16:
         return values.astype(np.float16)
     return gguf.quants.quantize(values, ggml_type)
+
+
+# ----------------------------------------------------------------------------------------------
+# quantized in memory at load (llamarun.load(path, quantize=TYPE), --quantize TYPE)
+
+LOAD_TYPES = ("q8_0", "q4_0", "q4_1")      # quantize= at load: the quick ones (gguf's quantizers)
+QUANTIZE_ROWS = 4096                        # rows widened to float32 at a time: bounded memory
+
+
+def quantize_weights(config, weights: dict, qtype: str) -> dict:
+    """`weights` with every matrix (the embedding and the classifier included) quantized to `qtype` in
+    memory, as `llamarun quantize` writes a file of that type (one type for every matrix), a block of
+    rows at a time so that a bf16 embedding table is never widened whole; norms stay float32. What
+    llama.cpp needs a separate step and a second file for."""
+    from .model import LAYER_WEIGHTS
+    from .tensors import GGMLTensor
+    qtype = str(qtype).lower()
+    if qtype not in LOAD_TYPES:
+        raise LlamarunError(f"cannot quantize to {qtype!r} at load: choose one of {', '.join(LOAD_TYPES)} "
+                            "(or write a file of another type with `llamarun quantize`)")
+    ggml_type = T[qtype.upper()]
+    block_size = gguf.GGML_QUANT_SIZES[ggml_type][0]
+    if config.dim % block_size or config.hidden_dim % block_size:
+        raise LlamarunError(f"cannot quantize this model to {qtype} at load: its rows ({config.dim} and "
+                            f"{config.hidden_dim} values) are not whole {ggml_type.name} blocks of {block_size}")
+    made: dict[int, object] = {}
+
+    def one(name, tensor):
+        if getattr(tensor, "ndim", 2) != 2 or getattr(tensor, "qtype", None) == ggml_type:
+            return tensor
+        if id(tensor) not in made:      # (the tensor is kept with its copy: its id is never reused meanwhile)
+            rows = tensor.shape[0]
+            raw = None
+            for start in range(0, rows, QUANTIZE_ROWS):
+                stop = min(start + QUANTIZE_ROWS, rows)
+                values = tensor[start:stop] if isinstance(tensor, np.ndarray) else tensor.rows(np.arange(start, stop))
+                block = quantize_matrix(values, ggml_type).view(np.uint8).reshape(stop - start, -1)
+                if raw is None:
+                    raw = np.empty((rows, block.shape[1]), np.uint8)
+                raw[start:stop] = block
+            made[id(tensor)] = (tensor, GGMLTensor(name, ggml_type, tuple(tensor.shape), raw))
+        return made[id(tensor)][1]
+
+    out = {}
+    for name, value in weights.items():
+        if name in LAYER_WEIGHTS:
+            out[name] = [one(name, t) for t in value]
+        else:
+            out[name] = one(name, value)
+    return out
+
+
+def weights_nbytes(weights: dict) -> int:
+    """Bytes of the tensors (a shared classifier once)."""
+    seen, total = set(), 0
+    for value in weights.values():
+        for t in value if isinstance(value, list) else [value]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.nbytes
+    return total
 
 
 def _tensor_bytes(t: _TensorPlan) -> np.ndarray:
@@ -489,8 +553,16 @@ def quality_ids(llama, text: str = QUALITY_TEXT) -> tuple[list[int], str]:
 def measure_quality(src: str | os.PathLike, dst: str | os.PathLike, text: str = QUALITY_TEXT) -> Quality:
     """Score the same ids under the input model and its quantized copy (both loaded as
     `llamarun.load` loads them): perplexity, mean |logit error|, top-1 agreement, file sizes."""
-    before, after = load(src, exact=True), load(dst, exact=True)
+    return compare_quality(load(src, exact=True), load(dst, exact=True), text, os.path.getsize(src),
+                           os.path.getsize(dst))
+
+
+def compare_quality(before, after, text: str = QUALITY_TEXT, bytes_before: int | None = None,
+                    bytes_after: int | None = None, max_tokens: int | None = None) -> Quality:
+    """measure_quality for two loaded models (Llama): the same ids (at most max_tokens of them) under
+    each. Sizes default to their weights' bytes."""
     ids, scored_on = quality_ids(before, text)
+    ids = ids[:max_tokens] if max_tokens else ids
     ctx = min(before.config.seq_len, MAX_CONTEXT)
     runs = []
     for llama in (before, after):
@@ -501,4 +573,5 @@ def measure_quality(src: str | os.PathLike, dst: str | os.PathLike, text: str = 
     error = np.abs(logits_after.astype(np.float64) - logits_before).mean()
     agreement = np.mean(logits_after.argmax(-1) == logits_before.argmax(-1))
     return Quality(scored_on, len(ids), ppl_before, ppl_after, float(error), float(agreement),
-                   os.path.getsize(src), os.path.getsize(dst))
+                   bytes_before if bytes_before is not None else weights_nbytes(before.checkpoint.weights),
+                   bytes_after if bytes_after is not None else weights_nbytes(after.model.w))

@@ -21,7 +21,7 @@ from gguf import quants as gguf_quants
 
 from .kernels import ggml as ggml_kernels
 from .kernels import int8 as int8_kernels
-from .kernels.matvec import matvec
+from .kernels.matvec import matvec, matvec_half
 from .plan import FAST_KERNEL_ROWS, MATVEC_ROWS, TILE_BYTES
 
 
@@ -152,11 +152,16 @@ def _dequantize_f16(raw: np.ndarray) -> np.ndarray:
     return raw.view(np.float16).astype(np.float32)
 
 
+def _dequantize_bf16(raw: np.ndarray) -> np.ndarray:
+    """bfloat16 bits -> float32: they are its top half (gguf's, without its rounding of NaNs)."""
+    return (raw.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
 # The types a llama GGUF may store its matrices in, with this module's dequantizer where it has one
 # (None: gguf's). Ours are for the common types, where gguf's numpy code is slowest (docs/performance.md).
 _T = GGMLQuantizationType
 DEQUANTIZERS = {
-    _T.F16: _dequantize_f16, _T.BF16: None, _T.Q8_0: dequantize_q8_0, _T.Q4_0: dequantize_q4_0,
+    _T.F16: _dequantize_f16, _T.BF16: _dequantize_bf16, _T.Q8_0: dequantize_q8_0, _T.Q4_0: dequantize_q4_0,
     _T.Q4_1: dequantize_q4_1, _T.Q5_0: None, _T.Q5_1: None,
     _T.Q2_K: None, _T.Q3_K: None, _T.Q4_K: None, _T.Q5_K: None, _T.Q6_K: None,
 }
@@ -171,6 +176,9 @@ GROUP_KERNEL_TYPES = KERNEL_TYPES
 # The types with the exact kernels and the tile decoder: those, and Q2_K and Q3_K, which have no fast
 # (int8) kernel, so no place in the one-call forward (which computes with the fast kernels only).
 EXACT_KERNEL_TYPES = KERNEL_TYPES | {_T.Q2_K, _T.Q3_K}
+# Half-precision matrices: 2 bytes a weight as stored, with matrix-vector kernels of their own
+# (kernels/matvec.py, matvec_half) for a decode step; a prompt's products widen a tile at a time for BLAS.
+HALF_TYPES = frozenset({_T.F16, _T.BF16})
 
 _tile_buffers: dict[tuple[int, int], np.ndarray] = {}   # shared: one product at a time (one forward)
 
@@ -188,7 +196,7 @@ class GGMLTensor:
 
     shape is (out_features, in_features); `raw` is (out_features, bytes_per_row) uint8, one row of
     blocks per output. Never dequantized whole by a product: `linear` reads the blocks directly
-    (EXACT_KERNEL_TYPES, for a few rows of x) or a tile of rows at a time; `rows` for an embedding
+    (EXACT_KERNEL_TYPES and F16/BF16, for a few rows of x) or a tile of rows at a time; `rows` for an embedding
     lookup; `dequantize` when asked for the whole matrix.
 
     `exact` chooses the arithmetic of the matrix-vector kernels (kernels/ggml.py): True, float32
@@ -211,6 +219,7 @@ class GGMLTensor:
         # fast path too their products take the exact kernels (decode) and the tile decoder (prompts)
         self._int8 = not exact and qtype in KERNEL_TYPES
         self._tile_rows = max(16, min(shape[0], TILE_BYTES // (4 * shape[1]) // 16 * 16))
+        self._halves = self.raw.view(np.uint16) if qtype in HALF_TYPES else None     # (out, in) bits
 
     @property
     def exact(self) -> bool:
@@ -260,6 +269,9 @@ class GGMLTensor:
         if not self.on_kernels(x):
             return self._linear_tiled(x)
         out = np.empty((x.shape[0], self.shape[0]), np.float32)
+        if self._halves is not None:
+            matvec_half(x, self._halves, self.qtype == _T.BF16, out)
+            return out
         kernel = ggml_kernels.matvec_fast if self._int8 else ggml_kernels.matvec_exact
         kernel(self._kernel_type, self.raw, x, out)
         return out
@@ -267,6 +279,8 @@ class GGMLTensor:
     def on_kernels(self, x: np.ndarray) -> bool:
         """Whether x @ W.T runs on the matrix-vector kernels: a type with a kernel, and a decode-sized x
         (exact kernels) or up to FAST_KERNEL_ROWS rows (int8 kernels)."""
+        if self._halves is not None:
+            return x.shape[0] <= MATVEC_ROWS
         return self._kernel_type is not None and x.shape[0] <= (FAST_KERNEL_ROWS if self._int8 else MATVEC_ROWS)
 
     def _linear_tiled(self, x: np.ndarray) -> np.ndarray:
@@ -301,7 +315,7 @@ def fusable(x: np.ndarray, *weights) -> bool:
     (GGML tensors all on the int8 kernels or all on the exact ones, or llama2.c int8 of one group size).
     (A fast Q3_K matrix is on the exact kernels: it fuses with other Q2_K / Q3_K matrices, not with
     int8 ones, whose one call quantizes x.)"""
-    if all(isinstance(w, GGMLTensor) and w.on_kernels(x) for w in weights):
+    if all(isinstance(w, GGMLTensor) and w._kernel_type is not None and w.on_kernels(x) for w in weights):
         return len({w.int8_kernels for w in weights}) == 1
     if all(isinstance(w, GroupQuantized) and w.on_kernels(x) for w in weights):
         return len({w.group_size for w in weights}) == 1

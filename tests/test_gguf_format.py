@@ -512,16 +512,29 @@ def test_wrong_shape(tmp_path):
 def test_unknown_tensor(tmp_path):
     path = tmp_path / "m.gguf"
     stored = write_model(path)
-    stored["rope_freqs.weight"] = (np.ones(HEAD_DIM // 2, np.float32), T.F32)     # Llama 3.1's RoPE scaling
+    stored["blk.0.attn_q.bias"] = (np.ones(DIM, np.float32), T.F32)       # a variant with biases
+    write_gguf(path, stored, llama_metadata())
+    assert "blk.0.attn_q.bias" in error_of(path)
+
+
+def test_rope_freqs_of_the_wrong_shape(tmp_path):
+    """Llama 3.1's rope_freqs is read (tests/test_gguf_rope_freqs.py); one that is not head_dim / 2
+    positive float32 values is refused."""
+    path = tmp_path / "m.gguf"
+    stored = write_model(path)
+    stored["rope_freqs.weight"] = (np.ones(HEAD_DIM, np.float32), T.F32)
     write_gguf(path, stored, llama_metadata())
     assert "rope_freqs.weight" in error_of(path)
+    stored["rope_freqs.weight"] = (np.zeros(HEAD_DIM // 2, np.float32), T.F32)
+    write_gguf(path, stored, llama_metadata())
+    assert "not a positive number" in error_of(path)
 
 
 def test_unsupported_llama_variants(tmp_path):
     path = tmp_path / "m.gguf"
     write_model(path, metadata={"llama.expert_count": 8})
     assert "experts" in error_of(path)
-    write_model(path, metadata={"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0})
-    assert "RoPE scaling" in error_of(path)
+    write_model(path, metadata={"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0})
+    assert "RoPE scaling 'yarn'" in error_of(path)
     write_model(path, metadata={"llama.rope.dimension_count": HEAD_DIM // 2})
     assert "llama.rope.dimension_count" in error_of(path)

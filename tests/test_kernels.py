@@ -102,6 +102,30 @@ def test_exact_equals_dequantize_then_matmul(qtype, n):
     assert np.all(np.abs(out - ref) <= 512 * U * magnitudes)
 
 
+@pytest.mark.parametrize("n", [1, 3, 40])
+@pytest.mark.parametrize("qtype", [T.F16, T.BF16], ids=lambda t: t.name)
+def test_half_precision_matrices_multiply_as_stored(qtype, n):
+    """F16 and BF16 matrices stay 2 bytes a weight: a decode step's product (kernels/matvec.py's
+    matvec_half, n = 1, 3) and a prompt's (tiles widened for BLAS, n = 40) equal x @ W.T with W as
+    gguf's dequantizer widens it, to float32's rounding of the sum; `rows` is gguf's bit for bit."""
+    rng = np.random.default_rng(int(qtype) + n)
+    w = rng.standard_normal((37, 512)).astype(np.float32)
+    if qtype == T.F16:
+        raw = w.astype(np.float16).view(np.uint8)
+    else:
+        raw = (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)      # truncated to bf16
+    raw.flags.writeable = False
+    x = rng.standard_normal((n, 512)).astype(np.float32)
+    ref, magnitudes, _ = reference(qtype, raw, x)
+    tensor = GGMLTensor("w", qtype, (37, 512), raw)
+    assert tensor.on_kernels(x) == (n <= 8) and tensor.nbytes == 37 * 512 * 2
+    out = tensor.linear(x)
+    assert out.dtype == np.float32 and out.shape == (n, 37)
+    assert np.all(np.abs(out - ref) <= 512 * U * magnitudes)
+    theirs = quants.dequantize(raw, qtype).reshape(37, 512)
+    assert np.array_equal(tensor.rows(np.arange(37)), theirs)
+
+
 @pytest.mark.parametrize("n", [1, 3, 8])
 @pytest.mark.parametrize("qtype", KERNELS, ids=lambda t: t.name)
 def test_fast_within_activation_rounding(qtype, n):
@@ -158,7 +182,7 @@ def test_quantize_activations_as_llama_cpp():
 @pytest.mark.parametrize("qtype", [T.Q5_0, T.F16, T.Q4_1], ids=lambda t: t.name)
 def test_tiled_products_never_dequantize_the_whole_matrix(qtype, n):
     """Types without a kernel (and any type beyond MATVEC_ROWS rows) go through BLAS or the float
-    matvec one tile of rows at a time: never the whole matrix as float32."""
+    matvec one tile of rows at a time: never the whole matrix as float32. (F16 has a decode kernel.)"""
     rng = np.random.default_rng(5)
     rows = 1000                                 # several tiles of 448 rows (1 MiB at 576), and a rest
     raw = random_blocks(qtype, rows, 576, rng)
@@ -172,8 +196,8 @@ def test_tiled_products_never_dequantize_the_whole_matrix(qtype, n):
     ref, magnitudes, _ = reference(qtype, raw, x)
     out = tensor.linear(x)
     assert np.all(np.abs(out - ref) <= 576 * U * magnitudes)
-    if qtype in KERNEL_TYPES:
-        assert asked == []                      # decoded by the numba tile decoder
+    if qtype in KERNEL_TYPES or (qtype == T.F16 and n == 1):
+        assert asked == []                      # the numba tile decoder, or F16's matvec kernel (matvec_half)
     else:
         assert asked and max(asked) <= tensor._tile_rows
 

@@ -417,3 +417,53 @@ def test_a_failure_while_writing_leaves_the_old_file_and_no_temporary(tmp_path, 
     with pytest.raises(LlamarunError, match="cannot write .*No space left on device"):
         quantize(require(MODELS / "tiny_q8.bin"), out, "int8")
     assert list(tmp_path.iterdir()) == [out] and out.read_bytes() == b"previous"
+
+
+# ----------------------------------------------------------------------------------------------
+# quantized in memory at load
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
+def test_load_quantizes_every_matrix_in_memory_as_gguf_quantizes(qtype, tmp_path):
+    """llamarun.load(path, quantize=TYPE): each matrix (embedding and classifier included) is gguf's
+    quantization of the stored float32 matrix, byte for byte; norms stay float32; the logits come from
+    the quantized matrices, and the quality report compares against the weights as stored."""
+    from llamarun.kernels.compile import write_llama2c
+    path = str(write_llama2c(tmp_path / "tiny.bin"))         # dim 64, hidden 192: whole blocks of 32
+    stored = load_checkpoint(path).weights
+    llama = llamarun.load(path, quantize=qtype, exact=True)
+    ggml_type = gguf.GGMLQuantizationType[qtype.upper()]
+    weights = llama.checkpoint.weights
+    for name, layer in (("wq", 0), ("w2", 1), ("tok_embeddings", None)):
+        ours = weights[name] if layer is None else weights[name][layer]
+        theirs = stored[name] if layer is None else stored[name][layer]
+        assert ours.qtype == ggml_type
+        assert np.array_equal(ours.raw, gguf.quants.quantize(np.asarray(theirs, np.float32), ggml_type))
+    assert weights["output"] is weights["tok_embeddings"]          # shared classifier: quantized once
+    assert isinstance(weights["attention_norm"][0], np.ndarray)
+    ids = [1, 45, 99, 173, 17, 300]
+    dequantized = dict(stored)
+    for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
+        dequantized[name] = [w.dequantize() for w in weights[name]]
+    dequantized["tok_embeddings"] = dequantized["output"] = weights["tok_embeddings"].dequantize()
+    import reference
+    ref = reference.forward(dequantized, llama.config, ids).logits
+    assert np.allclose(llama.logits(ids), ref, atol=1e-4 * (1 + np.abs(ref).max()))
+    quality = llama.quantization_quality(max_tokens=64)
+    assert quality.tokens == 64 and quality.bytes_after < quality.bytes_before / 3
+    assert 0.5 < quality.top1_agreement <= 1.0 and quality.ppl_after > 0
+
+
+def test_load_refuses_a_type_it_cannot_quantize_to():
+    path = str(require(MODELS / "tiny_gqa.bin"))                                      # hidden 176
+    with pytest.raises(LlamarunError, match="q8_0, q4_0, q4_1"):
+        llamarun.load(path, quantize="q3_k")
+    with pytest.raises(LlamarunError, match="not whole"):
+        llamarun.load(path, quantize="q8_0")
+
+
+def test_cli_quantize_at_load_reports_the_cost(tmp_path, capsys):
+    from llamarun.kernels.compile import write_llama2c
+    path = str(write_llama2c(tmp_path / "tiny.bin"))
+    assert main(["generate", "-m", path, "--quantize", "q4_0", "--exact", "--ids", "-n", "3", ""]) == 0
+    err = capsys.readouterr().err
+    assert "quantized to Q4_0 in memory" in err and "perplexity" in err and "top-1 agreement" in err

@@ -26,6 +26,7 @@ Names (L = n_layers): llama.cpp's on the left, llamarun's on the right.
     blk.N.attn_v      -> wv[N] (KV*D, dim)            blk.N.attn_output -> wo[N] (dim, H*D)
     blk.N.ffn_gate    -> w1[N] (hidden, dim)          blk.N.ffn_down  -> w2[N] (dim, hidden)
     blk.N.ffn_up      -> w3[N] (hidden, dim)
+    rope_freqs.weight -> config.rope_factors (head_dim / 2,): Llama 3.1's scaling, not a weight
 
 llama.cpp's converter stores Q and K rows permuted for the interleaved-pairs RoPE (its
 LLAMA_ROPE_TYPE_NORM), which is the llama2.c convention llamarun uses: no unpermute is needed.
@@ -39,7 +40,7 @@ import os
 import re
 import struct
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
@@ -292,6 +293,7 @@ def load(path: str) -> GGUFCheckpoint:
         raise LlamarunError(f"{path} is not a valid GGUF file: {e}") from None
     _check_architecture(path, file.metadata)
     config = config_from_metadata(path, file)
+    config = replace(config, rope_factors=rope_factors(path, file, mapping, config.head_dim))
     _check_special_tokens(path, file.metadata, config.vocab_size)
     weights = map_weights(path, file, mapping, config)
     type_counts = Counter(_type_name(info.type_id) for info in file.tensors.values())
@@ -359,9 +361,43 @@ def config_from_metadata(path: str, file: GGUFFile) -> ModelConfig:
         shared_classifier="output.weight" not in file.tensors,
         rope_theta=real("llama.rope.freq_base", 10000.0),
         norm_eps=real("llama.attention.layer_norm_rms_epsilon"),
+        rope_scale=rope_scale(path, meta),
     )
     _check_config(path, meta, config)
     return config
+
+
+def rope_scale(path: str, meta: dict) -> float:
+    """Linear RoPE scaling: positions divided by llama.rope.scaling.factor (the older key
+    llama.rope.scale_linear where it is absent; 0 or absent: none). llama.cpp applies the factor
+    this way when the scaling type is "linear", its default, or "none"; any other type (yarn,
+    longrope) rotates differently, which llamarun does not implement."""
+    factor = meta.get("llama.rope.scaling.factor", meta.get("llama.rope.scale_linear", 0.0))
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 0 or factor != factor:
+        raise LlamarunError(f"{path} has llama.rope.scaling.factor = {factor!r}; expected a positive number")
+    factor = float(factor) or 1.0
+    scaling = meta.get("llama.rope.scaling.type", "linear")
+    if scaling not in ("none", "linear") and factor != 1.0:
+        raise LlamarunError(f"{path} uses RoPE scaling {scaling!r} (factor {factor:g}), which llamarun does not "
+                            "implement: it runs linear scaling and Llama 3's rope_freqs")
+    return factor
+
+
+def rope_factors(path: str, file: GGUFFile, mapping, head_dim: int) -> tuple[float, ...] | None:
+    """The per-pair frequency divisors of the rope_freqs tensor, which llama.cpp's converter writes for
+    Llama 3.1's "llama3" scaling (head_dim / 2 float32 values); None where the file has none."""
+    info = file.tensors.get(ROPE_FREQS)
+    if info is None:
+        return None
+    if info.dims != (head_dim // 2,) or info.type_id != GGMLQuantizationType.F32:
+        raise LlamarunError(f"{path}: tensor {ROPE_FREQS} is {_type_name(info.type_id)} of shape "
+                            f"{tuple(reversed(info.dims))}; llama.cpp's converter writes F32 of shape "
+                            f"({head_dim // 2},), one divisor per RoPE pair")
+    factors = _map_tensor(path, file, mapping, info)
+    if not np.all(np.isfinite(factors) & (factors > 0)):
+        raise LlamarunError(f"{path}: tensor {ROPE_FREQS} holds a value that is not a positive number, "
+                            "so it divides no RoPE frequency: the file is corrupt")
+    return tuple(float(f) for f in factors)
 
 
 # The special tokens whose ids the tokenizer and the decoder use (tokenizers/gguf.py's read_vocab).
@@ -392,7 +428,8 @@ def _per_layer_constant(path, key, value):
 
 def _check_config(path: str, meta: dict, c: ModelConfig) -> None:
     """Refuse what this model would run wrongly rather than fail on: shapes that do not split into
-    heads, and llama variants llamarun does not implement (experts, RoPE scaling, partial RoPE)."""
+    heads, and llama variants llamarun does not implement (experts, partial RoPE; RoPE scaling other
+    than linear and Llama 3's: rope_scale)."""
     if c.dim % c.n_heads or c.head_dim % 2:
         raise LlamarunError(f"{path}: embedding length {c.dim} does not split into {c.n_heads} heads of "
                             "even size")
@@ -407,9 +444,6 @@ def _check_config(path: str, meta: dict, c: ModelConfig) -> None:
     if meta.get("llama.expert_count", 0):
         raise LlamarunError(f"{path} is a mixture-of-experts model ({meta['llama.expert_count']} experts), "
                             "which llamarun does not run")
-    scaling = meta.get("llama.rope.scaling.type", "none")
-    if scaling != "none" and meta.get("llama.rope.scaling.factor", 1.0) != 1.0:
-        raise LlamarunError(f"{path} uses RoPE scaling ({scaling}), which llamarun does not implement")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,6 +452,8 @@ def _check_config(path: str, meta: dict, c: ModelConfig) -> None:
 GLOBAL_NAMES = {"token_embd.weight": "tok_embeddings", "output_norm.weight": "norm", "output.weight": "output"}
 LAYER_NAMES = {"attn_norm": "attention_norm", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv",
                "attn_output": "wo", "ffn_norm": "ffn_norm", "ffn_gate": "w1", "ffn_down": "w2", "ffn_up": "w3"}
+# Llama 3.1's RoPE scaling, one frequency divisor per pair: read into config.rope_factors, not a weight
+ROPE_FREQS = "rope_freqs.weight"
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 
@@ -441,6 +477,8 @@ def map_weights(path: str, file: GGUFFile, mapping, config: ModelConfig) -> dict
                             f"its {len(file.tensors)} tensors cannot hold {L} layers")
     weights: dict = {name: [None] * L for name in LAYER_NAMES.values()}
     for info in file.tensors.values():
+        if info.name == ROPE_FREQS:
+            continue                                    # in the config: rope_factors
         name, layer = _llamarun_name(path, info.name, L)
         shape = tuple(reversed(info.dims))              # llamarun's (out, in) order; checked before it is mapped
         if shape != shapes[name]:

@@ -80,6 +80,36 @@ def run_model(path, exact: bool, prompt_lengths=(1, 5, 12)):
             model.forward(Batch.sequence(ids[n:n + 1], n), cache, probe)
 
 
+def run_half_precision(path):
+    """run_model's forwards for the llama2.c model at `path` with its matrices in bfloat16 (what a Hugging
+    Face or Meta checkpoint of bf16 or f16 weights computes with: kernels/matvec.py's matvec_half), on
+    either arithmetic."""
+    import llamarun
+    from gguf import GGMLQuantizationType
+    from llamarun.formats import load_checkpoint
+    from llamarun.model import Batch
+    from llamarun.tensors import GGMLTensor
+
+    def bf16(name, w):
+        raw = (np.ascontiguousarray(w, np.float32).view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+        raw.flags.writeable = False                         # as a file's map
+        return GGMLTensor(name, GGMLQuantizationType.BF16, w.shape, raw)
+
+    checkpoint = load_checkpoint(path)
+    weights = dict(checkpoint.weights)
+    for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
+        weights[name] = [bf16(name, w) for w in weights[name]]
+    weights["tok_embeddings"] = weights["output"] = bf16("tok_embeddings", weights["tok_embeddings"])
+    checkpoint.weights = weights
+    for exact in (True, False):
+        model = llamarun.Llama(checkpoint, exact=exact).model
+        ids = [(7 * i + 3) % model.config.vocab_size for i in range(13)]
+        for n in (1, 5, 12):
+            cache = model.new_cache(seq_len=n + 1)
+            model.forward(Batch.sequence(ids[:n], 0, all_logits=True), cache)
+            model.forward(Batch.sequence(ids[n:n + 1], n), cache)
+
+
 def compile_forward_for_types(path, kinds: int, output_kinds: int):
     """The one-call forward for models of these ggml types (step.forward_fast_for), compiled for the
     argument types that the forward of the model at `path` (a GGUF file) takes: those of every GGUF
@@ -121,6 +151,7 @@ def warm_ups(folder: Path, default_model: Path | None) -> list[tuple[str, str, t
                   ("default model, fast path", "run_model", (default_model, False, (1, 5, 200))),
                   ("default model, exact path", "run_model", (default_model, True, (1, 5, 40)))]
     return parts + [("llama2.c int8 (runq.c's arithmetic)", "run_model", (int8, True)),
+                    ("bfloat16 matrices (Hugging Face, Meta)", "run_half_precision", (f32,)),
                     ("llama2.c float32 (run.c's)", "run_model", (f32, True))]
 
 

@@ -17,8 +17,11 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
-from .ggml import prefetch_bytes
+from .ggml import _half_to_float, prefetch_bytes
 
 
 # Four weight rows per task, read in lock-step: each load of x serves four rows, and each thread
@@ -149,3 +152,80 @@ def swiglu(x, w1, w3, out):
     """
     for g in numba.prange(groups(w1)):
         gated_into(x, w1, w3, out, g)
+
+
+# ----------------------------------------------------------------------------------------------
+# half-precision weights (F16, BF16): 2 bytes a weight, as stored
+#
+# A Hugging Face or Meta checkpoint in bfloat16 (or float16), and a GGUF file of F16 or BF16 matrices,
+# is read where it lies, 2 bytes a weight, never widened to a float32 copy: a decode step then streams
+# half the bytes, and a model takes the memory its file takes. Each weight is widened in registers as
+# it is read (bf16: its 16 bits are a float32's top half; f16: vcvtph2ps where the CPU has F16C, see
+# half.py) and multiplied by float32 activations: the same products as the weights widened to float32
+# first, in the float kernels' summation (four rows at a time, reassociated over SIMD lanes).
+
+@intrinsic
+def _bf16_to_float(typingctx, bits):
+    """The float32 whose top 16 bits these are (a bfloat16 number), exactly."""
+    if not isinstance(bits, types.Integer) or bits.bitwidth != 16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        word = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(word, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@numba.njit(inline="always")
+def _widen(bits, bf16):
+    """The float32 value of a half-precision number's 16 bits: bfloat16 (bf16) or float16. (A flag
+    rather than two functions: bf16 is the same for a whole call, and LLVM takes the branch out of
+    the loops, so each loop is one type's.)"""
+    return _bf16_to_float(bits) if bf16 else _half_to_float(bits)
+
+
+@numba.njit(fastmath={"reassoc", "contract", "nsz"})
+def _half_dot(x, j, w, o, bf16):
+    """x[j] . w[o], w's numbers half-precision bits"""
+    s = np.float32(0.0)
+    for i in range(x.shape[1]):
+        s += x[j, i] * _widen(w[o, i], bf16)
+    return s
+
+
+@numba.njit(fastmath={"reassoc", "contract", "nsz"})
+def _half_dot4(x, j, w, o, bf16):
+    """(x[j] . w[o], ..., x[j] . w[o + 3]), w's numbers half-precision bits"""
+    s0 = s1 = s2 = s3 = np.float32(0.0)
+    for i in range(x.shape[1]):
+        xi = x[j, i]
+        s0 += xi * _widen(w[o, i], bf16)
+        s1 += xi * _widen(w[o + 1, i], bf16)
+        s2 += xi * _widen(w[o + 2, i], bf16)
+        s3 += xi * _widen(w[o + 3, i], bf16)
+    return s0, s1, s2, s3
+
+
+@numba.njit(inline="always")
+def _half_rows_into(x, w, out, g, bf16):
+    """rows_into for half-precision weights: out[:, o] = x @ w[o] for the rows o of group g."""
+    o = ROWS * g
+    prefetch_bytes(w, o * 2 * w.shape[1] + PREFETCH, ROWS * 2 * w.shape[1])
+    if o + ROWS <= w.shape[0]:
+        for j in range(x.shape[0]):
+            out[j, o], out[j, o + 1], out[j, o + 2], out[j, o + 3] = _half_dot4(x, j, w, o, bf16)
+    else:
+        for r in range(o, w.shape[0]):
+            for j in range(x.shape[0]):
+                out[j, r] = _half_dot(x, j, w, r, bf16)
+
+
+@numba.njit(parallel=True, cache=True)
+def matvec_half(x, w, bf16, out):
+    """out = x @ w.T for a few rows of x, w of half-precision numbers given as their bits.
+
+    x: (n, in) float32; w: (out_features, in) uint16, float16 bits or (bf16) bfloat16 bits;
+    out: (n, out_features) float32."""
+    for g in numba.prange(groups(w)):
+        _half_rows_into(x, w, out, g, bf16)

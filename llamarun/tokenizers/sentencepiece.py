@@ -95,3 +95,33 @@ class SentencePieceTokenizer:
 def _id_or_none(token: int, vocab_size: int) -> int | None:
     """SentencePiece answers -1 for a special token the model does not have."""
     return token if 0 <= token < vocab_size else None
+
+
+# tokenizer.ggml.token_type values, as llama.cpp's converter gives SentencePiece's pieces
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+def gguf_metadata(tokenizer: SentencePieceTokenizer) -> dict:
+    """The tokenizer in GGUF's key spelling, as llama.cpp's convert_hf_to_gguf.py writes a SentencePiece
+    vocabulary (its _create_vocab_sentencepiece): every piece with its score and type, the special
+    ids, BOS added and EOS not (SentencePiece Llama models' convention). A checkpoint directory's
+    metadata carries it so that `convert` writes the tokenizer into a GGUF file."""
+    sp = tokenizer.sp
+    types = []
+    for token in range(tokenizer.vocab_size):
+        types.append(_UNKNOWN if sp.IsUnknown(token) else _CONTROL if sp.IsControl(token) else
+                     _UNUSED if sp.IsUnused(token) else _BYTE if sp.IsByte(token) else _NORMAL)
+    metadata = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.tokens": [sp.IdToPiece(token) for token in range(tokenizer.vocab_size)],
+        "tokenizer.ggml.scores": [float(sp.GetScore(token)) for token in range(tokenizer.vocab_size)],
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.add_eos_token": False,
+    }
+    special = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unknown": sp.unk_id(), "padding": sp.pad_id()}
+    for name, token in special.items():
+        if _id_or_none(token, tokenizer.vocab_size) is not None:
+            metadata[f"tokenizer.ggml.{name}_token_id"] = token
+    return metadata
