@@ -127,6 +127,8 @@ def check_architecture(path: str, hf: dict) -> str:
     if not isinstance(hf, dict):
         raise LlamarunError(f"{path}/config.json is not a JSON object: download it again")
     architectures = hf.get("architectures") or []
+    if not isinstance(architectures, list):
+        architectures = [architectures]
     for name in architectures:
         if name in SUPPORTED_ARCHITECTURES:
             return name
