@@ -21,7 +21,7 @@ from gguf import quants as gguf_quants
 
 from .kernels import ggml as ggml_kernels
 from .kernels import int8 as int8_kernels
-from .kernels.matvec import matvec, matvec_half
+from .kernels.matvec import matvec, matvec_half, widen_rows
 from .plan import FAST_KERNEL_ROWS, MATVEC_ROWS, TILE_BYTES
 
 
@@ -293,7 +293,9 @@ class GGMLTensor:
         for start in range(0, rows, self._tile_rows):
             stop = min(start + self._tile_rows, rows)
             w = tile[:stop - start]
-            if self._kernel_type is not None:
+            if self._halves is not None:
+                widen_rows(self._halves[start:stop], self.qtype == _T.BF16, w)
+            elif self._kernel_type is not None:
                 ggml_kernels.dequantize_rows(self._kernel_type, self.raw[start:stop], w)
             else:
                 w[...] = self._dequantize_rows(self.raw[start:stop]).reshape(w.shape)

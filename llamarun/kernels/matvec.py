@@ -229,3 +229,13 @@ def matvec_half(x, w, bf16, out):
     out: (n, out_features) float32."""
     for g in numba.prange(groups(w)):
         _half_rows_into(x, w, out, g, bf16)
+
+
+@numba.njit(cache=True)
+def widen_rows(w, bf16, out):
+    """out[o] = row o of w (half-precision bits) as float32, for o < w.shape[0]: a prompt's tile for
+    BLAS. Single-threaded, as ggml.dequantize_rows: it runs between BLAS calls, whose threads need the
+    cores. (numpy's float16 -> float32 conversion took longer than the tile's product.)"""
+    for o in range(w.shape[0]):
+        for i in range(w.shape[1]):
+            out[o, i] = _widen(w[o, i], bf16)
