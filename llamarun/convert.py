@@ -46,7 +46,8 @@ import numpy as np
 from .config import ModelConfig, llama3_rope_factors
 from .errors import LlamarunError
 from .formats import gguf as gguf_format, llama2c, load_checkpoint
-from .quantize import _largest_group, _write_atomically, metadata_value_types, quantize_matrix, quantize_q80
+from .quantize import (_largest_group, _write_atomically, metadata_value_types, quantize_matrix, quantize_q80,
+                       write_gguf_tensors)
 from .tensors import GGMLTensor
 
 T = gguf.GGMLQuantizationType
@@ -340,25 +341,7 @@ def write_gguf(path: str, metadata: list[tuple], plan: list[GGUFTensor]) -> str:
     writer = gguf.GGUFWriter(path, "llama")
     for key, value, vtype, item in metadata:
         writer.add_key_value(key, value, vtype, sub_type=item)
-    for t in plan:                         # infos first (sizes follow from the shapes), then the data
-        if t.ggml_type == T.F32:
-            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), 4 * math.prod(t.shape))
-        elif t.ggml_type == T.F16:
-            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float16), 2 * math.prod(t.shape))
-        else:
-            block_size, type_size = gguf.GGML_QUANT_SIZES[t.ggml_type]
-            n_out, n_in = t.shape
-            row_bytes = n_in // block_size * type_size
-            writer.add_tensor_info(t.name, (n_out, row_bytes), np.dtype(np.uint8), n_out * row_bytes,
-                                   raw_dtype=t.ggml_type)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t in plan:
-            writer.write_tensor_data(t.data())
-    finally:
-        writer.close()
+    write_gguf_tensors(writer, [(t.name, t.shape, t.ggml_type, t.data) for t in plan])
     counts: dict[str, int] = {}
     for t in plan:
         counts[t.ggml_type.name] = counts.get(t.ggml_type.name, 0) + 1

@@ -372,27 +372,32 @@ def _write_gguf(source: _GGUFSource, plan: list[_TensorPlan], path: str, file_ty
     if gguf.Keys.General.QUANTIZATION_VERSION not in meta:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    # tensor infos first (sizes follow from the shapes), then the data, one tensor at a time
-    for t in plan:
-        if t.ggml_type == T.F32:
-            writer.add_tensor_info(t.name, t.tensor.shape, np.dtype(np.float32), 4 * t.tensor.size)
-        elif t.ggml_type == T.F16:
-            writer.add_tensor_info(t.name, t.tensor.shape, np.dtype(np.float16), 2 * t.tensor.size)
+    write_gguf_tensors(writer, [(t.name, t.tensor.shape, t.ggml_type, lambda t=t: _tensor_bytes(t)) for t in plan])
+    return describe_types(plan)
+
+
+def write_gguf_tensors(writer: gguf.GGUFWriter, tensors: list[tuple]) -> None:
+    """Finish a GGUF file whose metadata `writer` holds: the tensor infos (sizes follow from the shapes),
+    then the header, metadata and infos, then each tensor's data, one tensor at a time (a model's worth
+    of converted tensors is never in memory at once), and close it. tensors: (name, shape (out, in) or
+    (n,), ggml type, a function returning its data) in file order."""
+    for name, shape, ggml_type, _ in tensors:
+        if ggml_type in (T.F32, T.F16):
+            dtype = np.dtype(np.float32 if ggml_type == T.F32 else np.float16)
+            writer.add_tensor_info(name, shape, dtype, dtype.itemsize * int(np.prod(shape)))
         else:
-            block_size, type_size = gguf.GGML_QUANT_SIZES[t.ggml_type]
-            n_out, n_in = t.tensor.shape
+            block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
+            n_out, n_in = shape
             row_bytes = n_in // block_size * type_size
-            writer.add_tensor_info(t.name, (n_out, row_bytes), np.dtype(np.uint8), n_out * row_bytes,
-                                   raw_dtype=t.ggml_type)
+            writer.add_tensor_info(name, (n_out, row_bytes), np.dtype(np.uint8), n_out * row_bytes, raw_dtype=ggml_type)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t in plan:
-            writer.write_tensor_data(_tensor_bytes(t))
+        for *_, data in tensors:
+            writer.write_tensor_data(data())
     finally:
         writer.close()
-    return describe_types(plan)
 
 
 def describe_types(plan: list[_TensorPlan]) -> str:
