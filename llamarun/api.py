@@ -22,9 +22,10 @@ def load(path: str | os.PathLike | None = None, tokenizer: str | os.PathLike | N
          exact: bool = False, n_ctx: int | None = None, quantize: str | None = None) -> "Llama":
     """Load a model (memory-mapped) with its tokenizer.
 
-    path: a llama2.c .bin or a GGUF file; None loads the default model (SmolLM2-135M-Instruct,
-    downloaded once into $LLAMARUN_HOME). tokenizer: tokenizer.bin or tokenizer.model; without one
-    a GGUF file uses the tokenizer it embeds, and a llama2.c model works on token ids only.
+    path: a GGUF file, a llama2.c .bin, or a Meta (params.json) or Hugging Face (config.json) checkpoint
+    directory; None loads the default model (SmolLM2-135M-Instruct, downloaded once into $LLAMARUN_HOME).
+    tokenizer: tokenizer.bin or tokenizer.model; without one a GGUF file uses the tokenizer it embeds, a
+    directory its own tokenizer file, and a llama2.c model works on token ids only.
     exact: quantized GGUF weights multiply float32 activations (the reference arithmetic, what the
     parity tests check); the default, fast, quantizes the activations of a decode step to int8
     blocks as llama.cpp does (held to: perplexity within 2% of exact, tests/test_fast_path.py).
