@@ -171,7 +171,10 @@ class Llama:
         """Generate lazily: iterate for TokenEvents (ev.token, ev.text); `.completion` holds the result.
 
         sampling: temperature, top_p, top_k, min_p, repeat_penalty, presence_penalty, frequency_penalty,
-        seed (see llamarun.sampling). sampler="llama2c" draws exactly as llama2.c's run.c and, as run.c,
+        seed, and llama.cpp's dynatemp_range, dynatemp_exponent, typical_p, top_n_sigma, xtc_probability,
+        xtc_threshold, dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n,
+        dry_sequence_breakers, mirostat, mirostat_tau, mirostat_eta and samplers (the order; see
+        llamarun.sampling.Sampler). sampler="llama2c" draws exactly as llama2.c's run.c and, as run.c,
         stops only when BOS is drawn. confidence=True: each event's `.confidence` (and the completion's
         `.confidence` list) holds the token's probability, sampling probability, logit margins,
         entropy and `confidence_top` alternatives (llamarun.logprobs.TokenConfidence); logprobs=k:
@@ -184,7 +187,7 @@ class Llama:
         special: how a text prompt reads special tokens' texts, as `encode`'s.
         """
         ids = self.encode(prompt, special=special)
-        chosen = make_sampler(sampler, **sampling)
+        chosen = make_sampler(sampler, tokenizer=self.tokenizer, **sampling)
         if logit_bias:
             check_logit_bias(logit_bias, self.config.vocab_size)
         processors = ([LogitBias(logit_bias)] if logit_bias else []) + list(processors)

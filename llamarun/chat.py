@@ -549,7 +549,7 @@ class ChatSession:
         self.system = system
         self.max_tokens = max_tokens
         # one sampler: a seeded chat is repeatable (`sampler`: one made by the caller, e.g. run.c's)
-        self.sampler = sampler if sampler is not None else make_sampler("default", **sampling)
+        self.sampler = sampler if sampler is not None else make_sampler("default", tokenizer=llama.tokenizer, **sampling)
         # a reply ends at the end of its turn whatever the sampler (run.c's chat too ends the
         # assistant's turn at EOS, where its generate mode stops only at BOS)
         self.end = end_tokens(self.tokenizer)

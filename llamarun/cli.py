@@ -174,12 +174,14 @@ def cmd_generate(args) -> int:
     if args.sampler != "llama2c":
         sampling.update(top_k=args.top_k, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
                         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                        penalty_last_n=args.repeat_last_n)
+                        penalty_last_n=args.repeat_last_n, **llama_cpp_sampling(args))
     else:
         given = [f for f, v in (("--top-k", args.top_k), ("--min-p", args.min_p),
                                 ("--repeat-penalty", args.repeat_penalty),
                                 ("--presence-penalty", args.presence_penalty),
                                 ("--frequency-penalty", args.frequency_penalty)) if v is not None]
+        given += [SAMPLING_FLAGS.get(name, "--" + name.replace("_", "-"))
+                  for name, v in llama_cpp_sampling(args).items() if v is not None]
         if given:
             raise LlamarunError(f"--sampler llama2c uses only --temperature, --top-p and --seed, not {given[0]}")
     # a prompt of no text starts from BOS alone (run.c without -i), also where the tokenizer adds no BOS
@@ -388,7 +390,7 @@ def cmd_chat(args) -> int:
     llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact, quantize=args.quantize, ctx=args.ctx)
     session = ChatSession(llama, chat_format_for(llama), system=args.system, max_tokens=args.n,
                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                          repeat_penalty=args.repeat_penalty, seed=args.seed)
+                          repeat_penalty=args.repeat_penalty, seed=args.seed, **llama_cpp_sampling(args))
     out = Output()
     if args.prompt is not None:
         finished = chat_turn(session, args.prompt, out)
@@ -493,7 +495,7 @@ def cmd_attention(args) -> int:
     llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact, quantize=args.quantize, ctx=args.ctx)
     record = record_attention(llama, prompt, args.n, emphasis=args.emphasize or [], temperature=args.temperature,
                               top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                              repeat_penalty=args.repeat_penalty, seed=args.seed)
+                              repeat_penalty=args.repeat_penalty, seed=args.seed, **llama_cpp_sampling(args))
     print(prompt + record.generated)
     if args.out:
         print(f"wrote {write_html(record, args.out)}", file=sys.stderr)
@@ -830,6 +832,63 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, help="keep the K most likely tokens, 0 = all (default 40)")
     p.add_argument("--min-p", type=float, help="drop tokens below MIN_P x the top probability (default 0.05)")
     p.add_argument("--repeat-penalty", type=float, help="llama.cpp repetition penalty (default 1.0 = off)")
+    # llama.cpp's samplers, with its flags (each off by default; see the README's sampler table)
+    p.add_argument("--dynatemp-range", type=float, metavar="N",
+                   help="dynamic temperature: within temperature +- N, by the entropy of the candidates left "
+                        "(default 0 = off)")
+    p.add_argument("--dynatemp-exp", dest="dynatemp_exponent", type=float, metavar="N",
+                   help="dynamic temperature exponent (default 1.0)")
+    p.add_argument("--typical", "--typical-p", dest="typical_p", type=float, metavar="P",
+                   help="locally typical sampling (default 1.0 = off)")
+    p.add_argument("--top-n-sigma", "--top-nsigma", dest="top_n_sigma", type=float, metavar="N",
+                   help="keep logits within N standard deviations of the top one (default -1 = off)")
+    p.add_argument("--xtc-probability", type=float, metavar="P",
+                   help="XTC: chance of removing the top choices (default 0 = off)")
+    p.add_argument("--xtc-threshold", type=float, metavar="P",
+                   help="XTC: the probability a top choice has (default 0.1; > 0.5 = off)")
+    p.add_argument("--dry-multiplier", type=float, metavar="N", help="DRY repetition penalty (default 0 = off)")
+    p.add_argument("--dry-base", type=float, metavar="N", help="DRY base (default 1.75)")
+    p.add_argument("--dry-allowed-length", type=int, metavar="N",
+                   help="DRY: repeats longer than N tokens are penalised (default 2)")
+    p.add_argument("--dry-penalty-last-n", type=int, metavar="N", help="DRY: tokens scanned for repeats (default 64)")
+    p.add_argument("--dry-sequence-breaker", dest="dry_sequence_breakers", action="append", metavar="TEXT",
+                   help="a DRY sequence breaker, replacing the defaults ('\\n', ':', '\"', '*'); repeatable; "
+                        "'none' for none")
+    p.add_argument("--mirostat", type=int, metavar="N",
+                   help="Mirostat in place of the other samplers: 1 = Mirostat, 2 = Mirostat 2.0 (default 0 = off)")
+    p.add_argument("--mirostat-lr", dest="mirostat_eta", type=float, metavar="N",
+                   help="Mirostat learning rate, eta (default 0.1)")
+    p.add_argument("--mirostat-ent", dest="mirostat_tau", type=float, metavar="N",
+                   help="Mirostat target entropy, tau (default 5.0)")
+    p.add_argument("--samplers", metavar="ORDER",
+                   help="the samplers' order: llama.cpp's names separated by ';' (penalties;dry;top_n_sigma;top_k;"
+                        "typ_p;top_p;min_p;xtc;temperature) or its letters (edskypmxt)")
+
+
+LLAMA_CPP_SAMPLING = ("dynatemp_range", "dynatemp_exponent", "typical_p", "top_n_sigma", "xtc_probability",
+                      "xtc_threshold", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
+                      "dry_sequence_breakers", "mirostat", "mirostat_eta", "mirostat_tau", "samplers")
+
+
+# the flags whose names are not the parameter's (llama.cpp's spelling)
+SAMPLING_FLAGS = {"dynatemp_exponent": "--dynatemp-exp", "typical_p": "--typical", "mirostat_eta": "--mirostat-lr",
+                  "mirostat_tau": "--mirostat-ent", "dry_sequence_breakers": "--dry-sequence-breaker"}
+C_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "'": "'", '"': '"', "\\": "\\"}
+
+
+def llama_cpp_sampling(args) -> dict:
+    """The llama.cpp sampler flags given (None = the sampler's default). The breakers take the escapes
+    llama.cpp reads (\\n, \\t, \\", \\\\, \\xHH), and 'none' clears them, as its --dry-sequence-breaker."""
+    given = {name: getattr(args, name) for name in LLAMA_CPP_SAMPLING}
+    breakers = given["dry_sequence_breakers"]
+    if breakers is not None:
+        given["dry_sequence_breakers"] = [] if "none" in breakers else [unescape(b) for b in breakers]
+    return given
+
+
+def unescape(text: str) -> str:
+    return re.sub(r"\\(x[0-9a-fA-F]{2}|[nrt'\"\\])",
+                  lambda m: chr(int(m[1][1:], 16)) if m[1][0] == "x" else C_ESCAPES[m[1]], text)
 
 
 def add_emphasize(p: argparse.ArgumentParser) -> None:

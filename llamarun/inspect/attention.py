@@ -83,7 +83,8 @@ def record_attention(llama, prompt, max_tokens: int = 16, emphasis: list[str] = 
     emphasis_probe, found = emphasize(llama, ids, list(emphasis))
     probe = Probe(attention=recorder, bias=emphasis_probe.bias if emphasis_probe is not None else None)
     result = Completion("", [])
-    for _ in generate_stream(model, llama.tokenizer, ids, make_sampler("default", **sampling),
+    sampler = make_sampler("default", tokenizer=llama.tokenizer, **sampling)
+    for _ in generate_stream(model, llama.tokenizer, ids, sampler,
                              max_tokens=max_tokens, cache=cache, result=result, probe=probe):
         pass
     walked = ids + result.tokens

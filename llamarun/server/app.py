@@ -179,6 +179,13 @@ def stop_strings(body: dict) -> tuple[str, ...]:
 # ignored. top_k, min_p and ignore_eos are llama.cpp's extensions.
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
           "logprobs", "top_k", "min_p", "ignore_eos", "stream", "stream_options", "n", "user", "logit_bias"}
+# llama.cpp's sampler fields: the name, and the bounds of its number (None: not a plain number)
+LLAMA_CPP_SAMPLING = {"dynatemp_range": (0, None), "dynatemp_exponent": (0, None), "typical_p": (0, 1),
+                      "top_n_sigma": (None, None), "xtc_probability": (0, 1), "xtc_threshold": (0, 1),
+                      "dry_multiplier": (0, None), "dry_base": (1, None), "dry_allowed_length": (0, None),
+                      "dry_penalty_last_n": (0, None), "mirostat": (0, 2), "mirostat_tau": (0, None),
+                      "mirostat_eta": (0, None), "dry_sequence_breakers": None, "samplers": None}
+COMMON |= set(LLAMA_CPP_SAMPLING)
 CHAT_ONLY = {"messages", "top_logprobs", "max_completion_tokens", "response_format", "metadata", "store"}
 COMPLETION_ONLY = {"prompt", "echo", "best_of"}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -371,7 +378,15 @@ class Server:
                  "presence_penalty": number(body, "presence_penalty", -2, 2),
                  "frequency_penalty": number(body, "frequency_penalty", -2, 2),
                  "seed": number(body, "seed", 0, MAX_SEED, integer=True)}
-        return Sampler(**{**self.sampling, **{name: value for name, value in given.items() if value is not None}})
+        for name, bounds in LLAMA_CPP_SAMPLING.items():
+            integer = name in ("dry_allowed_length", "dry_penalty_last_n", "mirostat")
+            given[name] = body.get(name) if bounds is None else number(body, name, *bounds, integer=integer)
+        try:        # the breakers and the order: the sampler's own checks, named by their field
+            return Sampler(**{**self.sampling, **{name: value for name, value in given.items() if value is not None}},
+                           tokenizer=self.tokenizer)
+        except LlamarunError as e:
+            field = str(e).split()[0].rstrip(":")
+            raise invalid(field, str(e).removeprefix(field).lstrip(": ")) from None
 
     def logit_bias(self, body: dict, banned: frozenset[int]) -> dict[int, float]:
         """OpenAI's logit_bias, {"token id": bias from -100 to 100}; -100 bans the token. `banned`: the
