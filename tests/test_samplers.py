@@ -220,6 +220,11 @@ def test_dry_against_its_definition(seed):
         assert np.allclose(s.distribution(z, history), softmax(z - penalty))
         if last_n == 64:
             assert penalty[phrase[3]] > 0                  # the repeated phrase is penalised where it goes on
+        # a repeat that reaches back across a breaker counts only the tokens after it
+        crossing = [1, 2, 11, 3, 4, 5, 6, 1, 2, 11, 3, 4, 5]
+        penalty = ref_dry(crossing, 12, multiplier, base, allowed, last_n, {11})
+        assert np.allclose(s.distribution(z, crossing), softmax(z - penalty))
+        assert penalty[6] == pytest.approx(multiplier * base ** (3 - allowed))
 
 
 def test_dry_breakers_are_found_in_token_texts():
