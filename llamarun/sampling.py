@@ -232,7 +232,7 @@ LLAMA_CPP_ORDER = ("penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p",
 # changes, so top-p and min-p measure the probabilities after temperature.
 TEMPERATURE_FIRST_ORDER = ("penalties", "dry", "top_n_sigma", "temperature", "top_k", "typ_p", "top_p", "min_p",
                            "xtc")
-DEFAULT_ORDER = TEMPERATURE_FIRST_ORDER
+DEFAULT_ORDER = LLAMA_CPP_ORDER
 # llama.cpp's default DRY sequence breakers: a repeat never runs across them
 DRY_SEQUENCE_BREAKERS = ("\n", ":", "\"", "*")
 

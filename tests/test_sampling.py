@@ -183,14 +183,20 @@ def test_min_p_cutoff():
         assert dist.sum() == pytest.approx(1.0)
 
 
-def test_temperature_scales_before_filtering():
+def test_temperature_scales_after_filtering_as_llama_cpp():
     logits = np.array([2.0, 1.0, 0.0], dtype=np.float32)
     dist = Sampler(temperature=0.5, **OFF).distribution(logits)
     expected = np.exp(np.array([4.0, 2.0, 0.0]))
     assert np.allclose(dist, expected / expected.sum())
-    # at temperature 0.5 token 2 has p = 0.0159 < 0.05 * p_max; at temperature 2 it survives min-p
-    assert Sampler(temperature=0.5, top_k=0, top_p=1.0, min_p=0.05).distribution(logits)[2] == 0
-    assert Sampler(temperature=2.0, top_k=0, top_p=1.0, min_p=0.05).distribution(logits)[2] > 0
+    # llama.cpp's order: min-p measures the model's own probabilities (token 2: p/p_max = e^-2 = 0.135),
+    # so the temperature does not decide what it drops
+    for temperature in (0.5, 2.0):
+        assert Sampler(temperature=temperature, top_k=0, top_p=1.0, min_p=0.05).distribution(logits)[2] > 0
+        assert Sampler(temperature=temperature, top_k=0, top_p=1.0, min_p=0.2).distribution(logits)[2] == 0
+    # temperature first (samplers="tkpm", llamarun's order before): at temperature 0.5 token 2 has
+    # p = 0.0159 < 0.05 * p_max; at temperature 2 it survives min-p
+    assert Sampler(temperature=0.5, top_k=0, top_p=1.0, min_p=0.05, samplers="tkpm").distribution(logits)[2] == 0
+    assert Sampler(temperature=2.0, top_k=0, top_p=1.0, min_p=0.05, samplers="tkpm").distribution(logits)[2] > 0
 
 
 def test_repeat_penalty_divides_positive_and_multiplies_negative_logits():
