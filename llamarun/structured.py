@@ -61,8 +61,18 @@ class TokenizerView:
         self.eos_token_id = tokenizer.eos_id
         self.bos_token_id = tokenizer.bos_id
         self.tokenizer = tokenizer
+        # SentencePiece-style tokenizers put a space before the text they encode ("a" -> "▁a"), but
+        # forced text continues a sequence: it is encoded after a newline, whose byte token merges
+        # with nothing, and the newline's tokens are cut off again.
+        first = tokenizer.encode("a", bos=False, special=False)
+        self.newline = tokenizer.encode("\n", bos=False, special=False) \
+            if first and tokenizer.token_bytes(first[0]).startswith(b" ") else None
 
     def __call__(self, text: str) -> list[int]:
+        if self.newline is not None:
+            ids = self.tokenizer.encode("\n" + text, bos=False, special=False)
+            if ids[:len(self.newline)] == self.newline:
+                return ids[len(self.newline):]
         return self.tokenizer.encode(text, bos=False, special=False)
 
 
@@ -253,7 +263,10 @@ class Matcher:
         """Tokens the grammar forces now (may be []): appended without sampling."""
         if self.llg.is_stopped():
             return []
-        return self.llg.compute_ff_tokens()
+        forced = self.llg.compute_ff_tokens()
+        # llguidance tokenizes the forced text with our encoder; keep only what its parser takes
+        # (all of it, unless an encoder disagrees with the vocabulary's bytes)
+        return forced[:self.llg.validate_tokens(forced)] if forced else forced
 
     def consume(self, token: int) -> None:
         """Advance by a drawn or forced token (LlamarunError if the grammar does not allow it)."""
