@@ -123,8 +123,8 @@ def llg_tokenizer(tokenizer):
 # grammars
 
 def one_line(message: str) -> str:
-    """llguidance's message on one line: its source excerpts and caret lines dropped."""
-    lines = [line.strip() for line in message.splitlines()]
+    """llguidance's message on one line: its parser-state dump, source excerpts and caret lines dropped."""
+    lines = [line.strip() for line in message.split("<state>")[0].splitlines()]
     kept = [line for line in lines if line and not set(line) <= set("^ ") and not line[:1].isdigit()]
     return " ".join(kept) or message.strip()
 
@@ -291,13 +291,22 @@ def unpack(bits: np.ndarray, vocab_size: int) -> np.ndarray:
     return np.unpackbits(bits.view(np.uint8), count=vocab_size, bitorder="little").view(bool)
 
 
+NEG_INF_BITS = np.float32(-np.inf).view(np.uint32)
+
+
 def apply_mask(row: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     """A copy of the logits row (vocab,) with every token the mask does not allow at -inf. Rows
-    longer than the tokenizer's vocabulary (a model's padded classifier) lose the tail too."""
-    out = np.full(row.shape, -np.inf, np.float32)
+    longer than the tokenizer's vocabulary (a model's padded classifier) lose the tail too.
+
+    Done on the floats' bits, without a branch per token: where= or boolean indexing over a mask
+    that allows about half the vocabulary costs ~200 us for 49152 tokens (the CPU mispredicts
+    every other element); and-ing each float with 0 or ~0 and or-ing in -inf's bits, ~40 us."""
     n = min(len(allowed), len(row))
-    np.copyto(out[:n], row[:n], where=allowed[:n])
-    return out
+    keep = np.zeros(len(row), np.uint32)                # (vocab,) ~0 where allowed, 0 elsewhere
+    np.subtract(0, allowed[:n].view(np.uint8), out=keep[:n], dtype=np.uint32)
+    bits = np.asarray(row, np.float32).view(np.uint32)
+    out = (bits & keep) | (NEG_INF_BITS & ~keep)
+    return out.view(np.float32)
 
 
 _executor = None
