@@ -250,7 +250,8 @@ class Matcher:
         self.mask: np.ndarray | None = None     # (vocab,) bool: the allowed tokens of the current state, once known
 
     def allowed(self, out: np.ndarray | None = None) -> np.ndarray:
-        """(vocab,) bool: the tokens the grammar allows next (an end token once it may end)."""
+        """(vocab,) bool: the tokens the grammar allows next (an end token once it may end). Without
+        `out`, the matcher's own array, kept until the next consume: read it, don't write it."""
         if self.mask is None:
             self.llg.unsafe_compute_mask_ptr(self.bits.ctypes.data, self.bits.nbytes)     # releases the GIL
             self.mask = unpack(self.bits, self.vocab_size)
