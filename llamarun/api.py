@@ -15,6 +15,7 @@ from .generation import generate_stream
 from .model import Batch, Probe, Transformer
 from .plan import ExecutionPlan, choose_plan
 from .sampling import make_sampler
+from .structured import Grammar
 from .tokenizers import load_tokenizer, tokenizer_from_gguf
 
 
@@ -167,7 +168,8 @@ class Llama:
                stop: Sequence[str] = (), confidence: bool = False, confidence_top: int = 5,
                logprobs: int | None = None, ignore_eos: bool = False, logit_bias: dict[int, float] | None = None,
                processors: Sequence[LogitsProcessor] = (), probe: Probe | None = None, special: bool = True,
-               **sampling) -> "Stream":
+               json_schema: dict | str | None = None, grammar: "str | Grammar | None" = None, regex: str | None = None,
+               lark: str | None = None, json_object: bool = False, **sampling) -> "Stream":
         """Generate lazily: iterate for TokenEvents (ev.token, ev.text); `.completion` holds the result.
 
         sampling: temperature, top_p, top_k, min_p, repeat_penalty, presence_penalty, frequency_penalty,
@@ -182,8 +184,21 @@ class Llama:
         processors: further logits processors, `f(ids, logits_row)` changing the row in place
         (llamarun.decoding). probe: what inspection tools ask of each forward (llamarun.model.Probe).
         special: how a text prompt reads special tokens' texts, as `encode`'s.
+        Structured output (llamarun.structured), at most one of: json_schema (a dict or its JSON
+        text), grammar (llama.cpp's GBNF text, or a compiled llamarun.structured.Grammar to reuse),
+        regex, lark (llguidance's Lark dialect), json_object=True (any JSON object). The output then
+        follows it token by token; the tokens it forces are appended without sampling, and the
+        completion ends with finish_reason "stop" as soon as it is complete. A constraint that
+        cannot be compiled raises LlamarunError before anything runs.
         """
         ids = self.encode(prompt, special=special)
+        if isinstance(grammar, Grammar):
+            compiled = grammar
+            if json_schema is not None or regex is not None or lark is not None or json_object:
+                raise LlamarunError("give one constraint: a compiled grammar and another")
+        else:
+            compiled = Grammar.from_request(self.tokenizer, json_schema=json_schema, grammar=grammar, regex=regex,
+                                            lark=lark, json_object=json_object)
         chosen = make_sampler(sampler, **sampling)
         if logit_bias:
             check_logit_bias(logit_bias, self.config.vocab_size)
@@ -191,7 +206,8 @@ class Llama:
         result = Completion("", [])
         events = generate_stream(self.model, self.tokenizer, ids, chosen, max_tokens=max_tokens, ignore_eos=ignore_eos,
                                  stop=stop, result=result, confidence=confidence, confidence_top=confidence_top,
-                                 logprobs=logprobs, processors=processors, probe=probe)
+                                 logprobs=logprobs, processors=processors, probe=probe,
+                                 grammar=compiled.matcher() if compiled is not None else None)
         return Stream(events, result)
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, **options) -> Completion:

@@ -2,9 +2,10 @@
 
 A `Decoder` owns everything per-token about one sequence: its sampler (with its RNG) and the history
 its penalties read, the logits processors applied before each draw (`ignore_eos`'s ban of the end
-tokens, `logit_bias`; grammar masks build on the same hook), the end-of-generation tokens, the stop
-strings and the UTF-8 text assembler, the finish reason, and the confidence / logprob records. It
-never runs the model: a driver does, and hands it each logits row.
+tokens, `logit_bias`), the grammar a structured output follows (its mask, applied last, and the
+tokens it forces), the end-of-generation tokens, the stop strings and the UTF-8 text assembler, the
+finish reason, and the confidence / logprob records. It never runs the model: a driver does, and
+hands it each logits row.
 
 Every front end drives sequences through it: `generation.generate_stream` (the Python API's
 `Llama.stream`, `ChatSession`, the attention recorder, the CLI) one sequence at a time, and the
@@ -19,6 +20,10 @@ all of them.
         if decoder.done:
             break
         logits = forward([event.token], decoder.pos - 1)
+
+Under a grammar (llamarun/structured.py) some tokens are the grammar's alone to decide (the keys
+and punctuation a JSON schema fixes): `forced()` names them and `take_forced` records them
+without a draw, and the driver runs them through the model together, as a short prefill.
 
 Speculative decoding verifies a draft with one forward over [last token] + draft and hands the rows
 to `accept`, which keeps the longest prefix the sampler agrees with (and draws one token more);
@@ -38,6 +43,7 @@ import numpy as np
 
 from .errors import LlamarunError
 from .logprobs import TokenConfidence, TokenLogprob, measure, token_logprob, token_text
+from .structured import apply_mask
 
 # llama2.c's fixed ids (its tokenizer.bin, and run.c, which stops when it draws BOS)
 LLAMA2C_BOS, LLAMA2C_EOS = 1, 2
@@ -80,7 +86,7 @@ class TokenEvent:
 class Completion:
     text: str                          # the new text (no prompt, no stop string, no end token)
     tokens: list[int]                  # the new ids (no end token)
-    finish_reason: str = "length"      # "stop": end token or stop string; "length": max_tokens or context
+    finish_reason: str = "length"      # "stop": end token, stop string or complete grammar; "length": max_tokens or context
     context_full: bool = False         # generation ended because the context was full
     prompt_tokens: list[int] = field(default_factory=list)
     end_token: int | None = None       # the end token that stopped generation, if one did
@@ -219,14 +225,17 @@ class Decoder:
     ignore_eos: they are banned instead, so only max_tokens, the context or a stop string end it.
     stop: strings that end it, never shown. logprobs=k: each event's TokenLogprob with the top k;
     confidence_top=k: each event's TokenConfidence with k alternatives. processors: logits
-    processors, applied in order after the ban of the end tokens. completion: the Completion to
-    fill (a new one by default). Without a tokenizer the events carry ids only (text is "").
+    processors, applied in order after the ban of the end tokens. grammar: a structured.Matcher:
+    the tokens it does not allow are -inf after the processors, each token taken advances it, and
+    once it is complete the sequence ends ("stop"; an end token, allowed as soon as the grammar may
+    end, ends it too). completion: the Completion to fill (a new one by default). Without a
+    tokenizer the events carry ids only (text is "").
     """
 
     def __init__(self, tokenizer, sampler, prompt: Sequence[int], *, context: int, max_tokens: int,
                  start_pos: int = 0, end: frozenset[int] | None = None, ignore_eos: bool = False,
                  stop: Sequence[str] = (), logprobs: int | None = None, confidence_top: int | None = None,
-                 processors: Sequence[LogitsProcessor] = (), completion: Completion | None = None):
+                 processors: Sequence[LogitsProcessor] = (), grammar=None, completion: Completion | None = None):
         check_count("max_tokens (the number of new tokens)", max_tokens)
         if confidence_top is not None:
             check_count("confidence_top (the number of alternatives)", confidence_top)
@@ -241,6 +250,7 @@ class Decoder:
         if ignore_eos and self.end:
             self.processors.insert(0, LogitBias.ban(self.end))
             self.end = frozenset()
+        self.grammar = grammar
         self.max_tokens, self.context = max_tokens, context
         self.logprobs, self.confidence_top = logprobs, confidence_top
         self.history = list(prompt)              # what the penalties and the processors see
@@ -262,35 +272,41 @@ class Decoder:
         return self._take(self._draw(logits), logits)
 
     def processed(self, logits: np.ndarray) -> np.ndarray:
-        """The row the sampler draws from: the processors applied to a copy (when there are any)."""
-        if not self.processors:
-            return logits
-        row = np.array(logits, np.float32)
-        for processor in self.processors:
-            changed = processor(self.history, row)
-            if changed is not None:
-                row = changed
+        """The row the sampler draws from: the processors applied to a copy (when there are any),
+        then the grammar's mask (last, so that no bias can bring back a token it rules out)."""
+        row = logits
+        if self.processors:
+            row = np.array(logits, np.float32)
+            for processor in self.processors:
+                changed = processor(self.history, row)
+                if changed is not None:
+                    row = changed
+        if self.grammar is not None:
+            row = apply_mask(row, self.grammar.allowed())
         return row
 
     def _draw(self, logits: np.ndarray) -> int:
         return int(self.sampler.sample(logits, self.history))
 
-    def _take(self, token: int, logits: np.ndarray) -> TokenEvent:
-        """Record `token` (drawn from `logits`) and make its event."""
+    def _take(self, token: int, logits: np.ndarray | None) -> TokenEvent:
+        """Record `token` (drawn from `logits`; None: forced by the grammar) and make its event."""
         result = self.completion
         # the distribution is taken with the history the token was drawn with (it draws no coin)
-        sampled = self.sampler.distribution(logits, self.history) if self.confidence_top is not None else None
+        sampled = self.sampler.distribution(logits, self.history) \
+            if self.confidence_top is not None and logits is not None else None
         self.history.append(token)
         if token in self.end:
             result.finish_reason, result.end_token = "stop", token
             return self._finish(TokenEvent(None, self._flush(), finish_reason="stop"))
+        if self.grammar is not None:
+            self.grammar.consume(token)
         result.tokens.append(token)
         event = TokenEvent(token, "")
         if sampled is not None:
             event.confidence = measure(logits, token, sampled, self.confidence_top,
                                        lambda t, prev=self.prev: token_text(self.tokenizer, t, prev))
             result.confidence.append(event.confidence)
-        if self.logprobs is not None:
+        if self.logprobs is not None and logits is not None:
             event.logprob = token_logprob(logits, token, self.logprobs)
             result.logprobs.append(event.logprob)
         if self.text is not None:
@@ -299,6 +315,11 @@ class Decoder:
         self.pos += 1
         if self.text is not None and self.text.stopped:
             result.finish_reason = "stop"
+            event.finish_reason = "stop"
+            return self._finish(event)
+        if self.grammar is not None and self.grammar.finished:
+            result.finish_reason = "stop"
+            event.text += self._flush()
             event.finish_reason = "stop"
             return self._finish(event)
         if len(result.tokens) >= self.max_tokens or self.pos > self.context:
@@ -321,6 +342,28 @@ class Decoder:
         self.done = True
         return event
 
+    # -- tokens the grammar forces ------------------------------------------------------------------
+
+    def forced(self) -> list[int]:
+        """The tokens the grammar decides alone from here (often []): the driver appends them with
+        `take_forced` instead of drawing them one forward at a time. Empty when records of the
+        model's own probabilities are asked for (logprobs, confidence): every token is then drawn
+        from its row, where the grammar's mask leaves only what it allows."""
+        if self.grammar is None or self.done or self.logprobs is not None or self.confidence_top is not None:
+            return []
+        return self.grammar.forced()
+
+    def take_forced(self, tokens: Sequence[int]) -> list[TokenEvent]:
+        """Record forced tokens as if drawn (history, text, grammar, finish): one event each, fewer
+        when the sequence ends among them. The driver then runs the taken ones through the model in
+        one batch, the last one's row giving the next draw."""
+        events = []
+        for token in tokens:
+            if self.done:
+                break
+            events.append(self._take(int(token), None))
+        return events
+
     # -- several tokens at once (speculative verification) ----------------------------------------
 
     def accept(self, rows: np.ndarray, draft: Sequence[int]) -> list[TokenEvent]:
@@ -328,7 +371,8 @@ class Decoder:
         ((len(draft) + 1, vocab), one forward over [last token] + draft). Draws from each row in turn
         and keeps going while the drawn token is the draft's: each kept token is drawn from the
         target model's own distribution, so the output is what decoding one token at a time gives
-        (greedy: token for token). -> the events of the tokens taken (the agreeing prefix, then the
+        (greedy: token for token). A grammar's mask applies to every row, from the state the
+        tokens taken before it left. -> the events of the tokens taken (the agreeing prefix, then the
         first token drawn where the draft went wrong, or one past a fully accepted draft), fewer if
         the sequence ends. The driver then runs the last event's token at `pos - 1`, as after
         `next_token`: that rolls its KV cache back, the rejected draft tokens' keys and values
