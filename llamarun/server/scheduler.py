@@ -32,7 +32,7 @@ others. The tokens a grammar forces are taken without drawing and run with the n
 (a row of several tokens, logits at its end). Each constrained row's mask of allowed tokens
 depends only on the tokens taken so far, so it is computed in a worker thread while the forward
 runs (llguidance releases the GIL; `structured.fill_masks` spreads the rows over its own threads),
-and the decoder finds it ready (`PrefetchedMatcher`).
+and the matcher keeps it for its decoder's draw.
 
 The handlers (async, in the event loop) talk to the worker through `submit` and each request's
 `emit` callback, which the worker calls for every event; the handler makes it thread-safe
@@ -57,6 +57,7 @@ from ..decoding import Decoder, LogitsProcessor, TokenEvent, first_token
 from ..logprobs import TokenLogprob
 from ..model import MATVEC_ROWS, Batch
 from ..plan import MIN_TIMING_SAMPLES, PREFILL_CHUNK, PREFILL_SHARE
+from ..structured import fill_masks
 
 log = logging.getLogger("llamarun.server")
 
@@ -107,10 +108,9 @@ class Sequence:
         self.next_tokens: list[int] = []         # taken (drawn, then any forced), not yet run through the model
         self.leader = leader                     # a follower waits for this sequence's prompt (n > 1)
         self.followers: list[Sequence] = []
-        grammar = {} if request.grammar is None else {"grammar": PrefetchedMatcher(request.grammar)}
         self.decoder = Decoder(tokenizer, request.sampler, request.prompt, context=context,
                                max_tokens=request.max_tokens, ignore_eos=request.ignore_eos, stop=request.stop,
-                               logprobs=request.logprobs, processors=request.processors, **grammar)
+                               logprobs=request.logprobs, processors=request.processors, grammar=request.grammar)
 
     @property
     def decoding(self) -> bool:
@@ -120,10 +120,6 @@ class Sequence:
     def waiting(self) -> bool:
         """A follower whose leader has not run the prompt yet."""
         return self.leader is not None
-
-    @property
-    def matcher(self) -> "PrefetchedMatcher | None":
-        return self.decoder.grammar if self.request.grammar is not None else None
 
     @property
     def generated(self) -> int:
@@ -139,39 +135,6 @@ class Sequence:
         """The tokens whose keys and values the slot holds, positions 0 .. pos - 1 (prompt, then the
         drawn tokens fed back; the last drawn one is never run)."""
         return self.decoder.history[:self.pos]
-
-
-class PrefetchedMatcher:
-    """A sequence's grammar matcher whose next mask may already be computed (while the forward ran):
-    `allowed` hands that mask out once; anything that moves the matcher drops it."""
-
-    def __init__(self, matcher):
-        self.matcher = matcher
-        self.mask: np.ndarray | None = None      # (vocab,) bool, for the matcher's present state
-
-    def __getattr__(self, name):                 # forced, finished, ...: the matcher's own
-        return getattr(self.matcher, name)
-
-    def allowed(self, out: np.ndarray | None = None) -> np.ndarray:
-        mask, self.mask = self.mask, None
-        if mask is None:
-            return self.matcher.allowed(out)
-        if out is not None:
-            out[:] = mask
-            return out
-        return mask
-
-    def consume(self, token: int) -> None:
-        self.mask = None
-        self.matcher.consume(token)
-
-
-def prefetch_masks(matchers: list[PrefetchedMatcher], masks: np.ndarray) -> None:
-    """Each matcher's next mask into a row of masks (len(matchers), vocab), kept for its `allowed`."""
-    from ..structured import fill_masks
-    fill_masks([m.matcher for m in matchers], masks)
-    for matcher, row in zip(matchers, masks):
-        matcher.mask = row
 
 
 class Scheduler:
@@ -281,6 +244,17 @@ class Scheduler:
                 self.free.remove(slot)
                 seq.followers.append(Sequence(follower, slot, self.tokenizer, self.ctx, leader=seq))
                 self.active.append(seq.followers[-1])
+            for s in [seq] + seq.followers:
+                self.open(s)
+
+    def open(self, seq: Sequence) -> None:
+        """Tokens a grammar forces before anything is drawn (a schema's opening '{"'): taken now,
+        they run with the prompt, as its last tokens."""
+        if seq.request.grammar is None:
+            return
+        events = seq.decoder.take_forced(seq.decoder.forced())
+        seq.pending += [e.token for e in events if e.token is not None]
+        self.report(seq, events)
 
     def best_slot(self, prompt: list[int]) -> tuple[int, int]:
         """The free slot whose cache shares the longest prefix with the prompt (the longest-free one
@@ -363,16 +337,13 @@ class Scheduler:
         """The masks of the constrained decode rows, computed in the masker thread while the forward
         runs (a future; None when no row is constrained). The rows that finish a prompt are left to
         their decoders: their first mask is one per request."""
-        matchers = [s.matcher for s in decoding if s.matcher is not None]
-        if not matchers:
-            return None
-        masks = np.empty((len(matchers), self.llama.config.vocab_size), np.bool_)
-        return self.masker.submit(prefetch_masks, matchers, masks)
+        matchers = [s.request.grammar for s in decoding if s.request.grammar is not None]
+        return self.masker.submit(fill_masks, matchers) if matchers else None
 
     def fork(self, seq: Sequence) -> None:
         """seq's prompt has run: its followers take its keys and values and go on from there."""
         for follower in seq.followers:
-            if follower.request.cancelled or not follower.waiting:
+            if follower not in self.active or follower.request.cancelled or not follower.waiting:
                 continue
             self.cache.copy_prefix(seq.slot, follower.slot, seq.pos)
             follower.leader, follower.pending, follower.pos = None, [], seq.pos
@@ -418,22 +389,20 @@ class Scheduler:
     def advance(self, seq: Sequence, logits: np.ndarray) -> None:
         """Hand the sequence's logits row to its decoder and report the token it draws, then the tokens
         its grammar forces after it (taken without drawing, run with it in the next step); end the
-        sequence if one of them was its last. Where the grammar forces tokens before anything is
-        drawn (a schema's opening), they are taken instead and the row goes unused."""
-        decoder = seq.decoder
-        forced = decoder.forced() if seq.matcher is not None else []
-        events: list[TokenEvent] = [] if forced else [decoder.next_token(logits)]
-        if not forced and not decoder.done and seq.matcher is not None:
-            forced = decoder.forced()
-        if forced and not decoder.done:
-            events += decoder.take_forced(forced)
+        sequence if one of them was its last."""
+        events = [seq.decoder.next_token(logits)]
+        if not seq.decoder.done:
+            events += seq.decoder.take_forced(seq.decoder.forced())
+        seq.next_tokens = [e.token for e in events if e.token is not None]
+        self.report(seq, events)
+
+    def report(self, seq: Sequence, events: list[TokenEvent]) -> None:
+        """Emit the events of the tokens a sequence took; the last may end it."""
         for event in events:
             if event.finish_reason:
                 self.finish(seq, event.finish_reason, event.text, event.logprob)
                 return
             seq.request.emit(Event(event.text, event.logprob))
-            if event.token is not None:
-                seq.next_tokens.append(event.token)
 
     def finish(self, seq: Sequence, reason: str, text: str = "", logprob: TokenLogprob | None = None) -> None:
         seq.request.emit(Event(text, logprob, reason, len(seq.request.prompt), seq.generated, seq.cached))
