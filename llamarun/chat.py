@@ -558,7 +558,8 @@ class ChatSession:
     """
 
     def __init__(self, llama, chat_format: ChatFormat | None = None, system: str | None = None,
-                 max_tokens: int = 512, history: Sequence[dict] = (), sampler=None, **sampling):
+                 max_tokens: int = 512, history: Sequence[dict] = (), sampler=None, grammar=None, **sampling):
+        """grammar: a llamarun.structured.Grammar that every reply follows (each its own Matcher)."""
         if llama.tokenizer is None:
             raise LlamarunError("chat needs the model's tokenizer: load it with tokenizer=PATH (CLI: -z PATH)")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -573,6 +574,7 @@ class ChatSession:
         # a reply ends at the end of its turn whatever the sampler (run.c's chat too ends the
         # assistant's turn at EOS, where its generate mode stops only at BOS)
         self.end = end_tokens(self.tokenizer)
+        self.grammar = grammar
         self.cache = llama.model.new_cache()
         self._active: Iterator[TokenEvent] | None = None
         self.reset(history)
@@ -611,7 +613,8 @@ class ChatSession:
         result = Completion("", [])
         events = generate_stream(self.llama.model, self.tokenizer, ids[start:], self.sampler,
                                  max_tokens=self.max_tokens, end=self.end,
-                                 cache=self.cache, start_pos=start, result=result)
+                                 cache=self.cache, start_pos=start, result=result,
+                                 grammar=self.grammar.matcher() if self.grammar is not None else None)
         self._active = self._turn(events, messages, ids, result)
         return Stream(self._active, result)
 

@@ -187,7 +187,8 @@ def cmd_generate(args) -> int:
     probe, _ = emphasize(llama, ids, args.emphasize or [])
     measured = args.confidence or args.confidence_json is not None
     stream = llama.stream(ids, args.n, sampler=args.sampler, stop=args.stop or (), confidence=measured,
-                          ignore_eos=args.ignore_eos, probe=probe, **sampling)
+                          ignore_eos=args.ignore_eos, probe=probe, grammar=grammar_of(args, llama.tokenizer),
+                          **sampling)
     out = Output()
     coloured = ColouredOutput() if args.confidence and not args.ids else None
     if coloured:
@@ -215,6 +216,31 @@ def cmd_generate(args) -> int:
           f"generated: {len(result.tokens)} tokens, {result.decode_tok_s:.1f} tok/s | finish: {reason}{compiled}",
           file=sys.stderr)
     return EXIT_INTERRUPTED if interrupted else 0
+
+
+def grammar_of(args, tokenizer):
+    """The structured-output constraint the flags name (--json-schema, --grammar(-file), --regex,
+    --json), compiled for the tokenizer; None without one."""
+    from .structured import Grammar
+    schema, gbnf = args.json_schema, args.grammar
+    if schema is not None and not schema.lstrip().startswith("{"):
+        schema = read_flag_file(schema, "--json-schema")      # a path; JSON text starts with {
+    if args.grammar_file is not None:
+        if gbnf is not None:
+            raise LlamarunError("give --grammar or --grammar-file, not both")
+        gbnf = read_flag_file(args.grammar_file, "--grammar-file")
+    return Grammar.from_request(tokenizer, json_schema=schema, grammar=gbnf, regex=args.regex,
+                                json_object=args.json)
+
+
+def read_flag_file(path: str, flag: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise LlamarunError(f"{flag}: no such file: {path} (give a file, or the JSON itself)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlamarunError(f"{flag}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,7 +413,7 @@ def cmd_chat(args) -> int:
 
     llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact, quantize=args.quantize, ctx=args.ctx)
     session = ChatSession(llama, chat_format_for(llama), system=args.system, max_tokens=args.n,
-                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                          grammar=grammar_of(args, llama.tokenizer), temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                           repeat_penalty=args.repeat_penalty, seed=args.seed)
     out = Output()
     if args.prompt is not None:
@@ -832,6 +858,16 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat-penalty", type=float, help="llama.cpp repetition penalty (default 1.0 = off)")
 
 
+def add_structured(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("structured output (one of)")
+    s.add_argument("--json-schema", metavar="FILE_OR_JSON",
+                   help="the output is JSON valid under this JSON Schema (a file, or the schema's JSON text)")
+    s.add_argument("--grammar-file", metavar="FILE", help="the output follows this GBNF grammar (llama.cpp's format)")
+    s.add_argument("--grammar", metavar="TEXT", help="the output follows this GBNF grammar, given as text")
+    s.add_argument("--regex", metavar="PATTERN", help="the output matches this regular expression")
+    s.add_argument("--json", action="store_true", help="the output is a JSON object")
+
+
 def add_emphasize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emphasize", action="append", metavar="WORD:FACTOR[@LAYERS]",
                    help="multiply the attention paid to the prompt's tokens of WORD by FACTOR (log(FACTOR) added "
@@ -898,6 +934,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "temperature, top-k/p, min-p; 1 when greedy), margin (1st - 2nd largest logit), "
                         "margin2 (1st - 3rd), entropy (of the model's distribution, nats), top (the 5 most "
                         "probable tokens: token, text, prob, sampled_prob)")
+    add_structured(g)
     add_emphasize(g)
     add_ctx(g)
     add_threads(g)
@@ -926,6 +963,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-n", type=int, default=512, help="at most N tokens per reply (default 512)")
     add_sampling(c)
     c.add_argument("--seed", type=int, help="random seed (default: from the clock)")
+    add_structured(c)
     add_ctx(c)
     add_threads(c)
     add_exact(c)
