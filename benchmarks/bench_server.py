@@ -49,9 +49,10 @@ def request_prompt(n: int) -> str:
     return f"Request {n}: {PROMPTS[n % len(PROMPTS)]}"
 
 
-def one_stream(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> dict:
+def one_stream(client: httpx.Client, url: str, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
+    """One streamed request; extra: more body fields (bench_structured_server.py's response_format)."""
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
     t0 = time.perf_counter()
     times, tokens, cached, prompt_tokens = [], 0, 0, 0
     with client.stream("POST", url + "/v1/chat/completions", json=body) as response:

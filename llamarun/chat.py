@@ -222,10 +222,15 @@ class ChatFormat:
     (and so a different sequence than the one in the KV cache).
     """
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    # whether the format lays out tools itself (OpenAI's `tools`, as a template's `tools` variable);
+    # a format that does not gets them in a system message (llamarun/tools.py)
+    takes_tools = False
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         raise NotImplementedError
 
-    def encode(self, messages: list[dict], tokenizer, add_generation_prompt: bool = True) -> list[int]:
+    def encode(self, messages: list[dict], tokenizer, add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> list[int]:
         raise NotImplementedError
 
     @staticmethod
@@ -260,11 +265,24 @@ class TemplateChatFormat(ChatFormat):
         self._protected: tuple[object, frozenset[str]] | None = None    # (tokenizer, its protected_texts)
         compile_chat_template(template)     # a template that does not parse is refused now, not mid-chat
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         return render_chat_template(self.template, template_messages(messages), add_generation_prompt,
-                                    bos_token=self.bos, eos_token=self.eos)
+                                    bos_token=self.bos, eos_token=self.eos, tools=tools)
 
-    def encode(self, messages: list[dict], tokenizer, add_generation_prompt: bool = True) -> list[int]:
+    @functools.cached_property
+    def takes_tools(self) -> bool:
+        """Does the template render `tools`? (Asked of the template: rendered with a tool, does its
+        name show? Templates that mention tools only to refuse them, or ignore them, do not.)"""
+        probe = "llamarun_probe_tool_" + secrets.token_hex(4)
+        tools = [{"type": "function", "function": {"name": probe, "description": "",
+                                                   "parameters": {"type": "object", "properties": {}}}}]
+        try:
+            return probe in self.render([{"role": "user", "content": "hi"}], True, tools)
+        except LlamarunError:
+            return False
+
+    def encode(self, messages: list[dict], tokenizer, add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> list[int]:
         """The conversation's ids: a special token's text that the template writes is its one id, a
         reply whose drawn tokens are known is those tokens, and all other text (the template's and the
         messages', run together between ids, as the rendered text runs) is tokenized as plain text.
@@ -279,7 +297,8 @@ class TemplateChatFormat(ChatFormat):
                 ids.extend(tokenizer.encode(text, bos=False, special=False))
             plain.clear()
 
-        for kind, value in self.pieces(messages, add_generation_prompt, self.protected_texts(tokenizer, specials)):
+        for kind, value in self.pieces(messages, add_generation_prompt, self.protected_texts(tokenizer, specials),
+                                       tools):
             if kind == "template":
                 for n, part in enumerate(split_at_specials(value, specials)):
                     if n % 2:
@@ -314,8 +333,8 @@ class TemplateChatFormat(ChatFormat):
             self._protected = (tokenizer, texts)
         return self._protected[1]
 
-    def pieces(self, messages: list[dict], add_generation_prompt: bool,
-               protected: frozenset[str]) -> list[tuple[str, str | list[int]]]:
+    def pieces(self, messages: list[dict], add_generation_prompt: bool, protected: frozenset[str],
+               tools: list[dict] | None = None) -> list[tuple[str, str | list[int]]]:
         """The rendering cut into ("template", text), ("content", text) and ("tokens", ids) pieces.
 
         The template renders the messages with markers in place of what they bring: each message's
@@ -325,13 +344,13 @@ class TemplateChatFormat(ChatFormat):
         instead with markers in place of the protected texts only, wherever they are: the rest of
         the content then reads as template text, and holds no special text to mistake.
         """
-        real = self.render(messages, add_generation_prompt)
+        real = self.render(messages, add_generation_prompt, tools)
         replies = any(m.get("tokens") is not None for m in messages)
         attempts = [(True, True)] + ([(False, True)] if replies else []) + [(False, False)]
         for n, (whole_content, drawn_tokens) in enumerate(attempts):
             markers = ContentMarkers(protected)
             marked = [markers.message(m, whole_content, drawn_tokens) for m in messages]
-            rendered = self.render(marked, add_generation_prompt)
+            rendered = self.render(marked, add_generation_prompt, markers.masked(tools))
             if n == len(attempts) - 1 or markers.restore(rendered) == real:
                 return markers.split(rendered)
 
@@ -432,7 +451,7 @@ class Llama2ChatFormat(ChatFormat):
             return LLAMA2_SYSTEM_TURN.format(system=system, user=user)
         return LLAMA2_USER_TURN.format(user=user)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         # written with <s> and </s> for BOS and EOS, as Llama 2's Hugging Face template writes them
         system, turns = self.turns(messages)
         out = []
@@ -442,7 +461,8 @@ class Llama2ChatFormat(ChatFormat):
                 out.append(" " + reply["content"].strip() + " </s>")
         return "".join(out)
 
-    def encode(self, messages: list[dict], tokenizer, add_generation_prompt: bool = True) -> list[int]:
+    def encode(self, messages: list[dict], tokenizer, add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> list[int]:
         system, turns = self.turns(messages)
         ids: list[int] = []
         for n, (user, reply) in enumerate(turns):

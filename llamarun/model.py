@@ -119,6 +119,14 @@ class KVCache:
     def n_seqs(self) -> int:
         return self.k.shape[1]
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Sequence dst's first n positions := sequence src's (the server's n > 1 choices share their
+        prompt's keys and values). Keys go by whole blocks: the positions past n in the last one are
+        written over before anything reads them, as for any sequence."""
+        blocks = key_blocks(n)
+        self.k[:, dst, :, :blocks] = self.k[:, src, :, :blocks]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+
 
 # ----------------------------------------------------------------------------------------------
 # inspection: what one forward call is asked to show

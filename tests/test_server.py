@@ -270,11 +270,11 @@ def test_malformed_or_wrong_types_are_400(server, body):
 
 def test_unsupported_values_are_400(server):
     client = server.client()
-    with pytest.raises(openai.BadRequestError, match="'n' must be 1"):
-        client.chat.completions.create(model="smollm2", messages=MESSAGES, n=2)
+    with pytest.raises(openai.BadRequestError, match="'n' must be at most 4"):      # a slot per choice
+        client.chat.completions.create(model="smollm2", messages=MESSAGES, n=5)
     with pytest.raises(openai.BadRequestError, match="tools"):
         client.chat.completions.create(model="smollm2", messages=MESSAGES,
-                                       tools=[{"type": "function", "function": {"name": "f"}}])
+                                       tools=[{"type": "function", "function": {"name": "no spaces"}}])
 
 
 def test_prompt_beyond_the_context_is_400(server):

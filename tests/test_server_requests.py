@@ -107,11 +107,16 @@ def test_openai_fields_accepted_or_named(server):
                              "stream": True, "stream_options": {"include_usage": True}})
     assert job.max_tokens == 5 and job.stream and job.include_usage
     assert server.parse_chat({"messages": USER, "max_tokens": 7}).max_tokens == 7
-    for body, param in [({"response_format": {"type": "json_object"}}, "response_format"),
-                        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-                        ({"frobnicate": 1}, "frobnicate"), ({"n": 2}, "n"), ({"store": "yes"}, "store"),
+    for body, param in [({"response_format": {"type": "json_schema"}}, "response_format"),
+                        ({"response_format": {"type": "xml"}}, "response_format"),
+                        ({"json_schema": {"type": "object"}, "grammar": "root ::= \"a\""}, "json_schema"),
+                        ({"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools[0].function.name"),
+                        ({"tools": [{"type": "function"}]}, "tools[0]"),
+                        ({"tool_choice": "required"}, "tool_choice"),
+                        ({"frobnicate": 1}, "frobnicate"), ({"n": 99}, "n"), ({"store": "yes"}, "store"),
                         ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
-                        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+                        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+                        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
                         ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages[0].tool_calls"),
                         ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
                         ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),

@@ -22,6 +22,18 @@ the same tokens at the same positions produced. The kernels compute each row ind
 others in its batch, so a reused prefix gives what running it again would give; where a prompt
 went through BLAS (the exact path's chunks of PREFILL_CHUNK), the same up to rounding.
 
+Choices (OpenAI's `n`): the request's other choices ride with it as `followers`, each in a slot of
+its own with its own sampler. Only the first runs the prompt; when its prompt's logits come, the
+followers copy its slot's keys and values (`KVCache.copy_prefix`) and draw their first tokens from
+the same row: the prompt is computed once for all of them.
+
+Constrained sequences (a grammar's `Matcher`, llamarun/structured.py) share the batch with the
+others. The tokens a grammar forces are taken without drawing and run with the next step's row
+(a row of several tokens, logits at its end). Each constrained row's mask of allowed tokens
+depends only on the tokens taken so far, so it is computed in a worker thread while the forward
+runs (llguidance releases the GIL; `structured.fill_masks` spreads the rows over its own threads),
+and the matcher keeps it for its decoder's draw.
+
 The handlers (async, in the event loop) talk to the worker through `submit` and each request's
 `emit` callback, which the worker calls for every event; the handler makes it thread-safe
 (loop.call_soon_threadsafe). Cancelling a request (a client that went away) frees its slot at the
@@ -33,6 +45,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -44,6 +57,7 @@ from ..decoding import Decoder, LogitsProcessor, TokenEvent, first_token
 from ..logprobs import TokenLogprob
 from ..model import MATVEC_ROWS, Batch
 from ..plan import MIN_TIMING_SAMPLES, PREFILL_CHUNK, PREFILL_SHARE
+from ..structured import fill_masks
 
 log = logging.getLogger("llamarun.server")
 
@@ -73,6 +87,8 @@ class Request:
     logprobs: int | None = None          # None: no logprobs; k: the drawn token's and the top k
     ignore_eos: bool = False             # llama.cpp's extension: end-of-generation tokens are never drawn
     processors: tuple[LogitsProcessor, ...] = ()   # applied to the logits before each draw (logit_bias, ...)
+    grammar: object | None = None        # llamarun.structured.Matcher: this sequence's constraint
+    followers: list["Request"] = field(default_factory=list)   # the other choices of the same prompt (n > 1)
     cancelled: bool = False              # set by the handler; the worker frees the slot
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -84,19 +100,26 @@ class Sequence:
     """A request in its cache slot: what is left to prefill, where it is, and its decoder (which
     draws its tokens and says when it is done, as for `Llama.stream`: llamarun/decoding.py)."""
 
-    def __init__(self, request: Request, slot: int, tokenizer, context: int):
+    def __init__(self, request: Request, slot: int, tokenizer, context: int, leader: "Sequence | None" = None):
         self.request, self.slot = request, slot
         self.pending = list(request.prompt)      # prompt ids not yet run
         self.pos = 0                             # next position to fill in the slot
         self.cached = 0                          # prompt tokens found in the slot's cache
-        self.next_token: int | None = None       # drawn, not yet run through the model
+        self.next_tokens: list[int] = []         # taken (drawn, then any forced), not yet run through the model
+        self.leader = leader                     # a follower waits for this sequence's prompt (n > 1)
+        self.followers: list[Sequence] = []
         self.decoder = Decoder(tokenizer, request.sampler, request.prompt, context=context,
                                max_tokens=request.max_tokens, ignore_eos=request.ignore_eos, stop=request.stop,
-                               logprobs=request.logprobs, processors=request.processors)
+                               logprobs=request.logprobs, processors=request.processors, grammar=request.grammar)
 
     @property
     def decoding(self) -> bool:
-        return self.next_token is not None
+        return bool(self.next_tokens)
+
+    @property
+    def waiting(self) -> bool:
+        """A follower whose leader has not run the prompt yet."""
+        return self.leader is not None
 
     @property
     def generated(self) -> int:
@@ -135,6 +158,7 @@ class Scheduler:
         self.steps = 0
         self.threads = numba.get_num_threads()
         self.ready = threading.Event()                      # set once warm_up has run
+        self.masker = ThreadPoolExecutor(1, thread_name_prefix="llamarun-masks")   # grammar masks beside the forward
 
     # -- the handlers' side (any thread) -------------------------------------------------------
 
@@ -161,6 +185,7 @@ class Scheduler:
             self.lock.notify()
         if self.thread is not None:
             self.thread.join(timeout)
+        self.masker.shutdown(wait=False)
         for request in [s.request for s in self.active] + list(self.waiting):
             request.emit(Event(finish_reason="cancelled"))
         self.active, self.waiting = [], deque()
@@ -206,11 +231,30 @@ class Scheduler:
             if request.cancelled:
                 request.emit(Event(finish_reason="cancelled"))
                 continue
+            if len(self.free) < 1 + len(request.followers):    # a request's choices start together
+                self.waiting.appendleft(request)
+                return
             slot, shared = self.best_slot(request.prompt)
             self.free.remove(slot)
             seq = Sequence(request, slot, self.tokenizer, self.ctx)
             seq.reuse(max(0, min(shared, len(request.prompt) - 1)))   # the prompt's last token is run: its logits
             self.active.append(seq)
+            for follower in request.followers:
+                slot, _ = self.best_slot(follower.prompt)
+                self.free.remove(slot)
+                seq.followers.append(Sequence(follower, slot, self.tokenizer, self.ctx, leader=seq))
+                self.active.append(seq.followers[-1])
+            for s in [seq] + seq.followers:
+                self.open(s)
+
+    def open(self, seq: Sequence) -> None:
+        """Tokens a grammar forces before anything is drawn (a schema's opening '{"'): taken now,
+        they run with the prompt, as its last tokens."""
+        if seq.request.grammar is None:
+            return
+        events = seq.decoder.take_forced(seq.decoder.forced())
+        seq.pending += [e.token for e in events if e.token is not None]
+        self.report(seq, events)
 
     def best_slot(self, prompt: list[int]) -> tuple[int, int]:
         """The free slot whose cache shares the longest prefix with the prompt (the longest-free one
@@ -228,6 +272,10 @@ class Scheduler:
         with self.lock:
             self.slot_tokens[seq.slot] = seq.run_tokens if keep else []
             self.free.append(seq.slot)
+        for follower in seq.followers:
+            if follower.waiting:        # the leader ended before its prompt did: they run it themselves
+                follower.leader = None
+        seq.followers = []
 
     def step(self) -> None:
         """One forward: a row per decoding sequence, then a prefill chunk; sample; report."""
@@ -236,10 +284,10 @@ class Scheduler:
                                    completion_tokens=seq.generated, cached_tokens=seq.cached))
             self.release(seq)
         decoding = [s for s in self.active if s.decoding]
-        prefilling = [s for s in self.active if not s.decoding]
+        prefilling = [s for s in self.active if not s.decoding and not s.waiting]
         if not decoding and not prefilling:
             return
-        rows = [(s, [s.next_token], s.pos) for s in decoding]
+        rows = [(s, s.next_tokens, s.pos) for s in decoding]
         budget = self.prefill_budget(len(decoding))
         for seq in prefilling:
             if budget <= 0:
@@ -256,27 +304,51 @@ class Scheduler:
             seq_ids += [seq.slot] * n
             last = seq.decoding or n == len(seq.pending)         # the prompt's end gives the first logits
             want += [False] * (n - 1) + [last]
+        masks = self.start_masks(decoding)
         t0 = time.perf_counter()
         logits = self.model.forward(Batch.of(tokens, pos, seq_ids, want), self.cache)
         seconds = time.perf_counter() - t0
-        self.record_time(len(decoding), len(tokens) - len(decoding), seconds)
+        # forced tokens riding on a decode row count as decoding: only prompt chunks steer the prefill share
+        self.record_time(len(decoding), len(tokens) - sum(len(s.next_tokens) for s in decoding), seconds)
         self.steps += 1
+        if masks is not None:
+            masks.result()
 
         i = 0
         for seq, chunk, start in rows:
             seq.pos = start + len(chunk)
             if seq.decoding:
-                seq.next_token = None
+                seq.next_tokens = []
             else:
                 del seq.pending[:len(chunk)]
                 if seq.pending:
                     continue                                  # more prompt to go: no logits yet
-            try:
-                self.advance(seq, logits[i])
-            except Exception:           # one request's draw (its sampler, its processors) ends only that request
-                log.exception("drawing a token failed")
-                self.finish(seq, "error")
+                self.fork(seq)
+            for s in [seq] + seq.followers:
+                try:
+                    self.advance(s, logits[i])
+                except Exception:       # one request's draw (its sampler, its processors) ends only that request
+                    log.exception("drawing a token failed")
+                    self.finish(s, "error")
+            seq.followers = []
             i += 1
+
+    def start_masks(self, decoding: list[Sequence]):
+        """The masks of the constrained decode rows, computed in the masker thread while the forward
+        runs (a future; None when no row is constrained). The rows that finish a prompt are left to
+        their decoders: their first mask is one per request."""
+        matchers = [s.request.grammar for s in decoding if s.request.grammar is not None]
+        return self.masker.submit(fill_masks, matchers) if matchers else None
+
+    def fork(self, seq: Sequence) -> None:
+        """seq's prompt has run: its followers take its keys and values and go on from there."""
+        for follower in seq.followers:
+            if follower not in self.active or follower.request.cancelled or not follower.waiting:
+                continue
+            self.cache.copy_prefix(seq.slot, follower.slot, seq.pos)
+            follower.leader, follower.pending, follower.pos = None, [], seq.pos
+            follower.cached = seq.cached
+        seq.followers = [f for f in seq.followers if f in self.active and not f.pending]
 
     def prefill_budget(self, n_decoding: int) -> int:
         """How many prompt tokens ride along with `n_decoding` decode rows in this step.
@@ -315,14 +387,22 @@ class Scheduler:
                 self.chunk[n_decoding] = max(1, n_prefill * 2 // 3)
 
     def advance(self, seq: Sequence, logits: np.ndarray) -> None:
-        """Hand the sequence's logits row to its decoder and report the token it draws; end the
-        sequence if that was its last."""
-        event: TokenEvent = seq.decoder.next_token(logits)
-        if event.finish_reason:
-            self.finish(seq, event.finish_reason, event.text, event.logprob)
-        else:
+        """Hand the sequence's logits row to its decoder and report the token it draws, then the tokens
+        its grammar forces after it (taken without drawing, run with it in the next step); end the
+        sequence if one of them was its last."""
+        events = [seq.decoder.next_token(logits)]
+        if not seq.decoder.done:
+            events += seq.decoder.take_forced(seq.decoder.forced())
+        seq.next_tokens = [e.token for e in events if e.token is not None]
+        self.report(seq, events)
+
+    def report(self, seq: Sequence, events: list[TokenEvent]) -> None:
+        """Emit the events of the tokens a sequence took; the last may end it."""
+        for event in events:
+            if event.finish_reason:
+                self.finish(seq, event.finish_reason, event.text, event.logprob)
+                return
             seq.request.emit(Event(event.text, event.logprob))
-            seq.next_token = event.token
 
     def finish(self, seq: Sequence, reason: str, text: str = "", logprob: TokenLogprob | None = None) -> None:
         seq.request.emit(Event(text, logprob, reason, len(seq.request.prompt), seq.generated, seq.cached))
