@@ -507,7 +507,11 @@ class Sampler:
         c.keep(np.flatnonzero(z >= z.max() - self.top_n_sigma * z.std()))
 
     def _top_k(self, c):
-        """argpartition is linear; a full sort of the vocabulary would cost milliseconds."""
+        """argpartition is linear; a full sort of the vocabulary would cost milliseconds. The banned
+        tokens (-inf: a grammar's mask) go first: argpartition over a row that is mostly -inf took
+        1.4 ms against 0.1 (tokens of probability 0 were never drawn either way)."""
+        if 0 < self.top_k < c.size:
+            c.drop_banned()
         n = c.size
         if 0 < self.top_k < n:
             c.keep(np.argpartition(c.z, n - self.top_k)[n - self.top_k:])
