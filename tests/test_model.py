@@ -124,7 +124,9 @@ def _to_halves(w: np.ndarray, heads: int) -> np.ndarray:
     """Q or K rows from interleaved pairs to Hugging Face's halves: row 2i of a head to i, 2i+1 to i + D/2."""
     out_features, dim = w.shape
     D = out_features // heads
-    return np.ascontiguousarray(w.reshape(heads, D // 2, 2, dim).transpose(0, 2, 1, 3).reshape(out_features, dim))
+    rows = np.ascontiguousarray(w.reshape(heads, D // 2, 2, dim).transpose(0, 2, 1, 3).reshape(out_features, dim))
+    rows.flags.writeable = False        # as a file's map: the float32 forward the compile step compiled
+    return rows
 
 
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
@@ -134,8 +136,8 @@ def test_a_model_in_hugging_face_pair_layout_gives_the_logits_of_its_interleaved
     from dataclasses import replace
     c = gqa.config
     weights = dict(gqa.checkpoint.weights)
-    weights["wq"] = np.stack([_to_halves(w, c.n_heads) for w in weights["wq"]])
-    weights["wk"] = np.stack([_to_halves(w, c.n_kv_heads) for w in weights["wk"]])
+    weights["wq"] = [_to_halves(w, c.n_heads) for w in weights["wq"]]
+    weights["wk"] = [_to_halves(w, c.n_kv_heads) for w in weights["wk"]]
     twin = llamarun.Llama(_Checkpoint(replace(gqa.checkpoint.config, rope_halves=True), weights), exact=exact)
     base = llamarun.Llama(gqa.checkpoint, exact=exact)
     ids = [1, 512, 278, 14089, 29892, 727, 471, 263, 2217]
