@@ -15,6 +15,7 @@ from .generation import generate_stream
 from .model import Batch, Probe, Transformer
 from .plan import ExecutionPlan, choose_plan
 from .sampling import make_sampler
+from .speculative import make_speculation
 from .structured import Grammar
 from .tokenizers import load_tokenizer, tokenizer_from_gguf
 
@@ -169,7 +170,8 @@ class Llama:
                logprobs: int | None = None, ignore_eos: bool = False, logit_bias: dict[int, float] | None = None,
                processors: Sequence[LogitsProcessor] = (), probe: Probe | None = None, special: bool = True,
                json_schema: dict | str | None = None, grammar: "str | Grammar | None" = None, regex: str | None = None,
-               lark: str | None = None, json_object: bool = False, **sampling) -> "Stream":
+               lark: str | None = None, json_object: bool = False, draft=None, draft_max: int | None = None,
+               **sampling) -> "Stream":
         """Generate lazily: iterate for TokenEvents (ev.token, ev.text); `.completion` holds the result.
 
         sampling: temperature, top_p, top_k, min_p, repeat_penalty, presence_penalty, frequency_penalty,
@@ -193,6 +195,11 @@ class Llama:
         follows it token by token; the tokens it forces are appended without sampling, and the
         completion ends with finish_reason "stop" as soon as it is complete. A constraint that
         cannot be compiled raises LlamarunError before anything runs.
+        Speculative decoding (llamarun.speculative): draft="ngram" (prompt lookup), a Llama with this
+        model's vocabulary, or a path to load one; each drawn token then runs with a draft of up to
+        draft_max tokens (default 8) behind it, and the tokens the model's own draws agree with are
+        taken from that one forward. The output is what decoding without it gives (greedy: token for
+        token; sampled: the same distribution); the completion's `.drafted` and `.accepted` count them.
         """
         ids = self.encode(prompt, special=special)
         if isinstance(grammar, Grammar):
@@ -203,6 +210,7 @@ class Llama:
             compiled = Grammar.from_request(self.tokenizer, json_schema=json_schema, grammar=grammar, regex=regex,
                                             lark=lark, json_object=json_object)
         chosen = make_sampler(sampler, tokenizer=self.tokenizer, **sampling)
+        speculation = make_speculation(draft, draft_max, self)
         if logit_bias:
             check_logit_bias(logit_bias, self.config.vocab_size)
         processors = ([LogitBias(logit_bias)] if logit_bias else []) + list(processors)
@@ -210,7 +218,8 @@ class Llama:
         events = generate_stream(self.model, self.tokenizer, ids, chosen, max_tokens=max_tokens, ignore_eos=ignore_eos,
                                  stop=stop, result=result, confidence=confidence, confidence_top=confidence_top,
                                  logprobs=logprobs, processors=processors, probe=probe,
-                                 grammar=compiled.matcher() if compiled is not None else None)
+                                 grammar=compiled.matcher() if compiled is not None else None,
+                                 speculation=speculation)
         return Stream(events, result)
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, **options) -> Completion:

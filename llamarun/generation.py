@@ -7,6 +7,12 @@ the CLI). The server's scheduler drives the same Decoder, many sequences per for
 It yields a `TokenEvent` per drawn token, carrying the text that token completes. Text is held back
 while it is still unfinished: the bytes of a UTF-8 character split over several tokens, or the start
 of what may become a stop string (which is never shown).
+
+With a `Speculation` (llamarun/speculative.py) each step after the prompt's may take several tokens:
+the drawn token runs with a draft behind it, every row's logits come back, and the Decoder's
+`accept` keeps the agreeing prefix and draws one token more (without a draft, that is one draw:
+`next_token`). The next step runs from `decoder.pos - 1` either way, over the rejected draft's
+positions in the cache.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from . import compiling
 from .decoding import Completion, Decoder, LogitsProcessor, TokenEvent, check_prompt
 from .interrupts import ctrl_c_never_lost
 from .model import Batch, KVCache, Probe, Transformer
+from .speculative import Speculation
 
 
 def generate_stream(model: Transformer, tokenizer, prompt_ids: Sequence[int], sampler, *, max_tokens: int,
@@ -24,7 +31,8 @@ def generate_stream(model: Transformer, tokenizer, prompt_ids: Sequence[int], sa
                     cache: KVCache | None = None, start_pos: int = 0, seq_id: int = 0,
                     result: Completion | None = None, confidence: bool = False, confidence_top: int = 5,
                     logprobs: int | None = None, processors: Sequence[LogitsProcessor] = (),
-                    grammar=None, probe: Probe | None = None) -> Iterator[TokenEvent]:
+                    grammar=None, probe: Probe | None = None, speculation: Speculation | None = None,
+                    earlier_ids: Sequence[int] = ()) -> Iterator[TokenEvent]:
     """An iterator of one TokenEvent per new token, filling `result` (a Completion) as it goes.
 
     The cache may already hold `start_pos` tokens of this sequence (a chat's earlier turns); the
@@ -33,7 +41,10 @@ def generate_stream(model: Transformer, tokenizer, prompt_ids: Sequence[int], sa
     in the forward of the token drawn before them (or of the prompt).
     confidence: each event (and `result.confidence`) carries the token's confidence figures, with
     the `confidence_top` most probable alternatives (llamarun/logprobs.py). probe: what inspection
-    tools ask of every forward (model.Probe). Bad input is refused here, before anything runs.
+    tools ask of every forward (model.Probe). speculation: drafts to verify after each drawn token
+    (not with a probe, whose forwards are one token's); earlier_ids: the ids at positions
+    [0, start_pos), when the caller knows them (a chat's earlier turns), which drafts start from.
+    Bad input is refused here, before anything runs.
     """
     cache = cache or model.new_cache()
     check_prompt(prompt_ids, start_pos, cache.seq_len, model.config.vocab_size)
@@ -41,11 +52,14 @@ def generate_stream(model: Transformer, tokenizer, prompt_ids: Sequence[int], sa
                       start_pos=start_pos, end=end, ignore_eos=ignore_eos, stop=stop, logprobs=logprobs,
                       confidence_top=confidence_top if confidence else None, processors=processors,
                       grammar=grammar, completion=result)
-    return _generate(model, decoder, list(prompt_ids), cache, start_pos, seq_id, probe)
+    earlier = list(earlier_ids) if len(earlier_ids) == start_pos else None
+    drafts = speculation if probe is None or not probe.active else None
+    return _generate(model, decoder, list(prompt_ids), cache, start_pos, seq_id, probe, drafts, earlier)
 
 
 def _generate(model: Transformer, decoder: Decoder, prompt_ids: list[int], cache: KVCache, start_pos: int,
-              seq_id: int, probe: Probe | None) -> Iterator[TokenEvent]:
+              seq_id: int, probe: Probe | None, speculation: Speculation | None,
+              earlier: list[int] | None) -> Iterator[TokenEvent]:
     result = decoder.completion
     # rates leave out the kernels' first compile (llamarun/compiling.py), reported on its own
     c0, t0 = compiling.seconds(), time.perf_counter()
@@ -69,8 +83,11 @@ def _generate(model: Transformer, decoder: Decoder, prompt_ids: list[int], cache
                 with ctrl_c_never_lost():
                     model.forward(Batch.sequence(ran, at, seq_id), cache, probe)
             break
+        draft = _draft(speculation, decoder, model, pending, at, cache, earlier) if t1 is not None else []
+        batch = Batch.sequence(pending + draft, at, seq_id)
+        batch.logits[len(pending) - 1:] = True          # the rows that verify the draft and draw past it
         with ctrl_c_never_lost():   # a Ctrl-C raises after the native call it lands in, never inside numba
-            logits = model.forward(Batch.sequence(pending, at, seq_id), cache, probe)[-1]
+            rows = model.forward(batch, cache, probe)
         if t1 is None:
             c1, t1 = compiling.seconds(), time.perf_counter()
             result.prefill_seconds = t1 - t0 - (c1 - c0)
@@ -78,12 +95,34 @@ def _generate(model: Transformer, decoder: Decoder, prompt_ids: list[int], cache
             result.decode_seconds = time.perf_counter() - t1 - (compiling.seconds() - c1)
         if decoder.done:            # max_tokens=0: the prompt ran, nothing is drawn
             break
-        event = decoder.next_token(logits)
-        if event.token is not None or event.text:     # an end token that releases no text is not shown
-            yield event
+        accepted = decoder.completion.accepted
+        events = decoder.accept(rows, draft)            # one draw per row while they agree with the draft
+        if draft:
+            speculation.verified(len(draft), decoder.completion.accepted - accepted)
+        for event in events:
+            if event.token is not None or event.text:     # an end token that releases no text is not shown
+                yield event
         if decoder.done:
             break
-        pending, at = [event.token], decoder.pos - 1
+        pending, at = [events[-1].token], decoder.pos - 1
     if t1 is not None:
         result.decode_seconds = time.perf_counter() - t1 - (compiling.seconds() - c1)
     result.compile_seconds = compiling.seconds() - c0
+
+
+def _draft(speculation: Speculation | None, decoder: Decoder, model: Transformer, pending: list[int], at: int,
+           cache: KVCache, earlier: list[int] | None) -> list[int]:
+    """The draft to run behind `pending`, within what the context and max_tokens leave, and within
+    the batch sizes whose rows are computed independently of each other (model.matvec_rows), so that
+    each row's logits, and greedy output, are what decoding one token at a time gives."""
+    if speculation is None or decoder.done:
+        return []
+    result = decoder.completion
+    room = min(cache.seq_len - at - len(pending),
+               decoder.max_tokens - len(result.tokens) - 1,          # accept draws one token past the draft
+               model.matvec_rows - len(pending))
+    if room < 1:
+        return []
+    # the sequence from position 0 when it is known; else from the prompt (n-gram drafts still work)
+    tokens = decoder.history if earlier is None else earlier + decoder.history
+    return speculation.draft(tokens, room)

@@ -1,0 +1,165 @@
+"""Speculative decoding: where drafts come from, and how long a draft to make.
+
+The generation loop (llamarun/generation.py) asks a `Speculation` for a draft of the next few tokens,
+runs [last token] + draft through the model in one forward, and hands the rows to the Decoder's
+`accept` (llamarun/decoding.py), which keeps the prefix the target's own draws agree with. Two
+draft sources:
+
+- `NgramDraft` (prompt lookup, as llama.cpp's `lookup` and transformers' prompt_lookup_num_tokens):
+  the sequence's last n tokens (n = 3, then 2, then 1) found earlier in the prompt or the output
+  propose the tokens that followed them there. Free to make; right when the output copies its input.
+- `ModelDraft`: a smaller (or more quantized) model with the same vocabulary decodes greedily on its
+  own KV cache. It keeps the tokens its cache holds, position by position, and each draft starts by
+  running only where they differ from the sequence, so a rejected draft is rolled back by
+  overwriting, as the target's cache is.
+
+A draft row costs the target's forward something (each extra row's products), so a draft that keeps
+failing makes decoding slower than plain: `Speculation` shrinks the draft after a rejection, grows it
+while drafts are taken whole, and pauses drafting (for 4, 8, ... 64 steps) after a draft that did not
+pay for its rows, so that open-ended text, where drafts rarely hold, pays only the occasional probe.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from .errors import LlamarunError
+from .model import Batch
+
+NGRAM_MAX = 3           # the longest n-gram prompt lookup matches (llama.cpp's and transformers' default)
+DEFAULT_DRAFT_MAX = 8   # tokens a draft holds at most, unless told
+# What a draft row costs the target's forward, relative to one decode step: verifying d drafted
+# tokens costs about 1 + ROW_COST * d steps (SmolLM2 Q4_1: 9 rows take ~3.5 one-row steps). A draft
+# pays when the tokens it gives (accepted + 1) are at least that.
+ROW_COST = 0.35
+FIRST_PAUSE, LONGEST_PAUSE = 4, 64     # steps without drafting after a draft that did not pay, doubling
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if len(differ) else n
+
+
+class NgramDraft:
+    """Prompt lookup: drafts copied from where the sequence's last tokens occurred before."""
+
+    def __init__(self, ngram_max: int = NGRAM_MAX):
+        self.ngram_max = ngram_max
+
+    def propose(self, tokens: Sequence[int], n: int) -> list[int]:
+        """Up to n tokens that followed the most recent earlier occurrence of the longest matching
+        tail n-gram of `tokens` (the sequence from its first position; [] when nothing matches)."""
+        ids = np.asarray(tokens, np.int64)                                   # (L,)
+        length = len(ids)
+        for size in range(min(self.ngram_max, length - 1), 0, -1):
+            tail = ids[length - size:]
+            # hits[s]: ids[s:s+size] == tail, for starts s whose n-gram has a token after it
+            hits = np.ones(length - size, bool)
+            for j in range(size):
+                hits &= ids[j:length - size + j] == tail[j]
+            found = np.flatnonzero(hits)
+            if len(found):
+                start = int(found[-1]) + size
+                return ids[start:start + n].tolist()
+        return []
+
+
+class ModelDraft:
+    """Greedy drafts from a smaller model with the target's vocabulary, on its own KV cache."""
+
+    def __init__(self, model, context: int):
+        """model: the draft's Transformer; context: the positions the target's cache holds."""
+        self.model = model
+        self.cache = model.new_cache(seq_len=min(context, model.config.seq_len))
+        self.ran: list[int] = []        # the ids whose keys and values its cache holds, by position
+
+    def propose(self, tokens: Sequence[int], n: int) -> list[int]:
+        """n greedy tokens after `tokens` (the sequence from its first position), fewer at the end of
+        its context. Runs the ids its cache lacks (first the ones after the last agreeing position:
+        that rolls back a rejected draft), then one token a forward."""
+        tokens = list(tokens)
+        n = min(n, self.cache.seq_len - len(tokens) + 1)
+        if n < 1:
+            return []
+        at = min(common_prefix_length(self.ran, tokens), len(tokens) - 1)   # one id must run to give logits
+        run, draft = tokens[at:], []
+        while len(draft) < n:
+            logits = self.model.forward(Batch.sequence(run, at), self.cache)[-1]
+            draft.append(int(np.argmax(logits)))
+            at, run = at + len(run), [draft[-1]]
+        self.ran = tokens + draft[:-1]
+        return draft
+
+
+class Speculation:
+    """A draft source, and the draft length that follows how well its drafts are doing."""
+
+    def __init__(self, source, draft_max: int = DEFAULT_DRAFT_MAX):
+        check_draft_max(draft_max)
+        self.source, self.draft_max = source, int(draft_max)
+        self.length = self.draft_max           # the next draft's length (at most)
+        self.pause, self.next_pause = 0, FIRST_PAUSE
+
+    def draft(self, tokens: Sequence[int], room: int) -> list[int]:
+        """The draft to verify after `tokens` (the sequence so far, its last id about to run), at most
+        `room` tokens (what the context, max_tokens and the batch's row independence leave)."""
+        if self.pause > 0:
+            self.pause -= 1
+            return []
+        n = min(self.length, room)
+        return self.source.propose(tokens, n) if n >= 1 else []
+
+    def verified(self, drafted: int, accepted: int) -> None:
+        """Adapt to a verified draft: grow it while drafts are taken whole, shrink it to just past
+        what was taken, and pause after a draft that did not pay for its rows."""
+        if drafted == 0:
+            return
+        self.length = min(self.draft_max, 2 * self.length) if accepted == drafted else max(1, accepted + 1)
+        if accepted + 1 >= 1 + ROW_COST * drafted and accepted > 0:
+            self.next_pause = FIRST_PAUSE
+        else:
+            self.pause, self.next_pause = self.next_pause, min(2 * self.next_pause, LONGEST_PAUSE)
+            self.length = max(1, min(self.length, 2))     # the probe after the pause is short
+
+
+def check_draft_max(draft_max) -> None:
+    if isinstance(draft_max, bool) or not isinstance(draft_max, (int, np.integer)) or draft_max < 1:
+        raise LlamarunError(f"draft_max (the longest draft, in tokens) must be an integer >= 1, not {draft_max!r:.40}")
+
+
+def make_speculation(draft, draft_max: int | None, target) -> Speculation | None:
+    """The Speculation a caller asks for: draft is None (none), "ngram", a Llama with the target's
+    vocabulary, or a path that llamarun.load reads; target: the Llama that generates."""
+    if draft is None:
+        if draft_max is not None:
+            check_draft_max(draft_max)
+        return None
+    draft_max = DEFAULT_DRAFT_MAX if draft_max is None else draft_max
+    check_draft_max(draft_max)
+    if isinstance(draft, str) and draft == "ngram":
+        return Speculation(NgramDraft(), draft_max)
+    from .api import Llama, load
+    if isinstance(draft, (str, os.PathLike)):
+        draft = load(draft)
+    if not isinstance(draft, Llama):
+        raise LlamarunError(f"draft must be 'ngram', a Llama or a model path, not {type(draft).__name__} {draft!r:.40}")
+    if draft.config.vocab_size != target.config.vocab_size or not same_tokens(draft.tokenizer, target.tokenizer):
+        raise LlamarunError(f"the draft model's vocabulary ({draft.config.vocab_size} tokens) is not the model's "
+                            f"({target.config.vocab_size}): a draft model must share its tokenizer; or use ngram drafts")
+    return Speculation(ModelDraft(draft.model, target.config.seq_len), draft_max)
+
+
+def same_tokens(a, b) -> bool:
+    """Whether two tokenizers (either may be None) spell a sample of ids alike: a draft model of
+    another tokenizer with a vocabulary of the same size would propose the wrong tokens."""
+    if a is None or b is None:
+        return a is b
+    if a is b:
+        return True
+    ids = np.linspace(0, a.vocab_size - 1, num=min(64, a.vocab_size), dtype=np.int64)
+    return all(a.token_bytes(int(t), None) == b.token_bytes(int(t), None) for t in ids)
