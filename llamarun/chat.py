@@ -28,6 +28,7 @@ import jinja2.sandbox
 from .errors import LlamarunError
 from .decoding import Completion, TokenEvent, end_tokens
 from .generation import generate_stream
+from .speculative import make_speculation
 from .sampling import make_sampler
 
 
@@ -558,8 +559,11 @@ class ChatSession:
     """
 
     def __init__(self, llama, chat_format: ChatFormat | None = None, system: str | None = None,
-                 max_tokens: int = 512, history: Sequence[dict] = (), sampler=None, grammar=None, **sampling):
-        """grammar: a llamarun.structured.Grammar that every reply follows (each its own Matcher)."""
+                 max_tokens: int = 512, history: Sequence[dict] = (), sampler=None, grammar=None, draft=None,
+                 draft_max: int | None = None, **sampling):
+        """grammar: a llamarun.structured.Grammar that every reply follows (each its own Matcher).
+        draft, draft_max: speculative decoding, as `Llama.stream`'s (one draft source for the whole
+        conversation: a draft model's cache follows it turn by turn, as the model's does)."""
         if llama.tokenizer is None:
             raise LlamarunError("chat needs the model's tokenizer: load it with tokenizer=PATH (CLI: -z PATH)")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -575,6 +579,7 @@ class ChatSession:
         # assistant's turn at EOS, where its generate mode stops only at BOS)
         self.end = end_tokens(self.tokenizer)
         self.grammar = grammar
+        self.speculation = make_speculation(draft, draft_max, llama)
         self.cache = llama.model.new_cache()
         self._active: Iterator[TokenEvent] | None = None
         self.reset(history)
@@ -614,7 +619,8 @@ class ChatSession:
         events = generate_stream(self.llama.model, self.tokenizer, ids[start:], self.sampler,
                                  max_tokens=self.max_tokens, end=self.end,
                                  cache=self.cache, start_pos=start, result=result,
-                                 grammar=self.grammar.matcher() if self.grammar is not None else None)
+                                 grammar=self.grammar.matcher() if self.grammar is not None else None,
+                                 speculation=self.speculation, earlier_ids=ids[:start])
         self._active = self._turn(events, messages, ids, result)
         return Stream(self._active, result)
 

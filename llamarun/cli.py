@@ -190,7 +190,7 @@ def cmd_generate(args) -> int:
     measured = args.confidence or args.confidence_json is not None
     stream = llama.stream(ids, args.n, sampler=args.sampler, stop=args.stop or (), confidence=measured,
                           ignore_eos=args.ignore_eos, probe=probe, grammar=grammar_of(args, llama.tokenizer),
-                          **sampling)
+                          draft=args.draft, draft_max=args.draft_max, **sampling)
     out = Output()
     coloured = ColouredOutput() if args.confidence and not args.ids else None
     if coloured:
@@ -214,8 +214,9 @@ def cmd_generate(args) -> int:
     if result.context_full:
         reason += f" (context full: {llama.config.seq_len} tokens)"
     compiled = f" | kernels compiled: {result.compile_seconds:.1f} s" if result.compile_seconds >= 0.05 else ""
+    drafts = f" | drafted: {result.drafted}, accepted: {result.accepted}" if args.draft is not None else ""
     print(f"prompt: {len(result.prompt_tokens)} tokens, {result.prefill_tok_s:.1f} tok/s | "
-          f"generated: {len(result.tokens)} tokens, {result.decode_tok_s:.1f} tok/s | finish: {reason}{compiled}",
+          f"generated: {len(result.tokens)} tokens, {result.decode_tok_s:.1f} tok/s{drafts} | finish: {reason}{compiled}",
           file=sys.stderr)
     return EXIT_INTERRUPTED if interrupted else 0
 
@@ -417,7 +418,7 @@ def cmd_chat(args) -> int:
     session = ChatSession(llama, chat_format_for(llama), system=args.system, max_tokens=args.n,
                           grammar=grammar_of(args, llama.tokenizer), temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed,
-                          **llama_cpp_sampling(args))
+                          draft=args.draft, draft_max=args.draft_max, **llama_cpp_sampling(args))
     out = Output()
     if args.prompt is not None:
         finished = chat_turn(session, args.prompt, out)
@@ -852,6 +853,13 @@ def add_exact(p: argparse.ArgumentParser) -> None:
                         "on stderr; the file is not changed")
 
 
+def add_speculation(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft", metavar="ngram|PATH",
+                   help="speculative decoding: drafts from earlier text (ngram: prompt lookup) or from a smaller "
+                        "model with the same vocabulary (PATH); the output is the same, faster where drafts hold")
+    p.add_argument("--draft-max", type=int, metavar="N", help="the longest draft, in tokens (default 8)")
+
+
 def add_sampling(p: argparse.ArgumentParser) -> None:
     """The sampler's flags (None = the sampler's default, see llamarun/sampling.py)."""
     p.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
@@ -975,6 +983,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model(g)
     g.add_argument("-n", type=int, default=256, help="number of new tokens (default 256)")
     add_sampling(g)
+    add_speculation(g)
     g.add_argument("--repeat-last-n", type=int, help="how many recent tokens the penalties look at (default 64)")
     g.add_argument("--presence-penalty", type=float, help="OpenAI presence penalty (default 0)")
     g.add_argument("--frequency-penalty", type=float, help="OpenAI frequency penalty (default 0)")
@@ -1024,6 +1033,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling(c)
     c.add_argument("--seed", type=int, help="random seed (default: from the clock)")
     add_structured(c)
+    add_speculation(c)
     add_ctx(c)
     add_threads(c)
     add_exact(c)
