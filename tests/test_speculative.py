@@ -1,0 +1,165 @@
+"""Speculative decoding (llamarun/speculative.py, driven by llamarun/generation.py): greedy output is
+token for token what plain decoding gives, whatever the drafts; the counters count what was drafted
+and kept; a rejected draft's cache positions are written over; sampled output keeps the target's
+distribution; bad input is refused in one line."""
+import numpy as np
+import pytest
+
+import llamarun
+from llamarun.errors import LlamarunError
+from llamarun.generation import generate_stream
+from llamarun.sampling import make_sampler
+from llamarun.speculative import NgramDraft, Speculation
+
+from conftest import MODELS, require
+
+PARAGRAPH = ("The lighthouse stood on a rocky point at the edge of the bay. Every night its keeper climbed "
+             "the ninety steps, trimmed the wick and wound the clockwork that turned the great lens.")
+
+
+@pytest.fixture(scope="module")
+def smol(smol_path):
+    return llamarun.load(smol_path)
+
+
+@pytest.fixture(scope="module")
+def copy_prompt(smol):
+    from llamarun.chat import chat_format_for
+    message = {"role": "user", "content": f"Copy this text exactly:\n{PARAGRAPH}"}
+    return chat_format_for(smol).encode([message], smol.tokenizer, add_generation_prompt=True)
+
+
+@pytest.fixture(scope="module")
+def plain(smol, copy_prompt):
+    return smol.generate(copy_prompt, 48, temperature=0)
+
+
+def test_ngram_drafts_give_plain_greedy_output_token_for_token(smol, copy_prompt, plain):
+    fast = smol.generate(copy_prompt, 48, temperature=0, draft="ngram")
+    assert fast.tokens == plain.tokens and fast.text == plain.text
+    assert fast.finish_reason == plain.finish_reason
+    # the copy is found in the prompt: most drafted tokens hold
+    assert fast.drafted > 10 and fast.accepted > fast.drafted // 2
+    assert plain.drafted == plain.accepted == 0
+
+
+def test_a_draft_model_gives_plain_greedy_output_and_its_own_drafts_all_hold(smol, copy_prompt, plain):
+    # the model as its own draft: its greedy one-row decode is what the verify rows compute (each row is
+    # independent of its batch), so every drafted token is kept; its cache follows the sequence by position
+    fast = smol.generate(copy_prompt, 48, temperature=0, draft=smol, draft_max=5)
+    assert fast.tokens == plain.tokens
+    assert fast.drafted > 20 and fast.accepted == fast.drafted
+
+
+class Spoiled:
+    """Drafts that are the plain greedy continuation with one token of each draft changed: every
+    draft is rejected there, after `good` agreeing tokens, its later positions written to the cache."""
+
+    def __init__(self, prompt, continuation, good=2):
+        self.truth, self.good, self.expected = list(prompt) + list(continuation), good, 0
+
+    def propose(self, tokens, n):
+        draft = self.truth[len(tokens):len(tokens) + n]
+        if len(draft) > self.good:
+            draft[self.good] = (draft[self.good] + 1) % 49152
+        self.expected += next((i for i, (a, b) in enumerate(zip(draft, self.truth[len(tokens):])) if a != b),
+                              len(draft))
+        return draft
+
+
+def test_rejected_drafts_are_rolled_back_and_counted(smol, copy_prompt, plain):
+    source = Spoiled(copy_prompt, plain.tokens)
+    speculation = Speculation(source, draft_max=6)
+    speculation.verified = lambda drafted, accepted: None      # keep drafting at full length
+    result = llamarun.decoding.Completion("", [])
+    for _ in generate_stream(smol.model, smol.tokenizer, copy_prompt, make_sampler(temperature=0), max_tokens=48,
+                             result=result, speculation=speculation):
+        pass
+    # the keys and values the spoiled tokens wrote were overwritten: the continuation is plain decoding's
+    assert result.tokens == plain.tokens
+    assert result.accepted == source.expected > 0
+    assert result.drafted > result.accepted
+
+
+def test_draft_length_adapts_and_drafting_pauses_when_drafts_fail():
+    class Wrong:
+        calls = 0
+
+        def propose(self, tokens, n):
+            self.calls += 1
+            return [0] * n
+    speculation = Speculation(Wrong(), draft_max=8)
+    drafted = []
+    for _ in range(200):
+        draft = speculation.draft([1, 2, 3], room=8)
+        drafted.append(len(draft))
+        if draft:
+            speculation.verified(len(draft), 0)
+    # pauses of 4, 8, ... 64 steps: a handful of probes in 200 steps, each short after the first
+    assert sum(1 for d in drafted if d) <= 7 and max(drafted[1:]) <= 2
+    speculation = Speculation(Wrong(), draft_max=8)
+    speculation.verified(8, 8)
+    assert speculation.length == 8
+    speculation.verified(8, 3)
+    assert speculation.length == 4 and speculation.pause == 0
+
+
+def test_ngram_lookup_takes_the_longest_most_recent_match():
+    ngram = NgramDraft()
+    assert ngram.propose([5, 6, 7, 8, 9, 1, 6, 7], 3) == [8, 9, 1]        # 2-gram [6, 7]
+    assert ngram.propose([1, 2, 3, 4, 9, 2, 3, 5, 1, 2, 3], 2) == [4, 9]  # 3-gram [1, 2, 3] beats [2, 3]
+    assert ngram.propose([4, 1, 5, 4, 2, 4], 1) == [2]                    # the most recent [4]
+    assert ngram.propose([1, 2, 3], 4) == []
+
+
+def wilson_hilferty_chi2(df: int, z: float = 3.09) -> float:
+    """The chi-square distribution's 0.999 quantile (z: the normal's), Wilson and Hilferty's approximation."""
+    return df * (1 - 2 / (9 * df) + z * np.sqrt(2 / (9 * df))) ** 3
+
+
+def chi_square(counts: np.ndarray, expected_p: np.ndarray) -> tuple[float, int]:
+    """Pearson's statistic over the bins expecting 5 or more, the others pooled into one."""
+    n = counts.sum()
+    big = expected_p * n >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    expected = np.append(expected_p[big] * n, expected_p[~big].sum() * n)
+    keep = expected > 0
+    return float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()), int(keep.sum()) - 1
+
+
+def test_sampled_output_keeps_the_target_distribution():
+    # stories260K drafts for itself, greedily: the second token is drawn from a verify row, and kept
+    # when it agrees with the draft. Its distribution must be the target's: sum over the first token
+    # t of p(t) p(. | t), computed exactly here from the sampler's own distribution.
+    # Speculative sampling accepts a draft token x with probability min(1, p(x)/q(x)) and otherwise
+    # draws from max(0, p - q) normalized; for a greedy draft q is one-hot at x, so that is "keep x
+    # with probability p(x), else draw from p without x": the same as drawing y ~ p and keeping the
+    # draft while y == x, which is what Decoder.accept does.
+    tiny = llamarun.load(require(MODELS / "stories260K.bin"))
+    prompt, options = [1, 403], dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    sampler = make_sampler(**options)
+    first = sampler.distribution(tiny.logits(prompt)[-1], prompt)
+    second = np.zeros_like(first)
+    for t in np.flatnonzero(first):
+        second += first[t] * sampler.distribution(tiny.logits(prompt + [int(t)])[-1], prompt + [int(t)])
+    for draft in (None, tiny):
+        counts, drafted, accepted = np.zeros(len(first)), 0, 0
+        for seed in range(400):
+            c = tiny.generate(prompt, 3, seed=seed, draft=draft, draft_max=1, **options)
+            counts[c.tokens[1]] += 1
+            drafted, accepted = drafted + c.drafted, accepted + c.accepted
+        statistic, df = chi_square(counts, second)
+        assert statistic < wilson_hilferty_chi2(df), (draft is not None, statistic, df)
+    assert drafted == 400 and 50 < accepted < 400     # the draft was verified every time, and often kept
+
+
+def test_bad_draft_input_is_refused_in_one_line(smol):
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(LlamarunError, match="draft_max") as e:
+            smol.generate("Hi", 4, draft="ngram", draft_max=bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(LlamarunError, match="vocabulary") as e:
+        smol.generate("Hi", 4, draft=str(require(MODELS / "stories260K.bin")))
+    assert "\n" not in str(e.value)
+    with pytest.raises(LlamarunError, match="draft must be"):
+        smol.generate("Hi", 4, draft=3)
