@@ -13,10 +13,14 @@ draft sources:
   running only where they differ from the sequence, so a rejected draft is rolled back by
   overwriting, as the target's cache is.
 
+A source has `propose(tokens, n)` -> up to n ids to follow `tokens` (the sequence from position 0),
+and a `kind` (all its drafts alike) or, after each proposal, the `last_kind` of the draft it made.
+
 A draft row costs the target's forward something (each extra row's products), so a draft that keeps
-failing makes decoding slower than plain: `Speculation` shrinks the draft after a rejection, grows it
-while drafts are taken whole, and pauses drafting (for 4, 8, ... 64 steps) after a draft that did not
-pay for its rows, so that open-ended text, where drafts rarely hold, pays only the occasional probe.
+failing makes decoding slower than plain: `Speculation` shrinks the draft after a rejection (to one
+past what was kept), grows it while drafts are taken whole, and pauses drafting (for 4, 8, ... 64
+steps, until a draft pays for its rows again) after a draft of which nothing was kept, so that
+open-ended text, where drafts rarely hold, pays only the occasional probe.
 """
 from __future__ import annotations
 
@@ -50,6 +54,13 @@ class NgramDraft:
 
     def __init__(self, ngram_max: int = NGRAM_MAX):
         self.ngram_max = ngram_max
+        self.last_kind = None       # the length of the n-gram the last draft came from
+
+    @staticmethod
+    def first_length(size: int) -> int:
+        """The first draft's length for matches of `size` tokens: short for the weak 1-gram matches,
+        long for 3-grams (then it adapts)."""
+        return 2 ** size
 
     def propose(self, tokens: Sequence[int], n: int) -> list[int]:
         """Up to n tokens that followed the most recent earlier occurrence of the longest matching
@@ -64,13 +75,15 @@ class NgramDraft:
                 hits &= ids[j:length - size + j] == tail[j]
             found = np.flatnonzero(hits)
             if len(found):
-                start = int(found[-1]) + size
+                start, self.last_kind = int(found[-1]) + size, size
                 return ids[start:start + n].tolist()
         return []
 
 
 class ModelDraft:
     """Greedy drafts from a smaller model with the target's vocabulary, on its own KV cache."""
+
+    kind = "model"                      # its drafts are all of one kind (Speculation's schedules)
 
     def __init__(self, model, context: int):
         """model: the draft's Transformer; context: the positions the target's cache holds."""
@@ -96,35 +109,74 @@ class ModelDraft:
         return draft
 
 
+class Schedule:
+    """How long a draft of one kind may be, and how many of its drafts to skip."""
+
+    def __init__(self, draft_max: int):
+        self.draft_max = draft_max
+        self.length = draft_max                # the next draft's length (at most)
+        self.pause, self.next_pause = 0, FIRST_PAUSE
+
+    def skip(self) -> bool:
+        """Whether to skip this draft (counting it off the pause)."""
+        if self.pause > 0:
+            self.pause -= 1
+            return True
+        return False
+
+    def verified(self, drafted: int, accepted: int) -> None:
+        """Grow the draft while drafts are taken whole, shrink it to one past what was taken, and
+        pause after a draft of which nothing was kept (till one pays for its rows again)."""
+        self.length = min(self.draft_max, 2 * self.length) if accepted == drafted else max(1, accepted + 1)
+        if accepted + 1 >= 1 + ROW_COST * drafted:
+            self.next_pause = FIRST_PAUSE
+        elif accepted == 0:
+            # Only a draft that gave nothing pauses: where the output follows its input and drifts from
+            # it for a word, the drafts that follow it again hold, and a pause would miss them.
+            self.pause, self.next_pause = self.next_pause, min(2 * self.next_pause, LONGEST_PAUSE)
+            self.length = max(1, min(self.length, 2))     # the probe after the pause is short
+
+
 class Speculation:
-    """A draft source, and the draft length that follows how well its drafts are doing."""
+    """A draft source, and the draft length that follows how well its drafts are doing.
+
+    Each kind of draft has its own Schedule: a draft model's is one kind; n-gram drafts are one per
+    match length, as a 3-gram's continuation holds far more often than a single token's (open-ended
+    text matches 1-grams everywhere, and their drafts pause, while 3-gram matches still draft)."""
 
     def __init__(self, source, draft_max: int = DEFAULT_DRAFT_MAX):
         check_draft_max(draft_max)
         self.source, self.draft_max = source, int(draft_max)
-        self.length = self.draft_max           # the next draft's length (at most)
-        self.pause, self.next_pause = 0, FIRST_PAUSE
+        self.schedules: dict = {}
+        self.kind = None                       # the kind of the last draft made
+
+    def schedule(self, kind) -> Schedule:
+        if kind not in self.schedules:
+            self.schedules[kind] = Schedule(self.draft_max)
+            first = getattr(self.source, "first_length", None)
+            if first is not None:
+                self.schedules[kind].length = min(self.draft_max, first(kind))
+        return self.schedules[kind]
 
     def draft(self, tokens: Sequence[int], room: int) -> list[int]:
         """The draft to verify after `tokens` (the sequence so far, its last id about to run), at most
         `room` tokens (what the context, max_tokens and the batch's row independence leave)."""
-        if self.pause > 0:
-            self.pause -= 1
+        known = getattr(self.source, "kind", None)        # a source of one kind: ask it only when due
+        if known is not None and self.schedule(known).skip():
             return []
-        n = min(self.length, room)
-        return self.source.propose(tokens, n) if n >= 1 else []
+        n = min(self.schedule(known).length if known is not None else self.draft_max, room)
+        draft = self.source.propose(tokens, n) if n >= 1 else []
+        if not draft:
+            return []
+        self.kind = known if known is not None else self.source.last_kind
+        if known is None and self.schedule(self.kind).skip():
+            return []
+        return draft[:self.schedule(self.kind).length]
 
     def verified(self, drafted: int, accepted: int) -> None:
-        """Adapt to a verified draft: grow it while drafts are taken whole, shrink it to just past
-        what was taken, and pause after a draft that did not pay for its rows."""
-        if drafted == 0:
-            return
-        self.length = min(self.draft_max, 2 * self.length) if accepted == drafted else max(1, accepted + 1)
-        if accepted + 1 >= 1 + ROW_COST * drafted and accepted > 0:
-            self.next_pause = FIRST_PAUSE
-        else:
-            self.pause, self.next_pause = self.next_pause, min(2 * self.next_pause, LONGEST_PAUSE)
-            self.length = max(1, min(self.length, 2))     # the probe after the pause is short
+        """Adapt the schedule of the last draft's kind to how much of it was kept."""
+        if drafted:
+            self.schedule(self.kind).verified(drafted, accepted)
 
 
 def check_draft_max(draft_max) -> None:

@@ -9,7 +9,7 @@ import llamarun
 from llamarun.errors import LlamarunError
 from llamarun.generation import generate_stream
 from llamarun.sampling import make_sampler
-from llamarun.speculative import NgramDraft, Speculation
+from llamarun.speculative import NgramDraft, Schedule, Speculation
 
 from conftest import MODELS, require
 
@@ -54,6 +54,7 @@ def test_a_draft_model_gives_plain_greedy_output_and_its_own_drafts_all_hold(smo
 class Spoiled:
     """Drafts that are the plain greedy continuation with one token of each draft changed: every
     draft is rejected there, after `good` agreeing tokens, its later positions written to the cache."""
+    kind = "spoiled"
 
     def __init__(self, prompt, continuation, good=2):
         self.truth, self.good, self.expected = list(prompt) + list(continuation), good, 0
@@ -83,25 +84,34 @@ def test_rejected_drafts_are_rolled_back_and_counted(smol, copy_prompt, plain):
 
 def test_draft_length_adapts_and_drafting_pauses_when_drafts_fail():
     class Wrong:
-        calls = 0
+        kind = "wrong"
 
         def propose(self, tokens, n):
-            self.calls += 1
             return [0] * n
     speculation = Speculation(Wrong(), draft_max=8)
     drafted = []
     for _ in range(200):
         draft = speculation.draft([1, 2, 3], room=8)
         drafted.append(len(draft))
-        if draft:
-            speculation.verified(len(draft), 0)
-    # pauses of 4, 8, ... 64 steps: a handful of probes in 200 steps, each short after the first
-    assert sum(1 for d in drafted if d) <= 7 and max(drafted[1:]) <= 2
-    speculation = Speculation(Wrong(), draft_max=8)
-    speculation.verified(8, 8)
-    assert speculation.length == 8
-    speculation.verified(8, 3)
-    assert speculation.length == 4 and speculation.pause == 0
+        speculation.verified(len(draft), 0)
+    # pauses of 4, 8, ... 64 drafts: a handful of probes in 200 steps, each short after the first
+    assert drafted[0] == 8 and sum(1 for d in drafted if d) <= 7 and max(drafted[1:]) <= 2
+    schedule = Schedule(8)
+    schedule.verified(8, 8)
+    assert schedule.length == 8
+    schedule.verified(8, 3)                        # 4 tokens for a forward of 9 rows: paid, no pause
+    assert schedule.length == 4 and schedule.pause == 0
+    schedule.verified(4, 4)
+    assert schedule.length == 8
+
+
+def test_each_ngram_length_has_its_own_schedule():
+    # open-ended text: 1-gram matches everywhere, rarely right; they pause while 3-gram drafts go on
+    speculation = Speculation(NgramDraft(), draft_max=8)
+    assert speculation.draft([7, 1, 2, 9, 5, 1], room=8) == [2, 9]     # a 1-gram match: a short first draft
+    speculation.verified(2, 0)
+    assert speculation.draft([7, 1, 2, 9, 5, 1], room=8) == []
+    assert speculation.draft([7, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3], room=8) == [4, 5, 6, 7, 8, 9, 1, 2]
 
 
 def test_ngram_lookup_takes_the_longest_most_recent_match():
