@@ -50,34 +50,49 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class NgramDraft:
-    """Prompt lookup: drafts copied from where the sequence's last tokens occurred before."""
+    """Prompt lookup: drafts copied from where the sequence's last tokens occurred before.
+
+    An index maps each n-gram (n <= ngram_max) of the sequence to where the tokens after its most
+    recent occurrence start, kept up to date as the sequence grows, so that a lookup costs a few
+    dictionary reads a token rather than a scan of the sequence (a step of open-ended text, where
+    drafts are mostly skipped, must cost nothing more than a plain one)."""
 
     def __init__(self, ngram_max: int = NGRAM_MAX):
         self.ngram_max = ngram_max
         self.last_kind = None       # the length of the n-gram the last draft came from
+        self.seen: list[int] = []   # the sequence the index holds
+        self.index: list[dict] = [{} for _ in range(ngram_max + 1)]   # [n][n-gram] -> start of what followed
 
-    @staticmethod
-    def first_length(size: int) -> int:
-        """The first draft's length for matches of `size` tokens: short for the weak 1-gram matches,
-        long for 3-grams (then it adapts)."""
-        return 2 ** size
+    def first_schedule(self, size: int) -> tuple[int, int, int]:
+        """The Schedule (first length, first pause, tolerance) of drafts from matches of `size`
+        tokens: one token for the weak 1-gram matches, and a long pause when even that fails;
+        longer drafts and shorter pauses for longer matches, which hold more often; for the longest,
+        drafts as long as allowed, and a pause only after two that gave nothing, a copy of the
+        input being what they are for."""
+        longest = size == self.ngram_max
+        return (1 << 30 if longest else 2 ** (size - 1)), FIRST_PAUSE * 2 ** (self.ngram_max - size), int(longest)
 
     def propose(self, tokens: Sequence[int], n: int) -> list[int]:
         """Up to n tokens that followed the most recent earlier occurrence of the longest matching
         tail n-gram of `tokens` (the sequence from its first position; [] when nothing matches)."""
-        ids = np.asarray(tokens, np.int64)                                   # (L,)
-        length = len(ids)
+        self._index(tokens)
+        length = len(tokens)
         for size in range(min(self.ngram_max, length - 1), 0, -1):
-            tail = ids[length - size:]
-            # hits[s]: ids[s:s+size] == tail, for starts s whose n-gram has a token after it
-            hits = np.ones(length - size, bool)
-            for j in range(size):
-                hits &= ids[j:length - size + j] == tail[j]
-            found = np.flatnonzero(hits)
-            if len(found):
-                start, self.last_kind = int(found[-1]) + size, size
-                return ids[start:start + n].tolist()
+            start = self.index[size].get(tuple(tokens[length - size:]))
+            if start is not None:
+                self.last_kind = size
+                return list(tokens[start:start + n])
         return []
+
+    def _index(self, tokens: Sequence[int]) -> None:
+        """Bring the index up to `tokens`: the n-grams that now have a token after them."""
+        known = len(self.seen)
+        if known > len(tokens) or list(tokens[:known]) != self.seen:     # another sequence: start again
+            self.index, known = [{} for _ in range(self.ngram_max + 1)], 0
+        for end in range(max(known - 1, 0), len(tokens) - 1):         # the n-gram ends at `end`
+            for size in range(1, min(self.ngram_max, end + 1) + 1):
+                self.index[size][tuple(tokens[end - size + 1:end + 1])] = end + 1
+        self.seen = list(tokens)
 
 
 class ModelDraft:
@@ -110,12 +125,19 @@ class ModelDraft:
 
 
 class Schedule:
-    """How long a draft of one kind may be, and how many of its drafts to skip."""
+    """How long a draft of one kind may be, and how many of its drafts to skip.
 
-    def __init__(self, draft_max: int):
+    length: the first draft's; first_pause: the drafts skipped after the first that gave nothing
+    (doubling after each further one, up to LONGEST_PAUSE, until a draft pays for its rows again);
+    tolerance: the drafts in a row that may give nothing before a pause (a copy that drifts from its
+    input for a word fails one draft, and the drafts after it hold again)."""
+
+    def __init__(self, draft_max: int, length: int | None = None, first_pause: int = FIRST_PAUSE,
+                 tolerance: int = 0):
         self.draft_max = draft_max
-        self.length = draft_max                # the next draft's length (at most)
-        self.pause, self.next_pause = 0, FIRST_PAUSE
+        self.length = draft_max if length is None else min(draft_max, length)   # the next draft's, at most
+        self.first_pause, self.tolerance = first_pause, tolerance
+        self.pause, self.next_pause, self.misses = 0, first_pause, 0
 
     def skip(self) -> bool:
         """Whether to skip this draft (counting it off the pause)."""
@@ -126,14 +148,14 @@ class Schedule:
 
     def verified(self, drafted: int, accepted: int) -> None:
         """Grow the draft while drafts are taken whole, shrink it to one past what was taken, and
-        pause after a draft of which nothing was kept (till one pays for its rows again)."""
-        self.length = min(self.draft_max, 2 * self.length) if accepted == drafted else max(1, accepted + 1)
+        pause after drafts of which nothing was kept."""
+        self.length = min(self.draft_max, 2 * self.length + 2) if accepted == drafted else max(1, accepted + 1)
         if accepted + 1 >= 1 + ROW_COST * drafted:
-            self.next_pause = FIRST_PAUSE
-        elif accepted == 0:
-            # Only a draft that gave nothing pauses: where the output follows its input and drifts from
-            # it for a word, the drafts that follow it again hold, and a pause would miss them.
+            self.next_pause = self.first_pause
+        self.misses = self.misses + 1 if accepted == 0 else 0
+        if self.misses > self.tolerance:
             self.pause, self.next_pause = self.next_pause, min(2 * self.next_pause, LONGEST_PAUSE)
+            self.misses = 0
             self.length = max(1, min(self.length, 2))     # the probe after the pause is short
 
 
@@ -152,10 +174,8 @@ class Speculation:
 
     def schedule(self, kind) -> Schedule:
         if kind not in self.schedules:
-            self.schedules[kind] = Schedule(self.draft_max)
-            first = getattr(self.source, "first_length", None)
-            if first is not None:
-                self.schedules[kind].length = min(self.draft_max, first(kind))
+            first = getattr(self.source, "first_schedule", None)
+            self.schedules[kind] = Schedule(self.draft_max, *(first(kind) if first is not None else ()))
         return self.schedules[kind]
 
     def draft(self, tokens: Sequence[int], room: int) -> list[int]:

@@ -108,10 +108,10 @@ def test_draft_length_adapts_and_drafting_pauses_when_drafts_fail():
 def test_each_ngram_length_has_its_own_schedule():
     # open-ended text: 1-gram matches everywhere, rarely right; they pause while 3-gram drafts go on
     speculation = Speculation(NgramDraft(), draft_max=8)
-    assert speculation.draft([7, 1, 2, 9, 5, 1], room=8) == [2, 9]     # a 1-gram match: a short first draft
-    speculation.verified(2, 0)
+    assert speculation.draft([7, 1, 2, 9, 5, 1], room=8) == [2]        # a 1-gram match: a short first draft
+    speculation.verified(1, 0)
     assert speculation.draft([7, 1, 2, 9, 5, 1], room=8) == []
-    assert speculation.draft([7, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3], room=8) == [4, 5, 6, 7, 8, 9, 1, 2]
+    assert speculation.draft([7, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3], room=8) == [4, 5, 6, 7, 8, 9, 1, 2]   # a 3-gram: all the room
 
 
 def test_ngram_lookup_takes_the_longest_most_recent_match():
