@@ -173,3 +173,17 @@ def test_bad_draft_input_is_refused_in_one_line(smol):
     assert "\n" not in str(e.value)
     with pytest.raises(LlamarunError, match="draft must be"):
         smol.generate("Hi", 4, draft=3)
+
+
+def test_cli_draft_flags_give_the_same_text_and_count_drafts(capsys):
+    from llamarun.cli import main
+    args = ["generate", "One day, Lily met a cat. One day, Lily met a", "-m", str(require(MODELS / "tiny_gqa.bin")),
+            "-n", "24", "--temperature", "0"]
+    assert main(args) == 0
+    plain = capsys.readouterr()
+    assert main(args + ["--draft", "ngram", "--draft-max", "4"]) == 0
+    fast = capsys.readouterr()
+    assert fast.out == plain.out
+    assert "drafted: " in fast.err and "accepted: " in fast.err and "drafted" not in plain.err
+    assert main(args + ["--draft", "ngram", "--draft-max", "0"]) == 1
+    assert "draft_max" in capsys.readouterr().err
