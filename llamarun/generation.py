@@ -125,7 +125,4 @@ def _draft(speculation: Speculation | None, decoder: Decoder, model: Transformer
         return []
     # the sequence from position 0 when it is known; else from the prompt (n-gram drafts still work)
     tokens = decoder.history if earlier is None else earlier + decoder.history
-    draft = speculation.draft(tokens, room)
-    # nothing after an end token would be drawn: verifying it costs rows for nothing
-    ends = [i for i, token in enumerate(draft) if token in decoder.end]
-    return draft[:ends[0] + 1] if ends else draft
+    return speculation.draft(tokens, room, decoder.end)

@@ -178,9 +178,11 @@ class Speculation:
             self.schedules[kind] = Schedule(self.draft_max, *(first(kind) if first is not None else ()))
         return self.schedules[kind]
 
-    def draft(self, tokens: Sequence[int], room: int) -> list[int]:
+    def draft(self, tokens: Sequence[int], room: int, end: frozenset[int] = frozenset()) -> list[int]:
         """The draft to verify after `tokens` (the sequence so far, its last id about to run), at most
-        `room` tokens (what the context, max_tokens and the batch's row independence leave)."""
+        `room` tokens (what the context, max_tokens and the batch's row independence leave), and
+        nothing after one of the `end` tokens (nothing after it would be drawn: verifying it costs
+        rows for nothing)."""
         known = getattr(self.source, "kind", None)        # a source of one kind: ask it only when due
         if known is not None and self.schedule(known).skip():
             return []
@@ -191,7 +193,9 @@ class Speculation:
         self.kind = known if known is not None else self.source.last_kind
         if known is None and self.schedule(self.kind).skip():
             return []
-        return draft[:self.schedule(self.kind).length]
+        draft = draft[:self.schedule(self.kind).length]
+        ends = [i for i, token in enumerate(draft) if token in end]
+        return draft[:ends[0] + 1] if ends else draft
 
     def verified(self, drafted: int, accepted: int) -> None:
         """Adapt the schedule of the last draft's kind to how much of it was kept."""
