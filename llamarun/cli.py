@@ -789,7 +789,8 @@ def cmd_serve(args) -> int:
     llama = open_model(args.model, args.tokenizer, need_tokenizer=True, exact=args.exact, quantize=args.quantize, ctx=args.ctx)
     ctx = args.ctx if args.ctx is not None else min(2048, llama.config.seq_len)
     serve(llama, Path(llama.checkpoint.path).stem, host=args.host, port=args.port, parallel=args.parallel,
-          ctx=ctx, queue=args.queue, api_key=args.api_key, max_body=args.max_body)
+          ctx=ctx, queue=args.queue, api_key=args.api_key, max_body=args.max_body, draft=args.draft,
+          draft_max=args.draft_max)
     return 0
 
 
@@ -1150,6 +1151,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests that may wait for a slot; more get 503 (default 64)")
     sv.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES",
                     help="largest request body; larger gets 413 (default 1 MiB)")
+    add_speculation(sv)
     add_threads(sv)
     add_exact(sv)
     sv.set_defaults(func=cmd_serve)

@@ -187,3 +187,45 @@ def test_cli_draft_flags_give_the_same_text_and_count_drafts(capsys):
     assert "drafted: " in fast.err and "accepted: " in fast.err and "drafted" not in plain.err
     assert main(args + ["--draft", "ngram", "--draft-max", "0"]) == 1
     assert "draft_max" in capsys.readouterr().err
+
+
+def test_the_server_scheduler_verifies_drafts_and_keeps_greedy_output(smol, copy_prompt, plain):
+    # several sequences in one forward, each with its own drafts: each draws what it draws alone
+    import threading
+    from llamarun.server.scheduler import Request, Scheduler
+    prompts = [copy_prompt, copy_prompt[:-9] + copy_prompt[-8:], smol.encode("Once upon a time")]
+    alone = [plain.tokens] + [smol.generate(ids, 48, temperature=0).tokens for ids in prompts[1:]]
+    scheduler = Scheduler(smol, parallel=3, ctx=256)
+    drawn, ends, done = [[] for _ in prompts], [None] * 3, [threading.Event() for _ in prompts]
+
+    def emitter(i):
+        def emit(event):
+            if event.logprob is not None:
+                drawn[i].append(event.logprob.token)
+            if event.finish_reason:
+                ends[i] = event
+                done[i].set()
+        return emit
+    scheduler.start()
+    try:
+        for i, ids in enumerate(prompts):
+            scheduler.submit(Request(ids, 48, make_sampler(temperature=0), emitter(i), logprobs=0,
+                                     speculation=Speculation(NgramDraft(), 6) if i < 2 else None))
+        assert all(d.wait(60) for d in done)
+    finally:
+        scheduler.stop()
+    assert drawn == alone
+    assert ends[0].accepted > 10 and ends[0].drafted >= ends[0].accepted and ends[2].drafted == 0
+
+
+def test_the_server_reports_drafts_in_usage_and_a_request_turns_them_off(smol):
+    from starlette.testclient import TestClient
+    from llamarun.server import create_app
+    body = {"prompt": f"Copy this text exactly:\n{PARAGRAPH}\n\n{PARAGRAPH[:40]}", "max_tokens": 24, "temperature": 0}
+    with TestClient(create_app(smol, "smollm2", parallel=1, ctx=256, draft="ngram")) as client:
+        on = client.post("/v1/completions", json=body).json()
+        off = client.post("/v1/completions", json={**body, "speculative": False}).json()
+    assert on["choices"][0]["text"] == off["choices"][0]["text"]
+    details = on["usage"]["completion_tokens_details"]
+    assert details["accepted_prediction_tokens"] > 5 and details["rejected_prediction_tokens"] >= 0
+    assert "completion_tokens_details" not in off["usage"]

@@ -43,6 +43,7 @@ from ..chat import chat_format_for
 from ..decoding import LogitBias, end_tokens
 from ..errors import LlamarunError
 from ..sampling import Sampler
+from ..speculative import make_speculation
 from .. import tools as toolcalls
 from .scheduler import Event, QueueFull, Request, Scheduler, TokenLogprob
 
@@ -95,6 +96,8 @@ class ServerConfig:
     model_name: str
     api_key: str | None = None
     max_body: int = 1 << 20
+    draft: object = None                 # speculative decoding: "ngram" or a loaded draft Llama (--draft); None: off
+    draft_max: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +194,7 @@ def stop_strings(body: dict) -> tuple[str, ...]:
 # json_schema are llama.cpp's.
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
           "logprobs", "top_k", "min_p", "ignore_eos", "stream", "stream_options", "n", "user", "logit_bias",
-          "response_format", "grammar", "json_schema"}
+          "response_format", "grammar", "json_schema", "speculative"}
 # llama.cpp's sampler fields: the name, and the bounds of its number (None: not a plain number)
 LLAMA_CPP_SAMPLING = {"dynatemp_range": (0, None), "dynatemp_exponent": (0, None), "typical_p": (0, 1),
                       "top_n_sigma": (None, None), "xtc_probability": (0, 1), "xtc_threshold": (0, 1),
@@ -394,6 +397,7 @@ class Job:
     include_usage: bool = False
     grammar: object | None = None        # llamarun.structured.Grammar: what every choice is held to
     tools: bool = False                  # tools were offered: the output is read for tool calls
+    speculative: bool = False            # drafts are verified (the server has --draft; the request did not opt out)
 
     @property
     def sampler(self) -> Sampler:
@@ -527,8 +531,10 @@ class Server:
         ignore_eos = flag(body, "ignore_eos")
         samplers = self.samplers(body, n)
         bias = self.logit_bias(body, end_tokens(self.tokenizer, samplers[0]) if ignore_eos else frozenset())
+        # "speculative": false turns the server's drafts off for this request (llamarun's extension)
+        speculative = self.config.draft is not None and (body.get("speculative") is None or flag(body, "speculative"))
         return Job(kind, prompt, max_tokens, samplers, stop_strings(body), logprobs, ignore_eos, bias,
-                   stream, usage and stream, self.grammar(constrained), tools)
+                   stream, usage and stream, self.grammar(constrained), tools, speculative)
 
     def samplers(self, body: dict, n: int) -> list[Sampler]:
         """One sampler per choice: the request's seed for the first, seed + 1 for the second, ...
@@ -678,7 +684,9 @@ class Server:
 
         requests = [Request(job.prompt, job.max_tokens, sampler, emitter(i), stop=job.stop, logprobs=job.logprobs,
                             ignore_eos=job.ignore_eos, processors=processors,
-                            grammar=None if job.grammar is None else job.grammar.matcher())
+                            grammar=None if job.grammar is None else job.grammar.matcher(),
+                            speculation=make_speculation(self.config.draft, self.config.draft_max, self.llama)
+                            if job.speculative else None)
                     for i, sampler in enumerate(job.samplers)]
         requests[0].followers = requests[1:]         # the first choice runs the prompt for all
         try:
@@ -688,6 +696,7 @@ class Server:
                            headers={"Retry-After": "1"}) from None
         reply = Reply(job.kind, self.config.model_name, self.tokenizer, job.logprobs, job.include_usage, job.n,
                       job.tools)
+        reply.speculative = job.speculative
         if job.stream:
             return StreamingResponse(self.stream(requests, events, reply), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -765,6 +774,7 @@ class Reply:
         self.kind, self.model, self.tokenizer, self.logprobs = kind, model, tokenizer, logprobs
         self.include_usage = include_usage      # a stream's last chunk carries the usage; the others null
         self.tools = tools
+        self.speculative = False                # drafts were verified: the usage counts them
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.choices = [Choice(i) for i in range(n)]
@@ -787,9 +797,16 @@ class Reply:
         """The request's usage: the prompt once (the choices share it), the tokens of every choice."""
         first = self.choices[0].last
         completion = sum(c.last.completion_tokens for c in self.choices if c.last)
-        return {"prompt_tokens": first.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": first.prompt_tokens + completion,
-                "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}
+        usage = {"prompt_tokens": first.prompt_tokens, "completion_tokens": completion,
+                 "total_tokens": first.prompt_tokens + completion,
+                 "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}
+        if self.speculative:
+            # speculative decoding's drafts, in the fields OpenAI's predicted outputs report them in
+            drafted = sum(c.last.drafted for c in self.choices if c.last)
+            accepted = sum(c.last.accepted for c in self.choices if c.last)
+            usage["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                                  "rejected_prediction_tokens": drafted - accepted}
+        return usage
 
     def piece(self, token: int) -> str:
         return self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
@@ -883,14 +900,20 @@ class Reply:
 
 
 def create_app(llama, model_name: str, parallel: int = 4, ctx: int = 2048, queue: int = 64,
-               api_key: str | None = None, max_body: int = 1 << 20) -> Starlette:
-    """The ASGI application; its lifespan starts the scheduler's worker thread and stops it."""
+               api_key: str | None = None, max_body: int = 1 << 20, draft=None, draft_max: int | None = None) -> Starlette:
+    """The ASGI application; its lifespan starts the scheduler's worker thread and stops it.
+    draft, draft_max: speculative decoding for every request (as `Llama.stream`'s; a path is loaded
+    once, each request drafting on its own cache), unless a request says "speculative": false."""
     if llama.tokenizer is None:
         raise LlamarunError("serving needs the model's tokenizer: pass one with -z PATH")
     if ctx > llama.config.seq_len:
         raise LlamarunError(f"--ctx {ctx} is beyond the model's context of {llama.config.seq_len} tokens")
+    from ..api import Llama, load
+    if draft is not None and draft != "ngram" and not isinstance(draft, Llama):
+        draft = load(draft)                                     # once: each request drafts on its own cache
+    make_speculation(draft, draft_max, llama)                   # a bad draft is refused before serving
     scheduler = Scheduler(llama, parallel=parallel, ctx=ctx, queue=queue)
-    server = Server(llama, scheduler, ServerConfig(model_name, api_key, max_body))
+    server = Server(llama, scheduler, ServerConfig(model_name, api_key, max_body, draft, draft_max))
 
     def guarded(handler):
         async def route(request):

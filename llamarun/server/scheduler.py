@@ -75,6 +75,8 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0               # prompt tokens whose keys and values the slot already held
+    drafted: int = 0                     # speculative decoding: draft tokens verified
+    accepted: int = 0                    # ... and kept
 
 
 @dataclass
@@ -88,6 +90,7 @@ class Request:
     ignore_eos: bool = False             # llama.cpp's extension: end-of-generation tokens are never drawn
     processors: tuple[LogitsProcessor, ...] = ()   # applied to the logits before each draw (logit_bias, ...)
     grammar: object | None = None        # llamarun.structured.Matcher: this sequence's constraint
+    speculation: object | None = None    # llamarun.speculative.Speculation: this sequence's drafts, if any
     followers: list["Request"] = field(default_factory=list)   # the other choices of the same prompt (n > 1)
     cancelled: bool = False              # set by the handler; the worker frees the slot
     submitted: float = field(default_factory=time.perf_counter)
@@ -106,6 +109,7 @@ class Sequence:
         self.pos = 0                             # next position to fill in the slot
         self.cached = 0                          # prompt tokens found in the slot's cache
         self.next_tokens: list[int] = []         # taken (drawn, then any forced), not yet run through the model
+        self.draft: list[int] = []               # the draft that runs behind them this step
         self.leader = leader                     # a follower waits for this sequence's prompt (n > 1)
         self.followers: list[Sequence] = []
         self.decoder = Decoder(tokenizer, request.sampler, request.prompt, context=context,
@@ -287,8 +291,9 @@ class Scheduler:
         prefilling = [s for s in self.active if not s.decoding and not s.waiting]
         if not decoding and not prefilling:
             return
-        rows = [(s, s.next_tokens, s.pos) for s in decoding]
         budget = self.prefill_budget(len(decoding))
+        self.make_drafts(decoding, budget if prefilling else 0)
+        rows = [(s, s.next_tokens + s.draft, s.pos) for s in decoding]
         for seq in prefilling:
             if budget <= 0:
                 break
@@ -302,23 +307,31 @@ class Scheduler:
             tokens += chunk
             pos += range(start, start + n)
             seq_ids += [seq.slot] * n
-            last = seq.decoding or n == len(seq.pending)         # the prompt's end gives the first logits
-            want += [False] * (n - 1) + [last]
+            # a decode row's last token (and its draft) give logits; the prompt's end gives the first
+            wanted = len(seq.draft) + 1 if seq.decoding else int(n == len(seq.pending))
+            want += [False] * (n - wanted) + [True] * wanted
         masks = self.start_masks(decoding)
         t0 = time.perf_counter()
         logits = self.model.forward(Batch.of(tokens, pos, seq_ids, want), self.cache)
         seconds = time.perf_counter() - t0
         # forced tokens riding on a decode row count as decoding: only prompt chunks steer the prefill share
-        self.record_time(len(decoding), len(tokens) - sum(len(s.next_tokens) for s in decoding), seconds)
+        self.record_time(len(decoding), len(tokens) - sum(len(s.next_tokens) + len(s.draft) for s in decoding), seconds)
         self.steps += 1
         if masks is not None:
             masks.result()
 
         i = 0
         for seq, chunk, start in rows:
-            seq.pos = start + len(chunk)
+            seq.pos = start + len(chunk) - len(seq.draft)     # the kept part of the draft is added by advance
             if seq.decoding:
                 seq.next_tokens = []
+                try:
+                    self.advance(seq, logits[i:i + len(seq.draft) + 1])
+                except Exception:
+                    log.exception("drawing a token failed")
+                    self.finish(seq, "error")
+                i += len(seq.draft) + 1
+                continue
             else:
                 del seq.pending[:len(chunk)]
                 if seq.pending:
@@ -326,7 +339,7 @@ class Scheduler:
                 self.fork(seq)
             for s in [seq] + seq.followers:
                 try:
-                    self.advance(s, logits[i])
+                    self.advance(s, logits[i:i + 1])
                 except Exception:       # one request's draw (its sampler, its processors) ends only that request
                     log.exception("drawing a token failed")
                     self.finish(s, "error")
@@ -386,11 +399,32 @@ class Scheduler:
             else:
                 self.chunk[n_decoding] = max(1, n_prefill * 2 // 3)
 
-    def advance(self, seq: Sequence, logits: np.ndarray) -> None:
-        """Hand the sequence's logits row to its decoder and report the token it draws, then the tokens
-        its grammar forces after it (taken without drawing, run with it in the next step); end the
-        sequence if one of them was its last."""
-        events = [seq.decoder.next_token(logits)]
+    def make_drafts(self, decoding: list[Sequence], prefill: int) -> None:
+        """Each speculating sequence's draft for this step, within its context and max_tokens, and
+        within the batch sizes whose rows are computed independently of each other (with the
+        `prefill` tokens that ride along), so that each row's draw is what it is without drafts."""
+        room = self.model.matvec_rows - prefill - sum(len(s.next_tokens) for s in decoding)
+        for seq in decoding:
+            seq.draft = []
+            if seq.request.speculation is None or seq.decoder.done:
+                continue
+            fits = min(room, self.ctx - seq.pos - len(seq.next_tokens), seq.request.max_tokens - seq.generated - 1)
+            if fits >= 1:
+                seq.draft = seq.request.speculation.draft(seq.decoder.history, fits, seq.decoder.end)
+                room -= len(seq.draft)
+
+    def advance(self, seq: Sequence, rows: np.ndarray) -> None:
+        """Hand the sequence's logits rows (its last token's, then its draft's) to its decoder and
+        report the tokens it takes (the draft's agreeing part, then one drawn), then the tokens its
+        grammar forces after them (taken without drawing, run with the last in the next step); end
+        the sequence if one of them was its last."""
+        completion = seq.decoder.completion
+        accepted = completion.accepted
+        events = seq.decoder.accept(rows, seq.draft)
+        if seq.draft:
+            kept = completion.accepted - accepted
+            seq.request.speculation.verified(len(seq.draft), kept)
+            seq.pos += kept                   # their keys and values are in the slot; the rest is written over
         if not seq.decoder.done:
             events += seq.decoder.take_forced(seq.decoder.forced())
         seq.next_tokens = [e.token for e in events if e.token is not None]
@@ -405,5 +439,7 @@ class Scheduler:
             seq.request.emit(Event(event.text, event.logprob))
 
     def finish(self, seq: Sequence, reason: str, text: str = "", logprob: TokenLogprob | None = None) -> None:
-        seq.request.emit(Event(text, logprob, reason, len(seq.request.prompt), seq.generated, seq.cached))
+        completion = seq.decoder.completion
+        seq.request.emit(Event(text, logprob, reason, len(seq.request.prompt), seq.generated, seq.cached,
+                               completion.drafted, completion.accepted))
         self.release(seq, keep=reason != "error")     # a failed step may have left its cache half written
