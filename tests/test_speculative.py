@@ -195,8 +195,8 @@ def test_the_server_scheduler_verifies_drafts_and_keeps_greedy_output(smol, copy
     from llamarun.server.scheduler import Request, Scheduler
     prompts = [copy_prompt, copy_prompt[:-9] + copy_prompt[-8:], smol.encode("Once upon a time")]
     alone = [plain.tokens] + [smol.generate(ids, 48, temperature=0).tokens for ids in prompts[1:]]
-    scheduler = Scheduler(smol, parallel=3, ctx=256)
-    drawn, ends, done = [[] for _ in prompts], [None] * 3, [threading.Event() for _ in prompts]
+    scheduler = Scheduler(smol, parallel=4, ctx=256)
+    drawn, ends, done = [[] for _ in range(4)], [None] * 4, [threading.Event() for _ in range(4)]
 
     def emitter(i):
         def emit(event):
@@ -211,11 +211,15 @@ def test_the_server_scheduler_verifies_drafts_and_keeps_greedy_output(smol, copy
         for i, ids in enumerate(prompts):
             scheduler.submit(Request(ids, 48, make_sampler(temperature=0), emitter(i), logprobs=0,
                                      speculation=Speculation(NgramDraft(), 6) if i < 2 else None))
+        # and one whose drafts are rejected after two tokens each time, their positions written over
+        scheduler.submit(Request(prompts[2], 48, make_sampler(temperature=0), emitter(3), logprobs=0,
+                                 speculation=Speculation(Spoiled(prompts[2], alone[2]), 6)))
         assert all(d.wait(60) for d in done)
     finally:
         scheduler.stop()
-    assert drawn == alone
+    assert drawn == alone + [alone[2]]
     assert ends[0].accepted > 10 and ends[0].drafted >= ends[0].accepted and ends[2].drafted == 0
+    assert ends[3].accepted > 10 and ends[3].drafted > ends[3].accepted
 
 
 def test_the_server_reports_drafts_in_usage_and_a_request_turns_them_off(smol):

@@ -421,13 +421,15 @@ class Scheduler:
         completion = seq.decoder.completion
         accepted = completion.accepted
         events = seq.decoder.accept(rows, seq.draft)
+        kept = completion.accepted - accepted
         if seq.draft:
-            kept = completion.accepted - accepted
             seq.request.speculation.verified(len(seq.draft), kept)
-            seq.pos += kept                   # their keys and values are in the slot; the rest is written over
+        # the kept draft tokens have run (their keys and values are in the slot; the rejected ones' are
+        # written over from here): the tokens taken after them run next
+        seq.pos += kept
         if not seq.decoder.done:
             events += seq.decoder.take_forced(seq.decoder.forced())
-        seq.next_tokens = [e.token for e in events if e.token is not None]
+        seq.next_tokens = [e.token for e in events[kept:] if e.token is not None]
         self.report(seq, events)
 
     def report(self, seq: Sequence, events: list[TokenEvent]) -> None:
