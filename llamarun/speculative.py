@@ -13,6 +13,15 @@ draft sources:
   running only where they differ from the sequence, so a rejected draft is rolled back by
   overwriting, as the target's cache is.
 
+Sampled output keeps the target's distribution. Speculative sampling (Leviathan et al., Chen et al.)
+keeps a draft token x with probability min(1, p(x) / q(x)), p the target's distribution and q the
+draft's, and otherwise draws from max(0, p - q) renormalized. Both sources here are deterministic
+(a lookup, a greedy draft model): q is one-hot at x, so the rule keeps x with probability p(x) and
+otherwise draws from p without x, renormalized. Drawing y from p and keeping the draft while y == x,
+which is what `Decoder.accept` does (with y the token taken where they differ), gives exactly that
+distribution, one draw per row as plain decoding makes; with the same seed even the same tokens.
+(tests/test_speculative.py checks the distribution with a chi-square test.)
+
 A source has `propose(tokens, n)` -> up to n ids to follow `tokens` (the sequence from position 0),
 and a `kind` (all its drafts alike) or, after each proposal, the `last_kind` of the draft it made.
 

@@ -51,6 +51,14 @@ def test_a_draft_model_gives_plain_greedy_output_and_its_own_drafts_all_hold(smo
     assert fast.drafted > 20 and fast.accepted == fast.drafted
 
 
+def test_seeded_sampling_draws_the_same_tokens_with_drafts(smol, copy_prompt):
+    # one draw per row, in order, as plain decoding makes them: the seed's coins fall alike
+    for seed in (1, 3):
+        a = smol.generate(copy_prompt, 32, temperature=0.8, seed=seed)
+        b = smol.generate(copy_prompt, 32, temperature=0.8, seed=seed, draft="ngram")
+        assert a.tokens == b.tokens and b.accepted > 0
+
+
 class Spoiled:
     """Drafts that are the plain greedy continuation with one token of each draft changed: every
     draft is rejected there, after `good` agreeing tokens, its later positions written to the cache."""
