@@ -76,10 +76,8 @@ class NgramDraft:
         """The Schedule (first length, first pause, tolerance) of drafts from matches of `size`
         tokens: one token for the weak 1-gram matches, and a long pause when even that fails;
         longer drafts and shorter pauses for longer matches, which hold more often; for the longest,
-        drafts as long as allowed, and a pause only after two that gave nothing, a copy of the
-        input being what they are for."""
-        longest = size == self.ngram_max
-        return (1 << 30 if longest else 2 ** (size - 1)), FIRST_PAUSE * 2 ** (self.ngram_max - size), int(longest)
+        a pause only after two drafts that gave nothing, a copy of the input being what they are for."""
+        return 2 ** (size - 1), FIRST_PAUSE * 2 ** (self.ngram_max - size), int(size == self.ngram_max)
 
     def propose(self, tokens: Sequence[int], n: int) -> list[int]:
         """Up to n tokens that followed the most recent earlier occurrence of the longest matching

@@ -119,7 +119,7 @@ def test_each_ngram_length_has_its_own_schedule():
     assert speculation.draft([7, 1, 2, 9, 5, 1], room=8) == [2]        # a 1-gram match: a short first draft
     speculation.verified(1, 0)
     assert speculation.draft([7, 1, 2, 9, 5, 1], room=8) == []
-    assert speculation.draft([7, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3], room=8) == [4, 5, 6, 7, 8, 9, 1, 2]   # a 3-gram: all the room
+    assert speculation.draft([7, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3], room=8) == [4, 5, 6, 7]   # a 3-gram: longer
 
 
 def test_ngram_lookup_takes_the_longest_most_recent_match():
