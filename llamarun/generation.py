@@ -23,7 +23,7 @@ from . import compiling
 from .decoding import Completion, Decoder, LogitsProcessor, TokenEvent, check_prompt
 from .interrupts import ctrl_c_never_lost
 from .model import Batch, KVCache, Probe, Transformer
-from .speculative import Speculation
+from .speculative import Speculation, verify
 
 
 def generate_stream(model: Transformer, tokenizer, prompt_ids: Sequence[int], sampler, *, max_tokens: int,
@@ -95,10 +95,7 @@ def _generate(model: Transformer, decoder: Decoder, prompt_ids: list[int], cache
             result.decode_seconds = time.perf_counter() - t1 - (compiling.seconds() - c1)
         if decoder.done:            # max_tokens=0: the prompt ran, nothing is drawn
             break
-        accepted = decoder.completion.accepted
-        events = decoder.accept(rows, draft)            # one draw per row while they agree with the draft
-        if draft:
-            speculation.verified(len(draft), decoder.completion.accepted - accepted)
+        events, _ = verify(decoder, rows, draft, speculation)   # one draw per row while they agree with the draft
         for event in events:
             if event.token is not None or event.text:     # an end token that releases no text is not shown
                 yield event

@@ -246,3 +246,14 @@ def same_tokens(a, b) -> bool:
         return True
     ids = np.linspace(0, a.vocab_size - 1, num=min(64, a.vocab_size), dtype=np.int64)
     return all(a.token_bytes(int(t), None) == b.token_bytes(int(t), None) for t in ids)
+
+
+def verify(decoder, rows, draft: Sequence[int], speculation: "Speculation | None") -> tuple[list, int]:
+    """`decoder.accept(rows, draft)`, and the draft's outcome told to its source (whose schedule adapts to
+    it): what every driver does with a verify forward's rows. -> (the events taken, the draft tokens kept)"""
+    before = decoder.completion.accepted
+    events = decoder.accept(rows, draft)
+    kept = decoder.completion.accepted - before
+    if draft:
+        speculation.verified(len(draft), kept)
+    return events, kept

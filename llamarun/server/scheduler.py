@@ -57,6 +57,7 @@ from ..decoding import Decoder, LogitsProcessor, TokenEvent, first_token
 from ..logprobs import TokenLogprob
 from ..model import MATVEC_ROWS, Batch
 from ..plan import MIN_TIMING_SAMPLES, PREFILL_CHUNK, PREFILL_SHARE
+from ..speculative import verify
 from ..structured import fill_masks
 
 log = logging.getLogger("llamarun.server")
@@ -418,12 +419,7 @@ class Scheduler:
         report the tokens it takes (the draft's agreeing part, then one drawn), then the tokens its
         grammar forces after them (taken without drawing, run with the last in the next step); end
         the sequence if one of them was its last."""
-        completion = seq.decoder.completion
-        accepted = completion.accepted
-        events = seq.decoder.accept(rows, seq.draft)
-        kept = completion.accepted - accepted
-        if seq.draft:
-            seq.request.speculation.verified(len(seq.draft), kept)
+        events, kept = verify(seq.decoder, rows, seq.draft, seq.request.speculation)
         # the kept draft tokens have run (their keys and values are in the slot; the rejected ones' are
         # written over from here): the tokens taken after them run next
         seq.pos += kept
