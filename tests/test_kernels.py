@@ -107,7 +107,8 @@ def test_exact_equals_dequantize_then_matmul(qtype, n):
 def test_half_precision_matrices_multiply_as_stored(qtype, n):
     """F16 and BF16 matrices stay 2 bytes a weight: a decode step's product (kernels/matvec.py's
     matvec_half, n = 1, 3) and a prompt's (tiles widened for BLAS, n = 40) equal x @ W.T with W as
-    gguf's dequantizer widens it, to float32's rounding of the sum; `rows` is gguf's bit for bit."""
+    gguf's dequantizer widens it, to float32's rounding of the sum, each row of x as it would be alone
+    (speculative decoding's verify forward relies on it); `rows` is gguf's bit for bit."""
     rng = np.random.default_rng(int(qtype) + n)
     w = rng.standard_normal((37, 512)).astype(np.float32)
     if qtype == T.F16:
@@ -122,6 +123,8 @@ def test_half_precision_matrices_multiply_as_stored(qtype, n):
     out = tensor.linear(x)
     assert out.dtype == np.float32 and out.shape == (n, 37)
     assert np.all(np.abs(out - ref) <= 512 * U * magnitudes)
+    if n <= 8:                              # a row's result does not depend on the rows beside it
+        assert np.array_equal(out, np.concatenate([tensor.linear(x[j:j + 1]) for j in range(n)]))
     theirs = quants.dequantize(raw, qtype).reshape(37, 512)
     assert np.array_equal(tensor.rows(np.arange(37)), theirs)
 
