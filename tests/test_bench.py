@@ -6,7 +6,9 @@ import subprocess
 import sys
 import textwrap
 import types
+from pathlib import Path
 
+import numba
 import pytest
 
 from llamarun import bench
@@ -49,6 +51,16 @@ def test_table_rows_with_positive_speeds(tiny, capsys):
     assert "| tiny_gqa.bin | 8.35 MiB | 2.19 M | numpy+numba |" in out
     assert re.search(r"peak memory: \d+\.\d MiB", out)
     assert bench.LLAMA_CPP_MISSING in out.splitlines()
+    # the CPU as the kernel reports it, and the vector features the kernels are compiled with
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    cpu_line = next(line for line in out.splitlines() if line.startswith("cpu: "))
+    if name:
+        assert cpu_line.startswith(f"cpu: {' '.join(name.group(1).split())} (")
+    features = next(line for line in out.splitlines() if line.startswith("vector features in use: "))
+    flags = set(re.search(r"^flags\s*:(.*)$", cpuinfo, re.M).group(1).split()) if name else set()
+    if "avx2" in flags and not numba.config.CPU_NAME:
+        assert "AVX2" in features.split(";")[0]
 
 
 def test_depth_and_skipped_test(tiny, capsys):
