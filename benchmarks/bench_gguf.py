@@ -1,6 +1,7 @@
 """Speed of llamarun on a GGUF model (SmolLM2-135M-Instruct Q4_1), against the machine's own bounds.
 
     python benchmarks/bench_gguf.py [-m MODEL] [--runs 5] [--prompt 512] [--gen 32] [--threads N]
+                                    [--llama-bench PATH]
 
 The model defaults to llamarun's default model (`llamarun.hub.ensure_default_model()`: pulled into
 $LLAMARUN_HOME/models the first time, used from there afterwards).
@@ -28,9 +29,10 @@ And, each in fresh processes of this script:
   over exec from the process that spawned the child, so there it would report this benchmark's own
   peak, with its bound matrices, whenever that is higher.)
 
-Reference figures for context, NOT measured by this script (same file, this machine, 2 threads):
-llama.cpp decodes ~73 tok/s and prefills ~180-200 tok/s at 512 tokens; transformers in fp32 decodes
-~9 tok/s.
+And llama.cpp, measured in the same run when its `llama-bench` is found (--llama-bench PATH, or on
+PATH): `llama-bench -r 1` on the same file and the same sizes, one run between each pair of ours (beside
+each bound measurement), medians of those. The table gives the CPU and the vector features the kernels
+use on it.
 """
 from __future__ import annotations
 
@@ -40,11 +42,6 @@ import os
 import subprocess
 import sys
 import time
-
-REFERENCE = {    # not measured here; see the docstring
-    "llama.cpp": {"prefill": "180-200", "decode": "~73"},
-    "transformers fp32": {"prefill": "", "decode": "~9"},
-}
 
 OPEN_RUNS = 5              # fresh processes for the open time
 
@@ -58,6 +55,7 @@ def parse_args():
                    help="decoded tokens per decode run (default 32: at ~1-4 tok/s while every product "
                         "dequantizes its matrix, more makes a full run long; the rate hardly depends on it)")
     p.add_argument("--threads", type=int, default=None, help="BLAS / numba threads (default: all cores)")
+    p.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench (default: looked up on PATH)")
     p.add_argument("--child", choices=("open", "peak"), help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -74,8 +72,9 @@ import numpy as np  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import llamarun.formats.gguf  # noqa: E402  (GGUF's reader, and the gguf package, imported before any timed load)
-from common import (DECODE_PROMPT, MATRICES, MatvecBound, SgemmBound, decode_rate, interleaved,  # noqa: E402
-                    prefill_rate, stats)
+from common import (DECODE_PROMPT, MATRICES, MatvecBound, SgemmBound, decode_rate, find_tool,  # noqa: E402
+                    interleaved, llama_bench, prefill_rate, stats)
+from llamarun.bench import cpu_summary  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - IMPORT_START
 
@@ -92,13 +91,7 @@ def nbytes(t) -> int:
 def decode_bytes(c, w) -> int:
     """Bytes of weights one decoded token reads, as the file stores them: every matrix of every layer
     once (quantized blocks), the classifier once (as stored; tied to the embedding in SmolLM2), one
-    embedding row, the norms.
-
-    This is what a kernel working on the stored blocks would read. The engine as it is dequantizes
-    each quantized matrix to float32 for every product (tensors.GGMLTensor.linear; native kernels
-    come later), so per token it also writes ~4 bytes per parameter of float32 and BLAS reads them
-    back: several times these bytes (see engine_traffic) -- the bound is what it could reach.
-    """
+    embedding row, the norms."""
     layer = sum(nbytes(m) for k in MATRICES for m in w[k])
     norms = sum(nbytes(v) for k in ("attention_norm", "ffn_norm") for v in w[k]) + nbytes(w["norm"])
     embedding_row = nbytes(w["tok_embeddings"]) // c.vocab_size
@@ -109,14 +102,6 @@ def matrix_params(c, w) -> tuple[int, int]:
     """(parameters of the layers' matrices, parameters of the classifier)."""
     layers = sum(int(np.prod(m.shape)) for k in MATRICES for m in w[k])
     return layers, int(np.prod(w["output"].shape))
-
-
-def engine_traffic(c, w) -> int:
-    """Rough bytes of memory traffic per decoded token of the engine as it is: the stored blocks read,
-    each matrix written out as float32 and read back by BLAS (a lower estimate: temporaries of the
-    dequantizer not counted)."""
-    layers, classifier = matrix_params(c, w)
-    return decode_bytes(c, w) + 2 * 4 * (layers + classifier)
 
 
 def prefill_flops(c, w, n: int) -> float:
@@ -185,18 +170,30 @@ def main():
     per_token = decode_bytes(c, w)
     print(f"{os.path.basename(path)}: {size_mb:.1f} MB, {llm.checkpoint.description}")
     print(f"dim {c.dim}, {c.n_layers} layers, vocab {c.vocab_size}; {per_token / 1e6:.1f} MB of stored weights "
-          f"per token (the engine as it is moves >= {engine_traffic(c, w) / 1e9:.2f} GB per token, "
-          "dequantizing every matrix to float32)")
+          "per token")
     print(f"threads {THREADS}, runs {runs} (medians, [min - max]), prefill prompt {n} tokens, decode {gen} "
           f"tokens after {DECODE_PROMPT}; load average {os.getloadavg()[0]:.2f} before", flush=True)
 
     matvec = MatvecBound(w["output"].shape)
     sgemm = SgemmBound(w, n)
-    print("prefill ...", flush=True)
-    gflops, pre = interleaved(lambda: prefill_rate(model, n), sgemm.measure, runs)
+    tool = find_tool(args.llama_bench, "llama-bench")
+    peer = {"prompt": [], "decode": []}
+
+    def with_peer(bound, test):
+        """The bound, and llama-bench's run of the same test beside it."""
+        def measure():
+            if tool:
+                sizes = (n, 0) if test == "prompt" else (0, gen)
+                peer[test].append(llama_bench(tool, path, THREADS, 1, *sizes).get(test, float("nan")))
+            return bound()
+        return measure
+
+    print(f"prefill ... (llama-bench: {tool or 'not found'})", flush=True)
+    gflops, pre = interleaved(lambda: prefill_rate(model, n), with_peer(sgemm.measure, "prompt"), runs)
     print("decode ...", flush=True)
-    gbps, dec = interleaved(lambda: decode_rate(model, gen), matvec.measure, runs)
+    gbps, dec = interleaved(lambda: decode_rate(model, gen), with_peer(matvec.measure, "decode"), runs)
     gflops, gbps, pre, dec = float(np.median(gflops)), float(np.median(gbps)), stats(pre), stats(dec)
+    peer = {test: stats(figures[1:]) if figures else None for test, figures in peer.items()}  # [0]: the warm-up's
     decode_bound = gbps * 1e9 / per_token
     prefill_bound = gflops * 1e9 / prefill_flops(c, w, n)
     del sgemm, matvec          # free their memory before the fresh processes start
@@ -218,16 +215,22 @@ def main():
     print(f"  peak RSS {peak['vmhwm_mb']:.0f} MiB (VmHWM) after load + prefill "
           f"{n} + decode {gen}; file {size_mb:.1f} MB")
 
-    ref_c, ref_t = REFERENCE["llama.cpp"], REFERENCE["transformers fp32"]
+    def theirs(test, ours):
+        if not peer[test]:
+            return "| not run | |"
+        median, low, high = peer[test]
+        return f"| {median:.1f} [{low:.1f}-{high:.1f}] | {ours / median:.2f}x |"
+
     print(f"\n{os.path.basename(path)}, threads {THREADS}, runs {runs}; tok/s median [min-max]; bounds from the "
-          f"matvec GB/s ({gbps:.1f}) and sgemm GFLOP/s ({gflops:.1f}) measured between the runs; "
-          "llama.cpp and transformers: reference figures, not measured here (nor at the same time)\n")
-    print("| | llamarun | bound | % of bound | llama.cpp (ref.) | transformers fp32 (ref.) |")
+          f"matvec GB/s ({gbps:.1f}) and sgemm GFLOP/s ({gflops:.1f}) measured between the runs; llama.cpp: "
+          "llama-bench on the same file, its runs alternated with ours")
+    print(cpu_summary() + "\n")
+    print("| | llamarun | bound | % of bound | llama.cpp | llamarun / llama.cpp |")
     print("|---|---:|---:|---:|---:|---:|")
     print(f"| prefill {n} tok, tok/s | {pre[0]:.1f} [{pre[1]:.1f}-{pre[2]:.1f}] | {prefill_bound:.0f} "
-          f"| {100 * pre[0] / prefill_bound:.0f}% | {ref_c['prefill']} | {ref_t['prefill']} |")
+          f"| {100 * pre[0] / prefill_bound:.0f}% {theirs('prompt', pre[0])}")
     print(f"| decode {gen} tok, tok/s | {dec[0]:.2f} [{dec[1]:.2f}-{dec[2]:.2f}] | {decode_bound:.0f} "
-          f"| {100 * dec[0] / decode_bound:.1f}% | {ref_c['decode']} | {ref_t['decode']} |")
+          f"| {100 * dec[0] / decode_bound:.1f}% {theirs('decode', dec[0])}")
     print(f"| open (load + tokenizer), ms | {open_ms[0]:.0f} [{open_ms[1]:.0f}-{open_ms[2]:.0f}] | | | | |")
     print(f"| peak RSS, MiB | {peak['vmhwm_mb']:.0f} | | | | |")
     print(f"| model file, MB | {size_mb:.1f} | | | | |")

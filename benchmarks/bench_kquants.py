@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -71,7 +70,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import gguf  # noqa: E402
 
-from common import (MATRICES, Int8PeakBound, MatvecBound, SgemmBound, decode_rate, interleaved,  # noqa: E402
+from common import (MATRICES, Int8PeakBound, MatvecBound, SgemmBound, decode_rate, find_tool, interleaved, llama_bench,  # noqa: E402
                     prefill_rate, stats)
 from llamarun.errors import LlamarunError  # noqa: E402
 from llamarun.formats import load_checkpoint  # noqa: E402
@@ -147,14 +146,6 @@ def write_f16(path: str, shape: str) -> None:
     os.replace(tmp, path)
 
 
-def find_tool(given: str | None, name: str, beside: str | None = None) -> str | None:
-    if given:
-        return given
-    if beside and os.path.exists(os.path.join(os.path.dirname(beside), name)):
-        return os.path.join(os.path.dirname(beside), name)
-    return shutil.which(name)
-
-
 def model_path(shape: str, qtype: str, quantizer: str | None) -> str:
     """The cached model of this shape and type, made now if it is missing."""
     folder = home() / "bench"
@@ -208,18 +199,9 @@ def types_of(w) -> str:
 # ----------------------------------------------------------------------------------------------
 # llama.cpp
 
-def llama_bench(tool: str, path: str) -> dict:
-    """{'prompt': tok/s, 'decode': tok/s} from llama-bench on this file (medians as it reports: avg)."""
-    cmd = [tool, "-m", path, "-t", str(THREADS), "-r", str(args.runs), "-n", str(max(args.gen, 16)), "-o", "json"]
-    cmd += ["-p", str(args.prompt)] if args.prompt else ["-p", "0"]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        print(f"llama-bench failed: {result.stderr.strip().splitlines()[-1:]}", flush=True)
-        return {}
-    out = {}
-    for row in json.loads(result.stdout):
-        out["decode" if row["n_gen"] else "prompt"] = float(row["avg_ts"])
-    return out
+def llama_cpp(tool: str, path: str) -> dict:
+    """llama-bench's prompt and decode tok/s on this file."""
+    return llama_bench(tool, path, THREADS, args.runs, args.prompt, max(args.gen, 16))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,7 +225,7 @@ def measure(path: str, bench_tool: str | None) -> dict:
         row["prompt_int8_bound"] = INT8_PEAK.measure() * 1e9 / prompt_flops(c, w, args.prompt)
         del sgemm
     if bench_tool:
-        row["llama.cpp"] = llama_bench(bench_tool, path)
+        row["llama.cpp"] = llama_cpp(bench_tool, path)
     return row
 
 

@@ -1,6 +1,7 @@
 """Speed of llamarun on the TinyStories shapes, against the machine's own bounds and llama2.c's run.c.
 
     python benchmarks/bench_llama2c.py [--shapes s15M,s42M,s110M] [--runs 5] [--threads N] [--int8]
+                                       [--runc PATH]
 
 Random-weight checkpoints of the three TinyStories shapes are written once by
 `../shared/tools/mkmodel.py` into `$LLAMARUN_HOME/bench` (default `~/.cache/llamarun/bench`),
@@ -23,6 +24,10 @@ is shared) lowers both sides alike:
 - prefill bound: tok/s <= (numpy sgemm GFLOP/s at the model's matrix shapes with as many rows as
   the prompt) / (FLOPs per token: 2 * matrix params + attention at that prompt length; the
   classifier counts once per prompt, as only the last token's logits are computed).
+
+With --runc, llama2.c's run.c (or runq.c, with --int8) decodes the same checkpoint between the runs,
+OMP_NUM_THREADS as --threads: its own "achieved tok/s" over 128 steps, greedy. It reads a prompt one
+token at a time, so its prefill is no faster than its decode.
 """
 from __future__ import annotations
 
@@ -31,9 +36,8 @@ import os
 import subprocess
 import sys
 
-# run.c (-Ofast, 2 OpenMP threads) on this machine, decode tok/s; it reads a prompt one token at a
-# time, so its prefill is no faster than its decode.
-RUNC_DECODE = {"s15M": "250-300", "s42M": "63-75", "s110M": "33-36"}
+import re
+import statistics
 
 
 DECODE_TOKENS = 128
@@ -46,12 +50,13 @@ def parse_args():
     p.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median reported)")
     p.add_argument("--threads", type=int, default=None, help="BLAS / numba threads (default: all cores)")
     p.add_argument("--int8", action="store_true", help="measure the version-2 int8 (group 64) files")
+    p.add_argument("--runc", default=None, metavar="PATH",
+                   help="llama2.c's run binary (gcc -Ofast -march=native -fopenmp run.c -lm), or runq with --int8: "
+                        "run on the same checkpoint, its runs alternated with llamarun's")
     return p.parse_args()
 
 
 args = parse_args()
-if args.int8:
-    RUNC_DECODE = {}        # (runq.c was not measured here)
 THREADS = args.threads or len(os.sched_getaffinity(0)) or 1
 # the thread pools are sized when numpy (OpenBLAS) and numba load: set them before importing either
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
@@ -67,6 +72,17 @@ from common import MatvecBound, SgemmBound, decode_rate, interleaved, prefill_ra
 
 SHARED = os.environ.get("LLAMARUN_SHARED") or os.path.join(REPO, "..", "shared")   # as tests/conftest.py
 MKMODEL = os.path.join(SHARED, "tools", "mkmodel.py")
+TOKENIZER = os.path.join(SHARED, "models", "tokenizer.bin")
+
+
+def runc_decode(path: str) -> float:
+    """run.c's decode tok/s on checkpoint `path`: DECODE_TOKENS steps from BOS, greedy, as it reports
+    them ("achieved tok/s", timed from its second step). run.c reads a prompt one token at a time, so
+    its prefill is no faster than this."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
+    done = subprocess.run([args.runc, path, "-n", str(DECODE_TOKENS), "-t", "0", "-z", TOKENIZER],
+                          capture_output=True, text=True, env=env, check=True)
+    return float(re.search(r"achieved tok/s: ([0-9.]+)", done.stderr + done.stdout).group(1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,8 +153,17 @@ def main():
         n = min(c.seq_len // 2, MAX_PREFILL)
         sgemm = SgemmBound(w, n)
         gflops, pre = interleaved(lambda: prefill_rate(model, n), sgemm.measure, runs)
-        gbps, dec = interleaved(lambda: decode_rate(model, DECODE_TOKENS), matvec.measure, runs)
+        runc = []
+        if args.runc:
+            def bound_and_runc():                      # run.c alternates with our runs too
+                runc.append(runc_decode(paths[name]))
+                return matvec.measure()
+            gbps, dec = interleaved(lambda: decode_rate(model, DECODE_TOKENS), bound_and_runc, runs)
+        else:
+            gbps, dec = interleaved(lambda: decode_rate(model, DECODE_TOKENS), matvec.measure, runs)
         gflops, gbps, pre, dec = float(np.median(gflops)), float(np.median(gbps)), stats(pre), stats(dec)
+        runc = runc[1:]                                # the first ran beside the warm-up
+        runc_text = f"{statistics.median(runc):.1f} [{min(runc):.1f}-{max(runc):.1f}]" if runc else "not run"
         decode_bound = gbps * 1e9 / decode_bytes(c, w)
         prefill_bound = gflops * 1e9 / prefill_flops(c, w, n)
         print(f"\n{name}: dim {c.dim}, {c.n_layers} layers, {decode_bytes(c, w) / 1e6:.0f} MB of weights "
@@ -146,8 +171,8 @@ def main():
         print(f"  prefill {pre[0]:8.1f} tok/s [{pre[1]:.1f} - {pre[2]:.1f}]   bound {prefill_bound:8.1f}"
               f"   {100 * pre[0] / prefill_bound:5.1f}%")
         print(f"  decode  {dec[0]:8.1f} tok/s [{dec[1]:.1f} - {dec[2]:.1f}]   bound {decode_bound:8.1f}"
-              f"   {100 * dec[0] / decode_bound:5.1f}%   run.c {RUNC_DECODE.get(name, '?')}", flush=True)
-        rows.append((name, n, pre, prefill_bound, dec, decode_bound))
+              f"   {100 * dec[0] / decode_bound:5.1f}%   run.c {runc_text}", flush=True)
+        rows.append((name, n, pre, prefill_bound, dec, decode_bound, runc_text))
         del model, w, ck
 
     print(f"\nthreads {THREADS}, runs {runs}; tok/s, median [min-max]; bounds from the matvec GB/s and "
@@ -155,10 +180,10 @@ def main():
     print("| shape | prompt | prefill tok/s | prefill bound | % | decode tok/s | decode bound | % "
           "| run.c decode (= its prefill) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, n, pre, pb, dec, db in rows:
+    for name, n, pre, pb, dec, db, runc_text in rows:
         print(f"| {name} | {n} | {pre[0]:.1f} [{pre[1]:.0f}-{pre[2]:.0f}] | {pb:.0f} | {100 * pre[0] / pb:.0f}% "
               f"| {dec[0]:.1f} [{dec[1]:.1f}-{dec[2]:.1f}] | {db:.1f} | {100 * dec[0] / db:.0f}% "
-              f"| {RUNC_DECODE.get(name, '?')} |")
+              f"| {runc_text} |")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 model's prefill and decode rates. Import it after the thread variables are set (the scripts do)."""
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
 import time
 
 import numpy as np
@@ -199,3 +203,29 @@ class Int8PeakBound:
                 t.join()
             best = min(best, time.perf_counter() - t0)
         return self.threads * self.ITERATIONS * self.ops_per_iteration / best / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# llama.cpp, measured in the same run
+
+def find_tool(given: str | None, name: str, beside: str | None = None) -> str | None:
+    """A llama.cpp tool: the path given, else `name` beside the tool `beside`, else on PATH."""
+    if given:
+        return given
+    if beside and os.path.exists(os.path.join(os.path.dirname(beside), name)):
+        return os.path.join(os.path.dirname(beside), name)
+    return shutil.which(name)
+
+
+def llama_bench(tool: str, path: str, threads: int, runs: int, prompt: int, gen: int) -> dict:
+    """{'prompt': tok/s, 'decode': tok/s} (those asked: prompt, gen > 0) from llama.cpp's llama-bench on
+    this file, `runs` repetitions (its figure: their mean); {} with a line printed if it failed."""
+    cmd = [tool, "-m", path, "-t", str(threads), "-r", str(runs), "-p", str(prompt), "-n", str(gen), "-o", "json"]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        print(f"llama-bench failed: {result.stderr.strip().splitlines()[-1:]}", flush=True)
+        return {}
+    out = {}
+    for row in json.loads(result.stdout):
+        out["decode" if row["n_gen"] else "prompt"] = float(row["avg_ts"])
+    return out
