@@ -10,11 +10,19 @@ rate (first token to last) and the whole rate (request to last token; generate: 
 
     python benchmarks/bench_server.py            # 64 tokens per request, 2 rounds per level
     python benchmarks/bench_server.py --quick    # 16 tokens, 1 round, concurrency 1, 4, 8
+    python benchmarks/bench_server.py --llama-server PATH   # llama.cpp's server beside ours
+    python benchmarks/bench_server.py --peer URL            # any OpenAI-style server beside ours
+
+A peer server gets the same client and the same requests, its rounds alternated with ours level by
+level, and the table gains its aggregate and our ratio to it. --llama-server starts llama.cpp's
+`llama-server` on the same model file with as many slots as the highest level (`-np`, against our
+`--parallel`), the same context per slot and the same threads; --peer takes a server already running.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -63,7 +71,7 @@ def one_stream(client: httpx.Client, url: str, prompt: str, max_tokens: int, ext
                     times.append(time.perf_counter())
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
-                    cached = chunk["usage"]["prompt_tokens_details"]["cached_tokens"]
+                    cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
                     prompt_tokens = chunk["usage"]["prompt_tokens"]
     # rates count the tokens drawn (the usage the server reports, as `generate` counts them), not the
     # chunks: a token whose bytes end inside a UTF-8 character sends no text of its own
@@ -106,57 +114,100 @@ def generate_rates(max_tokens: int) -> tuple[float, float]:
     return float(np.median(decode)), float(np.median(whole))
 
 
+CONTEXT = 512           # tokens per sequence slot, both servers
+
+
+def start_llamarun(port: int, slots: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "llamarun", "serve", "--port", str(port), "--parallel", str(slots),
+                             "--ctx", str(CONTEXT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_llama_server(tool: str, port: int, slots: int) -> subprocess.Popen:
+    """llama.cpp's server on the default model: `slots` slots of CONTEXT tokens each (its -c is the
+    total), as many threads as this machine's cores (llamarun's default)."""
+    from llamarun.hub import ensure_default_model
+    threads = str(len(os.sched_getaffinity(0)))
+    return subprocess.Popen([tool, "-m", str(ensure_default_model()), "--port", str(port), "-np", str(slots),
+                             "-c", str(CONTEXT * slots), "-t", threads, "-tb", threads],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_healthy(url: str, server: subprocess.Popen | None) -> None:
+    while True:
+        try:
+            if httpx.get(url + "/health").status_code == 200:    # 503 while the kernels (or model) load
+                return
+        except httpx.TransportError:
+            if server is not None and server.poll() is not None:
+                sys.exit(f"the server at {url} did not start")
+        time.sleep(0.2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="16 tokens, one round, concurrency 1, 4, 8")
     ap.add_argument("-n", type=int, help="tokens per request (default 64; 16 with --quick)")
+    ap.add_argument("--levels", help="comma-separated concurrency levels (default 1,2,4,8,16; --quick 1,4,8)")
+    ap.add_argument("--rounds", type=int, help="rounds per level (default 2; --quick 1)")
+    peer = ap.add_mutually_exclusive_group()
+    peer.add_argument("--peer", metavar="URL", help="an OpenAI-style server to measure beside ours")
+    peer.add_argument("--llama-server", metavar="PATH", help="llama.cpp's llama-server, started here as the peer")
     args = ap.parse_args()
-    levels = [1, 4, 8] if args.quick else [1, 2, 4, 8, 16]
+    levels = [int(c) for c in args.levels.split(",")] if args.levels else [1, 4, 8] if args.quick else [1, 2, 4, 8, 16]
     max_tokens = args.n or (16 if args.quick else 64)
-    rounds = 1 if args.quick else 2
+    rounds = args.rounds or (1 if args.quick else 2)
+    servers, urls = {}, {}                                  # name -> the process we started, its URL
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "llamarun", "serve", "--port", str(port), "--parallel",
-                               str(max(levels)), "--ctx", "512"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    servers["llamarun"], urls["llamarun"] = start_llamarun(port, max(levels)), f"http://127.0.0.1:{port}"
+    if args.llama_server:
+        port = free_port()
+        servers["peer"], urls["peer"] = start_llama_server(args.llama_server, port, max(levels)), f"http://127.0.0.1:{port}"
+    elif args.peer:
+        urls["peer"] = args.peer.rstrip("/")
     # one client for every request, as an application keeps its OpenAI client: its connections are
     # kept alive, and making an httpx client costs ~40 ms of CPU (its TLS context), which would
     # otherwise count in every request's time to first token and take the server's cores
     client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
+    rows = {name: [] for name in urls}
     try:
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:    # 503 while the kernels load
-                    break
-            except httpx.TransportError:
-                if server.poll() is not None:
-                    sys.exit("the server did not start")
-            time.sleep(0.2)
+        for name, url in urls.items():
+            wait_healthy(url, servers.get(name))
         n = 0                                                               # requests sent so far
-        for c in levels:                                                    # compile every batch shape first
-            level(client, url, c, 4, 1, n)
-            n += c
-        rows = []
-        for c in levels:
-            rows.append(level(client, url, c, max_tokens, rounds, n))
-            n += c * rounds
+        for name, url in urls.items():                                      # compile every batch shape first
+            for c in levels:
+                level(client, url, c, 4, 1, n)
+                n += c
+        for c in levels:                                                    # the servers alternate, level by level
+            for name, url in urls.items():
+                rows[name].append(level(client, url, c, max_tokens, rounds, n))
+                n += c * rounds
     finally:
         client.close()
-        server.terminate()
-        server.wait(30)
+        for server in servers.values():
+            server.terminate()
+            server.wait(30)
     decode, whole = generate_rates(max_tokens)
-    one = rows[0]
+    ours, one = rows["llamarun"], rows["llamarun"][0]
     print(f"SmolLM2-135M-Instruct Q4_1, {max_tokens} tokens per request, greedy; prompts of "
-          f"{rows[-1]['prompt_tokens']:.1f} tokens on average, of which {rows[-1]['cached']:.1f} found in the prompt cache.")
+          f"{ours[-1]['prompt_tokens']:.1f} tokens on average, of which {ours[-1]['cached']:.1f} found in the prompt cache.")
     print(f"One stream, like for like: decode {one['decode']:.1f} tok/s served vs {decode:.1f} by `llamarun generate` "
           f"({one['decode'] / decode:.0%}); prompt to last token {one['tok_s']:.1f} served vs {whole:.1f} "
           f"({one['tok_s'] / whole:.0%})")
-    print("| concurrency | aggregate tok/s | x one stream | per-stream decode tok/s | TTFT p50 / p95 (ms) | "
-          "ITL p50 / p95 (ms) |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['concurrency']} | {r['tok_s']:.1f} | {r['tok_s'] / one['tok_s']:.2f} | {r['decode']:.1f} | "
-              f"{r['ttft50'] * 1e3:.0f} / {r['ttft95'] * 1e3:.0f} | {r['itl50'] * 1e3:.0f} / {r['itl95'] * 1e3:.0f} |")
+    from llamarun.bench import cpu_summary
+    print(cpu_summary())
+    theirs = rows.get("peer")
+    if theirs:
+        print(f"peer: {args.llama_server or args.peer}, the same client and requests, its rounds alternated with ours")
+    head = "| concurrency | aggregate tok/s | x one stream | per-stream decode tok/s | TTFT p50 / p95 (ms) | ITL p50 / p95 (ms) |"
+    print(head + (" peer tok/s | peer x one stream | ours / peer |" if theirs else ""))
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: | ---: |" if theirs else ""))
+    for i, r in enumerate(ours):
+        line = (f"| {r['concurrency']} | {r['tok_s']:.1f} | {r['tok_s'] / one['tok_s']:.2f} | {r['decode']:.1f} | "
+                f"{r['ttft50'] * 1e3:.0f} / {r['ttft95'] * 1e3:.0f} | {r['itl50'] * 1e3:.0f} / {r['itl95'] * 1e3:.0f} |")
+        if theirs:
+            p = theirs[i]
+            line += f" {p['tok_s']:.1f} | {p['tok_s'] / theirs[0]['tok_s']:.2f} | {r['tok_s'] / p['tok_s']:.2f}x |"
+        print(line)
 
 
 if __name__ == "__main__":

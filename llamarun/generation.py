@@ -122,4 +122,4 @@ def _draft(speculation: Speculation | None, decoder: Decoder, model: Transformer
         return []
     # the sequence from position 0 when it is known; else from the prompt (n-gram drafts still work)
     tokens = decoder.history if earlier is None else earlier + decoder.history
-    return speculation.draft(tokens, room, decoder.end)
+    return speculation.draft(tokens, room, decoder.end, ahead=len(pending))

@@ -6,7 +6,7 @@ runs [last token] + draft through the model in one forward, and hands the rows t
 draft sources:
 
 - `NgramDraft` (prompt lookup, as llama.cpp's `lookup` and transformers' prompt_lookup_num_tokens):
-  the sequence's last n tokens (n = 3, then 2, then 1) found earlier in the prompt or the output
+  the sequence's last n tokens (n = 4, then 3, 2, 1) found earlier in the prompt or the output
   propose the tokens that followed them there. Free to make; right when the output copies its input.
 - `ModelDraft`: a smaller (or more quantized) model with the same vocabulary decodes greedily on its
   own KV cache. It keeps the tokens its cache holds, position by position, and each draft starts by
@@ -41,13 +41,21 @@ import numpy as np
 from .errors import LlamarunError
 from .model import Batch
 
-NGRAM_MAX = 3           # the longest n-gram prompt lookup matches (llama.cpp's and transformers' default)
+# The longest n-gram prompt lookup matches (llama.cpp's and transformers' default is 3). A summary quoting
+# its input draws 4-gram matches that hold far more often than 3-gram ones: SmolLM2's summary with quotes
+# kept 44 of 60 drafted tokens against 39 of 72 (docs/performance.md).
+NGRAM_MAX = 4
 DEFAULT_DRAFT_MAX = 8   # tokens a draft holds at most, unless told
 # What a draft row costs the target's forward, relative to one decode step: verifying d drafted
 # tokens costs about 1 + ROW_COST * d steps (SmolLM2 Q4_1: 9 rows take ~3.5 one-row steps). A draft
 # pays when the tokens it gives (accepted + 1) are at least that.
 ROW_COST = 0.35
 FIRST_PAUSE, LONGEST_PAUSE = 4, 64     # steps without drafting after a draft that did not pay, doubling
+# The int8 kernels take a forward's rows in blocks (kernels/ggml.py: eight rows at a time, then four,
+# then one), so 4 or 8 rows cost less than 3 or 7 (SmolLM2 Q4_1, a one-row step's time: 3 rows 1.93x,
+# 4 rows 1.67x, 7 rows 3.22x, 8 rows 2.98x, 9 rows 3.48x; docs/performance.md). So draft lengths are
+# fitted to the blocks (Speculation._fit).
+ROW_BLOCK = 4
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -170,8 +178,8 @@ class Speculation:
     """A draft source, and the draft length that follows how well its drafts are doing.
 
     Each kind of draft has its own Schedule: a draft model's is one kind; n-gram drafts are one per
-    match length, as a 3-gram's continuation holds far more often than a single token's (open-ended
-    text matches 1-grams everywhere, and their drafts pause, while 3-gram matches still draft)."""
+    match length, as a 4-gram's continuation holds far more often than a single token's (open-ended
+    text matches 1-grams everywhere, and their drafts pause, while 4-gram matches still draft)."""
 
     def __init__(self, source, draft_max: int = DEFAULT_DRAFT_MAX):
         check_draft_max(draft_max)
@@ -185,24 +193,39 @@ class Speculation:
             self.schedules[kind] = Schedule(self.draft_max, *(first(kind) if first is not None else ()))
         return self.schedules[kind]
 
-    def draft(self, tokens: Sequence[int], room: int, end: frozenset[int] = frozenset()) -> list[int]:
+    def draft(self, tokens: Sequence[int], room: int, end: frozenset[int] = frozenset(), ahead: int = 1) -> list[int]:
         """The draft to verify after `tokens` (the sequence so far, its last id about to run), at most
         `room` tokens (what the context, max_tokens and the batch's row independence leave), and
         nothing after one of the `end` tokens (nothing after it would be drawn: verifying it costs
-        rows for nothing)."""
+        rows for nothing). ahead: the rows the forward runs before the draft's (the last id, and any
+        tokens a grammar forced after it); a draft that would end past a block of ROW_BLOCK rows is cut
+        back to the block's end."""
         known = getattr(self.source, "kind", None)        # a source of one kind: ask it only when due
         if known is not None and self.schedule(known).skip():
             return []
-        n = min(self.schedule(known).length if known is not None else self.draft_max, room)
+        n = self._fit(self.schedule(known).length, ahead, room) if known is not None else min(self.draft_max, room)
         draft = self.source.propose(tokens, n) if n >= 1 else []
         if not draft:
             return []
         self.kind = known if known is not None else self.source.last_kind
         if known is None and self.schedule(self.kind).skip():
             return []
-        draft = draft[:self.schedule(self.kind).length]
+        draft = draft[:self._fit(self.schedule(self.kind).length, ahead, room)]
         ends = [i for i, token in enumerate(draft) if token in end]
-        return draft[:ends[0] + 1] if ends else draft
+        draft = draft[:ends[0] + 1] if ends else draft
+        return draft[:self._fit(len(draft), ahead, len(draft))]      # a shorter proposal: cut back to a block
+
+    def _fit(self, length: int, ahead: int, room: int) -> int:
+        """The draft length to use for `length` (at most room) behind `ahead` rows: one more where that
+        completes the first block of ROW_BLOCK rows (the block costs less than one row short of it),
+        else cut back to the end of the last whole block."""
+        length = min(length, room)
+        rows = ahead + length
+        if rows == ROW_BLOCK - 1 and length + 1 <= min(room, self.draft_max):
+            return length + 1
+        if rows > ROW_BLOCK and rows % ROW_BLOCK:
+            return rows // ROW_BLOCK * ROW_BLOCK - ahead
+        return length
 
     def verified(self, drafted: int, accepted: int) -> None:
         """Adapt the schedule of the last draft's kind to how much of it was kept."""

@@ -102,8 +102,9 @@ def test_draft_length_adapts_and_drafting_pauses_when_drafts_fail():
         draft = speculation.draft([1, 2, 3], room=8)
         drafted.append(len(draft))
         speculation.verified(len(draft), 0)
-    # pauses of 4, 8, ... 64 drafts: a handful of probes in 200 steps, each short after the first
-    assert drafted[0] == 8 and sum(1 for d in drafted if d) <= 7 and max(drafted[1:]) <= 2
+    # pauses of 4, 8, ... 64 drafts: a handful of probes in 200 steps, each short after the first (the
+    # first 7 long, not 8: a forward of 8 rows costs less than one of 9)
+    assert drafted[0] == 7 and sum(1 for d in drafted if d) <= 7 and max(drafted[1:]) <= 3
     schedule = Schedule(8)
     schedule.verified(8, 8)
     assert schedule.length == 8
@@ -113,19 +114,49 @@ def test_draft_length_adapts_and_drafting_pauses_when_drafts_fail():
     assert schedule.length == 8
 
 
+def test_drafts_fill_whole_blocks_of_forward_rows():
+    """The int8 kernels take rows in blocks of 4 (then one at a time): a draft is fitted so that the
+    forward's rows (the `ahead` rows before it, and its own) are 2, or a multiple of 4."""
+    class Long:
+        kind = "long"
+
+        def propose(self, tokens, n):
+            return list(range(n))
+    speculation = Speculation(Long(), draft_max=16)
+    rows = {}
+    for length in range(1, 17):
+        for ahead in (1, 2):
+            speculation.schedule("long").length = length
+            rows[length, ahead] = ahead + len(speculation.draft([1, 2, 3], room=16, ahead=ahead))
+    assert rows[1, 1] == 2 and rows[2, 1] == 4 and rows[3, 1] == 4 and rows[4, 1] == 4 and rows[7, 1] == 8
+    assert rows[8, 1] == 8 and rows[9, 1] == 8 and rows[1, 2] == 4 and rows[2, 2] == 4 and rows[6, 2] == 8
+    assert all(r == 2 or r % 4 == 0 for r in rows.values())
+    # a draft_max or a room of 2 stays 2; a proposal shorter than asked is cut back to a block
+    assert len(Speculation(Long(), draft_max=2).draft([1], room=8)) == 2
+    assert len(speculation.draft([1], room=2)) == 2
+
+    class Short(Long):
+        def propose(self, tokens, n):
+            return list(range(min(n, 5)))
+    assert len(Speculation(Short(), draft_max=8).draft([1], room=8)) == 3
+
+
 def test_each_ngram_length_has_its_own_schedule():
-    # open-ended text: 1-gram matches everywhere, rarely right; they pause while 3-gram drafts go on
+    # open-ended text: 1-gram matches everywhere, rarely right; they pause while longer ones draft on
     speculation = Speculation(NgramDraft(), draft_max=8)
     assert speculation.draft([7, 1, 2, 9, 5, 1], room=8) == [2]        # a 1-gram match: a short first draft
     speculation.verified(1, 0)
     assert speculation.draft([7, 1, 2, 9, 5, 1], room=8) == []
-    assert speculation.draft([7, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3], room=8) == [4, 5, 6, 7]   # a 3-gram: longer
+    assert speculation.draft([7, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3], room=8) == [4, 5, 6]      # a 3-gram: longer
+    long = [7, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 1, 2, 3, 4]
+    assert speculation.draft(long, room=8) == [5, 6, 7, 8, 9, 10, 11]   # a 4-gram: longer still
 
 
 def test_ngram_lookup_takes_the_longest_most_recent_match():
     ngram = NgramDraft()
     assert ngram.propose([5, 6, 7, 8, 9, 1, 6, 7], 3) == [8, 9, 1]        # 2-gram [6, 7]
     assert ngram.propose([1, 2, 3, 4, 9, 2, 3, 5, 1, 2, 3], 2) == [4, 9]  # 3-gram [1, 2, 3] beats [2, 3]
+    assert ngram.propose([1, 2, 3, 4, 8, 9, 2, 3, 4, 5, 1, 2, 3, 4], 2) == [8, 9]   # the 4-gram beats [2, 3, 4]
     assert ngram.propose([4, 1, 5, 4, 2, 4], 1) == [2]                    # the most recent [4]
     assert ngram.propose([1, 2, 3], 4) == []
 
