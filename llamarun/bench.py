@@ -36,8 +36,8 @@ from typing import Callable
 import numpy as np
 
 from .config import ModelConfig
-from .kernels import cpu as cpu_info
 from .errors import LlamarunError
+from .kernels import cpu as cpu_info
 from .model import Batch
 from .plan import FILL_CHUNK
 
@@ -95,6 +95,16 @@ class ModelInfo:
     is_gguf: bool
 
 
+def cpu_summary() -> str:
+    """Two lines: the CPU model, and the instructions the kernels use on it (a figure means little
+    without them: the same code runs 512-bit VNNI on one machine and AVX2 on the next)."""
+    f = cpu_info.features()
+    used = [label for name, label in cpu_info.KERNEL_FLAGS.items() if f["target_flags"][name]]
+    return (f"cpu: {f['model'] or 'unknown model'} ({f['arch']}), {os.cpu_count()} cores\n"
+            f"vector features in use: {' '.join(used) or 'baseline only'}; dot products: {f['dot_products']}; "
+            f"half floats: {f['half_conversion']}")
+
+
 @dataclass
 class BenchReport:
     model: ModelInfo
@@ -107,22 +117,12 @@ class BenchReport:
     reference_note: str | None = None               # why llama.cpp did not run
     peak_rss_total_mib: float | None = None         # with llama.cpp loaded too, at the end
     load_average: tuple[float, float] | None = None  # 1-minute load average before and after (Unix)
-    cpu: str = field(default_factory=lambda: cpu_summary())   # the CPU and the vector features the kernels use
+    cpu: str = field(default_factory=cpu_summary)   # the CPU and the vector features the kernels use
 
     def ratios(self) -> list[tuple[Test, float]]:
         """(test, llamarun t/s / llama.cpp t/s) of the medians, for each test both ran."""
         theirs = {m.test: m for m in self.reference}
         return [(m.test, m.median / theirs[m.test].median) for m in self.results if m.test in theirs]
-
-
-def cpu_summary() -> str:
-    """Two lines: the CPU model, and the instructions the kernels use on it (a figure means little
-    without them: the same code runs 512-bit VNNI on one machine and AVX2 on the next)."""
-    f = cpu_info.features()
-    used = [label for name, label in cpu_info.KERNEL_FLAGS.items() if f["target_flags"][name]]
-    return (f"cpu: {f['model'] or 'unknown model'} ({f['arch']}), {os.cpu_count()} cores\n"
-            f"vector features in use: {' '.join(used) or 'baseline only'}; dot products: {f['dot_products']}; "
-            f"half floats: {f['half_conversion']}")
 
 
 def plan_tests(n_prompt: int, n_gen: int, depth: int) -> list[Test]:

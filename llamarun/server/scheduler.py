@@ -411,7 +411,8 @@ class Scheduler:
                 continue
             fits = min(room, self.ctx - seq.pos - len(seq.next_tokens), seq.request.max_tokens - seq.generated - 1)
             if fits >= 1:
-                seq.draft = seq.request.speculation.draft(seq.decoder.history, fits, seq.decoder.end)
+                seq.draft = seq.request.speculation.draft(seq.decoder.history, fits, seq.decoder.end,
+                                                           ahead=len(seq.next_tokens))
                 room -= len(seq.draft)
 
     def advance(self, seq: Sequence, rows: np.ndarray) -> None:
