@@ -3,8 +3,9 @@
 tests/test_kernels.py holds every type to the int8-rounding bound with 1, 3 and 8 rows of x, and
 checks that an adversarial x reaches the bound. Here: every batch shape the group kernels split a
 batch into (8, 4 and 1 rows of x at a time, and weight row counts that leave a short last group),
-and the integer paths against each other: the integer sums are exact, so vpdpbusd (VNNI, on 512- or
-256-bit vectors), pmaddubsw (AVX2) and the plain-IR path must give the same float32 results bit for bit.
+and the integer paths against each other, for every type of the fast kernels (Q8_0, Q4_0, Q4_1 and the
+K-quants): the integer sums are exact, so vpdpbusd (VNNI, on 512- or 256-bit vectors) and pmaddubsw
+(AVX2) must give the same float32 results bit for bit, and the plain-IR path (no FMA) stays within rounding.
 """
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from test_portability import run_generic
 
 ROOT = Path(__file__).resolve().parents[1]
 K_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K]
+INTEGER_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, *K_TYPES]     # the fast kernels' types: int8 products throughout
 
 
 @pytest.mark.parametrize("rows", [8, 13, 64])
@@ -62,8 +64,9 @@ def test_a_long_batch_in_tiles_computes_each_row_as_alone(qtype):
         assert np.array_equal(tensor.linear(x[j:j + 1])[0], together[j]), j
 
 
-def k_quant_outputs() -> str:
-    """Code printing (as JSON) the fast products of fixed random Q4_K and Q6_K matrices, as hex bits."""
+def fast_kernel_outputs() -> str:
+    """Code printing (as JSON) the fast products of fixed random matrices of each fast-kernel type
+    (Q8_0, Q4_0, Q4_1 and the K-quants), as float32 bits."""
     return f"""
         import json, sys
         sys.path.insert(0, {str(ROOT / "tests")!r})
@@ -73,7 +76,7 @@ def k_quant_outputs() -> str:
         from llamarun.tensors import GGMLTensor
         from test_kernels import random_blocks
         out = {{"vnni": ggml.VNNI, "vnni512": ggml.VNNI512, "avx2": ggml.AVX2}}
-        for qtype in (T.Q4_K, T.Q5_K, T.Q6_K):
+        for qtype in (T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K):
             rng = np.random.default_rng(5)
             raw = random_blocks(qtype, 19, 512, rng)
             x = rng.standard_normal((9, 512)).astype(np.float32)
@@ -96,9 +99,9 @@ def test_integer_paths_agree_bit_for_bit(tmp_path, target):
     if target == VNNI_256 and not cpu.host_flags()["avxvnni"]:
         pytest.skip("this CPU has no AVX-VNNI to run 256-bit vpdpbusd code")
     sys.path.insert(0, str(ROOT / "tests"))
-    other = run_generic(tmp_path, k_quant_outputs(), cpu=target)
+    other = run_generic(tmp_path, fast_kernel_outputs(), cpu=target)
     assert other["vnni"] == (target == VNNI_256) and not other["vnni512"] and other["avx2"] == bool(target[1])
-    for qtype in K_TYPES:
+    for qtype in INTEGER_TYPES:
         rng = np.random.default_rng(5)
         raw = random_blocks(qtype, 19, 512, rng)
         x = rng.standard_normal((9, 512)).astype(np.float32)
