@@ -41,6 +41,7 @@ import re
 import struct
 from collections import Counter
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
@@ -457,6 +458,21 @@ ROPE_FREQS = "rope_freqs.weight"
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 
+def check_complete(path, weights: dict, n_layers: int, global_names: dict, layer_names: dict,
+                   layer_tensor: Callable[[int, str], str], advice: str = "") -> None:
+    """Raise one line naming (the first three of) the tensors a llama model needs that a file lacks.
+    weights: name -> tensor, and for per-layer names a list with None where a layer's is missing;
+    global_names, layer_names: the format's tensor names -> ours; layer_tensor(layer, key): the format's
+    name of layer's tensor `key`. The classifier may be absent (a tied one). advice: appended to the line."""
+    missing = [key for key, name in global_names.items() if name not in weights and name != "output"]
+    missing += [layer_tensor(layer, key) for key, name in layer_names.items()
+                for layer in range(n_layers) if weights[name][layer] is None]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise LlamarunError(f"{path} lacks the tensor{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(missing[:3])}{more}, which a llama model needs{advice}")
+
+
 def expected_shapes(c: ModelConfig) -> dict:
     """llamarun name -> (out_features, in_features) or (n,), per tensor (per layer for the lists)."""
     q_dim = c.n_heads * c.head_dim
@@ -490,13 +506,7 @@ def map_weights(path: str, file: GGUFFile, mapping, config: ModelConfig) -> dict
         else:
             weights[name][layer] = tensor
 
-    missing = [gguf_name for gguf_name, name in GLOBAL_NAMES.items() if name not in weights and name != "output"]
-    missing += [f"blk.{layer}.{gguf}.weight" for gguf, name in LAYER_NAMES.items()
-                for layer in range(L) if weights[name][layer] is None]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise LlamarunError(f"{path} lacks the tensor{'s' if len(missing) > 1 else ''} "
-                            f"{', '.join(missing[:3])}{more}, which a llama model needs")
+    check_complete(path, weights, L, GLOBAL_NAMES, LAYER_NAMES, lambda layer, key: f"blk.{layer}.{key}.weight")
     if config.shared_classifier:
         weights["output"] = weights["tok_embeddings"]
     return weights

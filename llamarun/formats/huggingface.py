@@ -51,7 +51,7 @@ from gguf import GGMLQuantizationType
 from ..config import ModelConfig, llama3_rope_factors
 from ..errors import LlamarunError
 from ..tensors import GGMLTensor
-from .gguf import expected_shapes
+from .gguf import check_complete, expected_shapes
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
@@ -335,13 +335,8 @@ def map_weights(path: str, files: list[SafetensorsFile], config: ModelConfig) ->
                 weights[name] = tensor
             else:
                 weights[name][layer] = tensor
-    missing = [hf for hf, name in GLOBAL_NAMES.items() if name not in weights and name != "output"]
-    missing += [f"model.layers.{layer}.{hf}.weight" for hf, name in LAYER_NAMES.items()
-                for layer in range(L) if weights[name][layer] is None]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise LlamarunError(f"{path} lacks the tensor{'s' if len(missing) > 1 else ''} {', '.join(missing[:3])}{more}, "
-                            "which a llama model needs: download the checkpoint again")
+    check_complete(path, weights, L, GLOBAL_NAMES, LAYER_NAMES, lambda layer, key: f"model.layers.{layer}.{key}.weight",
+                   ": download the checkpoint again")
     if config.shared_classifier:
         weights["output"] = weights["tok_embeddings"]
     return weights, dtypes
