@@ -98,7 +98,7 @@ def dot_products() -> str:
     """Which instructions the int8 kernels' byte dot products use here."""
     if VNNI:
         if VNNI512:
-            return "vpdpbusd (AVX512-VNNI; 512-bit in the K-quant kernels)"
+            return "vpdpbusd (AVX512-VNNI, 512-bit: 16 weight rows a vector)"
         return "vpdpbusd (AVX512-VNNI)" if _TARGET["avx512vnni"] else "vpdpbusd (AVX-VNNI)"
     if AVX2:
         return "pmaddubsw + pmaddwd (AVX2)"

@@ -518,7 +518,8 @@ def matvec_exact(qt, raw, x, out):
 # are written instead as LLVM vector code in small intrinsics.
 #
 # Q8_0, Q4_0 and Q4_1 (the types of the common GGUF files, SmolLM2's among them) have one intrinsic
-# each for a group of ROW_GROUP = 8 weight rows (`_row_group_codegen`), written in LLVM IR:
+# each for a group of ROW_GROUP weight rows (`_row_group_codegen`), written in LLVM IR; on 256-bit
+# vectors (AVX2, AVX-VNNI) a group is 8 rows:
 # - the eight rows' block g is transposed in registers (8 loads, 8 unpacks) so that int32 lane i of
 #   a vector holds four consecutive bytes of row i;
 # - one broadcast of four activation bytes then multiplies all eight rows at once: vpdpbusd where
@@ -535,12 +536,15 @@ def matvec_exact(qt, raw, x, out):
 # all with eight rows (benchmarks/bench_decode_rows.py; docs/performance.md). The K-quants (Q4_K,
 # Q5_K, Q6_K) have group kernels of the same shape, per 256-value super-block (`_k_group_codegen`).
 #
-# Where the CPU has AVX512-VNNI the weight bytes go in 512-bit vectors instead: lanes 2i and 2i + 1
-# hold eight consecutive bytes of row i (`_transposed_qwords`, fewer shuffles than the 4-byte
-# transpose), one broadcast of eight activation bytes feeds a vpdpbusd of 64 products, and the two
-# lanes of a row are added once per block (`_block_isum`). Half the unpacking and dot-product
-# instructions per block; the same integer sums, so the same float32 results bit for bit. (The
-# K-quants' products of several activation rows took about half the time: docs/performance.md.)
+# Where the CPU has AVX512-VNNI, Q8_0, Q4_0 and Q4_1 take 16 weight rows a group (ROW_GROUP), one int32
+# lane each in a 512-bit vector (`_transposed_dwords16`): one vpdpbusd then does 64 products, its four
+# activation bytes broadcast from memory within the instruction ({1to16}), and a block's integer sums
+# need no adding of lanes. Against the previous 512-bit layout (8 rows, lanes 2i and 2i + 1 holding
+# eight bytes of row i, a broadcast and a pairwise add of lanes per block) a kernel of eight
+# activation rows ran ~20% faster alone (half the instructions per product). The K-quants keep that
+# layout for their 8 rows (`_transposed_qwords`, `_block_isum`): a 16-row group is two calls of theirs.
+# Every layout gives the same integer sums and the same float32 arithmetic per lane, so the same
+# results bit for bit (tests/test_kquant_kernels.py).
 
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 
@@ -646,7 +650,11 @@ def _multiply_add(builder, a, b, c):
     return builder.fadd(builder.fmul(a, b), c)
 
 
-ROW_GROUP = 8           # weight rows per group kernel call: one float32 lane each in a 256-bit vector
+# Weight rows per group: one float32 lane each, in a 512-bit vector where the CPU has AVX512-VNNI (16),
+# else a 256-bit one (8). The K-quants' kernels take 8 rows on every CPU (K_ROWS): with 16-row groups
+# each group is two calls of theirs.
+ROW_GROUP = 16 if VNNI512 else 8
+K_ROWS = 8
 PREFETCH_GROUPS = 1     # how many groups of rows ahead the group kernels prefetch (see _prefetch_ahead)
 
 
@@ -666,6 +674,27 @@ def _transposed_dwords(builder, rows, offset):
             builder.shuffle_vector(t1, t3, low64), builder.shuffle_vector(t1, t3, high64)]
 
 
+def _transposed_dwords16(builder, rows, offset):
+    """rows: 16 byte pointers. -> 4 vectors <16 x i32>: vector k holds, in lane i, the int32 at byte
+    offset + 4k of rows[i] (the 16 x 4 transpose of the 16 bytes at offset of each row): the rows
+    4k + c (k = 0..3) joined into vector c, one per 128-bit chunk, then the 4 x 4 transpose of each chunk
+    (unpacks of 32- and 64-bit pairs), which leaves lane 4k + c holding row 4k + c."""
+    q = [builder.bitcast(_load(builder, row, offset, _vector(_I8, 16)), _vector(_I32, 4)) for row in rows]
+    mask = lambda *m: ir.Constant(_vector(_I32, len(m)), list(m))   # noqa: E731
+    joined = []
+    for c in range(4):
+        low, high = (builder.shuffle_vector(q[h + c], q[h + 4 + c], mask(*range(8))) for h in (0, 8))
+        joined.append(builder.shuffle_vector(low, high, mask(*range(16))))
+    per_chunk = lambda *m: mask(*(4 * k + (i % 4) + 16 * (i // 4) for k in range(4) for i in m))   # noqa: E731
+    low32, high32 = per_chunk(0, 4, 1, 5), per_chunk(2, 6, 3, 7)    # each chunk: a0 b0 a1 b1 | a2 b2 a3 b3
+    low64, high64 = per_chunk(0, 1, 4, 5), per_chunk(2, 3, 6, 7)    # a0 a1 b0 b1 | a2 a3 b2 b3
+    a, b, c, d = joined
+    t0, t1 = builder.shuffle_vector(a, b, low32), builder.shuffle_vector(a, b, high32)
+    t2, t3 = builder.shuffle_vector(c, d, low32), builder.shuffle_vector(c, d, high32)
+    return [builder.shuffle_vector(t0, t2, low64), builder.shuffle_vector(t0, t2, high64),
+            builder.shuffle_vector(t1, t3, low64), builder.shuffle_vector(t1, t3, high64)]
+
+
 def _transposed_qwords(builder, rows, offset):
     """rows: 8 byte pointers. -> 2 vectors <16 x i32>: vector h holds, in lanes 2i and 2i + 1, the two
     int32 at byte offset + 8h of rows[i] (the 8 x 2 transpose, in 64-bit units, of the 16 bytes at
@@ -678,38 +707,44 @@ def _transposed_qwords(builder, rows, offset):
 
 
 def _words_of_rows(builder, rows, offset):
-    """<8 x i32>, lane i the int32 at byte offset of rows[i] (8 byte pointers): put together in two
-    halves (a load and three inserts each), joined."""
-    halves = []
-    for h in (0, 4):
+    """<n x i32>, lane i the int32 at byte offset of rows[i] (n = 8 or 16 byte pointers): put together
+    in quarters of 4 lanes (a load and three inserts each), joined two by two."""
+    parts = []
+    for h in range(0, len(rows), 4):
         v = ir.Constant(_vector(_I32, 4), ir.Undefined)
         for i in range(4):
             v = builder.insert_element(v, _load(builder, rows[h + i], offset, _I32), ir.Constant(_I32, i))
-        halves.append(v)
-    return builder.shuffle_vector(halves[0], halves[1], ir.Constant(_vector(_I32, 8), list(range(8))))
+        parts.append(v)
+    while len(parts) > 1:
+        n = 2 * parts[0].type.count
+        parts = [builder.shuffle_vector(parts[i], parts[i + 1], ir.Constant(_vector(_I32, n), list(range(n))))
+                 for i in range(0, len(parts), 2)]
+    return parts[0]
 
 
 def _halves_of_rows(builder, rows, offset, count):
-    """The f16 value at byte offset of each of the 8 rows (count 1), and with count 2 the one after it
-    too -> `count` <8 x float>, lane i from rows[i]. The rows' 32-bit words are put together in two
-    halves (a load and three inserts each) joined, then narrowed to the 8 halves wanted and converted
-    at once (vcvtph2ps with F16C): fewer shuffles than inserting 8 or 16 halves one by one."""
-    words = _words_of_rows(builder, rows, offset)
+    """The f16 value at byte offset of each of the n rows (8 or 16; count 1), and with count 2 the one
+    after it too -> `count` <n x float>, lane i from rows[i]. The rows' 32-bit words are put together
+    (_words_of_rows), then narrowed to the halves wanted and converted at once (vcvtph2ps with F16C):
+    fewer shuffles than inserting the halves one by one."""
+    words, n = _words_of_rows(builder, rows, offset), len(rows)
     out = []
     for c in range(count):
-        part = builder.lshr(words, ir.Constant(_vector(_I32, 8), [16] * 8)) if c else words
-        out.append(half_to_float(builder, builder.trunc(part, _vector(_I16, 8))))
+        part = builder.lshr(words, ir.Constant(_vector(_I32, n), [16] * n)) if c else words
+        out.append(half_to_float(builder, builder.trunc(part, _vector(_I16, n))))
     return out
 
 
 def _dwords_dot(builder, acc, w, x, w_signed=False):
-    """acc + lane-wise dot products of four bytes: <8 x i32> w and x (signed bytes, |x| <= 127),
+    """acc + lane-wise dot products of four bytes: <8 x i32> (or, with VNNI512, <16 x i32>) w and x
+    (signed bytes, |x| <= 127),
     lane i += sum over b < 4 of w[4i + b] x[4i + b], exact in int32. w holds unsigned bytes (as
     vpdpbusd and pmaddubsw take them, see _dot8_unsigned), or signed ones with w_signed, which only
     the plain-IR path (no AVX2) takes: see _unsigned_q8_0."""
-    words = _vector(_I32, 8)
+    words = w.type
     if VNNI:
-        return builder.call(_function(builder, "llvm.x86.avx512.vpdpbusd.256", words, [words] * 3), [acc, w, x])
+        name = f"llvm.x86.avx512.vpdpbusd.{32 * words.count}"
+        return builder.call(_function(builder, name, words, [words] * 3), [acc, w, x])
     dot = _dot8_signed if w_signed else _dot8_unsigned
     return builder.add(acc, dot(builder, builder.bitcast(w, _vector(_I8, 32)), builder.bitcast(x, _vector(_I8, 32))))
 
@@ -749,11 +784,13 @@ def _prefetch(builder, pointer):
     builder.call(prefetch, [pointer, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
-def _group_arguments(context, builder, sig, args):
-    """The group kernels' arguments (raw, o, xq, xd, xsum, xs, j, out) as IR values -> (const: int64
-    constants, rows: pointers to weight rows o .. o + 7 (past the matrix's end: its last row), the
-    data pointers of xq, xd, xsum, xs, n_in, groups (activation blocks per row), j, out's data
-    pointer, ahead: the bytes from a row to the same row PREFETCH_GROUPS groups on)."""
+def _group_arguments(context, builder, sig, args, n_rows):
+    """The group kernels' arguments (raw, o, xq, xd, xsum, xs, j, out) as IR values, for a kernel of
+    n_rows weight rows -> (const: int64 constants, rows: pointers to weight rows o .. o + n_rows - 1
+    (past the matrix's end: its last row), the data pointers of xq, xd, xsum, xs, n_in, groups
+    (activation blocks per row), j, out's data pointer, ahead: the bytes from a row to the same row
+    PREFETCH_GROUPS kernels' rows on, col: o's lane in its group of ROW_GROUP, where the kernel's rows
+    go in out)."""
     i64 = ir.IntType(64)
     const = lambda v: ir.Constant(i64, v)   # noqa: E731
     matrix = context.make_array(sig.args[0])(context, builder, value=args[0])
@@ -761,7 +798,7 @@ def _group_arguments(context, builder, sig, args):
     o = context.cast(builder, args[1], sig.args[1], types.intp)
     last = builder.sub(n_weight_rows, const(1))
     rows = []
-    for i in range(ROW_GROUP):
+    for i in range(n_rows):
         r = builder.add(o, const(i))
         r = builder.select(builder.icmp_signed("<", r, n_weight_rows), r, last)
         rows.append(_row_pointer(context, builder, sig.args[0], args[0], types.intp, r))
@@ -771,49 +808,55 @@ def _group_arguments(context, builder, sig, args):
     j = context.cast(builder, args[6], sig.args[6], types.intp)
     out = _data(context, builder, sig.args[7], args[7])
     stride = cgutils.unpack_tuple(builder, matrix.strides, 2)[0]
-    ahead = builder.mul(stride, const(ROW_GROUP * PREFETCH_GROUPS))
-    return const, rows, xq, xd, xsum, xs, n_in, groups, j, out, ahead
+    ahead = builder.mul(stride, const(n_rows * PREFETCH_GROUPS))
+    col = builder.urem(o, const(ROW_GROUP))
+    return const, rows, xq, xd, xsum, xs, n_in, groups, j, out, ahead, col
 
 
-def _store_rows(builder, const, out, j, r, total):
-    """out[j + r, 0:8] = total (<8 x float>): one activation row's products with the 8 weight rows."""
-    at_row = builder.gep(out, [builder.mul(builder.add(j, const(r)), const(ROW_GROUP))])
-    store = builder.store(total, builder.bitcast(at_row, _vector(_F32, 8).as_pointer()))
+def _store_rows(builder, const, out, j, r, col, total):
+    """out[j + r, col:col + n] = total (<n x float>): one activation row's products with n weight rows."""
+    at_row = builder.gep(out, [builder.add(builder.mul(builder.add(j, const(r)), const(ROW_GROUP)), col)])
+    store = builder.store(total, builder.bitcast(at_row, total.type.as_pointer()))
     store.align = 4
 
 
 def _row_group_codegen(qt, n_rows):
-    """Code for weight rows o .. o + 7 of a matrix of type qt (Q8_0, Q4_0, Q4_1), rows past its end
+    """Code for weight rows o .. o + ROW_GROUP - 1 of a matrix of type qt (Q8_0, Q4_0, Q4_1), rows past its end
     read as its last row, times rows j .. j + n_rows - 1 of the quantized activations; per block g:
         Q8_0  d_w d_x[g] sum(q_w q_x)
         Q4_0  d_w d_x[g] (sum(n_w q_x) - 8 sum(q_x))
         Q4_1  d_w d_x[g] sum(n_w q_x) + m_w s_x[g]
     the integer sums exact in int32 (Q8_0 with VNNI: sum((q_w + 128) q_x) - 128 sum(q_x), as
     vpdpbusd takes unsigned weights; without it, |q_w| times q_x with q_w's sign, llama.cpp's trick);
-    the d terms accumulated in one float32 vector of the 8 rows, the s_x terms in another, added
-    at the end. Each (weight row, activation row) gets the same arithmetic whatever n_rows is and
-    whichever group its weight row falls in.
+    each block's terms added in turn (Q4_1: the d term, then the m term) to one float32 vector of the
+    group's rows. (Q4_1's m terms once had a vector of their own, added at the end: with eight
+    activation rows the sixteen vectors left too few registers, and the kernel ran ~30% slower.) Each (weight row, activation row) gets the same arithmetic whatever n_rows is,
+    whichever group its weight row falls in, and whether the vectors hold 8 rows or 16.
 
     Arguments (raw, o, xq, xd, xsum, xs, j, out): raw (rows, row bytes) uint8; xq (n, in) int8; xd,
-    xs (n, in / 32) float32 and xsum int32 (see quantize_activations); out (n, 8) float32 with
+    xs (n, in / 32) float32 and xsum int32 (see quantize_activations); out (n, ROW_GROUP) float32 with
     out[j + r, i] = weight row o + i times activation row j + r (all C-contiguous)."""
     block_bytes = {Q8_0: Q8_0_BYTES, Q4_0: Q4_0_BYTES, Q4_1: Q4_1_BYTES}[qt]
 
     def codegen(context, builder, sig, args):
-        const, rows, xq, xd, xsum, xs, n_in, groups, j, out, ahead = _group_arguments(context, builder, sig, args)
-        floats, words = _vector(_F32, 8), _vector(_I32, 8)
-        zero, izero = ir.Constant(floats, [0.0] * 8), ir.Constant(words, [0] * 8)
-        d_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)]   # registers after mem2reg
-        s_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)] if qt == Q4_1 else []
-        lanes = 16 if VNNI512 else 8                    # of the weight bytes' vectors (see _block_isum)
-        transposed = _transposed_qwords if VNNI512 else _transposed_dwords
-        nibbles, four = (ir.Constant(_vector(_I32, lanes), [v] * lanes) for v in (0x0F0F0F0F, 4))
+        const, rows, xq, xd, xsum, xs, n_in, groups, j, out, ahead, col = _group_arguments(context, builder, sig, args,
+                                                                                         ROW_GROUP)
+        lanes = ROW_GROUP
+        floats, words = _vector(_F32, lanes), _vector(_I32, lanes)
+        zero, izero = ir.Constant(floats, [0.0] * lanes), ir.Constant(words, [0] * lanes)
+        acc = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)]   # registers after mem2reg
+        transposed = _transposed_dwords16 if lanes == 16 else _transposed_dwords
+        nibbles, four = (ir.Constant(words, [v] * lanes) for v in (0x0F0F0F0F, 4))
         with cgutils.for_range(builder, groups) as loop:
             g = loop.index
             p = builder.mul(g, const(block_bytes))
             at = lambda k: builder.add(p, const(k))   # noqa: E731
-            for row in rows:        # this block of the rows PREFETCH_GROUPS groups on: see _prefetch_ahead
-                _prefetch(builder, builder.gep(row, [builder.add(p, ahead)]))
+            # this block of the rows PREFETCH_GROUPS groups on (see _prefetch_ahead): a prefetch a row
+            # per block, or (Q4_0, Q4_1: two blocks are 36 or 40 bytes, under a 64-byte line) every other
+            # block, which leaves the registers and the load ports to the products
+            with builder.if_then(builder.icmp_unsigned("==", builder.and_(g, const(0 if qt == Q8_0 else 1)), const(0))):
+                for row in rows:
+                    _prefetch(builder, builder.gep(row, [builder.add(p, ahead)]))
             signs = None
             if qt == Q8_0:
                 d_w, = _halves_of_rows(builder, rows, p, 1)
@@ -827,10 +870,8 @@ def _row_group_codegen(qt, n_rows):
                 row = builder.add(j, const(r))
                 block = builder.add(builder.mul(row, groups), g)
                 base = builder.add(builder.mul(row, n_in), builder.mul(g, const(QK)))
-                xs_k = [_splat(builder, _load(builder, xq, builder.add(base, const(4 * k)), _I32), 8) for k in range(8)]
-                if VNNI512:
-                    isum = _block_isum(builder, w, xq, base)
-                elif qt != Q8_0 and AVX2 and not VNNI:
+                xs_k = [_splat(builder, _load(builder, xq, builder.add(base, const(4 * k)), _I32), lanes) for k in range(8)]
+                if qt != Q8_0 and AVX2 and not VNNI:
                     isum = _nibbles_block_dot(builder, w, xs_k)
                 else:
                     sums = [izero, izero]                      # two chains of vpdpbusd, added at the end
@@ -841,17 +882,15 @@ def _row_group_codegen(qt, n_rows):
                 if qt == Q4_0 or (qt == Q8_0 and VNNI):
                     total = builder.load(builder.gep(xsum, [block]))
                     shift = 3 if qt == Q4_0 else 7                  # 8 or 128 times the block's sum of q_x
-                    isum = builder.sub(isum, _splat(builder, builder.shl(total, ir.Constant(_I32, shift)), 8))
-                scale = builder.fmul(d_w, _splat(builder, builder.load(builder.gep(xd, [block])), 8))
-                builder.store(_multiply_add(builder, builder.sitofp(isum, floats), scale, builder.load(d_sums[r])), d_sums[r])
+                    isum = builder.sub(isum, _splat(builder, builder.shl(total, ir.Constant(_I32, shift)), lanes))
+                scale = builder.fmul(d_w, _splat(builder, builder.load(builder.gep(xd, [block])), lanes))
+                total = _multiply_add(builder, builder.sitofp(isum, floats), scale, builder.load(acc[r]))
                 if qt == Q4_1:
-                    s_x = _splat(builder, builder.load(builder.gep(xs, [block])), 8)
-                    builder.store(_multiply_add(builder, scales[1], s_x, builder.load(s_sums[r])), s_sums[r])
+                    s_x = _splat(builder, builder.load(builder.gep(xs, [block])), lanes)
+                    total = _multiply_add(builder, scales[1], s_x, total)
+                builder.store(total, acc[r])
         for r in range(n_rows):
-            total = builder.load(d_sums[r])
-            if qt == Q4_1:
-                total = builder.fadd(total, builder.load(s_sums[r]))
-            _store_rows(builder, const, out, j, r, total)
+            _store_rows(builder, const, out, j, r, col, builder.load(acc[r]))
         return context.get_dummy_value()
     return codegen
 
@@ -935,7 +974,8 @@ def _k_group_codegen(qt, n_rows):
     minus_min = qt in (Q4_K, Q5_K)
 
     def codegen(context, builder, sig, args):
-        const, rows, xq, xd, xsum, xs, n_in, groups, j, out, ahead = _group_arguments(context, builder, sig, args)
+        const, rows, xq, xd, xsum, xs, n_in, groups, j, out, ahead, col = _group_arguments(context, builder, sig, args,
+                                                                                         K_ROWS)
         floats = _vector(_F32, 8)
         zero = ir.Constant(floats, [0.0] * 8)
         lanes = 16 if VNNI512 else 8                    # of the weight bytes' vectors (see _block_isum)
@@ -1029,7 +1069,7 @@ def _k_group_codegen(qt, n_rows):
                 total = builder.fadd(halves[0], halves[1])
             else:
                 total = builder.fadd(total, builder.load(m_sums[r]))
-            _store_rows(builder, const, out, j, r, total)
+            _store_rows(builder, const, out, j, r, col, total)
         return context.get_dummy_value()
     return codegen
 
@@ -1209,12 +1249,14 @@ def _row_group_fast(kinds, qt, raw, o, xq, xd, xsum, xs, out, j0, n):
         _row_groups_q8_0(raw, o, xq, xd, xsum, xs, j0, n, out)
     elif kinds & Q4_0_BIT and qt == Q4_0:
         _row_groups_q4_0(raw, o, xq, xd, xsum, xs, j0, n, out)
-    elif kinds & Q4_K_BIT and qt == Q4_K:
-        _row_groups_q4_k(raw, o, xq, xd, xsum, xs, j0, n, out)
-    elif kinds & Q5_K_BIT and qt == Q5_K:
-        _row_groups_q5_k(raw, o, xq, xd, xsum, xs, j0, n, out)
-    elif kinds & Q6_K_BIT and qt == Q6_K:
-        _row_groups_q6_k(raw, o, xq, xd, xsum, xs, j0, n, out)
+    else:
+        for k in range(o, o + ROW_GROUP, K_ROWS):     # the K-quants' kernels: K_ROWS weight rows at a time
+            if kinds & Q4_K_BIT and qt == Q4_K:
+                _row_groups_q4_k(raw, k, xq, xd, xsum, xs, j0, n, out)
+            elif kinds & Q5_K_BIT and qt == Q5_K:
+                _row_groups_q5_k(raw, k, xq, xd, xsum, xs, j0, n, out)
+            elif kinds & Q6_K_BIT and qt == Q6_K:
+                _row_groups_q6_k(raw, k, xq, xd, xsum, xs, j0, n, out)
 
 
 STORE, ADD, GATED = 0, 1, 2     # what put_group does with a group's products

@@ -17,7 +17,7 @@ markedly faster than layer by layer (docs/performance.md). Per layer:
     every thread: quantize g; rows of w2 split: x[:, o] += (g @ w2.T)[:, o]                barrier
 
 and at the end: rmsnorm of the rows whose logits are wanted, rows of the classifier split. Rows of
-the ggml matrices are split in whole groups of ROW_GROUP (the kernels take 8 weight rows at once).
+the ggml matrices are split in whole groups of ROW_GROUP (the kernels take 8 weight rows at once, 16 with AVX512-VNNI).
 `forward_fast_for(kinds)` takes ggml weights (int8 activations, the fast path); `forward_int8` llama2.c's int8
 groups (runq.c's arithmetic); `forward_f32` float32 weights (run.c's).
 
