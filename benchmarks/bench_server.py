@@ -21,6 +21,7 @@ level, and the table gains its aggregate and our ratio to it. --llama-server sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -57,13 +58,24 @@ def request_prompt(n: int) -> str:
     return f"Request {n}: {PROMPTS[n % len(PROMPTS)]}"
 
 
+def _sent(client: httpx.Client, url: str, body: dict):
+    """The streamed response to a POST, sent again (once) when the server closed the kept-alive
+    connection it went out on before answering, as the OpenAI client retries: llama-server (cpp-httplib)
+    closes a connection after 5 requests, and a request can leave on it just as it does."""
+    try:
+        response = client.send(client.build_request("POST", url, json=body), stream=True)
+    except httpx.RemoteProtocolError:
+        response = client.send(client.build_request("POST", url, json=body), stream=True)
+    return contextlib.closing(response)
+
+
 def one_stream(client: httpx.Client, url: str, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
     """One streamed request; extra: more body fields (bench_structured_server.py's response_format)."""
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
     t0 = time.perf_counter()
     times, tokens, cached, prompt_tokens = [], 0, 0, 0
-    with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+    with _sent(client, url + "/v1/chat/completions", body) as response:
         for line in response.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 chunk = json.loads(line[6:])
@@ -164,25 +176,31 @@ def main() -> None:
         servers["peer"], urls["peer"] = start_llama_server(args.llama_server, port, max(levels)), f"http://127.0.0.1:{port}"
     elif args.peer:
         urls["peer"] = args.peer.rstrip("/")
-    # one client for every request, as an application keeps its OpenAI client: its connections are
-    # kept alive, and making an httpx client costs ~40 ms of CPU (its TLS context), which would
-    # otherwise count in every request's time to first token and take the server's cores
-    client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
+    # one client for all the requests of a level, as an application keeps its OpenAI client: its
+    # connections are kept alive, and making an httpx client costs ~40 ms of CPU (its TLS context),
+    # which would otherwise count in every request's time to first token and take the server's cores.
+    # A new one for each level: both servers close a connection idle for 5 s (uvicorn's and
+    # cpp-httplib's default), as they are while the other server's level runs, and a request sent on
+    # one just as it closes fails ("Server disconnected without sending a response").
+    def client() -> httpx.Client:
+        return httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
+
     rows = {name: [] for name in urls}
     try:
         for name, url in urls.items():
             wait_healthy(url, servers.get(name))
         n = 0                                                               # requests sent so far
         for name, url in urls.items():                                      # compile every batch shape first
-            for c in levels:
-                level(client, url, c, 4, 1, n)
-                n += c
+            with client() as c_:
+                for c in levels:
+                    level(c_, url, c, 4, 1, n)
+                    n += c
         for c in levels:                                                    # the servers alternate, level by level
             for name, url in urls.items():
-                rows[name].append(level(client, url, c, max_tokens, rounds, n))
+                with client() as c_:
+                    rows[name].append(level(c_, url, c, max_tokens, rounds, n))
                 n += c * rounds
     finally:
-        client.close()
         for server in servers.values():
             server.terminate()
             server.wait(30)

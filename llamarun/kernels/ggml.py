@@ -813,9 +813,19 @@ def _group_arguments(context, builder, sig, args, n_rows):
     return const, rows, xq, xd, xsum, xs, n_in, groups, j, out, ahead, col
 
 
-def _store_rows(builder, const, out, j, r, col, total):
-    """out[j + r, col:col + n] = total (<n x float>): one activation row's products with n weight rows."""
-    at_row = builder.gep(out, [builder.add(builder.mul(builder.add(j, const(r)), const(ROW_GROUP)), col)])
+def _activation_rows(builder, const, args, j, n_rows):
+    """The activation rows a kernel of n_rows takes from row j: j .. j + n_rows - 1, those past the last
+    (args[8], when given: a kernel run on the last few rows of a batch) read and written as the last
+    (the same value twice: each row's arithmetic is its own)."""
+    rows = [builder.add(j, const(r)) for r in range(n_rows)]
+    if len(args) > 8:
+        rows = [builder.select(builder.icmp_signed("<=", r, args[8]), r, args[8]) for r in rows]
+    return rows
+
+
+def _store_rows(builder, const, out, row, col, total):
+    """out[row, col:col + n] = total (<n x float>): one activation row's products with n weight rows."""
+    at_row = builder.gep(out, [builder.add(builder.mul(row, const(ROW_GROUP)), col)])
     store = builder.store(total, builder.bitcast(at_row, total.type.as_pointer()))
     store.align = 4
 
@@ -847,6 +857,7 @@ def _row_group_codegen(qt, n_rows):
         acc = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)]   # registers after mem2reg
         transposed = _transposed_dwords16 if lanes == 16 else _transposed_dwords
         nibbles, four = (ir.Constant(words, [v] * lanes) for v in (0x0F0F0F0F, 4))
+        x_rows = _activation_rows(builder, const, args, j, n_rows)
         with cgutils.for_range(builder, groups) as loop:
             g = loop.index
             p = builder.mul(g, const(block_bytes))
@@ -866,8 +877,7 @@ def _row_group_codegen(qt, n_rows):
                 d_w = scales[0]
                 v = transposed(builder, rows, at(block_bytes - 16))
                 w = [builder.and_(u, nibbles) for u in v] + [builder.and_(builder.lshr(u, four), nibbles) for u in v]
-            for r in range(n_rows):
-                row = builder.add(j, const(r))
+            for r, row in enumerate(x_rows):
                 block = builder.add(builder.mul(row, groups), g)
                 base = builder.add(builder.mul(row, n_in), builder.mul(g, const(QK)))
                 xs_k = [_splat(builder, _load(builder, xq, builder.add(base, const(4 * k)), _I32), lanes) for k in range(8)]
@@ -889,17 +899,26 @@ def _row_group_codegen(qt, n_rows):
                     s_x = _splat(builder, builder.load(builder.gep(xs, [block])), lanes)
                     total = _multiply_add(builder, scales[1], s_x, total)
                 builder.store(total, acc[r])
-        for r in range(n_rows):
-            _store_rows(builder, const, out, j, r, col, builder.load(acc[r]))
+        for r, row in enumerate(x_rows):
+            _store_rows(builder, const, out, row, col, builder.load(acc[r]))
         return context.get_dummy_value()
     return codegen
+
+
+# The fewest activation rows each kernel size is run on: the last rows of a batch take a bigger kernel
+# than they fill (its rows past the last computed as the last again, and not kept) where that is faster
+# than smaller kernels one after another. A decode step of SmolLM2 Q4_1 (benchmarks/bench_decode_rows.py,
+# AMD EPYC Zen 5, 16-row groups) took, as a multiple of a one-row step: 3 rows 1.60 (1 + 1 + 1), where
+# the 4-row kernel's 4 rows took 1.31; 5, 6 and 7 rows 1.67, 2.05 and 2.53 (4 + 1 + ...), where the
+# 8-row kernel's 8 took 1.97.
+FEWEST = {8: 6, 4: 3, 1: 1}
 
 
 def _row_groups_intrinsic(qt):
     """An intrinsic (raw, o, xq, xd, xsum, xs, j0, n, out): weight rows o .. o + 7 of the matrix raw (type
     qt) times activation rows j0 .. n - 1, into out as _row_group_codegen's: eight activation rows at a
-    time, then four, then one. The K-quants take eight only with 512-bit vectors: on 256-bit ones their
-    eight-row code made the first compile of the fast path over a minute longer; with 512-bit ones it
+    time, then four, then one (the last few rows by a bigger kernel where FEWEST says). The K-quants
+    take eight only with 512-bit vectors: on 256-bit ones their eight-row code made the first compile of the fast path over a minute longer; with 512-bit ones it
     costs ~15 s and runs a prompt's products ~15% faster than four rows at a time (docs/performance.md)."""
     make = _k_group_codegen if qt in (Q4_K, Q5_K, Q6_K) else _row_group_codegen
     sizes = (8, 4, 1) if VNNI512 or qt not in (Q4_K, Q5_K, Q6_K) else (4, 1)
@@ -910,22 +929,24 @@ def _row_groups_intrinsic(qt):
                 and all(isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" for t in (xq, xd, xsum, xs, out))
                 and xq.dtype == types.int8 and xsum.dtype == types.int32 and all(t.dtype == types.float32 for t in floats)):
             return None
-        group_sig = types.void(raw, o, xq, xd, xsum, xs, types.intp, out)
+        group_sig = types.void(raw, o, xq, xd, xsum, xs, types.intp, out, types.intp)
 
         def codegen(context, builder, sig, args):
             raw_v, o_v, xq_v, xd_v, xsum_v, xs_v, j0_v, n_v, out_v = args
             j = cgutils.alloca_once_value(builder, context.cast(builder, j0_v, sig.args[6], types.intp))
             n_v = context.cast(builder, n_v, sig.args[7], types.intp)
-            for size in sizes:                      # while j + size <= n: rows j .. j + size - 1; j += size
-                step = ir.Constant(n_v.type, size)
+            last = builder.sub(n_v, ir.Constant(n_v.type, 1))
+            for size in sizes:              # while n - j >= FEWEST[size]: rows j .. j + size - 1 (at most the last)
                 check, body, done = (builder.append_basic_block(f"rows{size}.{part}") for part in ("check", "body", "done"))
                 builder.branch(check)
                 builder.position_at_end(check)
-                builder.cbranch(builder.icmp_signed("<=", builder.add(builder.load(j), step), n_v), body, done)
+                left = builder.sub(n_v, builder.load(j))
+                builder.cbranch(builder.icmp_signed(">=", left, ir.Constant(n_v.type, FEWEST[size])), body, done)
                 builder.position_at_end(body)
                 at = builder.load(j)
-                make(qt, size)(context, builder, group_sig, [raw_v, o_v, xq_v, xd_v, xsum_v, xs_v, at, out_v])
-                builder.store(builder.add(at, step), j)
+                make(qt, size)(context, builder, group_sig, [raw_v, o_v, xq_v, xd_v, xsum_v, xs_v, at, out_v, last])
+                after = builder.add(at, ir.Constant(n_v.type, size))
+                builder.store(builder.select(builder.icmp_signed("<", after, n_v), after, n_v), j)
                 builder.branch(check)
                 builder.position_at_end(done)
             return context.get_dummy_value()
@@ -988,6 +1009,7 @@ def _k_group_codegen(qt, n_rows):
         d_sums = [cgutils.alloca_once_value(builder, ir.Constant(_vector(_F32, 16), [0.0] * 16) if wide_q6 else zero)
                   for _ in range(n_rows)]
         m_sums = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)] if not wide_q6 else []
+        x_rows = _activation_rows(builder, const, args, j, n_rows)
         with cgutils.for_range(builder, builder.udiv(groups, const(8))) as loop:
             b = loop.index
             p = builder.mul(b, const(block_bytes))
@@ -1031,8 +1053,7 @@ def _k_group_codegen(qt, n_rows):
             g0 = builder.mul(b, const(8))
             for s, w in subs:
                 g = builder.add(g0, const(s))
-                for r in range(n_rows):
-                    row = builder.add(j, const(r))
+                for r, row in enumerate(x_rows):
                     block = builder.add(builder.mul(row, groups), g)
                     base = builder.add(builder.mul(row, n_in), builder.mul(g, const(QK)))
                     d_x = _splat(builder, builder.load(builder.gep(xd, [block])), 8)
@@ -1060,7 +1081,7 @@ def _k_group_codegen(qt, n_rows):
                                                minus_32_sum_x=True)
                             scale = builder.fmul(scales[2 * s + half], d_x)
                             builder.store(_multiply_add(builder, builder.sitofp(isum, floats), scale, builder.load(sums[r])), sums[r])
-        for r in range(n_rows):
+        for r, row in enumerate(x_rows):
             total = builder.load(d_sums[r])
             if minus_min:
                 total = builder.fsub(total, builder.load(m_sums[r]))
@@ -1069,7 +1090,7 @@ def _k_group_codegen(qt, n_rows):
                 total = builder.fadd(halves[0], halves[1])
             else:
                 total = builder.fadd(total, builder.load(m_sums[r]))
-            _store_rows(builder, const, out, j, r, col, total)
+            _store_rows(builder, const, out, row, col, total)
         return context.get_dummy_value()
     return codegen
 
