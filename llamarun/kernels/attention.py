@@ -119,14 +119,14 @@ def _exp_fast(x):
 
 
 @numba.njit(error_model="numpy")
-def _scores(qr, k_cache, layer, seq, kv, T, scores):
+def _scores(qr, G, k_cache, layer, seq, kv, T, scores):
     """scores[g, t] = qr[g] . (key t of sequence seq's kv head kv) for t < T (and up to the end of the
-    last block), every query g.
+    last block), for the queries g < G.
 
-    qr: (G, D) the rotated queries of the heads that share this kv head; k_cache: (n_layers, n_seqs,
-    KV, blocks, D, BLOCK), layer `layer` read in place; scores: (G, >= blocks * BLOCK).
+    qr: (>= G, D) the rotated queries of the heads that share this kv head; k_cache: (n_layers, n_seqs,
+    KV, blocks, D, BLOCK), layer `layer` read in place; scores: (>= G, >= blocks * BLOCK).
     """
-    G, D, B = qr.shape[0], qr.shape[1], k_cache.shape[5]
+    D, B = qr.shape[1], k_cache.shape[5]
     # B is read from the array, not the constant BLOCK: with a trip count known at compile time
     # LLVM unrolls the position loop into scalar code; with a run-time one it vectorizes it
     for b in range((T + B - 1) // B):
@@ -229,13 +229,14 @@ def _softmax_for(cache, scores, g, T, scale, bias):
 
 
 @numba.njit(error_model="numpy")
-def _weighted_values(probs, v_cache, layer, seq, kv, T, acc):
-    """acc[g, d] = sum over t < T of probs[g, t] * values[t, d], each accumulated over t in order,
-    values = layer `layer`, sequence seq, kv head kv of v_cache (n_layers, n_seqs, KV, S, D), in place.
+def _weighted_values(probs, G, v_cache, layer, seq, kv, T, acc):
+    """acc[g, d] = sum over t < T of probs[g, t] * values[t, d] for g < G, each accumulated over t in
+    order, values = layer `layer`, sequence seq, kv head kv of v_cache (n_layers, n_seqs, KV, S, D),
+    in place.
 
-    probs: (G, >= T) the probabilities of each head of the group; acc: (G, D). SIMD across d.
+    probs: (>= G, >= T) the probabilities of each head of the group; acc: (>= G, D). SIMD across d.
     """
-    G, D = acc.shape
+    D = acc.shape[1]
     for g in range(G):
         for d in range(D):
             acc[g, d] = 0.0
@@ -315,31 +316,43 @@ def _attend(job, q, cos, sin, k_cache, v_cache, layer, seq_ids, pos, out, probs_
     """Attention of token i's query heads that share kv head kv (grouped-query: H / KV of them, heads
     kv * G .. kv * G + G - 1), job = i * KV + kv. The caches: every layer's, this one `layer`."""
     KV = k_cache.shape[2]
-    _attend_heads(job // KV, job % KV, 0, q.shape[1] // KV, q, cos, sin, k_cache, v_cache, layer, seq_ids, pos,
-                  out, probs_out, record, bias)
+    i = job // KV
+    _attend_heads(i, job % KV, 0, q.shape[1] // KV, q, cos, sin, k_cache, v_cache, layer, seq_ids, pos,
+                  out, probs_out, record, bias, _scratch(q, k_cache, pos[i] + 1))
 
 
 @numba.njit(error_model="numpy")
-def _attend_heads(i, kv, g0, g1, q, cos, sin, k_cache, v_cache, layer, seq_ids, pos, out, probs_out, record, bias):
+def _scratch(q, k_cache, T):
+    """The working arrays of _attend_heads for queries of up to T positions: (rotated queries (G, D),
+    scores then probabilities (G, key blocks * BLOCK), weighted values (G, D)), G the query heads per kv
+    head. Made once per call of the kernels, not per job: a decode step of 8 tokens is 720 jobs, and
+    their 2160 small allocations took longer than the jobs' arithmetic (docs/performance.md)."""
+    G, D = q.shape[1] // k_cache.shape[2], q.shape[2]
+    return (np.empty((G, D), np.float32), np.empty((G, key_blocks(T) * BLOCK), np.float32),
+            np.empty((G, D), np.float32))
+
+
+@numba.njit(error_model="numpy")
+def _attend_heads(i, kv, g0, g1, q, cos, sin, k_cache, v_cache, layer, seq_ids, pos, out, probs_out, record, bias,
+                  scratch):
     """Attention of token i's query heads kv * G + g for g0 <= g < g1 (some or all of the G heads that
     share kv head kv). Each head's arithmetic is its own (the heads only share the reading of the
-    keys and values), so it does not depend on which others are computed with it."""
+    keys and values), so it does not depend on which others are computed with it. scratch: _scratch's
+    arrays for at least token i's positions."""
     n, H, D = q.shape
     KV = k_cache.shape[2]
     G, count = H // KV, g1 - g0
     first = kv * G + g0                                          # the first head computed
     seq, T = seq_ids[i], pos[i] + 1
-    qr = np.empty((count, D), np.float32)                        # the rotated queries
-    scores = np.empty((count, key_blocks(T) * BLOCK), np.float32)  # scores, then probabilities
-    acc = np.empty((count, D), np.float32)
+    qr, scores, acc = scratch                                    # rotated queries; scores, then probabilities
     for g in range(count):
         for j in range(D // 2):
             d0, d1 = _pair(cos, D, j)
             qr[g, d0], qr[g, d1] = _rotate(q, i, first + g, cos, sin, j)
-    _scores(qr, k_cache, layer, seq, kv, T, scores)
+    _scores(qr, count, k_cache, layer, seq, kv, T, scores)
     for g in range(count):
         _softmax(k_cache, scores, g, T, np.float32(math.sqrt(np.float32(D))), bias)
-    _weighted_values(scores, v_cache, layer, seq, kv, T, acc)
+    _weighted_values(scores, count, v_cache, layer, seq, kv, T, acc)
     for g in range(count):
         for d in range(D):
             out[i, first + g, d] = acc[g, d]
@@ -357,12 +370,17 @@ def attend_heads_range(start, stop, q, cos, sin, k_cache, v_cache, layer, seq_id
     H, KV = q.shape[1], k_cache.shape[2]
     G = H // KV
     no_probs, no_bias = np.empty((1, 1, 1), np.float32), np.empty(0, np.float32)
+    longest = 0
+    for f in range(start, stop):
+        longest = max(longest, pos[f // H] + 1)
+    scratch = _scratch(q, k_cache, longest)
     f = start
     while f < stop:
         i, h = f // H, f % H
         kv, g0 = h // G, h % G
         g1 = min(G, g0 + stop - f)
-        _attend_heads(i, kv, g0, g1, q, cos, sin, k_cache, v_cache, layer, seq_ids, pos, out, no_probs, False, no_bias)
+        _attend_heads(i, kv, g0, g1, q, cos, sin, k_cache, v_cache, layer, seq_ids, pos, out, no_probs, False, no_bias,
+                      scratch)
         f += g1 - g0
 
 
