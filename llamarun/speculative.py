@@ -52,9 +52,10 @@ DEFAULT_DRAFT_MAX = 8   # tokens a draft holds at most, unless told
 ROW_COST = 0.35
 FIRST_PAUSE, LONGEST_PAUSE = 4, 64     # steps without drafting after a draft that did not pay, doubling
 # The int8 kernels take a forward's rows in blocks (kernels/ggml.py: eight rows at a time, then four,
-# then one), so 4 or 8 rows cost less than 3 or 7 (SmolLM2 Q4_1, a one-row step's time: 3 rows 1.93x,
-# 4 rows 1.67x, 7 rows 3.22x, 8 rows 2.98x, 9 rows 3.48x; docs/performance.md). So draft lengths are
-# fitted to the blocks (Speculation._fit).
+# then one; the last 3 rows by the 4-row kernel, the last 6 or 7 by the 8-row one), so 3 rows cost what
+# 4 do, 7 what 8 do, and 5 or 9 rows more than 4 or 8 (SmolLM2 Q4_1, a one-row step's time: 4 rows
+# 1.31-1.70x, 5 rows 1.67-2.28x, 8 rows 1.97-2.70x, 9 rows 2.46-3.41x; docs/performance.md). So draft
+# lengths are fitted to the blocks (Speculation._fit).
 ROW_BLOCK = 4
 
 
