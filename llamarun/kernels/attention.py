@@ -325,8 +325,9 @@ def _attend(job, q, cos, sin, k_cache, v_cache, layer, seq_ids, pos, out, probs_
 def _scratch(q, k_cache, T):
     """The working arrays of _attend_heads for queries of up to T positions: (rotated queries (G, D),
     scores then probabilities (G, key blocks * BLOCK), weighted values (G, D)), G the query heads per kv
-    head. Made once per call of the kernels, not per job: a decode step of 8 tokens is 720 jobs, and
-    their 2160 small allocations took longer than the jobs' arithmetic (docs/performance.md)."""
+    head. The one-call forward's attention (attend_heads_range) makes them once per call, not per job:
+    a decode step of 8 tokens is 720 jobs, and their 2160 small allocations took ~30% of its attention's
+    time (docs/performance.md). (The per-kernel entry points below still make them per job.)"""
     G, D = q.shape[1] // k_cache.shape[2], q.shape[2]
     return (np.empty((G, D), np.float32), np.empty((G, key_blocks(T) * BLOCK), np.float32),
             np.empty((G, D), np.float32))

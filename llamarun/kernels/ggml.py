@@ -831,8 +831,8 @@ def _store_rows(builder, const, out, row, col, total):
 
 
 def _row_group_codegen(qt, n_rows):
-    """Code for weight rows o .. o + ROW_GROUP - 1 of a matrix of type qt (Q8_0, Q4_0, Q4_1), rows past its end
-    read as its last row, times rows j .. j + n_rows - 1 of the quantized activations; per block g:
+    """Code for weight rows o .. o + ROW_GROUP - 1 of a matrix of type qt (Q8_0, Q4_0, Q4_1), rows past
+    its end read as its last row, times rows j .. j + n_rows - 1 of the quantized activations; per block g:
         Q8_0  d_w d_x[g] sum(q_w q_x)
         Q4_0  d_w d_x[g] (sum(n_w q_x) - 8 sum(q_x))
         Q4_1  d_w d_x[g] sum(n_w q_x) + m_w s_x[g]
@@ -840,8 +840,9 @@ def _row_group_codegen(qt, n_rows):
     vpdpbusd takes unsigned weights; without it, |q_w| times q_x with q_w's sign, llama.cpp's trick);
     each block's terms added in turn (Q4_1: the d term, then the m term) to one float32 vector of the
     group's rows. (Q4_1's m terms once had a vector of their own, added at the end: with eight
-    activation rows the sixteen vectors left too few registers, and the kernel ran ~30% slower.) Each (weight row, activation row) gets the same arithmetic whatever n_rows is,
-    whichever group its weight row falls in, and whether the vectors hold 8 rows or 16.
+    activation rows the sixteen vectors left too few registers, and the kernel ran ~30% slower.) Each
+    (weight row, activation row) gets the same arithmetic whatever n_rows is, whichever group its
+    weight row falls in, and whether the vectors hold 8 rows or 16.
 
     Arguments (raw, o, xq, xd, xsum, xs, j, out): raw (rows, row bytes) uint8; xq (n, in) int8; xd,
     xs (n, in / 32) float32 and xsum int32 (see quantize_activations); out (n, ROW_GROUP) float32 with
@@ -880,7 +881,8 @@ def _row_group_codegen(qt, n_rows):
             for r, row in enumerate(x_rows):
                 block = builder.add(builder.mul(row, groups), g)
                 base = builder.add(builder.mul(row, n_in), builder.mul(g, const(QK)))
-                xs_k = [_splat(builder, _load(builder, xq, builder.add(base, const(4 * k)), _I32), lanes) for k in range(8)]
+                xs_k = [_splat(builder, _load(builder, xq, builder.add(base, const(4 * k)), _I32), lanes)
+                        for k in range(8)]
                 if qt != Q8_0 and AVX2 and not VNNI:
                     isum = _nibbles_block_dot(builder, w, xs_k)
                 else:
@@ -915,11 +917,12 @@ FEWEST = {8: 6, 4: 3, 1: 1}
 
 
 def _row_groups_intrinsic(qt):
-    """An intrinsic (raw, o, xq, xd, xsum, xs, j0, n, out): weight rows o .. o + 7 of the matrix raw (type
-    qt) times activation rows j0 .. n - 1, into out as _row_group_codegen's: eight activation rows at a
-    time, then four, then one (the last few rows by a bigger kernel where FEWEST says). The K-quants
-    take eight only with 512-bit vectors: on 256-bit ones their eight-row code made the first compile of the fast path over a minute longer; with 512-bit ones it
-    costs ~15 s and runs a prompt's products ~15% faster than four rows at a time (docs/performance.md)."""
+    """An intrinsic (raw, o, xq, xd, xsum, xs, j0, n, out): weight rows o .. o + ROW_GROUP - 1 (K-quants:
+    o .. o + 7) of the matrix raw (type qt) times activation rows j0 .. n - 1, into out as
+    _row_group_codegen's: eight activation rows at a time, then four, then one (the last few rows by a
+    bigger kernel where FEWEST says). The K-quants take eight only with 512-bit vectors: on 256-bit ones
+    their eight-row code made the first compile of the fast path over a minute longer; with 512-bit ones
+    it costs ~15 s and runs a prompt's products ~15% faster than four rows at a time (docs/performance.md)."""
     make = _k_group_codegen if qt in (Q4_K, Q5_K, Q6_K) else _row_group_codegen
     sizes = (8, 4, 1) if VNNI512 or qt not in (Q4_K, Q5_K, Q6_K) else (4, 1)
 
