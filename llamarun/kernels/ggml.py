@@ -1283,6 +1283,14 @@ def _row_group_fast(kinds, qt, raw, o, xq, xd, xsum, xs, out, j0, n):
                 _row_groups_q6_k(raw, k, xq, xd, xsum, xs, j0, n, out)
 
 
+# _row_group_fast as a function of its own, called rather than inlined, for the fused products of the
+# layer-by-layer path below (matvec3_fast, swiglu_fast: inspection and the per-kernel tests, never the
+# one-call forward). They take every type, and each inlined copy compiled the group kernels of all six
+# again; one called copy serves both. (The one-call forward inlines _row_group_fast for its own types
+# only, kernels/step.py; called there it made a decode step slower.)
+_row_group_called = numba.njit(_row_group_fast.py_func)
+
+
 STORE, ADD, GATED = 0, 1, 2     # what put_group does with a group's products
 
 
@@ -1402,7 +1410,7 @@ def matvec3_fast(qts, raws, x, outs):
         for r in range(start, stop):
             i, group = _part(r, ga, gb)
             o = group * ROW_GROUP
-            _row_group_fast(ALL_KINDS, qts[i], raws[i], o, xq, xd, xsum, xs, block, 0, n)
+            _row_group_called(ALL_KINDS, qts[i], raws[i], o, xq, xd, xsum, xs, block, 0, n)
             put_group(block, outs[i], o, STORE, 0, n)
 
 
@@ -1437,9 +1445,9 @@ def swiglu_fast(qts, raws, x, out):
         block = np.empty((n, ROW_GROUP), np.float32)
         start, stop = group_range(t, tasks, rows)
         for o in range(start, stop, ROW_GROUP):      # the gate's products into out, then times the up's
-            _row_group_fast(ALL_KINDS, qts[0], raws[0], o, xq, xd, xsum, xs, block, 0, n)
+            _row_group_called(ALL_KINDS, qts[0], raws[0], o, xq, xd, xsum, xs, block, 0, n)
             put_group(block, out, o, STORE, 0, n)
-            _row_group_fast(ALL_KINDS, qts[1], raws[1], o, xq, xd, xsum, xs, block, 0, n)
+            _row_group_called(ALL_KINDS, qts[1], raws[1], o, xq, xd, xsum, xs, block, 0, n)
             put_group(block, out, o, GATED, 0, n)
 
 
