@@ -14,12 +14,12 @@ Speed without reordering any sum:
 - Keys are cached in blocks of BLOCK positions, each block stored transposed, (head_dim, BLOCK).
   The score loop runs over d outside and over the block's positions inside: each score is still
   summed d = 0..D-1 in float32, but the positions of a block are independent sums over contiguous
-  memory, 8 per SIMD instruction, with no remainder loop (the block is padded; scores past the
-  last position are computed and ignored). A block of keys is contiguous (8 KB at head_dim 64),
-  so a decode step reads the keys as a few sequential streams, and a fresh cache only touches the
-  pages of the blocks in use.
-- Four consecutive terms of a sum are added in one pass (`s += q0 k0; s += q1 k1; ...`, still in
-  order), so each partial sum is loaded and stored once per four terms instead of every term.
+  memory, a block's 32 in one or two SIMD registers, with no remainder loop (the block is padded;
+  scores past the last position are computed and ignored). A block of keys is contiguous (8 KB at
+  head_dim 64), so a decode step reads the keys as a few sequential streams, and a fresh cache only
+  touches the pages of the blocks in use.
+- The partial sums stay in vector registers for a whole sum (see "scores and weighted values"
+  below): written in LLVM IR, as numba's loops sent them to memory and back every few terms.
 - A job is a token and one kv head, with all the query heads that share it (grouped-query
   attention: 3 in SmolLM2): they read the same keys and values, while those are in L1, and each
   score's chain of additions is interleaved with the other heads' (the sums are chains of
@@ -38,8 +38,11 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from . import cpu
+from .ggml import _splat
 from .half import float_to_half, half_to_float
 
 BLOCK = 32   # positions per key block (16 measured slower in the prefill, 64 no faster)
@@ -118,39 +121,160 @@ def _exp_fast(x):
     return y * _float_of_bits((np.int32(n) + 127) << 23)
 
 
+# ----------------------------------------------------------------------------------------------
+# scores and weighted values, their sums kept in vector registers
+#
+# Each score is a sum over d = 0..D-1 and each weighted value a sum over t = 0..T-1, added in that
+# order in float32, a multiply and then an add (run.c's arithmetic, not a fused multiply-add). The
+# loops below keep those orders; what they change is where the partial sums live. Written as numba
+# loops, the partial sums of a block of positions went to memory and back every few terms and each
+# key was widened again for every head of its group: a decode step of 8 tokens spent a fifth of its
+# time in attention, at under a tenth of the core's multiply-add rate. Here the sums of up to
+# HEADS heads (and, for one head, two key blocks) are vectors that stay in registers for the whole
+# sum, each key or value row is loaded and widened once for all the heads reading it, and the many
+# independent sums hide the latency of each add. The results are the same, bit for bit, as the
+# plain loops' (tests/test_attention.py checks them against a scalar loop in the same order).
+
+HEADS = 4 if cpu._TARGET["avx512f"] else 2     # heads summed at once: as many vectors as the registers hold
+VALUE_LANES = 64 if cpu._TARGET["avx512f"] else 32   # a value row's columns summed at once
+
+
+def _cache_row(builder, cache_type, pointer, lanes):
+    """<lanes x float> of the cache's elements at `pointer` (float32, or half bits widened: exact)."""
+    if cache_type.dtype == types.uint16:
+        bits = builder.load(builder.bitcast(pointer, ir.VectorType(ir.IntType(16), lanes).as_pointer()), align=2)
+        return half_to_float(builder, bits)
+    return builder.load(builder.bitcast(pointer, ir.VectorType(ir.FloatType(), lanes).as_pointer()), align=4)
+
+
+def _sums_loop(context, builder, count, n_sums, lanes, step):
+    """Run `step(builder, i, sums) -> sums` for i = 0..count-1 over n_sums <lanes x float> sums that
+    start at zero (allocas LLVM keeps in registers); -> the final sums."""
+    vector_type = ir.VectorType(ir.FloatType(), lanes)
+    slots = [cgutils.alloca_once(builder, vector_type) for _ in range(n_sums)]
+    for slot in slots:
+        builder.store(ir.Constant(vector_type, [0.0] * lanes), slot)
+    with cgutils.for_range(builder, count) as loop:
+        sums = step(builder, loop.index, [builder.load(slot) for slot in slots])
+        for slot, value in zip(slots, sums):
+            builder.store(value, slot)
+    return [builder.load(slot) for slot in slots]
+
+
+def _store_vector(builder, pointer, value):
+    builder.store(value, builder.bitcast(pointer, value.type.as_pointer()), align=4)
+
+
+@intrinsic
+def _block_scores(typingctx, heads, blocks, qr, q0, keys, k0, D, scores, s0, stride):
+    """scores[s0 + g * stride + t] = qr[q0 + g * D + :] . key t, for g < heads, t < blocks * BLOCK: the
+    keys of `blocks` consecutive blocks, the first at flat element k0 of `keys` (a block: (D, BLOCK)
+    transposed keys), summed d = 0..D-1 in order. heads, blocks: literals (the number of sums, fixed
+    at compile time). All offsets are flat element indices into C-contiguous arrays."""
+    if not (isinstance(heads, types.IntegerLiteral) and isinstance(blocks, types.IntegerLiteral)):
+        return None
+    H, NB = heads.literal_value, blocks.literal_value
+
+    def codegen(context, builder, sig, args):
+        _, _, qr_, q0_, keys_, k0_, D_, scores_, s0_, stride_ = args
+        qr_p = context.make_array(sig.args[2])(context, builder, value=qr_).data
+        k_p = context.make_array(sig.args[4])(context, builder, value=keys_).data
+        s_p = context.make_array(sig.args[7])(context, builder, value=scores_).data
+        block_elements = builder.mul(D_, ir.Constant(ir.IntType(64), BLOCK))
+
+        def step(builder, d, sums):
+            rows = [_cache_row(builder, sig.args[4], builder.gep(k_p, [builder.add(
+                        builder.add(k0_, builder.mul(ir.Constant(ir.IntType(64), b), block_elements)),
+                        builder.mul(d, ir.Constant(ir.IntType(64), BLOCK)))]), BLOCK) for b in range(NB)]
+            out = []
+            for g in range(H):
+                qv = builder.load(builder.gep(qr_p, [builder.add(builder.add(q0_, builder.mul(ir.Constant(ir.IntType(64), g), D_)), d)]))
+                qs = _splat(builder, qv, BLOCK)
+                for b in range(NB):
+                    out.append(builder.fadd(sums[g * NB + b], builder.fmul(qs, rows[b])))
+            return out
+        sums = _sums_loop(context, builder, D_, H * NB, BLOCK, step)
+        for g in range(H):
+            for b in range(NB):
+                offset = builder.add(builder.add(s0_, builder.mul(ir.Constant(ir.IntType(64), g), stride_)),
+                                     ir.Constant(ir.IntType(64), b * BLOCK))
+                _store_vector(builder, builder.gep(s_p, [offset]), sums[g * NB + b])
+        return context.get_dummy_value()
+    return types.void(heads, blocks, qr, types.int64, keys, types.int64, types.int64, scores, types.int64,
+                      types.int64), codegen
+
+
+@intrinsic
+def _rows_weighted(typingctx, heads, lanes, probs, p0, pstride, values, v0, vstride, T, acc, a0, astride):
+    """acc[a0 + g * astride + c] = sum over t < T, in order, of probs[p0 + g * pstride + t] *
+    values[v0 + t * vstride + c], for g < heads, c < lanes (heads, lanes: literals). Flat element
+    offsets into C-contiguous arrays; values float32 or half bits."""
+    if not (isinstance(heads, types.IntegerLiteral) and isinstance(lanes, types.IntegerLiteral)):
+        return None
+    H, L = heads.literal_value, lanes.literal_value
+
+    def codegen(context, builder, sig, args):
+        _, _, probs_, p0_, pstride_, values_, v0_, vstride_, T_, acc_, a0_, astride_ = args
+        p_p = context.make_array(sig.args[2])(context, builder, value=probs_).data
+        v_p = context.make_array(sig.args[5])(context, builder, value=values_).data
+        a_p = context.make_array(sig.args[9])(context, builder, value=acc_).data
+        i64 = ir.IntType(64)
+
+        def step(builder, t, sums):
+            row = _cache_row(builder, sig.args[5], builder.gep(v_p, [builder.add(v0_, builder.mul(t, vstride_))]), L)
+            out = []
+            for g in range(H):
+                pv = builder.load(builder.gep(p_p, [builder.add(builder.add(p0_, builder.mul(ir.Constant(i64, g), pstride_)), t)]))
+                out.append(builder.fadd(sums[g], builder.fmul(_splat(builder, pv, L), row)))
+            return out
+        sums = _sums_loop(context, builder, T_, H, L, step)
+        for g in range(H):
+            offset = builder.add(a0_, builder.mul(ir.Constant(i64, g), astride_))
+            _store_vector(builder, builder.gep(a_p, [offset]), sums[g])
+        return context.get_dummy_value()
+    return types.void(heads, lanes, probs, types.int64, types.int64, values, types.int64, types.int64, types.int64,
+                      acc, types.int64, types.int64), codegen
+
+
+@numba.njit(inline="always")
+def _block_scores_of(count, qr, g, k_cache, k0, D, scores, t0):
+    """_block_scores for heads g .. g + count - 1 (count <= HEADS) of one key block (two for one head)."""
+    stride = scores.shape[1]
+    if count >= 4 and HEADS >= 4:
+        _block_scores(4, 1, qr, g * D, k_cache, k0, D, scores, g * stride + t0, stride)
+    elif count == 3 and HEADS >= 3:
+        _block_scores(3, 1, qr, g * D, k_cache, k0, D, scores, g * stride + t0, stride)
+    elif count >= 2:
+        _block_scores(2, 1, qr, g * D, k_cache, k0, D, scores, g * stride + t0, stride)
+    else:
+        _block_scores(1, 1, qr, g * D, k_cache, k0, D, scores, g * stride + t0, stride)
+
+
 @numba.njit(error_model="numpy")
 def _scores(qr, G, k_cache, layer, seq, kv, T, scores):
     """scores[g, t] = qr[g] . (key t of sequence seq's kv head kv) for t < T (and up to the end of the
-    last block), for the queries g < G.
+    last block), for the queries g < G, each summed over d in order (see _block_scores).
 
     qr: (>= G, D) the rotated queries of the heads that share this kv head; k_cache: (n_layers, n_seqs,
     KV, blocks, D, BLOCK), layer `layer` read in place; scores: (>= G, >= blocks * BLOCK).
     """
-    D, B = qr.shape[1], k_cache.shape[5]
-    # B is read from the array, not the constant BLOCK: with a trip count known at compile time
-    # LLVM unrolls the position loop into scalar code; with a run-time one it vectorizes it
-    for b in range((T + B - 1) // B):
-        t0 = b * B
-        for g in range(G):
-            for t in range(t0, t0 + B):
-                scores[g, t] = 0.0
-        d = 0
-        while d + 4 <= D:       # four terms per pass, added in order d, d+1, d+2, d+3
-            for g in range(G):  # the heads of a group read the same keys while they are in L1
-                q0, q1, q2, q3 = qr[g, d], qr[g, d + 1], qr[g, d + 2], qr[g, d + 3]
-                for tt in range(B):
-                    s = scores[g, t0 + tt]
-                    s += q0 * _widen(k_cache[layer, seq, kv, b, d, tt])
-                    s += q1 * _widen(k_cache[layer, seq, kv, b, d + 1, tt])
-                    s += q2 * _widen(k_cache[layer, seq, kv, b, d + 2, tt])
-                    s += q3 * _widen(k_cache[layer, seq, kv, b, d + 3, tt])
-                    scores[g, t0 + tt] = s
-            d += 4
-        while d < D:
-            for g in range(G):
-                for tt in range(B):
-                    scores[g, t0 + tt] += qr[g, d] * _widen(k_cache[layer, seq, kv, b, d, tt])
-            d += 1
+    D = qr.shape[1]
+    _, S, KVH, NBL, _, B = k_cache.shape
+    n_blocks = (T + B - 1) // B
+    base = (((layer * S + seq) * KVH + kv) * NBL) * D * B       # block 0's first key, flat
+    stride = scores.shape[1]
+    g = 0
+    while g < G:
+        count = min(G - g, HEADS)
+        b = 0
+        if count == 1:          # one head: two blocks at a time, four sums in flight
+            while b + 2 <= n_blocks:
+                _block_scores(1, 2, qr, g * D, k_cache, base + b * D * B, D, scores, g * stride + b * B, stride)
+                b += 2
+        while b < n_blocks:
+            _block_scores_of(count, qr, g, k_cache, base + b * D * B, D, scores, b * B)
+            b += 1
+        g += count
 
 
 @numba.njit(error_model="numpy")
@@ -228,35 +352,52 @@ def _softmax_for(cache, scores, g, T, scale, bias):
     return lambda cache, scores, g, T, scale, bias: _softmax_exact(scores, g, T, scale, bias)
 
 
+@numba.njit(inline="always")
+def _rows_weighted_of(count, lanes, probs, g, v_cache, v0, D, T, acc, c):
+    """_rows_weighted for heads g .. g + count - 1 (count <= HEADS), columns c .. c + lanes - 1."""
+    ps, a_s = probs.shape[1], acc.shape[1]
+    if count >= 4 and HEADS >= 4:
+        _rows_weighted(4, lanes, probs, g * ps, ps, v_cache, v0 + c, D, T, acc, g * a_s + c, a_s)
+    elif count == 3 and HEADS >= 3:
+        _rows_weighted(3, lanes, probs, g * ps, ps, v_cache, v0 + c, D, T, acc, g * a_s + c, a_s)
+    elif count >= 2:
+        _rows_weighted(2, lanes, probs, g * ps, ps, v_cache, v0 + c, D, T, acc, g * a_s + c, a_s)
+    else:
+        _rows_weighted(1, lanes, probs, g * ps, ps, v_cache, v0 + c, D, T, acc, g * a_s + c, a_s)
+
+
 @numba.njit(error_model="numpy")
 def _weighted_values(probs, G, v_cache, layer, seq, kv, T, acc):
     """acc[g, d] = sum over t < T of probs[g, t] * values[t, d] for g < G, each accumulated over t in
     order, values = layer `layer`, sequence seq, kv head kv of v_cache (n_layers, n_seqs, KV, S, D),
     in place.
 
-    probs: (>= G, >= T) the probabilities of each head of the group; acc: (>= G, D). SIMD across d.
+    probs: (>= G, >= T) the probabilities of each head of the group; acc: (>= G, D). Columns in
+    vectors of VALUE_LANES (then 32, 16: head sizes are multiples of 16), the rest one at a time.
     """
     D = acc.shape[1]
-    for g in range(G):
-        for d in range(D):
-            acc[g, d] = 0.0
-    t = 0
-    while t + 4 <= T:           # four terms per pass, added in order t, t+1, t+2, t+3
-        for g in range(G):
-            a0, a1, a2, a3 = probs[g, t], probs[g, t + 1], probs[g, t + 2], probs[g, t + 3]
-            for d in range(D):
-                o = acc[g, d]
-                o += a0 * _widen(v_cache[layer, seq, kv, t, d])
-                o += a1 * _widen(v_cache[layer, seq, kv, t + 1, d])
-                o += a2 * _widen(v_cache[layer, seq, kv, t + 2, d])
-                o += a3 * _widen(v_cache[layer, seq, kv, t + 3, d])
-                acc[g, d] = o
-        t += 4
-    while t < T:
-        for g in range(G):
-            for d in range(D):
-                acc[g, d] += probs[g, t] * _widen(v_cache[layer, seq, kv, t, d])
-        t += 1
+    _, S, KVH, SL, _ = v_cache.shape
+    v0 = ((layer * S + seq) * KVH + kv) * SL * D                # value row 0, flat
+    g = 0
+    while g < G:
+        count = min(G - g, HEADS)
+        c = 0
+        while c + VALUE_LANES <= D:
+            _rows_weighted_of(count, VALUE_LANES, probs, g, v_cache, v0, D, T, acc, c)
+            c += VALUE_LANES
+        while c + 32 <= D:
+            _rows_weighted_of(count, 32, probs, g, v_cache, v0, D, T, acc, c)
+            c += 32
+        while c + 16 <= D:
+            _rows_weighted_of(count, 16, probs, g, v_cache, v0, D, T, acc, c)
+            c += 16
+        for h in range(g, g + count):
+            for d in range(c, D):
+                a = np.float32(0.0)
+                for t in range(T):
+                    a += probs[h, t] * _widen(v_cache[layer, seq, kv, t, d])
+                acc[h, d] = a
+        g += count
 
 
 @numba.njit(inline="always")
