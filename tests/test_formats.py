@@ -1,5 +1,7 @@
 """llama2.c checkpoint reading: shapes, memory mapping, and refusal of bad files."""
+import os
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -132,3 +134,26 @@ def test_foreign_files_are_refused(tmp_path):
         load_checkpoint(str(tmp_path / "missing.bin"))
     with pytest.raises(LlamarunError, match="directory"):
         load_checkpoint(str(tmp_path))
+
+
+def test_a_freshly_written_model_is_mapped_in_2_mib_pages_once_read(tmp_path):
+    """formats/pages.py: a file just copied sits in the page cache in small pieces; its first load has
+    them read again as 2 MiB pages, and a second load finds them so. Skipped where this kernel or file
+    system cannot map a file in huge pages (then map_file leaves the map as it is)."""
+    import shutil
+    from llamarun.formats import llama2c, pages
+    path = tmp_path / "copy.bin"
+    shutil.copyfile(require(MODELS / "tiny_gqa.bin"), path)         # 8.8 MB, written now: small folios
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())            # written back: clean pages, which the page cache can drop
+        if not (sys.platform.startswith("linux") and pages._transparent_huge_pages()
+                and pages._file_system(f.fileno()) in pages.LARGE_FOLIO_FILE_SYSTEMS):
+            pytest.skip("no huge pages for files here (kernel setting, file system or OS)")
+    for load in ("first", "second"):
+        checkpoint = llama2c.load(str(path))
+        address = pages._address(checkpoint._mapping)
+        if address % pages.HUGE:
+            pytest.skip("the kernel did not align the file's map to 2 MiB")
+        int(np.frombuffer(checkpoint._mapping, np.uint8)[::4096].sum())  # read every page, as a forward does
+        assert pages._huge_mapped_kb(address) >= 2 * pages.HUGE // 1024, load
+        del checkpoint

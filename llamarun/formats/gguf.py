@@ -50,6 +50,7 @@ from ..config import ModelConfig
 from ..errors import LlamarunError
 from ..tensors import GGML_TYPES, GGMLTensor
 from . import GGUF_MAGIC as MAGIC, MAX_HEADER_VALUE
+from .pages import map_file
 SUPPORTED_VERSIONS = (2, 3)     # version 1 had 32-bit counts and lengths; llama.cpp dropped it too
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4                    # GGML_MAX_DIMS
@@ -307,7 +308,7 @@ def _map_file(path: str) -> mmap.mmap:
             if os.fstat(f.fileno()).st_size < 24:      # magic, version and the two counts
                 raise LlamarunError(f"{path} is truncated: {os.fstat(f.fileno()).st_size} bytes is "
                                     "too small for a GGUF header")
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            return map_file(f)
     except OSError as e:
         raise LlamarunError(f"cannot read model file {path}: {e.strerror}") from None
 

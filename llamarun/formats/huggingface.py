@@ -52,6 +52,7 @@ from ..config import ModelConfig, llama3_rope_factors
 from ..errors import LlamarunError
 from ..tensors import GGMLTensor
 from .gguf import check_complete, expected_shapes
+from .pages import map_file
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
@@ -287,7 +288,7 @@ def open_safetensors(path: str) -> SafetensorsFile:
     check_with_safetensors(path)
     try:
         with open(path, "rb") as f:
-            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            mapping = map_file(f)
     except (OSError, ValueError) as e:
         raise LlamarunError(f"cannot map {path}: {getattr(e, 'strerror', None) or e}") from None
     (header_length,) = struct.unpack_from("<Q", mapping, 0)

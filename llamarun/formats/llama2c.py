@@ -22,6 +22,7 @@ from ..config import ModelConfig
 from ..errors import LlamarunError
 from ..tensors import GroupQuantized
 from . import MAX_HEADER_VALUE
+from .pages import map_file
 
 MAGIC = 0x616B3432            # "ak42" read as a little-endian uint32
 BOS, EOS = 1, 2               # run.c's fixed ids: every llama2.c vocabulary holds them
@@ -53,7 +54,7 @@ def load(path: str) -> Llama2cCheckpoint:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(VERSIONED_HEADER_BYTES)
-            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+            mapping = map_file(f) if size else None
     except OSError as e:
         raise LlamarunError(f"cannot read checkpoint {path}: {e.strerror}") from None
     if len(head) < LEGACY_HEADER_BYTES:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import LlamarunError
+from .pages import map_file
 
 # torch's storage types, as their persistent ids name them -> (torch's dtype name, numpy dtype of
 # the stored values); bfloat16's values are its raw bits
@@ -130,7 +131,7 @@ def load(path: str) -> PthFile:
         with open(path, "rb") as f:
             head = f.read(4)
             size = os.fstat(f.fileno()).st_size
-            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+            mapping = map_file(f) if size else None
     except OSError as e:
         raise LlamarunError(f"cannot read {path}: {e.strerror}") from None
     if head != ZIP_MAGIC:
