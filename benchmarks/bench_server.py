@@ -171,11 +171,6 @@ def main() -> None:
     servers, urls = {}, {}                                  # name -> the process we started, its URL
     port = free_port()
     servers["llamarun"], urls["llamarun"] = start_llamarun(port, max(levels)), f"http://127.0.0.1:{port}"
-    if args.llama_server:
-        port = free_port()
-        servers["peer"], urls["peer"] = start_llama_server(args.llama_server, port, max(levels)), f"http://127.0.0.1:{port}"
-    elif args.peer:
-        urls["peer"] = args.peer.rstrip("/")
     # one client for all the requests of a level, as an application keeps its OpenAI client: its
     # connections are kept alive, and making an httpx client costs ~40 ms of CPU (its TLS context),
     # which would otherwise count in every request's time to first token and take the server's cores.
@@ -185,8 +180,14 @@ def main() -> None:
     def client() -> httpx.Client:
         return httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
 
-    rows = {name: [] for name in urls}
-    try:
+    try:           # (the peer starts in here: our server is stopped if it cannot start)
+        if args.llama_server:
+            port = free_port()
+            servers["peer"], urls["peer"] = (start_llama_server(args.llama_server, port, max(levels)),
+                                             f"http://127.0.0.1:{port}")
+        elif args.peer:
+            urls["peer"] = args.peer.rstrip("/")
+        rows = {name: [] for name in urls}
         for name, url in urls.items():
             wait_healthy(url, servers.get(name))
         n = 0                                                               # requests sent so far
