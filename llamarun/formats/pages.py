@@ -2,9 +2,9 @@
 
 Why: a decode step streams every weight once. In 4 KiB pages that stream crosses a page boundary
 every 4 KiB: a TLB miss each time, and a stop for the hardware prefetcher, which does not cross
-pages. In 2 MiB pages the same products streamed ~10% faster (s110M's float32 products, 44 -> 49
-GB/s), and SmolLM2's decode ran 4% faster (docs/performance.md): the pages numpy's own large arrays
-get, and so the benchmarks' bandwidth bound.
+pages. In 2 MiB pages a token's products streamed about a tenth faster, and SmolLM2's decode a few
+percent (docs/performance.md): the pages numpy's own large arrays get, and so the benchmarks'
+bandwidth bound.
 
 The weights stay where they are, in the page cache, shared with every process that maps the file;
 what changes is the size of the page cache's pieces (folios). Linux (6.x, on ext4 and xfs) maps a
