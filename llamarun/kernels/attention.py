@@ -135,8 +135,8 @@ def _exp_fast(x):
 # independent sums hide the latency of each add. The results are the same, bit for bit, as the
 # plain loops' (tests/test_attention.py checks them against a scalar loop in the same order).
 
-HEADS = 4 if cpu._TARGET["avx512f"] else 2     # heads summed at once: as many vectors as the registers hold
-VALUE_LANES = 64 if cpu._TARGET["avx512f"] else 32   # a value row's columns summed at once
+HEADS = 4 if cpu.AVX512 else 2     # heads summed at once: as many vectors as the registers hold
+VALUE_LANES = 64 if cpu.AVX512 else 32   # a value row's columns summed at once
 
 
 def _cache_row(builder, cache_type, pointer, lanes):
@@ -147,7 +147,7 @@ def _cache_row(builder, cache_type, pointer, lanes):
     return builder.load(builder.bitcast(pointer, ir.VectorType(ir.FloatType(), lanes).as_pointer()), align=4)
 
 
-def _sums_loop(context, builder, count, n_sums, lanes, step):
+def _sums_loop(builder, count, n_sums, lanes, step):
     """Run `step(builder, i, sums) -> sums` for i = 0..count-1 over n_sums <lanes x float> sums that
     start at zero (allocas LLVM keeps in registers); -> the final sums."""
     vector_type = ir.VectorType(ir.FloatType(), lanes)
@@ -193,7 +193,7 @@ def _block_scores(typingctx, heads, blocks, qr, q0, keys, k0, D, scores, s0, str
                 for b in range(NB):
                     out.append(builder.fadd(sums[g * NB + b], builder.fmul(qs, rows[b])))
             return out
-        sums = _sums_loop(context, builder, D_, H * NB, BLOCK, step)
+        sums = _sums_loop(builder, D_, H * NB, BLOCK, step)
         for g in range(H):
             for b in range(NB):
                 offset = builder.add(builder.add(s0_, builder.mul(ir.Constant(ir.IntType(64), g), stride_)),
@@ -227,7 +227,7 @@ def _rows_weighted(typingctx, heads, lanes, probs, p0, pstride, values, v0, vstr
                 pv = builder.load(builder.gep(p_p, [builder.add(builder.add(p0_, builder.mul(ir.Constant(i64, g), pstride_)), t)]))
                 out.append(builder.fadd(sums[g], builder.fmul(_splat(builder, pv, L), row)))
             return out
-        sums = _sums_loop(context, builder, T_, H, L, step)
+        sums = _sums_loop(builder, T_, H, L, step)
         for g in range(H):
             offset = builder.add(a0_, builder.mul(ir.Constant(i64, g), astride_))
             _store_vector(builder, builder.gep(a_p, [offset]), sums[g])

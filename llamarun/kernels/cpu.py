@@ -91,6 +91,7 @@ AVX2 = X86 and _TARGET["avx2"] and _TARGET["fma"]          # every AVX2 CPU has 
 VNNI = AVX2 and ((_TARGET["avx512vnni"] and _TARGET["avx512vl"]) or _TARGET["avxvnni"])
 VNNI512 = VNNI and _TARGET["avx512vnni"] and _TARGET["avx512f"] and _TARGET["avx512bw"]
 F16C = X86 and _TARGET["f16c"]
+AVX512 = X86 and _TARGET["avx512f"]                        # 32 vector registers of 512 bits
 NATIVE_HALF = F16C or arch() == "aarch64"                     # half <-> float in one instruction
 
 
