@@ -182,10 +182,11 @@ def _shared_arrays(n, H, KV, D, hidden):
 # A product's code is long: the group kernels of every ggml type the fast path takes (nine
 # intrinsics, and the k-quant rows), inlined. LLVM's time grows faster than a function's size, and
 # with each of a layer's seven products and the classifier at a call site of its own, forward_fast
-# took minutes to compile. So products that follow one another share one call site, in a loop over
-# the matrices: q, k and v; the FFN's gate and up. (A product compiled as a function of its own,
-# called rather than inlined, compiled faster still but made a decode step slower; figures in
-# docs/performance.md.)
+# took minutes to compile. So a layer's seven products share one call site, in a loop over them
+# (LAYER_COLUMN, LAYER_HOW), and the classifier has the other: with four sites a layer (q/k/v, wo,
+# gate/up, w2), the tests' forward of every type took 92 s to compile, with one 34 s, and a decode step
+# was as fast. (A product compiled as a function of its own, called rather than inlined, compiled
+# faster still but made a decode step slower; figures in docs/performance.md.)
 
 @numba.njit(inline="always")
 def _product(kinds, t, n_threads, qt, raw, xq, xd, xsum, xs, out, block, how):
@@ -196,6 +197,13 @@ def _product(kinds, t, n_threads, qt, raw, xq, xd, xsum, xs, out, block, how):
     start, stop = group_range(t, n_threads, raw.shape[0])
     products(kinds, qt, raw, start, stop, xq, xd, xsum, xs, out, block, how)
 
+
+# a layer's products in the order forward_fast computes them (wq, wk, wv, wo, w1, w3, w2): the column of
+# each in qts (wq, wk, wv, wo, w1, w2, w3), and what is done with its output (put_group): the gate's
+# products are stored in g, the up projection's turn them into silu(gate) * up (this thread's rows of
+# both: no barrier between), wo's and w2's are added to the residual stream x
+LAYER_COLUMN = (0, 1, 2, 3, 4, 6, 5)
+LAYER_HOW = (STORE, STORE, STORE, ADD, STORE, GATED, ADD)
 
 _forward_fast = {}     # (kinds, output_kinds) -> forward_fast compiled for them
 
@@ -233,7 +241,7 @@ def _forward_fast_closure(kinds, output_kinds):
         n_layers = qts.shape[0]
         hidden = w1[0].shape[0]
         q, k, v, a, qh, kh, vh, ah, g, state = _shared_arrays(n, H, KV, D, hidden)
-        qkv_weights, qkv, ffn_weights = (wq, wk, wv), (q, k, v), (w1, w3)
+        matrices, outputs = (wq, wk, wv, wo, w1, w3, w2), (q, k, v, x, g, g, x)
         for t in numba.prange(n_threads):
             # this thread's scratch: the normalized x and every product's quantized input
             h = np.empty((n, dim), np.float32)
@@ -245,28 +253,25 @@ def _forward_fast_closure(kinds, output_kinds):
                                 np.empty((n, hidden // 32), np.int32), np.empty((n, hidden // 32), np.float32))
             block = np.empty((n, ROW_GROUP), np.float32)
             for layer in range(n_layers):
-                # attention: q, k, v from the normalized x (one call site for the three: see _product)
-                rmsnorm_layer(x, attention_norm, layer, eps, h)
-                quantize_into(h, hq, hd, hsum, hs)
-                for m in range(3):
-                    _product(kinds, t, n_threads, qts[layer, m], qkv_weights[m][layer], hq, hd, hsum, hs, qkv[m], block, STORE)
-                barrier(state, n_threads)
-                _attention(t, n_threads, state, qh, kh, vh, cos, sin, k_cache, v_cache, layer, seq_ids, pos, ah)
-                quantize_into(a, aq, ad, asum, as_)
-                _product(kinds, t, n_threads, qts[layer, 3], wo[layer], aq, ad, asum, as_, x, block, ADD)
-                barrier(state, n_threads)
-
-                # feed-forward, SwiGLU: the gate's products into g, then g = silu(g) * the up projection's
-                # (this thread's rows of both: no barrier between)
-                rmsnorm_layer(x, ffn_norm, layer, eps, h)
-                quantize_into(h, hq, hd, hsum, hs)
-                for m in range(2):
-                    _product(kinds, t, n_threads, qts[layer, 4 + 2 * m], ffn_weights[m][layer], hq, hd, hsum, hs, g, block,
-                             STORE if m == 0 else GATED)
-                barrier(state, n_threads)
-                quantize_into(g, gq, gd, gsum, gs)
-                _product(kinds, t, n_threads, qts[layer, 5], w2[layer], gq, gd, gsum, gs, x, block, ADD)
-                barrier(state, n_threads)
+                # the layer's seven products at one call site (see _product): before the first product of
+                # each input, that input, normalized or attended and quantized; a barrier where the next
+                # step needs the whole of the last product
+                for m in range(7):
+                    if m == 0 or m == 4:                    # q, k, v; then the FFN's gate and up
+                        rmsnorm_layer(x, attention_norm if m == 0 else ffn_norm, layer, eps, h)
+                        quantize_into(h, hq, hd, hsum, hs)
+                        xq, xd, xsum, xs = hq, hd, hsum, hs
+                    elif m == 3:                            # wo, of the attention of q, k, v
+                        _attention(t, n_threads, state, qh, kh, vh, cos, sin, k_cache, v_cache, layer, seq_ids, pos, ah)
+                        quantize_into(a, aq, ad, asum, as_)
+                        xq, xd, xsum, xs = aq, ad, asum, as_
+                    elif m == 6:                            # w2, of the gated units
+                        quantize_into(g, gq, gd, gsum, gs)
+                        xq, xd, xsum, xs = gq, gd, gsum, gs
+                    _product(kinds, t, n_threads, qts[layer, LAYER_COLUMN[m]], matrices[m][layer], xq, xd, xsum, xs,
+                             outputs[m], block, LAYER_HOW[m])
+                    if m == 2 or m == 3 or m == 5 or m == 6:
+                        barrier(state, n_threads)
 
             # the classifier, for the wanted tokens
             m = wanted.shape[0]
