@@ -138,8 +138,11 @@ def test_foreign_files_are_refused(tmp_path):
 
 def test_a_freshly_written_model_is_mapped_in_2_mib_pages_once_read(tmp_path):
     """formats/pages.py: a file just copied sits in the page cache in small pieces; its first load has
-    them read again as 2 MiB pages, and a second load finds them so. Skipped where this kernel or file
-    system cannot map a file in huge pages (then map_file leaves the map as it is)."""
+    them read again as 2 MiB pages, and a second load finds them so. Then a part of the file read with
+    read() (small pieces again) behind a first 2 MiB page that is huge: the next load finds it too. Every
+    whole 2 MiB page of the file is mapped huge after each load. Skipped where this kernel or file system
+    cannot map a file in huge pages (then map_file leaves the map as it is)."""
+    import mmap
     import shutil
     from llamarun.formats import llama2c, pages
     path = tmp_path / "copy.bin"
@@ -149,11 +152,27 @@ def test_a_freshly_written_model_is_mapped_in_2_mib_pages_once_read(tmp_path):
         if not (sys.platform.startswith("linux") and pages._transparent_huge_pages()
                 and pages._file_system(f.fileno()) in pages.LARGE_FOLIO_FILE_SYSTEMS):
             pytest.skip("no huge pages for files here (kernel setting, file system or OS)")
-    for load in ("first", "second"):
-        checkpoint = llama2c.load(str(path))
-        address = pages._address(checkpoint._mapping)
+
+    def huge_kb_once_read(mapping) -> int:
+        address = pages._address(mapping)
         if address % pages.HUGE:
             pytest.skip("the kernel did not align the file's map to 2 MiB")
-        int(np.frombuffer(checkpoint._mapping, np.uint8)[::4096].sum())  # read every page, as a forward does
-        assert pages._huge_mapped_kb(address) >= 2 * pages.HUGE // 1024, load
+        int(np.frombuffer(mapping, np.uint8)[::4096].sum())         # read every page, as a forward does
+        return pages._huge_mapped_kb(address)
+
+    whole_kb = os.path.getsize(path) // pages.HUGE * pages.HUGE // 1024
+    for load in ("first", "second"):
+        checkpoint = llama2c.load(str(path))
+        assert huge_kb_once_read(checkpoint._mapping) == whole_kb, load
         del checkpoint
+
+    last = os.path.getsize(path) // pages.HUGE - 1                   # the last whole 2 MiB page
+    with open(path, "rb") as f:
+        os.posix_fadvise(f.fileno(), last * pages.HUGE, pages.HUGE, os.POSIX_FADV_DONTNEED)
+        os.pread(f.fileno(), pages.HUGE, last * pages.HUGE)          # cached again, by read()
+        plain = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)    # a map without the hint
+        if huge_kb_once_read(plain) == whole_kb:
+            pytest.skip("read() cached the page as one 2 MiB folio here")
+        del plain
+    checkpoint = llama2c.load(str(path))
+    assert huge_kb_once_read(checkpoint._mapping) == whole_kb, "after read()"
