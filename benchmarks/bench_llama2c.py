@@ -27,7 +27,10 @@ is shared) lowers both sides alike:
 
 With --runc, llama2.c's run.c (or runq.c, with --int8) decodes the same checkpoint between the runs,
 OMP_NUM_THREADS as --threads: its own "achieved tok/s" over 128 steps, greedy. It reads a prompt one
-token at a time, so its prefill is no faster than its decode.
+token at a time, so its prefill is no faster than its decode. Each of our decode runs is also set
+beside the run.c run and the bound measured just before it, and the medians of those ratios printed
+("run by run"): this shared machine's bandwidth moves by a third within minutes, and the medians of
+the two sides alone may come from different minutes.
 """
 from __future__ import annotations
 
@@ -161,9 +164,16 @@ def main():
             gbps, dec = interleaved(lambda: decode_rate(model, DECODE_TOKENS), bound_and_runc, runs)
         else:
             gbps, dec = interleaved(lambda: decode_rate(model, DECODE_TOKENS), matvec.measure, runs)
-        gflops, gbps, pre, dec = float(np.median(gflops)), float(np.median(gbps)), stats(pre), stats(dec)
         runc = runc[1:]                                # the first ran beside the warm-up
+        # each run beside the measurement just before it (this machine's bandwidth moves by a third from one
+        # minute to the next, and the medians of both sides may come from different minutes)
+        pair_bound = statistics.median(d / (g * 1e9 / decode_bytes(c, w)) for d, g in zip(dec, gbps))
+        pair_runc = [d / r for d, r in zip(dec, runc)]
+        gflops, gbps, pre, dec = float(np.median(gflops)), float(np.median(gbps)), stats(pre), stats(dec)
         runc_text = f"{statistics.median(runc):.1f} [{min(runc):.1f}-{max(runc):.1f}]" if runc else "not run"
+        if runc:
+            runc_text += (f", ours / run.c run by run {statistics.median(pair_runc):.2f}x "
+                          f"[{min(pair_runc):.2f}-{max(pair_runc):.2f}]")
         decode_bound = gbps * 1e9 / decode_bytes(c, w)
         prefill_bound = gflops * 1e9 / prefill_flops(c, w, n)
         print(f"\n{name}: dim {c.dim}, {c.n_layers} layers, {decode_bytes(c, w) / 1e6:.0f} MB of weights "
@@ -171,7 +181,8 @@ def main():
         print(f"  prefill {pre[0]:8.1f} tok/s [{pre[1]:.1f} - {pre[2]:.1f}]   bound {prefill_bound:8.1f}"
               f"   {100 * pre[0] / prefill_bound:5.1f}%")
         print(f"  decode  {dec[0]:8.1f} tok/s [{dec[1]:.1f} - {dec[2]:.1f}]   bound {decode_bound:8.1f}"
-              f"   {100 * dec[0] / decode_bound:5.1f}%   run.c {runc_text}", flush=True)
+              f"   {100 * dec[0] / decode_bound:5.1f}% (run by run {100 * pair_bound:.1f}%)   run.c {runc_text}",
+              flush=True)
         rows.append((name, n, pre, prefill_bound, dec, decode_bound, runc_text))
         del model, w, ck
 
