@@ -1299,14 +1299,20 @@ def put_group(block, out, o, how, j0, n):
     """For the rows i of the group starting at weight row o that the matrix has, and j0 <= j < n:
     out[j, o + i] = block[j, i] (STORE), or out[j, o + i] + block[j, i] (ADD: the residual stream), or
     silu(out[j, o + i]) * block[j, i] (GATED: out holds the FFN gate's products, block the up
-    projection's). out: (n, rows); block: (n, ROW_GROUP), from _row_group_fast."""
-    for i in range(min(ROW_GROUP, out.shape[1] - o)):
-        for j in range(j0, n):
-            if how == STORE:
+    projection's). out: (n, rows); block: (n, ROW_GROUP), from _row_group_fast. (`how` is tested once,
+    outside the loops: in the one-call forward it is not a constant, kernels/step.py's LAYER_HOW.)"""
+    rows = min(ROW_GROUP, out.shape[1] - o)
+    if how == STORE:
+        for i in range(rows):
+            for j in range(j0, n):
                 out[j, o + i] = block[j, i]
-            elif how == ADD:
+    elif how == ADD:
+        for i in range(rows):
+            for j in range(j0, n):
                 out[j, o + i] = out[j, o + i] + block[j, i]
-            else:
+    else:
+        for i in range(rows):
+            for j in range(j0, n):
                 out[j, o + i] = _silu_times(out[j, o + i], block[j, i])
 
 
