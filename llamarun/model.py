@@ -20,6 +20,7 @@ import mmap
 from dataclasses import dataclass
 from typing import Callable
 
+import numba
 import numpy as np
 
 from . import tensors
@@ -322,7 +323,7 @@ def gated_units(x: np.ndarray, w1, w3) -> np.ndarray:
     """silu(x @ w1.T) * (x @ w3.T): SwiGLU's hidden units, one pass over w1 and w3 when decoding."""
     if few_rows(x, w1) and few_rows(x, w3):
         gate = np.empty((len(x), w1.shape[0]), np.float32)
-        swiglu(x, w1, w3, gate)
+        swiglu(x, w1, w3, gate, numba.get_num_threads())
         return gate
     if tensors.fusable(x, w1, w3):
         return tensors.swiglu(x, w1, w3)

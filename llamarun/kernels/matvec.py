@@ -11,7 +11,7 @@ Why numba rather than numpy's `w @ x` (OpenBLAS sgemv), which streams about as f
   and on a 2-core machine every hand-over waited for a scheduler time slice (~10 ms). Decoding
   with numba kernels only leaves OpenBLAS to the prefill's large matrix products.
 - Products that read the same input go in one parallel pass (q, k and v; SwiGLU's w1 and w3): one
-  call and one fork/join instead of two or three, and the gate is computed as it streams.
+  call and one fork/join instead of two or three.
 """
 import math
 
@@ -21,7 +21,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .ggml import _half_to_float, prefetch_bytes
+from .ggml import _half_to_float, _task_rows, prefetch_bytes
 
 
 # Four weight rows per task, read in lock-step: each load of x serves four rows, and each thread
@@ -124,34 +124,32 @@ def _silu(a):
 
 
 @numba.njit(inline="always")
-def gated_into(x, w1, w3, out, g):
-    """out[:, o] = silu(x @ w1[o]) * (x @ w3[o]) for the rows o of group g (as rows_into)."""
-    o = ROWS * g
-    row_bytes = 4 * w1.shape[1]
-    prefetch_bytes(w1, o * row_bytes + PREFETCH, ROWS * row_bytes)
-    prefetch_bytes(w3, o * row_bytes + PREFETCH, ROWS * row_bytes)
-    if o + ROWS <= w1.shape[0]:
+def gated_rows(t, tasks, x, w1, w3, out, up):
+    """Task t of `tasks`' share of out = silu(x @ w1.T) * (x @ w3.T), SwiGLU's gated units: its row
+    groups of w1 into out, then the same groups of w3 into up (scratch, out's shape), then the gate on
+    its own rows. Why one matrix after the other rather than both at once, four rows of each in
+    lock-step: on s110M (AMD EPYC Zen 5, 2 threads) those eight streams a thread took the FFN's two
+    matrices at 41 GB/s, one matrix at a time at 48 (numpy's matvec: 54; docs/performance.md).
+    Each value depends on its row group only, never on the split."""
+    start, stop = _task_rows(t, tasks, groups(w1))
+    for g in range(start, stop):
+        rows_into(x, w1, out, g, False)
+    for g in range(start, stop):
+        rows_into(x, w3, up, g, False)
+    for o in range(ROWS * start, min(ROWS * stop, w1.shape[0])):
         for j in range(x.shape[0]):
-            a0, a1, a2, a3 = _dot4(x, j, w1, o)
-            b0, b1, b2, b3 = _dot4(x, j, w3, o)
-            out[j, o] = _silu(a0) * b0
-            out[j, o + 1] = _silu(a1) * b1
-            out[j, o + 2] = _silu(a2) * b2
-            out[j, o + 3] = _silu(a3) * b3
-    else:
-        for r in range(o, w1.shape[0]):
-            for j in range(x.shape[0]):
-                out[j, r] = _silu(_dot(x, j, w1, r)) * _dot(x, j, w3, r)
+            out[j, o] = _silu(out[j, o]) * up[j, o]
 
 
 @numba.njit(parallel=True, cache=True)
-def swiglu(x, w1, w3, out):
-    """out[j, o] = silu(x[j] . w1[o]) * (x[j] . w3[o]): SwiGLU's gate, w1 and w3 in one pass.
+def swiglu(x, w1, w3, out, tasks):
+    """out[j, o] = silu(x[j] . w1[o]) * (x[j] . w3[o]): SwiGLU's gate, w1 and w3 in one parallel pass,
+    `tasks` shares (one per thread: numba.get_num_threads() of the caller).
 
-    x: (n, dim), w1, w3: (hidden, dim), out: (n, hidden). Each thread streams its share of both.
-    """
-    for g in numba.prange(groups(w1)):
-        gated_into(x, w1, w3, out, g)
+    x: (n, dim), w1, w3: (hidden, dim), out: (n, hidden)."""
+    up = np.empty_like(out)
+    for t in numba.prange(tasks):
+        gated_rows(t, tasks, x, w1, w3, out, up)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -384,23 +384,6 @@ def _f32_rows(t, n_threads, x, w, out, add):
         matvec.rows_into(x, w, out, g, add)
 
 
-@numba.njit(inline="always")
-def _f32_gated_rows(t, n_threads, x, w1, w3, out, up):
-    """This thread's share of out = silu(x @ w1.T) * (x @ w3.T), SwiGLU's gated units: its row groups of
-    w1 into out, then the same groups of w3 into up, then the gate (its own rows: no barrier between).
-    Why one matrix after the other, not both at once as matvec.gated_into reads them: on s110M (AMD EPYC
-    Zen 5, 2 threads) eight streams a thread, four rows of each, took the FFN's two matrices at 41 GB/s,
-    one matrix at a time at 48 (numpy's matvec: 54; docs/performance.md). The values are gated_into's."""
-    start, stop = _task_rows(t, n_threads, matvec.groups(w1))
-    for g in range(start, stop):
-        matvec.rows_into(x, w1, out, g, False)
-    for g in range(start, stop):
-        matvec.rows_into(x, w3, up, g, False)
-    for o in range(matvec.ROWS * start, min(matvec.ROWS * stop, w1.shape[0])):
-        for j in range(x.shape[0]):
-            out[j, o] = matvec._silu(out[j, o]) * up[j, o]
-
-
 @numba.njit(parallel=True, nogil=True, cache=True)
 def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, output, eps, cos, sin,
                 k_cache, v_cache, seq_ids, pos, wanted, n_heads, logits, n_threads):
@@ -427,7 +410,7 @@ def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, o
             barrier(state, n_threads)
 
             rmsnorm_layer(x, ffn_norm, layer, eps, h)
-            _f32_gated_rows(t, n_threads, h, w1[layer], w3[layer], g, up)
+            matvec.gated_rows(t, n_threads, h, w1[layer], w3[layer], g, up)
             barrier(state, n_threads)
             _f32_rows(t, n_threads, g, w2[layer], x, True)
             barrier(state, n_threads)
