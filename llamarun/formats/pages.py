@@ -13,13 +13,13 @@ file in 2 MiB pages where the page cache holds it in 2 MiB folios and the mappin
 marked MADV_HUGEPAGE reads the file in; a file already cached in small folios (just downloaded,
 copied, or read by another program) keeps them. So `map_file` marks the mapping, maps in the
 2 MiB pages of the file that the page cache holds (one byte read from each: no disk reads) and
-unmaps them again, and when any of them was not mapped huge, drops the file's cached pages (POSIX_FADV_DONTNEED: they are clean;
-the pages another process has mapped stay) so that they are read in again as the model touches
-them, huge. (Looking at one page was not enough: s110M's file, partly cached small by another
-program, had 12% of its weights in small pages, the file's first pages huge.) That costs one more read of the file from disk, once: the page cache
-keeps the big folios for later loads. Nothing is done where the kernel could not map them huge
-(transparent huge pages off, another file system, an unaligned mapping, a file under 4 MiB, not
-Linux).
+unmaps them again, and when any of them was not mapped huge, drops the file's cached pages
+(POSIX_FADV_DONTNEED: they are clean; the pages another process has mapped stay) so that they are
+read in again as the model touches them, huge. (Looking at one page was not enough: s110M's file,
+partly cached small by another program, had 12% of its weights in small pages, its first pages
+huge.) That costs one more read of the file from disk, once: the page cache keeps the big folios
+for later loads. Nothing is done where the kernel could not map them huge (transparent huge pages
+off, another file system, an unaligned mapping, a file under 4 MiB, not Linux).
 """
 from __future__ import annotations
 
