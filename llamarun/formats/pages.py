@@ -15,9 +15,9 @@ copied, or read by another program) keeps them. So `map_file` marks the mapping,
 2 MiB pages of the file that the page cache holds (one byte read from each: no disk reads) and
 unmaps them again, and when any of them was not mapped huge, drops the file's cached pages
 (POSIX_FADV_DONTNEED: they are clean; the pages another process has mapped stay) so that they are
-read in again as the model touches them, huge. (Looking at one page was not enough: s110M's file,
-partly cached small by another program, had 12% of its weights in small pages, its first pages
-huge.) That costs one more read of the file from disk, once: the page cache keeps the big folios
+read in again as the model touches them, huge. (Looking at one page was not enough: a file partly
+cached small by another program can have its first pages huge and a part of its weights not.) That
+costs one more read of the file from disk, once: the page cache keeps the big folios
 for later loads. Nothing is done where the kernel could not map them huge (transparent huge pages
 off, another file system, an unaligned mapping, a file under 4 MiB, not Linux).
 """

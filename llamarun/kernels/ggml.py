@@ -783,10 +783,9 @@ def _prefetch(builder, pointer):
 
     Why non-temporal: every prefetch here is of weights, which a decode step reads once. Prefetched as
     data to keep (prefetcht0), they pushed out of the caches what the next steps do reuse: the KV cache,
-    the activations, and the interpreter's own data between two steps. Measured on AMD EPYC Zen 5,
-    SmolLM2 (docs/performance.md): the compiled step 0.8% faster with one row, 1.1% with eight (0.6%
-    slower with 64, a prompt's part), the Python around each step ~50 us a token faster; s110M's float32
-    step 1.9% faster."""
+    the activations, and the interpreter's own data between two steps. Measured on AMD EPYC Zen 5: the
+    decode steps a little faster, and the Python around each step faster by more (a prompt's part of
+    64 rows about as fast; docs/performance.md, 2026-12-06)."""
     prefetch = _function(builder, "llvm.prefetch.p0i8", ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
     builder.call(prefetch, [pointer, ir.Constant(_I32, 0), ir.Constant(_I32, 0), ir.Constant(_I32, 1)])
 

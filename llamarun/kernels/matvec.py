@@ -128,9 +128,9 @@ def gated_rows(t, tasks, x, w1, w3, out, up):
     """Task t of `tasks`' share of out = silu(x @ w1.T) * (x @ w3.T), SwiGLU's gated units: its row
     groups of w1 into out, then the same groups of w3 into up (scratch, out's shape), then the gate on
     its own rows. Why one matrix after the other rather than both at once, four rows of each in
-    lock-step: on s110M (AMD EPYC Zen 5, 2 threads) those eight streams a thread took the FFN's two
-    matrices at 41 GB/s, one matrix at a time at 48 (numpy's matvec: 54; docs/performance.md).
-    Each value depends on its row group only, never on the split."""
+    lock-step: on s110M (AMD EPYC Zen 5, 2 threads) those eight streams a thread read the FFN's two
+    matrices markedly slower than four (docs/performance.md, 2026-12-06). Each value depends on its
+    row group only, never on the split."""
     start, stop = _task_rows(t, tasks, groups(w1))
     for g in range(start, stop):
         rows_into(x, w1, out, g, False)

@@ -183,10 +183,10 @@ def _shared_arrays(n, H, KV, D, hidden):
 # intrinsics, and the k-quant rows), inlined. LLVM's time grows faster than a function's size, and
 # with each of a layer's seven products and the classifier at a call site of its own, forward_fast
 # took minutes to compile. So a layer's seven products share one call site, in a loop over them
-# (LAYER_COLUMN, LAYER_HOW), and the classifier has the other: with four sites a layer (q/k/v, wo,
-# gate/up, w2), the tests' forward of every type took 92 s to compile, with one 34 s, and a decode step
-# was as fast. (A product compiled as a function of its own, called rather than inlined, compiled
-# faster still but made a decode step slower; figures in docs/performance.md.)
+# (LAYER_COLUMN, LAYER_HOW), and the classifier has the other: one site a layer rather than four
+# (q/k/v, wo, gate/up, w2) compiled the tests' forward of every type in about a third of the time, and
+# a decode step was as fast. (A product compiled as a function of its own, called rather than inlined,
+# compiled faster still but made a decode step slower; figures in docs/performance.md.)
 
 @numba.njit(inline="always")
 def _product(kinds, t, n_threads, qt, raw, xq, xd, xsum, xs, out, block, how):
