@@ -153,18 +153,20 @@ def test_one_call_forward_on_a_generic_cpu_gives_run_c_logits(tmp_path):
 @pytest.mark.parametrize("target", [("generic", ""), ("haswell", "+avx2,+fma,+f16c")], ids=["generic", "avx2"])
 def test_fast_kernels_on_a_generic_cpu(tmp_path, target):
     """tests/test_kernels.py's checks of the fast group kernels (Q8_0, Q4_0, Q4_1: int8 dot products),
-    compiled with no vector extension (the plain LLVM path) and for an AVX2 CPU without VNNI
-    (pmaddubsw), whichever the host has."""
+    and tests/test_decode_kernels.py's that a row's result does not depend on its batch, compiled with
+    no vector extension (the plain LLVM path) and for an AVX2 CPU without VNNI (pmaddubsw), whichever
+    the host has."""
     name, features = target
     run_generic(tmp_path, f"""
         import json, sys
         sys.path.insert(0, {str(ROOT / "tests")!r})
         from gguf import GGMLQuantizationType as T
         from llamarun.kernels import ggml
-        import test_kernels
+        import test_decode_kernels, test_kernels
         assert not ggml.VNNI and ggml.AVX2 == {bool(features)}
         for qtype in (T.Q8_0, T.Q4_0, T.Q4_1):
             for n in (1, 3, 8):
                 test_kernels.test_fast_within_activation_rounding(qtype, n)
+            test_decode_kernels.test_fast_rows_do_not_depend_on_the_batch(qtype)
         print(json.dumps({{}}))
     """, cpu=(name, features))

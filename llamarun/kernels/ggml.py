@@ -727,8 +727,13 @@ def _halves_of_rows(builder, rows, offset, count):
     after it too -> `count` <n x float>, lane i from rows[i]. The rows' 32-bit words are put together
     (_words_of_rows), then narrowed to the halves wanted and converted at once (vcvtph2ps with F16C):
     fewer shuffles than inserting the halves one by one."""
-    words, n = _words_of_rows(builder, rows, offset), len(rows)
-    out = []
+    return _halves_of_words(builder, _words_of_rows(builder, rows, offset), count)
+
+
+def _halves_of_words(builder, words, count):
+    """<n x i32> words -> `count` <n x float>: the f16 value in the low half of each word, and with
+    count 2 the one in its high half too."""
+    n, out = words.type.count, []
     for c in range(count):
         part = builder.lshr(words, ir.Constant(_vector(_I32, n), [16] * n)) if c else words
         out.append(half_to_float(builder, builder.trunc(part, _vector(_I16, n))))
@@ -865,25 +870,17 @@ def _row_group_codegen(qt, n_rows):
         transposed = _transposed_dwords16 if lanes == 16 else _transposed_dwords
         nibbles, four = (ir.Constant(words, [v] * lanes) for v in (0x0F0F0F0F, 4))
         x_rows = _activation_rows(builder, const, args, j, n_rows)
-        with cgutils.for_range(builder, groups) as loop:
-            g = loop.index
-            p = builder.mul(g, const(block_bytes))
-            at = lambda k: builder.add(p, const(k))   # noqa: E731
-            # this block of the rows PREFETCH_GROUPS groups on (see _prefetch_ahead): a prefetch a row
-            # per block, or (Q4_0, Q4_1: two blocks are 36 or 40 bytes, under a 64-byte line) every other
-            # block, which leaves the registers and the load ports to the products
-            with builder.if_then(builder.icmp_unsigned("==", builder.and_(g, const(0 if qt == Q8_0 else 1)), const(0))):
-                for row in rows:
-                    _prefetch(builder, builder.gep(row, [builder.add(p, ahead)]))
-            signs = None
-            if qt == Q8_0:
-                d_w, = _halves_of_rows(builder, rows, p, 1)
-                w, signs = _unsigned_q8_0(builder, transposed(builder, rows, at(2)) + transposed(builder, rows, at(18)))
-            else:
-                scales = _halves_of_rows(builder, rows, p, 2 if qt == Q4_1 else 1)
-                d_w = scales[0]
-                v = transposed(builder, rows, at(block_bytes - 16))
-                w = [builder.and_(u, nibbles) for u in v] + [builder.and_(builder.lshr(u, four), nibbles) for u in v]
+
+        def prefetch_rows(p):
+            # this block of the rows PREFETCH_GROUPS groups on (see _prefetch_ahead)
+            for row in rows:
+                _prefetch(builder, builder.gep(row, [builder.add(p, ahead)]))
+
+        def nibble_values(v):   # 4 vectors of a block's 16 quant bytes -> 8 of its 32 nibbles
+            return [builder.and_(u, nibbles) for u in v] + [builder.and_(builder.lshr(u, four), nibbles) for u in v]
+
+        def add_block(g, d_w, m_w, w, signs):
+            """acc[r] += block g's terms, for each activation row r."""
             for r, row in enumerate(x_rows):
                 block = builder.add(builder.mul(row, groups), g)
                 base = builder.add(builder.mul(row, n_in), builder.mul(g, const(QK)))
@@ -905,8 +902,38 @@ def _row_group_codegen(qt, n_rows):
                 total = _multiply_add(builder, builder.sitofp(isum, floats), scale, builder.load(acc[r]))
                 if qt == Q4_1:
                     s_x = _splat(builder, builder.load(builder.gep(xs, [block])), lanes)
-                    total = _multiply_add(builder, scales[1], s_x, total)
+                    total = _multiply_add(builder, m_w, s_x, total)
                 builder.store(total, acc[r])
+
+        first = const(0)
+        if qt == Q4_1 and n_rows == 1:
+            # A decode step's blocks two at a time: their 40 bytes (d m q[16], twice) in three 16 x 4
+            # transposes (bytes 0-15, 16-31 and 24-39 of each row), whose dwords include both blocks'
+            # scales. One block at a time, its scales are a gather of their own: sixteen loads and the
+            # inserts to place them, about a third of the block's instructions, and this kernel is bound
+            # by its instructions where the weights come in fast enough (docs/performance.md).
+            with cgutils.for_range(builder, builder.udiv(groups, const(2))) as loop:
+                g = builder.mul(loop.index, const(2))
+                p = builder.mul(g, const(block_bytes))
+                prefetch_rows(p)
+                a, b, c = (transposed(builder, rows, builder.add(p, const(k))) for k in (0, 16, 24))
+                add_block(g, *_halves_of_words(builder, a[0], 2), nibble_values(a[1:] + b[:1]), None)
+                add_block(builder.add(g, const(1)), *_halves_of_words(builder, b[1], 2), nibble_values(c), None)
+            first = builder.mul(builder.udiv(groups, const(2)), const(2))
+        with cgutils.for_range_slice(builder, first, groups, const(1)) as (g, _):
+            p = builder.mul(g, const(block_bytes))
+            at = lambda k: builder.add(p, const(k))   # noqa: E731
+            # a prefetch a row per block, or (Q4_0, Q4_1: two blocks are 36 or 40 bytes, under a 64-byte
+            # line) every other block, which leaves the registers and the load ports to the products
+            with builder.if_then(builder.icmp_unsigned("==", builder.and_(g, const(0 if qt == Q8_0 else 1)), const(0))):
+                prefetch_rows(p)
+            if qt == Q8_0:
+                d_w, = _halves_of_rows(builder, rows, p, 1)
+                w, signs = _unsigned_q8_0(builder, transposed(builder, rows, at(2)) + transposed(builder, rows, at(18)))
+                add_block(g, d_w, None, w, signs)
+            else:
+                scales = _halves_of_rows(builder, rows, p, 2 if qt == Q4_1 else 1)
+                add_block(g, scales[0], scales[-1], nibble_values(transposed(builder, rows, at(block_bytes - 16))), None)
         for r, row in enumerate(x_rows):
             _store_rows(builder, const, out, row, col, builder.load(acc[r]))
         return context.get_dummy_value()
