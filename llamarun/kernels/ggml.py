@@ -1331,8 +1331,7 @@ STORE, ADD, GATED = 0, 1, 2     # what put_group does with a group's products
 def _put_row(block, out, o, how, j):
     """put_group for a whole group and one activation row j (a decode step's products): loops of the
     constant ROW_GROUP, which the compiler unrolls into a few vector moves (STORE, ADD) where the
-    general loops, of run-time lengths, stay scalar: a SmolLM2 decode step ~2% faster
-    (docs/performance.md)."""
+    general loops, of run-time lengths, stay scalar (measured: docs/performance.md)."""
     if how == STORE:
         for i in range(ROW_GROUP):
             out[j, o + i] = block[j, i]
