@@ -933,7 +933,8 @@ def _row_group_codegen(qt, n_rows):
                 add_block(g, d_w, None, w, signs)
             else:
                 scales = _halves_of_rows(builder, rows, p, 2 if qt == Q4_1 else 1)
-                add_block(g, scales[0], scales[-1], nibble_values(transposed(builder, rows, at(block_bytes - 16))), None)
+                m_w = scales[1] if qt == Q4_1 else None
+                add_block(g, scales[0], m_w, nibble_values(transposed(builder, rows, at(block_bytes - 16))), None)
         for r, row in enumerate(x_rows):
             _store_rows(builder, const, out, row, col, builder.load(acc[r]))
         return context.get_dummy_value()
