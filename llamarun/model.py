@@ -390,6 +390,7 @@ class CompiledForward:
         # a copy, as the stacked norms are: a norm read-only in one file (a GGUF's map) and writeable in
         # another would make numba compile the step function a second time (over a minute more of compiling)
         self.norm = np.array(weights["norm"], np.float32)
+        self.norms, self.eps = (self.attention_norm, self.ffn_norm, self.norm), np.float32(config.norm_eps)
         output = weights["output"]
         self.rows = plan.compiled_rows
         self.takes_prompts = plan.compiled_parts
@@ -438,17 +439,15 @@ class CompiledForward:
         c = self.config
         wanted = np.flatnonzero(batch.logits)
         logits = np.empty((len(wanted), c.vocab_size), np.float32)
-        eps = np.float32(c.norm_eps)
-        norms = (self.attention_norm, self.ffn_norm, self.norm)
         with self.threads.count(len(x)) as n_threads:      # all of numba's, or fewer on a busy machine
             rest = (cos, sin, cache.k, cache.v, batch.seq_ids, batch.pos, wanted, c.n_heads, logits, n_threads)
             if self.kind == "int8":
-                forward_int8(x, self.values, self.scales, self.layouts, self.group_size, *norms, *self.output, eps,
-                             *rest)
+                forward_int8(x, self.values, self.scales, self.layouts, self.group_size, *self.norms, *self.output,
+                             self.eps, *rest)
             elif self.kind == "f32":
-                forward_f32(x, *self.matrices, *norms, self.output, eps, *rest)
+                forward_f32(x, *self.matrices, *self.norms, self.output, self.eps, *rest)
             else:
-                self.forward_fast(x, self.qts, *self.raws, *norms, self.output_qt, self.output, eps, *rest)
+                self.forward_fast(x, self.qts, *self.raws, *self.norms, self.output_qt, self.output, self.eps, *rest)
         return logits
 
 
@@ -492,7 +491,7 @@ class Transformer:
         The tables cover the positions used so far, doubling when a later one comes (up to the
         context), so a model whose header claims a huge context costs nothing for it until it is used.
         Swapped as one tuple: another thread reading them sees the old tables or the new, whole."""
-        need = int(pos.max()) + 1 if len(pos) else 0
+        need = max(pos.tolist(), default=-1) + 1                 # Python's max: see forward
         if need > len(self._rope[0]):
             self._rope = rope_tables(self.config, min(max(need, 2 * len(self._rope[0])), self.config.seq_len))
         cos, sin = self._rope
@@ -524,7 +523,9 @@ class Transformer:
         an attention bias); it then takes the layer-by-layer path, whose arithmetic it shows."""
         c, w = self.config, self.w
         probe = probe if probe is not None and probe.active else None
-        if len(batch) and (batch.pos.max() >= cache.seq_len or batch.pos.min() < 0):
+        # as Python ints: numpy's reductions take microseconds each on a decode step's one position
+        positions = batch.pos.tolist()
+        if positions and (max(positions) >= cache.seq_len or min(positions) < 0):
             raise ValueError(f"positions must lie in [0, {cache.seq_len})")
         cos, sin = self.rope_rows(batch.pos)                                     # (n, D/2)
         x = embed(w["tok_embeddings"], batch.tokens)                            # (n, dim)
