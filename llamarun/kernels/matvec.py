@@ -13,7 +13,6 @@ Why numba rather than numpy's `w @ x` (OpenBLAS sgemv), which streams about as f
 - Products that read the same input go in one parallel pass (q, k and v; SwiGLU's w1 and w3): one
   call and one fork/join instead of two or three.
 """
-import math
 
 import numba
 import numpy as np
@@ -21,7 +20,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .ggml import _half_to_float, _task_rows, prefetch_bytes
+from .ggml import _half_to_float, _silu_times, _task_rows, prefetch_bytes
 
 
 # Four weight rows per task, read in lock-step: each load of x serves four rows, and each thread
@@ -117,12 +116,6 @@ def matvec3(x, wa, wb, wc, a, b, c):
             rows_into(x, wc, c, t - na - nb, False)
 
 
-@numba.njit
-def _silu(a):
-    """a * sigmoid(a), as run.c rounds it: a multiply by the reciprocal, not a division."""
-    return a * (np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-a))))
-
-
 @numba.njit(inline="always")
 def gated_rows(t, tasks, x, w1, w3, out, up):
     """Task t of `tasks`' share of out = silu(x @ w1.T) * (x @ w3.T), SwiGLU's gated units: its row
@@ -138,7 +131,7 @@ def gated_rows(t, tasks, x, w1, w3, out, up):
         rows_into(x, w3, up, g, False)
     for o in range(ROWS * start, min(ROWS * stop, w1.shape[0])):
         for j in range(x.shape[0]):
-            out[j, o] = _silu(out[j, o]) * up[j, o]
+            out[j, o] = _silu_times(out[j, o], up[j, o])
 
 
 @numba.njit(parallel=True, cache=True)
