@@ -129,8 +129,15 @@ def gated_rows(t, tasks, x, w1, w3, out, up):
         rows_into(x, w1, out, g, False)
     for g in range(start, stop):
         rows_into(x, w3, up, g, False)
-    for o in range(ROWS * start, min(ROWS * stop, w1.shape[0])):
-        for j in range(x.shape[0]):
+    gate(out, up, ROWS * start, min(ROWS * stop, w1.shape[0]))
+
+
+@numba.njit(inline="always")
+def gate(out, up, start, stop):
+    """out[:, o] = silu(out[:, o]) * up[:, o] for the units o in [start, stop): SwiGLU's gate, on the
+    units whose two products (w1 in out, w3 in up) one thread has computed."""
+    for o in range(start, stop):
+        for j in range(out.shape[0]):
             out[j, o] = _silu_times(out[j, o], up[j, o])
 
 

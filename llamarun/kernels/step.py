@@ -43,8 +43,8 @@ from numba.typed import List
 
 from . import cpu, int8, matvec
 from .attention import _store_pairs, attend_heads_range, attend_jobs
-from .ggml import (ADD, GATED, PREFETCH_BYTES, ROW_GROUP, STORE, _quantized, _silu_times, _task_rows, group_range,
-                   prefetch_bytes, products, quantize_into)
+from .ggml import (ADD, GATED, PREFETCH_BYTES, ROW_GROUP, STORE, _quantized, _task_rows, group_range, prefetch_bytes,
+                   products, quantize_into)
 from .norm import rmsnorm, rmsnorm_layer
 
 SPINS = 20000   # pauses (~ 40 ns each) before a waiting thread starts yielding its core
@@ -186,7 +186,8 @@ def _shared_arrays(n, H, KV, D, hidden):
 # (LAYER_COLUMN, LAYER_HOW), and the classifier has the other: one site a layer rather than four
 # (q/k/v, wo, gate/up, w2) compiled the tests' forward of every type in about a third of the time, and
 # a decode step was as fast. (A product compiled as a function of its own, called rather than inlined,
-# compiled faster still but made a decode step slower; figures in docs/performance.md.)
+# compiled faster still but made a decode step slower; figures in docs/performance.md.) forward_int8 and
+# forward_f32 walk their layers the same way, for the same reason: each compiled in about half the time.
 
 @numba.njit(inline="always")
 def _product(kinds, t, n_threads, qt, raw, xq, xd, xsum, xs, out, block, how):
@@ -321,7 +322,7 @@ def _int8_rows(t, n_threads, w, ws, layout, layer, xq, xs, gs, out, add):
 def forward_int8(x, values, scales, layouts, gs, attention_norm, ffn_norm, norm, output, outputs, eps, cos, sin,
                  k_cache, v_cache, seq_ids, pos, wanted, n_heads, logits, n_threads):
     """forward_fast for llama2.c's int8 checkpoints: activations quantized per group of gs as runq.c
-    quantizes them, runq.c's products.
+    quantizes them, runq.c's products; a layer's seven products at one call site, as forward_fast's.
 
     values, scales: typed lists of wq, wk, wv, wo, w1, w2, w3's int8 values and group scales, each a
     flat view over all layers as the file stores them; layouts: (7, 4) int64, per matrix (layer stride
@@ -330,10 +331,9 @@ def forward_int8(x, values, scales, layouts, gs, attention_norm, ffn_norm, norm,
     n, dim, H, KV, D = _sizes(x, cos, k_cache, n_heads)
     n_layers = attention_norm.shape[0]
     hidden = layouts[4, 2]
-    wq, wk, wv, wo, w1, w2, w3 = values[0], values[1], values[2], values[3], values[4], values[5], values[6]
-    sq, sk, sv, so, s1, s2, s3 = scales[0], scales[1], scales[2], scales[3], scales[4], scales[5], scales[6]
     q, k, v, a, qh, kh, vh, ah, g, state = _shared_arrays(n, H, KV, D, hidden)
     up = np.empty((n, hidden), np.float32)
+    results = (q, k, v, x, g, up, x)            # where each product of LAYER_COLUMN's order goes
     output_layout = np.array([0, 0, output.shape[0], output.shape[1]], np.int64)
     for t in numba.prange(n_threads):
         h = np.empty((n, dim), np.float32)
@@ -341,29 +341,26 @@ def forward_int8(x, values, scales, layouts, gs, attention_norm, ffn_norm, norm,
         aq, as_ = np.empty((n, H * D), np.int8), np.empty((n, H * D // gs), np.float32)
         gq, gs_ = np.empty((n, hidden), np.int8), np.empty((n, hidden // gs), np.float32)
         for layer in range(n_layers):
-            rmsnorm_layer(x, attention_norm, layer, eps, h)
-            int8.quantize(h, gs, hq, hs)
-            _int8_rows(t, n_threads, wq, sq, layouts[0], layer, hq, hs, gs, q, False)
-            _int8_rows(t, n_threads, wk, sk, layouts[1], layer, hq, hs, gs, k, False)
-            _int8_rows(t, n_threads, wv, sv, layouts[2], layer, hq, hs, gs, v, False)
-            barrier(state, n_threads)
-            _attention(t, n_threads, state, qh, kh, vh, cos, sin, k_cache, v_cache, layer, seq_ids, pos, ah)
-            int8.quantize(a, gs, aq, as_)
-            _int8_rows(t, n_threads, wo, so, layouts[3], layer, aq, as_, gs, x, True)
-            barrier(state, n_threads)
-
-            rmsnorm_layer(x, ffn_norm, layer, eps, h)
-            int8.quantize(h, gs, hq, hs)
-            _int8_rows(t, n_threads, w1, s1, layouts[4], layer, hq, hs, gs, g, False)
-            _int8_rows(t, n_threads, w3, s3, layouts[6], layer, hq, hs, gs, up, False)
-            start, stop = _task_rows(t, n_threads, hidden)
-            for o in range(start, stop):
-                for j in range(n):
-                    g[j, o] = _silu_times(g[j, o], up[j, o])
-            barrier(state, n_threads)
-            int8.quantize(g, gs, gq, gs_)
-            _int8_rows(t, n_threads, w2, s2, layouts[5], layer, gq, gs_, gs, x, True)
-            barrier(state, n_threads)
+            for m in range(7):                      # the walk of forward_fast's layer loop
+                if m == 0 or m == 4:
+                    rmsnorm_layer(x, attention_norm if m == 0 else ffn_norm, layer, eps, h)
+                    int8.quantize(h, gs, hq, hs)
+                    xq, xs = hq, hs
+                elif m == 3:
+                    _attention(t, n_threads, state, qh, kh, vh, cos, sin, k_cache, v_cache, layer, seq_ids, pos, ah)
+                    int8.quantize(a, gs, aq, as_)
+                    xq, xs = aq, as_
+                elif m == 6:
+                    int8.quantize(g, gs, gq, gs_)
+                    xq, xs = gq, gs_
+                c = LAYER_COLUMN[m]
+                _int8_rows(t, n_threads, values[c], scales[c], layouts[c], layer, xq, xs, gs, results[m],
+                           LAYER_HOW[m] == ADD)
+                if m == 5:                          # the gate, on this thread's units of w1 and w3
+                    start, stop = _task_rows(t, n_threads, hidden)
+                    matvec.gate(g, up, start, stop)
+                if m == 2 or m == 3 or m == 5 or m == 6:
+                    barrier(state, n_threads)
 
         m = wanted.shape[0]
         hw = _normalized_rows(x, wanted, norm, eps)
@@ -388,7 +385,8 @@ def _f32_rows(t, n_threads, x, w, out, add):
 def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, output, eps, cos, sin,
                 k_cache, v_cache, seq_ids, pos, wanted, n_heads, logits, n_threads):
     """forward_fast for float32 weights: the products of the matrix-vector kernels (run.c's model,
-    read four rows at a time), no quantization anywhere.
+    read four rows at a time), no quantization anywhere; a layer's seven products at one call site,
+    as forward_fast's.
 
     wq ... w3: typed lists of each layer's (out, in) float32 matrix; output: (vocab, dim) float32. The
     rest as forward_fast."""
@@ -397,22 +395,24 @@ def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, o
     hidden = w1[0].shape[0]
     q, k, v, a, qh, kh, vh, ah, g, state = _shared_arrays(n, H, KV, D, hidden)
     up = np.empty((n, hidden), np.float32)
+    matrices, results = (wq, wk, wv, wo, w1, w3, w2), (q, k, v, x, g, up, x)
     for t in numba.prange(n_threads):
         h = np.empty((n, dim), np.float32)
         for layer in range(n_layers):
-            rmsnorm_layer(x, attention_norm, layer, eps, h)
-            _f32_rows(t, n_threads, h, wq[layer], q, False)
-            _f32_rows(t, n_threads, h, wk[layer], k, False)
-            _f32_rows(t, n_threads, h, wv[layer], v, False)
-            barrier(state, n_threads)
-            _attention(t, n_threads, state, qh, kh, vh, cos, sin, k_cache, v_cache, layer, seq_ids, pos, ah)
-            _f32_rows(t, n_threads, a, wo[layer], x, True)
-            barrier(state, n_threads)
-
-            rmsnorm_layer(x, ffn_norm, layer, eps, h)
-            matvec.gated_rows(t, n_threads, h, w1[layer], w3[layer], g, up)
-            barrier(state, n_threads)
-            _f32_rows(t, n_threads, g, w2[layer], x, True)
-            barrier(state, n_threads)
+            for m in range(7):                      # the walk of forward_fast's layer loop
+                if m == 0 or m == 4:
+                    rmsnorm_layer(x, attention_norm if m == 0 else ffn_norm, layer, eps, h)
+                    xm = h
+                elif m == 3:
+                    _attention(t, n_threads, state, qh, kh, vh, cos, sin, k_cache, v_cache, layer, seq_ids, pos, ah)
+                    xm = a
+                elif m == 6:
+                    xm = g
+                _f32_rows(t, n_threads, xm, matrices[m][layer], results[m], LAYER_HOW[m] == ADD)
+                if m == 5:                          # the gate, on this thread's units of w1 and w3 (gated_rows')
+                    start, stop = _task_rows(t, n_threads, matvec.groups(w1[layer]))
+                    matvec.gate(g, up, matvec.ROWS * start, min(matvec.ROWS * stop, hidden))
+                if m == 2 or m == 3 or m == 5 or m == 6:
+                    barrier(state, n_threads)
 
         _f32_rows(t, n_threads, _normalized_rows(x, wanted, norm, eps), output, logits, False)
