@@ -252,7 +252,22 @@ class GGMLTensor:
     def rows(self, ids) -> np.ndarray:
         """The rows `ids`, dequantized.   -> (len(ids), in_features) float32"""
         ids = np.asarray(ids, np.int64).reshape(-1)
-        return self._dequantize_rows(self.raw[ids]).reshape(len(ids), self.shape[1])
+        raw = self.raw[ids]
+        raw.flags.writeable = False          # as the map's rows: the decoders' one compiled signature
+        out = np.empty((len(ids), self.shape[1]), np.float32)
+        self._decode(raw, out)
+        return out
+
+    def _decode(self, raw: np.ndarray, out: np.ndarray) -> None:
+        """out = the rows raw (some of self.raw's) as float32, bit for bit as gguf's dequantize: by the
+        numba decoders where the type has one (a call, where numpy's decoders are a few calls per
+        block field: a decode step's embedding row, a prompt's tiles), else by numpy or gguf."""
+        if self._halves is not None:
+            widen_rows(raw.view(np.uint16), self.qtype == _T.BF16, out)
+        elif self._kernel_type is not None:
+            ggml_kernels.dequantize_rows(self._kernel_type, raw, out)
+        else:
+            out[...] = self._dequantize_rows(raw).reshape(out.shape)
 
     def dequantize(self) -> np.ndarray:
         """The whole matrix as float32.   -> (out_features, in_features)"""
@@ -293,12 +308,7 @@ class GGMLTensor:
         for start in range(0, rows, self._tile_rows):
             stop = min(start + self._tile_rows, rows)
             w = tile[:stop - start]
-            if self._halves is not None:
-                widen_rows(self._halves[start:stop], self.qtype == _T.BF16, w)
-            elif self._kernel_type is not None:
-                ggml_kernels.dequantize_rows(self._kernel_type, self.raw[start:stop], w)
-            else:
-                w[...] = self._dequantize_rows(self.raw[start:stop]).reshape(w.shape)
+            self._decode(self.raw[start:stop], w)
             if n <= MATVEC_ROWS:
                 matvec(x, w, out[:, start:stop])
             else:
