@@ -42,7 +42,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import cpu
-from .ggml import _splat
+from .ggml import _splat, exp_fast
 from .half import float_to_half, half_to_float
 
 BLOCK = 32   # positions per key block (16 measured slower in the prefill, 64 no faster)
@@ -88,37 +88,6 @@ def _narrow(typingctx, cache, value):
             return float_to_half(builder, args[1])
         return types.uint16(cache, value), codegen
     return None
-
-
-@intrinsic
-def _float_of_bits(typingctx, bits):
-    """The float32 whose bits are the low 32 of the integer `bits`."""
-    if not isinstance(bits, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        word = args[0] if bits.bitwidth == 32 else builder.trunc(args[0], ir.IntType(32))
-        return builder.bitcast(word, ir.FloatType())
-    return types.float32(bits), codegen
-
-
-@numba.njit(inline="always", error_model="numpy")
-def _exp_fast(x):
-    """e^x for float32 x <= 0 (a softmax's shifted scores), within ~2 ulp, with no libm call so that a
-    loop of them vectorizes: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' expf polynomial, times
-    2^n put into the exponent bits. Below -87 it gives e^-87 (~1.6e-38) rather than less: nothing
-    next to a softmax's largest term, whose e^0 = 1 is in every sum."""
-    x = max(x, np.float32(-87.0))
-    n = np.floor(x * np.float32(1.44269504) + np.float32(0.5))          # float32, as every step here
-    r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    y = p * r * r + r + np.float32(1.0)
-    return y * _float_of_bits((np.int32(n) + 127) << 23)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,12 +283,12 @@ def _softmax_exact(scores, g, T, scale, bias):
 @numba.njit(error_model="numpy")
 def _softmax_fast(scores, g, T, scale, bias):
     """_softmax_exact as llama.cpp computes it (ggml's soft_max: a vectorized exp, sums in SIMD
-    lanes): the exps by _exp_fast, in a loop that vectorizes, and their sum in eight lanes. The
+    lanes): the exps by exp_fast, in a loop that vectorizes, and their sum in eight lanes. The
     attention of a half-precision cache (the fast path); at 1024 positions the libm expf of the exact
     softmax was a quarter of SmolLM2's attention time."""
     best = _scaled_max(scores, g, T, scale, bias)
     for t in range(T):
-        scores[g, t] = _exp_fast(scores[g, t] - best)
+        scores[g, t] = exp_fast(scores[g, t] - best)
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
     t = 0
     while t + 8 <= T:

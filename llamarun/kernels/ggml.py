@@ -1188,34 +1188,60 @@ _row_groups_q8_0, _row_groups_q4_0, _row_groups_q4_1 = (_row_groups_intrinsic(qt
 _row_groups_q4_k, _row_groups_q5_k, _row_groups_q6_k = (_row_groups_intrinsic(qt) for qt in (Q4_K, Q5_K, Q6_K))
 
 
-@numba.njit(inline="always")
-def _round_away(v):
-    """C's roundf: to the nearest integer, halves away from zero."""
-    q = np.int32(np.floor(abs(v) + np.float32(0.5)))
-    return -q if v < 0 else q
+@intrinsic
+def _quantize_block(typingctx, x, j, g, xq, xd, xsum):
+    """Block g (values 32g .. 32g + 31) of row j of x quantized as quantize_activations says, as one
+    vector of 32 lanes: |x|, their maximum, x * (1 / d) rounded (C's roundf: floor(|v| + 0.5), the
+    sign put back), the int8s stored and the int32s summed. The same operations on the same values as
+    a loop over the 32, so the results are those of llama.cpp's reference quantizer, bit for bit
+    (tests/test_kernels.py); numba's loop of them stayed scalar (a maximum and a rounding per value)."""
+    if not (all(isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" for t in (x, xq, xd, xsum))
+            and x.dtype == types.float32 and xq.dtype == types.int8 and xd.dtype == types.float32
+            and xsum.dtype == types.int32 and isinstance(j, types.Integer) and isinstance(g, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        x_, j_, g_, xq_, xd_, xsum_ = args
+        floats, words = _vector(_F32, QK), _vector(_I32, QK)
+        xp, qp, dp, sp = (_data(context, builder, sig.args[k], args[k]) for k in (0, 3, 4, 5))
+        n_in = cgutils.unpack_tuple(builder, context.make_array(sig.args[0])(context, builder, value=x_).shape, 2)[1]
+        groups = cgutils.unpack_tuple(builder, context.make_array(sig.args[4])(context, builder, value=xd_).shape, 2)[1]
+        j, g = (context.cast(builder, v, t, types.intp) for v, t in ((j_, sig.args[1]), (g_, sig.args[2])))
+        start = builder.add(builder.mul(j, n_in), builder.mul(g, ir.Constant(_I64, QK)))     # flat index of the block
+        v = _load(builder, xp, start, floats)
+        fabs = _function(builder, "llvm.fabs.v32f32", floats, [floats])
+        # the largest |x| as the largest of their bits as unsigned ints (the same order for floats >= 0):
+        # a tree of integer maxima, where a float maximum reduction is a chain (it must order NaNs)
+        bits = builder.bitcast(builder.call(fabs, [v]), words)
+        amax = builder.bitcast(builder.call(_function(builder, "llvm.vector.reduce.umax.v32i32", _I32, [words]), [bits]), _F32)
+        d = builder.fdiv(amax, ir.Constant(_F32, 127.0))
+        inv = builder.select(builder.fcmp_ordered(">", d, ir.Constant(_F32, 0.0)),
+                             builder.fdiv(ir.Constant(_F32, 1.0), d), ir.Constant(_F32, 0.0))
+        scaled = builder.fmul(v, _splat(builder, inv, QK))
+        rounded = builder.call(_function(builder, "llvm.floor.v32f32", floats, [floats]),
+                               [builder.fadd(builder.call(fabs, [scaled]), ir.Constant(floats, [0.5] * QK))])
+        magnitude = builder.fptosi(rounded, words)
+        q = builder.select(builder.fcmp_ordered("<", scaled, ir.Constant(floats, [0.0] * QK)),
+                           builder.sub(ir.Constant(words, [0] * QK), magnitude), magnitude)
+        store = builder.store(builder.trunc(q, _vector(_I8, QK)),
+                              builder.bitcast(builder.gep(qp, [start]), _vector(_I8, QK).as_pointer()))
+        store.align = 1
+        at = builder.add(builder.mul(j, groups), g)
+        builder.store(d, builder.gep(dp, [at]))
+        builder.store(builder.call(_function(builder, "llvm.vector.reduce.add.v32i32", _I32, [words]), [q]),
+                      builder.gep(sp, [at]))
+        return context.get_dummy_value()
+    return types.void(x, j, g, xq, xd, xsum), codegen
 
 
 @numba.njit(cache=True)
 def quantize_activations(x, xq, xd, xsum):
     """x (n, in) float32 -> int8 blocks of 32, as llama.cpp's quantize_row_q8_0/q8_1:
-    xd[j, g] = d_x = max|x| / 127, xq = round(x * (1 / d_x)) (halves away from zero; 0 where
-    d_x = 0), xsum[j, g] = sum of the block's xq (s_x = d_x * xsum, Q8_1's s)."""
-    n, groups = x.shape[0], x.shape[1] // QK
-    for j in range(n):
-        for g in range(groups):
-            c = g * QK
-            amax = np.float32(0.0)
-            for i in range(QK):
-                amax = max(amax, abs(x[j, c + i]))
-            d = amax / np.float32(127.0)
-            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-            total = 0
-            for i in range(QK):
-                q = _round_away(x[j, c + i] * inv)
-                xq[j, c + i] = q
-                total += q
-            xd[j, g] = d
-            xsum[j, g] = total
+    xd[j, g] = d_x = max|x| / 127, xq = round(x * (1 / d_x)) (halves away from zero, C's roundf; 0
+    where d_x = 0), xsum[j, g] = sum of the block's xq (s_x = d_x * xsum, Q8_1's s)."""
+    for j in range(x.shape[0]):
+        for g in range(x.shape[1] // QK):
+            _quantize_block(x, j, g, xq, xd, xsum)
 
 
 @numba.njit(inline="always")
@@ -1325,47 +1351,37 @@ def _row_group_fast(kinds, qt, raw, o, xq, xd, xsum, xs, out, j0, n):
 _row_group_called = numba.njit(_row_group_fast.py_func)
 
 
-STORE, ADD, GATED = 0, 1, 2     # what put_group does with a group's products
-
-
 @numba.njit(inline="always")
-def _put_row(block, out, o, how, j):
-    """put_group for a whole group and one activation row j (a decode step's products): loops of the
-    constant ROW_GROUP, which the compiler unrolls into a few vector moves (STORE, ADD) where the
-    general loops, of run-time lengths, stay scalar (measured: docs/performance.md)."""
-    if how == STORE:
-        for i in range(ROW_GROUP):
-            out[j, o + i] = block[j, i]
-    elif how == ADD:
+def _put_row(block, out, o, add, j):
+    """put_group for a whole group and one activation row j: loops of the constant ROW_GROUP, which
+    the compiler unrolls into a few vector moves where the general loops, of run-time lengths, stay
+    scalar (measured: docs/performance.md)."""
+    if add:
         for i in range(ROW_GROUP):
             out[j, o + i] = out[j, o + i] + block[j, i]
     else:
         for i in range(ROW_GROUP):
-            out[j, o + i] = _silu_times(out[j, o + i], block[j, i])
+            out[j, o + i] = block[j, i]
 
 
 @numba.njit(inline="always")
-def put_group(block, out, o, how, j0, n):
+def put_group(block, out, o, add, j0, n):
     """For the rows i of the group starting at weight row o that the matrix has, and j0 <= j < n:
-    out[j, o + i] = block[j, i] (STORE), or out[j, o + i] + block[j, i] (ADD: the residual stream), or
-    silu(out[j, o + i]) * block[j, i] (GATED: out holds the FFN gate's products, block the up
-    projection's). out: (n, rows); block: (n, ROW_GROUP), from _row_group_fast. (`how` is tested once,
-    outside the loops: in the one-call forward it is not a constant, kernels/step.py's LAYER_HOW.)"""
+    out[j, o + i] = block[j, i], or with `add` out[j, o + i] + block[j, i] (the residual stream).
+    out: (n, rows); block: (n, ROW_GROUP), from _row_group_fast. (In the one-call forward `add` is
+    not a constant: kernels/step.py's LAYER_ADDS.)"""
     rows = min(ROW_GROUP, out.shape[1] - o)
-    if rows == ROW_GROUP and n - j0 == 1:
-        _put_row(block, out, o, how, j0)
-    elif how == STORE:
-        for i in range(rows):
-            for j in range(j0, n):
-                out[j, o + i] = block[j, i]
-    elif how == ADD:
+    if rows == ROW_GROUP:
+        for j in range(j0, n):
+            _put_row(block, out, o, add, j)
+    elif add:
         for i in range(rows):
             for j in range(j0, n):
                 out[j, o + i] = out[j, o + i] + block[j, i]
     else:
         for i in range(rows):
             for j in range(j0, n):
-                out[j, o + i] = _silu_times(out[j, o + i], block[j, i])
+                out[j, o + i] = block[j, i]
 
 
 # A batch of many activation rows (a prompt's part) goes through the weights in tiles: a block of weight
@@ -1377,9 +1393,9 @@ TILE_W_BYTES = 256 * 1024       # weight rows per block: this many of their byte
 
 
 @numba.njit(inline="always")
-def products(kinds, qt, raw, start, stop, xq, xd, xsum, xs, out, block, how):
+def products(kinds, qt, raw, start, stop, xq, xd, xsum, xs, out, block, add):
     """Weight rows [start, stop) (whole groups of ROW_GROUP) of (quantized activations) @ W.T, W of type
-    qt (one of `kinds`), put into out as `how` says (put_group), in tiles of activation rows and blocks
+    qt (one of `kinds`), put into out, or added to it (put_group), in tiles of activation rows and blocks
     of weight rows. block:
     (n, ROW_GROUP) float32 scratch. Each (weight row, activation row) is computed as untiled."""
     n, n_in, row_bytes = xq.shape[0], xq.shape[1], raw.shape[1]
@@ -1391,7 +1407,7 @@ def products(kinds, qt, raw, start, stop, xq, xd, xsum, xs, out, block, how):
             j1 = min(j0 + tile, n)
             for o in range(o0, o1, ROW_GROUP):
                 _row_group_fast(kinds, qt, raw, o, xq, xd, xsum, xs, block, j0, j1)
-                put_group(block, out, o, how, j0, j1)
+                put_group(block, out, o, add, j0, j1)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -1405,7 +1421,7 @@ def matvec_fast(qt, raw, x, out):
     for t in numba.prange(tasks):
         start, stop = group_range(t, tasks, rows)
         products(ALL_KINDS, qt, raw, start, stop, xq, xd, xsum, xs, out, np.empty((n, ROW_GROUP), np.float32),
-                 STORE)
+                 False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1469,13 +1485,95 @@ def matvec3_fast(qts, raws, x, outs):
             i, group = _part(r, ga, gb)
             o = group * ROW_GROUP
             _row_group_called(ALL_KINDS, qts[i], raws[i], o, xq, xd, xsum, xs, block, 0, n)
-            put_group(block, outs[i], o, STORE, 0, n)
+            put_group(block, outs[i], o, False, 0, n)
 
+
+# SwiGLU's gate, two ways: run.c's (libm's expf, for the exact kernels and float32 weights) and llama.cpp's
+# (a vectorized exp, as ggml's swiglu: the fast path). libm's expf is a call per value, which keeps a loop
+# of them scalar: with eight activation rows (the server's decode steps) SmolLM2's gate took ~7% of a
+# step that way (docs/performance.md).
 
 @numba.njit(inline="always")
 def _silu_times(a, b):
     """silu(a) * b, silu(a) = a * (1 / (1 + exp(-a))), rounded as run.c and model.silu round it."""
     return a * (np.float32(1.0) / (np.float32(1.0) + np.exp(-a))) * b
+
+
+@numba.njit(inline="always")
+def gate(out, up, start, stop, fast):
+    """out[:, o] = silu(out[:, o]) * up[:, o] for the units o in [start, stop): SwiGLU's gate, on the
+    units whose two products (w1 in out, w3 in up) one thread has computed; llama.cpp's silu where
+    `fast`, else run.c's. Each row's units are one loop over unsigned indices (see _unsigned), which
+    the fast one lets vectorize."""
+    if fast:
+        for j in range(out.shape[0]):
+            for o in range(_unsigned(start), _unsigned(stop)):
+                out[j, o] = _silu_times_fast(out[j, o], up[j, o])
+    else:
+        for j in range(out.shape[0]):
+            for o in range(_unsigned(start), _unsigned(stop)):
+                out[j, o] = _silu_times(out[j, o], up[j, o])
+
+
+@numba.njit(inline="always")
+def _unsigned(i):
+    """i (>= 0) as an unsigned index. numba reads a signed index below zero from the end of the axis, a
+    compare and select per element: in a loop whose start is known only at run time that kept LLVM
+    from vectorizing (it read the elements one by one, or by gathers). An unsigned index it takes as
+    it is. Measured on the one-call forward's gate, 8 activation rows: 4.0 -> 0.27 ns a unit.
+    (Unsigned throughout a loop's index arithmetic: numpy's rules make int64 + uint64 a float64.)"""
+    return np.uint64(i)
+
+
+@numba.njit(inline="always")
+def _silu_times_fast(a, b):
+    """silu(a) * b as llama.cpp's vectorized swiglu computes it: a / (1 + e^-a) * b, e^-a by exp_fast."""
+    return _quotient(a, np.float32(1.0) + exp_fast(-a)) * b
+
+
+@intrinsic
+def _quotient(typingctx, a, b):
+    """a / b for float32, IEEE's (b = 0 gives inf or nan): without the zero check of numba's division,
+    which raises ZeroDivisionError and so keeps a loop of them from vectorizing (error_model="numpy"
+    drops it too, but only for a whole function: one inlined into another takes the caller's)."""
+    if not (a == types.float32 and b == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fdiv(args[0], args[1])
+    return types.float32(a, b), codegen
+
+
+@intrinsic
+def _float_of_bits(typingctx, bits):
+    """The float32 whose bits are the low 32 of the integer `bits`."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        word = args[0] if bits.bitwidth == 32 else builder.trunc(args[0], ir.IntType(32))
+        return builder.bitcast(word, ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@numba.njit(inline="always", error_model="numpy")
+def exp_fast(x):
+    """e^x for float32 x, within ~2 ulp, with no libm call so that a loop of them vectorizes (ggml's
+    SIMD expf does the same): x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' expf polynomial, times 2^n
+    put into the exponent bits. x is taken as at least -87 and at most 88: below, e^-87 (~1.6e-38) comes
+    out rather than less (nothing next to a softmax's largest term, e^0 = 1); above, e^88 (~1.7e38)
+    rather than inf (silu(a) for a < -88 is then a / 1.7e38, not -0.0)."""
+    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
+    n = np.floor(x * np.float32(1.44269504) + np.float32(0.5))          # float32, as every step here
+    r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    y = p * r * r + r + np.float32(1.0)
+    return y * _float_of_bits((np.int32(n) + 127) << 23)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -1499,14 +1597,16 @@ def swiglu_fast(qts, raws, x, out):
     xq, xd, xsum, xs = _quantized(x)
     rows, n = raws[0].shape[0], x.shape[0]
     tasks = min(TASKS, _groups(rows))
+    up = np.empty_like(out)
     for t in numba.prange(tasks):
         block = np.empty((n, ROW_GROUP), np.float32)
         start, stop = group_range(t, tasks, rows)
-        for o in range(start, stop, ROW_GROUP):      # the gate's products into out, then times the up's
+        for o in range(start, stop, ROW_GROUP):      # the gate's products into out, the up's into up
             _row_group_called(ALL_KINDS, qts[0], raws[0], o, xq, xd, xsum, xs, block, 0, n)
-            put_group(block, out, o, STORE, 0, n)
+            put_group(block, out, o, False, 0, n)
             _row_group_called(ALL_KINDS, qts[1], raws[1], o, xq, xd, xsum, xs, block, 0, n)
-            put_group(block, out, o, GATED, 0, n)
+            put_group(block, up, o, False, 0, n)
+        gate(out, up, start, stop, True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .ggml import _half_to_float, _silu_times, _task_rows, prefetch_bytes
+from .ggml import _half_to_float, _task_rows, gate, prefetch_bytes
 
 
 # Four weight rows per task, read in lock-step: each load of x serves four rows, and each thread
@@ -129,16 +129,7 @@ def gated_rows(t, tasks, x, w1, w3, out, up):
         rows_into(x, w1, out, g, False)
     for g in range(start, stop):
         rows_into(x, w3, up, g, False)
-    gate(out, up, ROWS * start, min(ROWS * stop, w1.shape[0]))
-
-
-@numba.njit(inline="always")
-def gate(out, up, start, stop):
-    """out[:, o] = silu(out[:, o]) * up[:, o] for the units o in [start, stop): SwiGLU's gate, on the
-    units whose two products (w1 in out, w3 in up) one thread has computed."""
-    for o in range(start, stop):
-        for j in range(out.shape[0]):
-            out[j, o] = _silu_times(out[j, o], up[j, o])
+    gate(out, up, ROWS * start, min(ROWS * stop, w1.shape[0]), False)
 
 
 @numba.njit(parallel=True, cache=True)

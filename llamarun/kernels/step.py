@@ -43,8 +43,8 @@ from numba.typed import List
 
 from . import cpu, int8, matvec
 from .attention import _store_pairs, attend_heads_range, attend_jobs
-from .ggml import (ADD, GATED, PREFETCH_BYTES, ROW_GROUP, STORE, _quantized, _task_rows, group_range, prefetch_bytes,
-                   products, quantize_into)
+from .ggml import (PREFETCH_BYTES, ROW_GROUP, _quantized, _task_rows, gate, group_range, prefetch_bytes, products,
+                   quantize_into)
 from .norm import rmsnorm, rmsnorm_layer
 
 SPINS = 20000   # pauses (~ 40 ns each) before a waiting thread starts yielding its core
@@ -172,39 +172,40 @@ def _shared_arrays(n, H, KV, D, hidden):
     """The arrays the threads write their shares of, for a batch of n tokens: q (n, H * D), k and v
     (n, KV * D), the attention's output a (n, H * D) as the products read and write them, the same
     four by head (n, heads, D) as attention reads them (views made once per step: see the module
-    doc), the gated units g (n, hidden); and the barrier's state."""
+    doc), the FFN's gate and up projections g and up (n, hidden), g then the gated units; and the
+    barrier's state."""
     q, k, v, a = (np.empty((n, H * D), np.float32), np.empty((n, KV * D), np.float32),
                   np.empty((n, KV * D), np.float32), np.empty((n, H * D), np.float32))
     return (q, k, v, a, q.reshape((n, H, D)), k.reshape((n, KV, D)), v.reshape((n, KV, D)), a.reshape((n, H, D)),
-            np.empty((n, hidden), np.float32), np.zeros(2, np.int64))
+            np.empty((n, hidden), np.float32), np.empty((n, hidden), np.float32), np.zeros(2, np.int64))
 
 
 # A product's code is long: the group kernels of every ggml type the fast path takes (nine
 # intrinsics, and the k-quant rows), inlined. LLVM's time grows faster than a function's size, and
 # with each of a layer's seven products and the classifier at a call site of its own, forward_fast
 # took minutes to compile. So a layer's seven products share one call site, in a loop over them
-# (LAYER_COLUMN, LAYER_HOW), and the classifier has the other: one site a layer rather than four
+# (LAYER_COLUMN, LAYER_ADDS), and the classifier has the other: one site a layer rather than four
 # (q/k/v, wo, gate/up, w2) compiled the tests' forward of every type in about a third of the time, and
 # a decode step was as fast. (A product compiled as a function of its own, called rather than inlined,
 # compiled faster still but made a decode step slower; figures in docs/performance.md.) forward_int8 and
 # forward_f32 walk their layers the same way, for the same reason: each compiled in about half the time.
 
 @numba.njit(inline="always")
-def _product(kinds, t, n_threads, qt, raw, xq, xd, xsum, xs, out, block, how):
+def _product(kinds, t, n_threads, qt, raw, xq, xd, xsum, xs, out, block, add):
     """This thread's share of W's rows (whole groups of ROW_GROUP) of (quantized activations) @ W.T,
-    put into out as `how` says (put_group: STORE, ADD to the residual stream, or GATED). (Each matrix
-    is split between the threads on its own: a tuple of matrices indexed per row would count a
-    reference to the shared matrix per row, see the module doc.)"""
+    put into out, or with `add` added to it (the residual stream). (Each matrix is split between the
+    threads on its own: a tuple of matrices indexed per row would count a reference to the shared
+    matrix per row, see the module doc.)"""
     start, stop = group_range(t, n_threads, raw.shape[0])
-    products(kinds, qt, raw, start, stop, xq, xd, xsum, xs, out, block, how)
+    products(kinds, qt, raw, start, stop, xq, xd, xsum, xs, out, block, add)
 
 
-# a layer's products in the order forward_fast computes them (wq, wk, wv, wo, w1, w3, w2): the column of
-# each in qts (wq, wk, wv, wo, w1, w2, w3), and what is done with its output (put_group): the gate's
-# products are stored in g, the up projection's turn them into silu(gate) * up (this thread's rows of
-# both: no barrier between), wo's and w2's are added to the residual stream x
+# a layer's products in the order the one-call forwards compute them (wq, wk, wv, wo, w1, w3, w2): the
+# column of each in qts (wq, wk, wv, wo, w1, w2, w3), and whether its output is added to where it goes
+# (wo's and w2's, to the residual stream x) rather than stored (the rest; w1's into g and w3's into up,
+# which the gate then turns into silu(g) * up on this thread's units of both: no barrier between)
 LAYER_COLUMN = (0, 1, 2, 3, 4, 6, 5)
-LAYER_HOW = (STORE, STORE, STORE, ADD, STORE, GATED, ADD)
+LAYER_ADDS = (False, False, False, True, False, False, True)
 
 _forward_fast = {}     # (kinds, output_kinds) -> forward_fast compiled for them
 
@@ -241,8 +242,8 @@ def _forward_fast_closure(kinds, output_kinds):
         n, dim, H, KV, D = _sizes(x, cos, k_cache, n_heads)
         n_layers = qts.shape[0]
         hidden = w1[0].shape[0]
-        q, k, v, a, qh, kh, vh, ah, g, state = _shared_arrays(n, H, KV, D, hidden)
-        matrices, outputs = (wq, wk, wv, wo, w1, w3, w2), (q, k, v, x, g, g, x)
+        q, k, v, a, qh, kh, vh, ah, g, up, state = _shared_arrays(n, H, KV, D, hidden)
+        matrices, outputs = (wq, wk, wv, wo, w1, w3, w2), (q, k, v, x, g, up, x)
         for t in numba.prange(n_threads):
             # this thread's scratch: the normalized x and every product's quantized input
             h = np.empty((n, dim), np.float32)
@@ -270,7 +271,10 @@ def _forward_fast_closure(kinds, output_kinds):
                         quantize_into(g, gq, gd, gsum, gs)
                         xq, xd, xsum, xs = gq, gd, gsum, gs
                     _product(kinds, t, n_threads, qts[layer, LAYER_COLUMN[m]], matrices[m][layer], xq, xd, xsum, xs,
-                             outputs[m], block, LAYER_HOW[m])
+                             outputs[m], block, LAYER_ADDS[m])
+                    if m == 5:                              # the gate, on this thread's units of w1 and w3
+                        start, stop = group_range(t, n_threads, hidden)
+                        gate(g, up, start, stop, True)
                     if m == 2 or m == 3 or m == 5 or m == 6:
                         barrier(state, n_threads)
 
@@ -278,7 +282,7 @@ def _forward_fast_closure(kinds, output_kinds):
             m = wanted.shape[0]
             hw = _normalized_rows(x, wanted, norm, eps)
             wq_, wd_, wsum_, ws_ = _quantized(hw)
-            _product(output_kinds, t, n_threads, output_qt, output, wq_, wd_, wsum_, ws_, logits, np.empty((m, ROW_GROUP), np.float32), STORE)
+            _product(output_kinds, t, n_threads, output_qt, output, wq_, wd_, wsum_, ws_, logits, np.empty((m, ROW_GROUP), np.float32), False)
     return forward_fast
 
 
@@ -331,8 +335,7 @@ def forward_int8(x, values, scales, layouts, gs, attention_norm, ffn_norm, norm,
     n, dim, H, KV, D = _sizes(x, cos, k_cache, n_heads)
     n_layers = attention_norm.shape[0]
     hidden = layouts[4, 2]
-    q, k, v, a, qh, kh, vh, ah, g, state = _shared_arrays(n, H, KV, D, hidden)
-    up = np.empty((n, hidden), np.float32)
+    q, k, v, a, qh, kh, vh, ah, g, up, state = _shared_arrays(n, H, KV, D, hidden)
     results = (q, k, v, x, g, up, x)            # where each product of LAYER_COLUMN's order goes
     output_layout = np.array([0, 0, output.shape[0], output.shape[1]], np.int64)
     for t in numba.prange(n_threads):
@@ -354,11 +357,10 @@ def forward_int8(x, values, scales, layouts, gs, attention_norm, ffn_norm, norm,
                     int8.quantize(g, gs, gq, gs_)
                     xq, xs = gq, gs_
                 c = LAYER_COLUMN[m]
-                _int8_rows(t, n_threads, values[c], scales[c], layouts[c], layer, xq, xs, gs, results[m],
-                           LAYER_HOW[m] == ADD)
+                _int8_rows(t, n_threads, values[c], scales[c], layouts[c], layer, xq, xs, gs, results[m], LAYER_ADDS[m])
                 if m == 5:                          # the gate, on this thread's units of w1 and w3
                     start, stop = _task_rows(t, n_threads, hidden)
-                    matvec.gate(g, up, start, stop)
+                    gate(g, up, start, stop, False)
                 if m == 2 or m == 3 or m == 5 or m == 6:
                     barrier(state, n_threads)
 
@@ -393,8 +395,7 @@ def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, o
     n, dim, H, KV, D = _sizes(x, cos, k_cache, n_heads)
     n_layers = attention_norm.shape[0]
     hidden = w1[0].shape[0]
-    q, k, v, a, qh, kh, vh, ah, g, state = _shared_arrays(n, H, KV, D, hidden)
-    up = np.empty((n, hidden), np.float32)
+    q, k, v, a, qh, kh, vh, ah, g, up, state = _shared_arrays(n, H, KV, D, hidden)
     matrices, results = (wq, wk, wv, wo, w1, w3, w2), (q, k, v, x, g, up, x)
     for t in numba.prange(n_threads):
         h = np.empty((n, dim), np.float32)
@@ -408,10 +409,10 @@ def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, o
                     xm = a
                 elif m == 6:
                     xm = g
-                _f32_rows(t, n_threads, xm, matrices[m][layer], results[m], LAYER_HOW[m] == ADD)
+                _f32_rows(t, n_threads, xm, matrices[m][layer], results[m], LAYER_ADDS[m])
                 if m == 5:                          # the gate, on this thread's units of w1 and w3 (gated_rows')
                     start, stop = _task_rows(t, n_threads, matvec.groups(w1[layer]))
-                    matvec.gate(g, up, matvec.ROWS * start, min(matvec.ROWS * stop, hidden))
+                    gate(g, up, matvec.ROWS * start, min(matvec.ROWS * stop, hidden), False)
                 if m == 2 or m == 3 or m == 5 or m == 6:
                     barrier(state, n_threads)
 
