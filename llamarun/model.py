@@ -163,10 +163,11 @@ class Probe:
 # ----------------------------------------------------------------------------------------------
 # the building blocks
 
-def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x / sqrt(mean(x^2) + eps) * weight, row by row, summed as run.c sums.   x: (n, dim)"""
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, fast: bool = False) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight, row by row, the squares summed as run.c sums them, or (fast)
+    as llama.cpp does (kernels/norm.py).   x: (n, dim)"""
     out = np.empty(x.shape, np.float32)
-    rmsnorm_kernel(x, weight, eps, out)
+    rmsnorm_kernel(x, weight, eps, out, fast)
     return out
 
 
@@ -541,13 +542,13 @@ class Transformer:
                                        for i in range(0, len(batch), rows)])
         for layer in range(c.n_layers):
             lw = self.layers[layer]
-            h = rmsnorm(x, lw["attention_norm"], c.norm_eps)
+            h = rmsnorm(x, lw["attention_norm"], c.norm_eps, not self.exact)
             x = x + linear(self.attention(h, layer, batch, cache, cos, sin, probe), lw["wo"])
-            h = rmsnorm(x, lw["ffn_norm"], c.norm_eps)
+            h = rmsnorm(x, lw["ffn_norm"], c.norm_eps, not self.exact)
             x = x + self.feed_forward(h, layer)
             if probe is not None and probe.residual is not None:
                 probe.residual(layer, x)                                         # x: (n, dim) residual stream
-        x = rmsnorm(x[batch.logits], w["norm"], c.norm_eps)                      # (n_wanted, dim)
+        x = rmsnorm(x[batch.logits], w["norm"], c.norm_eps, not self.exact)      # (n_wanted, dim)
         return linear(x, w["output"])                                            # (n_wanted, vocab)
 
     def compiled_forward(self) -> CompiledForward | None:

@@ -74,7 +74,9 @@ def test_the_scheduler_and_llama_stream_give_the_same_events(smol, chat_prompts,
                 "stop string": (dict(temperature=0), dict(stop=("e",)), 1),
                 "ignore_eos": (dict(temperature=0), dict(ignore_eos=True), 0)}
     sampling, options, which = settings[case]
-    prompt, max_tokens = chat_prompts[which], 24 if case != "ignore_eos" else 40
+    # room for the greedy reply to end by itself (its length moves with the fast path's rounding: 22-29
+    # tokens), and for ignore_eos to run past where it would have ended
+    prompt, max_tokens = chat_prompts[which], 24 if case in ("seeded", "stop string") else 48
     events, completion = streamed(smol, prompt, max_tokens, sampling, **options)
     served_events = served(smol, prompt, max_tokens, Sampler(**sampling), **options)
 

@@ -64,7 +64,7 @@ def logit_lens(model, ids: Sequence[int], pos: int | None = None, top: int = 5) 
         raise LlamarunError(f"{len(ids)} tokens do not fit the model's context of {model.config.seq_len}")
     pos = resolve_position(pos, len(ids))
     c, w = model.config, model.w
-    x = rmsnorm(residual_streams(model, ids, pos), w["norm"], c.norm_eps)   # (n_layers, dim)
+    x = rmsnorm(residual_streams(model, ids, pos), w["norm"], c.norm_eps, not model.exact)   # (n_layers, dim)
     logits = linear(x, w["output"])                                        # (n_layers, vocab)
     layers = []
     for layer, row in enumerate(logits):

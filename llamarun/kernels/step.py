@@ -260,7 +260,7 @@ def _forward_fast_closure(kinds, output_kinds):
                 # step needs the whole of the last product
                 for m in range(7):
                     if m == 0 or m == 4:                    # q, k, v; then the FFN's gate and up
-                        rmsnorm_layer(x, attention_norm if m == 0 else ffn_norm, layer, eps, h)
+                        rmsnorm_layer(x, attention_norm if m == 0 else ffn_norm, layer, eps, h, True)
                         quantize_into(h, hq, hd, hsum, hs)
                         xq, xd, xsum, xs = hq, hd, hsum, hs
                     elif m == 3:                            # wo, of the attention of q, k, v
@@ -280,21 +280,22 @@ def _forward_fast_closure(kinds, output_kinds):
 
             # the classifier, for the wanted tokens
             m = wanted.shape[0]
-            hw = _normalized_rows(x, wanted, norm, eps)
+            hw = _normalized_rows(x, wanted, norm, eps, True)
             wq_, wd_, wsum_, ws_ = _quantized(hw)
             _product(output_kinds, t, n_threads, output_qt, output, wq_, wd_, wsum_, ws_, logits, np.empty((m, ROW_GROUP), np.float32), False)
     return forward_fast
 
 
 @numba.njit(inline="always")
-def _normalized_rows(x, wanted, norm, eps):
-    """rmsnorm of the rows `wanted` of x (the tokens whose logits are computed).   -> (len(wanted), dim)"""
+def _normalized_rows(x, wanted, norm, eps, fast):
+    """rmsnorm (llama.cpp's where fast, else run.c's) of the rows `wanted` of x (the tokens whose logits
+    are computed).   -> (len(wanted), dim)"""
     xw = np.empty((wanted.shape[0], x.shape[1]), np.float32)
     for r in range(wanted.shape[0]):
         for i in range(x.shape[1]):
             xw[r, i] = x[wanted[r], i]
     out = np.empty(xw.shape, np.float32)
-    rmsnorm(xw, norm, eps, out)
+    rmsnorm(xw, norm, eps, out, fast)
     return out
 
 
@@ -346,7 +347,7 @@ def forward_int8(x, values, scales, layouts, gs, attention_norm, ffn_norm, norm,
         for layer in range(n_layers):
             for m in range(7):                      # the walk of forward_fast's layer loop
                 if m == 0 or m == 4:
-                    rmsnorm_layer(x, attention_norm if m == 0 else ffn_norm, layer, eps, h)
+                    rmsnorm_layer(x, attention_norm if m == 0 else ffn_norm, layer, eps, h, False)
                     int8.quantize(h, gs, hq, hs)
                     xq, xs = hq, hs
                 elif m == 3:
@@ -365,7 +366,7 @@ def forward_int8(x, values, scales, layouts, gs, attention_norm, ffn_norm, norm,
                     barrier(state, n_threads)
 
         m = wanted.shape[0]
-        hw = _normalized_rows(x, wanted, norm, eps)
+        hw = _normalized_rows(x, wanted, norm, eps, False)
         oq, os_ = np.empty((m, dim), np.int8), np.empty((m, dim // gs), np.float32)
         int8.quantize(hw, gs, oq, os_)
         _int8_rows(t, n_threads, output.reshape(-1), outputs.reshape(-1), output_layout, 0, oq, os_, gs, logits, False)
@@ -402,7 +403,7 @@ def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, o
         for layer in range(n_layers):
             for m in range(7):                      # the walk of forward_fast's layer loop
                 if m == 0 or m == 4:
-                    rmsnorm_layer(x, attention_norm if m == 0 else ffn_norm, layer, eps, h)
+                    rmsnorm_layer(x, attention_norm if m == 0 else ffn_norm, layer, eps, h, False)
                     xm = h
                 elif m == 3:
                     _attention(t, n_threads, state, qh, kh, vh, cos, sin, k_cache, v_cache, layer, seq_ids, pos, ah)
@@ -416,4 +417,4 @@ def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, o
                 if m == 2 or m == 3 or m == 5 or m == 6:
                     barrier(state, n_threads)
 
-        _f32_rows(t, n_threads, _normalized_rows(x, wanted, norm, eps), output, logits, False)
+        _f32_rows(t, n_threads, _normalized_rows(x, wanted, norm, eps, False), output, logits, False)
