@@ -94,15 +94,17 @@ def _narrow(typingctx, cache, value):
 # scores and weighted values, their sums kept in vector registers
 #
 # Each score is a sum over d = 0..D-1 and each weighted value a sum over t = 0..T-1, added in that
-# order in float32, a multiply and then an add (run.c's arithmetic, not a fused multiply-add). The
-# loops below keep those orders; what they change is where the partial sums live. Written as numba
-# loops, the partial sums of a block of positions went to memory and back every few terms and each
-# key was widened again for every head of its group: a decode step of 8 tokens spent a fifth of its
-# time in attention, at under a tenth of the core's multiply-add rate. Here the sums of up to
-# HEADS heads (and, for one head, two key blocks) are vectors that stay in registers for the whole
-# sum, each key or value row is loaded and widened once for all the heads reading it, and the many
-# independent sums hide the latency of each add. The results are the same, bit for bit, as the
-# plain loops' (tests/test_attention.py checks them against a scalar loop in the same order).
+# order in float32: on a float32 cache a multiply and then an add per term (run.c's arithmetic), on a
+# half one a fused multiply-add (the fast path's: llama.cpp's f16 dot products fuse theirs; half the
+# operations: a 512-token prompt's attention ~10% faster, that of 8 decode rows ~25%,
+# docs/performance.md). The loops below keep those orders; what they change is where the partial sums
+# live. Written as numba loops, the partial sums of a block of positions went to memory and back every
+# few terms and each key was widened again for every head of its group: a decode step of 8 tokens
+# spent a fifth of its time in attention, at under a tenth of the core's multiply-add rate. Here the
+# sums of up to HEADS heads (and, for one head, two key blocks) are vectors that stay in registers for
+# the whole sum, each key or value row is loaded and widened once for all the heads reading it, and
+# the many independent sums hide the latency of each add. The results are the same, bit for bit, as
+# the plain loops' (tests/test_attention.py checks them against scalar loops in the same order).
 
 HEADS = 4 if cpu.AVX512 else 2     # heads summed at once: as many vectors as the registers hold
 VALUE_LANES = 64 if cpu.AVX512 else 32   # a value row's columns summed at once
@@ -128,6 +130,28 @@ def _sums_loop(builder, count, n_sums, lanes, step):
         for slot, value in zip(slots, sums):
             builder.store(value, slot)
     return [builder.load(slot) for slot in slots]
+
+
+@intrinsic
+def _term(typingctx, cache, a, b, acc):
+    """acc + a * b for float32 scalars, as _multiply_add adds a term for this cache's element type."""
+    if not (isinstance(cache, types.Array) and a == b == acc == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _multiply_add(builder, sig.args[0], *args[1:])
+    return types.float32(cache, a, b, acc), codegen
+
+
+def _multiply_add(builder, cache_type, a, b, acc):
+    """acc + a * b for one term of a score or weighted value: a float32 multiply then a float32 add
+    (run.c's) on a float32 cache; one fused multiply-add (llama.cpp's kind: its f16 dot products are
+    fused) on a half one, the fast path. The same order of terms either way."""
+    if cache_type.dtype == types.uint16:
+        name = f"llvm.fma.v{a.type.count}f32" if isinstance(a.type, ir.VectorType) else "llvm.fma.f32"
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(a.type, [a.type] * 3), name)
+        return builder.call(fma, [a, b, acc])
+    return builder.fadd(acc, builder.fmul(a, b))
 
 
 def _store_vector(builder, pointer, value):
@@ -160,7 +184,7 @@ def _block_scores(typingctx, heads, blocks, qr, q0, keys, k0, D, scores, s0, str
                 qv = builder.load(builder.gep(qr_p, [builder.add(builder.add(q0_, builder.mul(ir.Constant(ir.IntType(64), g), D_)), d)]))
                 qs = _splat(builder, qv, BLOCK)
                 for b in range(NB):
-                    out.append(builder.fadd(sums[g * NB + b], builder.fmul(qs, rows[b])))
+                    out.append(_multiply_add(builder, sig.args[4], qs, rows[b], sums[g * NB + b]))
             return out
         sums = _sums_loop(builder, D_, H * NB, BLOCK, step)
         for g in range(H):
@@ -194,7 +218,7 @@ def _rows_weighted(typingctx, heads, lanes, probs, p0, pstride, values, v0, vstr
             out = []
             for g in range(H):
                 pv = builder.load(builder.gep(p_p, [builder.add(builder.add(p0_, builder.mul(ir.Constant(i64, g), pstride_)), t)]))
-                out.append(builder.fadd(sums[g], builder.fmul(_splat(builder, pv, L), row)))
+                out.append(_multiply_add(builder, sig.args[5], _splat(builder, pv, L), row, sums[g]))
             return out
         sums = _sums_loop(builder, T_, H, L, step)
         for g in range(H):
@@ -259,10 +283,24 @@ def _scaled_max(scores, g, T, scale, bias):
     if bias.shape[0] > 0:
         for t in range(T):
             scores[g, t] += bias[t]
-    best = scores[g, 0]
-    for t in range(1, T):
-        if scores[g, t] > best:
-            best = scores[g, t]
+    # the maximum in eight running maxima (a maximum is the same in any order), not one: a chain of
+    # dependent compares per score was a large part of a long prompt's attention
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = scores[g, 0]
+    t = 0
+    while t + 8 <= T:
+        m0 = max(m0, scores[g, t])
+        m1 = max(m1, scores[g, t + 1])
+        m2 = max(m2, scores[g, t + 2])
+        m3 = max(m3, scores[g, t + 3])
+        m4 = max(m4, scores[g, t + 4])
+        m5 = max(m5, scores[g, t + 5])
+        m6 = max(m6, scores[g, t + 6])
+        m7 = max(m7, scores[g, t + 7])
+        t += 8
+    best = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+    while t < T:
+        best = max(best, scores[g, t])
+        t += 1
     return best
 
 
@@ -364,7 +402,7 @@ def _weighted_values(probs, G, v_cache, layer, seq, kv, T, acc):
             for d in range(c, D):
                 a = np.float32(0.0)
                 for t in range(T):
-                    a += probs[h, t] * _widen(v_cache[layer, seq, kv, t, d])
+                    a = _term(v_cache, probs[h, t], _widen(v_cache[layer, seq, kv, t, d]), a)
                 acc[h, d] = a
         g += count
 
