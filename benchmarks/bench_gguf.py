@@ -52,8 +52,8 @@ def parse_args():
     p.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median reported)")
     p.add_argument("--prompt", type=int, default=512, help="prefill prompt length in tokens")
     p.add_argument("--gen", type=int, default=32,
-                   help="decoded tokens per decode run (default 32: at ~1-4 tok/s while every product "
-                        "dequantizes its matrix, more makes a full run long; the rate hardly depends on it)")
+                   help="decoded tokens per decode run, after 8 (default 32; the ledger's runs take 64, as "
+                        "llama-bench's tg64; at this depth the rate hardly depends on it)")
     p.add_argument("--threads", type=int, default=None, help="BLAS / numba threads (default: all cores)")
     p.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench (default: looked up on PATH)")
     p.add_argument("--child", choices=("open", "peak"), help=argparse.SUPPRESS)
