@@ -1520,8 +1520,8 @@ def _unsigned(i):
     """i (>= 0) as an unsigned index. numba reads a signed index below zero from the end of the axis, a
     compare and select per element: in a loop whose start is known only at run time that kept LLVM
     from vectorizing (it read the elements one by one, or by gathers). An unsigned index it takes as
-    it is. Measured on the one-call forward's gate, 8 activation rows: 4.0 -> 0.27 ns a unit.
-    (Unsigned throughout a loop's index arithmetic: numpy's rules make int64 + uint64 a float64.)"""
+    it is: the one-call forward's gate ran ~15x faster (docs/performance.md, 2026-12-06). (Unsigned
+    throughout a loop's index arithmetic: numpy's rules make int64 + uint64 a float64.)"""
     return np.uint64(i)
 
 
