@@ -108,3 +108,54 @@ def test_int8_fused_kernels():
         assert np.array_equal(out, w.linear_blas(x))
     a, b = w1.linear_blas(x), w3.linear_blas(x)
     np.testing.assert_allclose(gated_units(x, w1, w3), silu(a.copy()) * b, rtol=1e-6, atol=1e-30)
+
+
+# ----------------------------------------------------------------------------------------------
+# the fast path's elementwise arithmetic (llama.cpp's kind): its exp and its RMSNorm
+
+def test_exp_fast_within_two_ulp_and_finite_at_the_ends():
+    import numba
+
+    from llamarun.kernels.ggml import exp_fast
+
+    @numba.njit
+    def exps(x, out):
+        for i in range(x.shape[0]):
+            out[i] = exp_fast(x[i])
+
+    x = np.linspace(-87, 88, 200001, dtype=np.float32)
+    out = np.empty_like(x)
+    exps(x, out)
+    truth = np.exp(x.astype(np.float64))
+    ulps = np.abs(out - truth) / np.spacing(truth.astype(np.float32))
+    assert ulps.max() <= 2.0
+    ends = np.array([-1000, -88, 89, 1000], np.float32)           # taken as -87 and 88: never 0 or inf
+    exps(ends, out[:4])
+    assert np.array_equal(out[:4], [out[0], out[0], out[-1], out[-1]]) and np.isfinite(out[:4]).all()
+
+
+def test_fast_rmsnorm_sums_as_ggml_and_the_exact_one_as_run_c():
+    """fast: ggml's rms_norm (each square rounded to float32, the sum in float64, the mean rounded to
+    float32, x times 1/sqrt(mean + eps) then times the weight); exact: run.c's float32 chain."""
+    from llamarun.kernels.norm import rmsnorm
+
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((32, 576)) * np.exp(rng.standard_normal((32, 576)))).astype(np.float32)
+    x[:, 7] *= 300                                                # a large column, as real models have
+    w = rng.uniform(0.5, 1.5, 576).astype(np.float32)
+    eps = np.float32(1e-5)
+    fast, exact = np.empty_like(x), np.empty_like(x)
+    rmsnorm(x, w, eps, fast, True)
+    rmsnorm(x, w, eps, exact, False)
+
+    sums = np.array([sum(float(v) for v in row * row) for row in x])           # float64, left to right
+    scale = np.float32(1) / np.sqrt((sums / x.shape[1]).astype(np.float32) + eps)
+    ggml_norm = w * (x * scale[:, None])
+    assert np.array_equal(fast, ggml_norm)       # the lanes' float64 sum rounds to the same float32 mean
+
+    chain = np.zeros(x.shape[0], np.float32)
+    for i in range(x.shape[1]):                                     # run.c: float32, left to right
+        chain = chain + x[:, i] * x[:, i]
+    run_c = w * (x * (np.float32(1) / np.sqrt(chain / np.float32(x.shape[1]) + eps))[:, None])
+    assert np.array_equal(exact, run_c)
+    assert not np.array_equal(fast, exact)                          # the two sums do differ here
