@@ -795,30 +795,59 @@ def _prefetch(builder, pointer):
     builder.call(prefetch, [pointer, ir.Constant(_I32, 0), ir.Constant(_I32, 0), ir.Constant(_I32, 1)])
 
 
-def _group_arguments(context, builder, sig, args, n_rows):
+def _group_rows(context, builder, raw_type, raw, o, o_type, n_rows):
+    """Where a kernel of n_rows weight rows from row o of the matrix raw reads them -> (first, stride,
+    saved): row o + i at first + i stride (i8*, int64), and the stack pointer to restore (_end_group)
+    once the kernels are done.
+
+    A group that runs past the matrix's end (its last rows, where the rows are not a multiple of
+    n_rows) reads a copy on the stack: rows o .. the last, then the last again. Why a copy: so that
+    every group's rows are one pointer and one stride apart. Rows clamped one by one to the last were
+    as many unrelated pointers, more than the registers hold: the loops reloaded them from the stack
+    at every block: one core's one-row Q4_1 and Q8_0 products of matrices in L2 took 20-50% longer
+    (docs/performance.md, 2026-12-06)."""
+    i64 = ir.IntType(64)
+    matrix = context.make_array(raw_type)(context, builder, value=raw)
+    n_weight_rows = cgutils.unpack_tuple(builder, matrix.shape, 2)[0]
+    stride = cgutils.unpack_tuple(builder, matrix.strides, 2)[0]
+    o = context.cast(builder, o, o_type, types.intp)
+    saved = builder.call(_function(builder, "llvm.stacksave", ir.IntType(8).as_pointer(), []), [])
+    first = cgutils.alloca_once(builder, ir.IntType(8).as_pointer())
+    builder.store(_row_pointer(context, builder, raw_type, raw, types.intp, o), first)
+    with builder.if_then(builder.icmp_signed(">", builder.add(o, ir.Constant(i64, n_rows)), n_weight_rows), likely=False):
+        copy = builder.alloca(ir.IntType(8), size=builder.mul(stride, ir.Constant(i64, n_rows)))
+        last = builder.sub(n_weight_rows, ir.Constant(i64, 1))
+        for i in range(n_rows):
+            r = builder.add(o, ir.Constant(i64, i))
+            r = builder.select(builder.icmp_signed("<", r, n_weight_rows), r, last)
+            row = _row_pointer(context, builder, raw_type, raw, types.intp, r)
+            cgutils.raw_memcpy(builder, builder.gep(copy, [builder.mul(stride, ir.Constant(i64, i))]), row, stride, 1)
+        builder.store(copy, first)
+    return builder.load(first), stride, saved
+
+
+def _end_group(builder, saved):
+    """Give back the stack a group's copy took (_group_rows)."""
+    builder.call(_function(builder, "llvm.stackrestore", ir.VoidType(), [ir.IntType(8).as_pointer()]), [saved])
+
+
+def _group_arguments(context, builder, sig, args, n_rows, weights):
     """The group kernels' arguments (raw, o, xq, xd, xsum, xs, j, out) as IR values, for a kernel of
-    n_rows weight rows -> (const: int64 constants, rows: pointers to weight rows o .. o + n_rows - 1
-    (past the matrix's end: its last row), the data pointers of xq, xd, xsum, xs, n_in, groups
-    (activation blocks per row), j, out's data pointer, ahead: the bytes from a row to the same row
-    PREFETCH_GROUPS kernels' rows on, col: o's lane in its group of ROW_GROUP, where the kernel's rows
-    go in out)."""
+    n_rows weight rows whose rows lie at weights = (first, stride) (_group_rows) -> (const: int64
+    constants, rows: pointers to weight rows o .. o + n_rows - 1, the data pointers of xq, xd, xsum, xs,
+    n_in, groups (activation blocks per row), j, out's data pointer, ahead: the bytes from a row to the
+    same row PREFETCH_GROUPS kernels' rows on, col: o's lane in its group of ROW_GROUP, where the
+    kernel's rows go in out)."""
     i64 = ir.IntType(64)
     const = lambda v: ir.Constant(i64, v)   # noqa: E731
-    matrix = context.make_array(sig.args[0])(context, builder, value=args[0])
-    n_weight_rows = cgutils.unpack_tuple(builder, matrix.shape, 2)[0]
     o = context.cast(builder, args[1], sig.args[1], types.intp)
-    last = builder.sub(n_weight_rows, const(1))
-    rows = []
-    for i in range(n_rows):
-        r = builder.add(o, const(i))
-        r = builder.select(builder.icmp_signed("<", r, n_weight_rows), r, last)
-        rows.append(_row_pointer(context, builder, sig.args[0], args[0], types.intp, r))
+    first, stride = weights
+    rows = [builder.gep(first, [builder.mul(stride, const(i))]) for i in range(n_rows)]
     xq, xd, xsum, xs = (_data(context, builder, t, a) for t, a in zip(sig.args[2:6], args[2:6]))
     n_in = cgutils.unpack_tuple(builder, context.make_array(sig.args[2])(context, builder, value=args[2]).shape, 2)[1]
     groups = cgutils.unpack_tuple(builder, context.make_array(sig.args[3])(context, builder, value=args[3]).shape, 2)[1]
     j = context.cast(builder, args[6], sig.args[6], types.intp)
     out = _data(context, builder, sig.args[7], args[7])
-    stride = cgutils.unpack_tuple(builder, matrix.strides, 2)[0]
     ahead = builder.mul(stride, const(n_rows * PREFETCH_GROUPS))
     col = builder.urem(o, const(ROW_GROUP))
     return const, rows, xq, xd, xsum, xs, n_in, groups, j, out, ahead, col
@@ -860,9 +889,9 @@ def _row_group_codegen(qt, n_rows):
     out[j + r, i] = weight row o + i times activation row j + r (all C-contiguous)."""
     block_bytes = {Q8_0: Q8_0_BYTES, Q4_0: Q4_0_BYTES, Q4_1: Q4_1_BYTES}[qt]
 
-    def codegen(context, builder, sig, args):
+    def codegen(context, builder, sig, args, weights):
         const, rows, xq, xd, xsum, xs, n_in, groups, j, out, ahead, col = _group_arguments(context, builder, sig, args,
-                                                                                         ROW_GROUP)
+                                                                                         ROW_GROUP, weights)
         lanes = ROW_GROUP
         floats, words = _vector(_F32, lanes), _vector(_I32, lanes)
         zero, izero = ir.Constant(floats, [0.0] * lanes), ir.Constant(words, [0] * lanes)
@@ -973,6 +1002,8 @@ def _row_groups_intrinsic(qt):
             j = cgutils.alloca_once_value(builder, context.cast(builder, j0_v, sig.args[6], types.intp))
             n_v = context.cast(builder, n_v, sig.args[7], types.intp)
             last = builder.sub(n_v, ir.Constant(n_v.type, 1))
+            first, stride, saved = _group_rows(context, builder, sig.args[0], raw_v, o_v, sig.args[1],
+                                               K_ROWS if make is _k_group_codegen else ROW_GROUP)
             for size in sizes:              # while n - j >= FEWEST[size]: rows j .. j + size - 1 (at most the last)
                 check, body, done = (builder.append_basic_block(f"rows{size}.{part}") for part in ("check", "body", "done"))
                 builder.branch(check)
@@ -981,11 +1012,13 @@ def _row_groups_intrinsic(qt):
                 builder.cbranch(builder.icmp_signed(">=", left, ir.Constant(n_v.type, FEWEST[size])), body, done)
                 builder.position_at_end(body)
                 at = builder.load(j)
-                make(qt, size)(context, builder, group_sig, [raw_v, o_v, xq_v, xd_v, xsum_v, xs_v, at, out_v, last])
+                make(qt, size)(context, builder, group_sig, [raw_v, o_v, xq_v, xd_v, xsum_v, xs_v, at, out_v, last],
+                               (first, stride))
                 after = builder.add(at, ir.Constant(n_v.type, size))
                 builder.store(builder.select(builder.icmp_signed("<", after, n_v), after, n_v), j)
                 builder.branch(check)
                 builder.position_at_end(done)
+            _end_group(builder, saved)
             return context.get_dummy_value()
         return types.void(raw, o, xq, xd, xsum, xs, j0, n, out), codegen
     return intrinsic(typer)
@@ -1031,9 +1064,9 @@ def _k_group_codegen(qt, n_rows):
     block_bytes = {Q4_K: Q4_K_BYTES, Q5_K: Q5_K_BYTES, Q6_K: Q6_K_BYTES}[qt]
     minus_min = qt in (Q4_K, Q5_K)
 
-    def codegen(context, builder, sig, args):
+    def codegen(context, builder, sig, args, weights):
         const, rows, xq, xd, xsum, xs, n_in, groups, j, out, ahead, col = _group_arguments(context, builder, sig, args,
-                                                                                         K_ROWS)
+                                                                                         K_ROWS, weights)
         floats = _vector(_F32, 8)
         zero = ir.Constant(floats, [0.0] * 8)
         lanes = 16 if VNNI512 else 8                    # of the weight bytes' vectors (see _block_isum)
