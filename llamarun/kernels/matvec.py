@@ -20,18 +20,21 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .ggml import _half_to_float, _task_rows, gate, prefetch_bytes
+from .ggml import _half_to_float, _task_rows, gate
 
 
 # Four weight rows per task, read in lock-step: each load of x serves four rows, and each thread
 # walks its share of the matrix as four neighbouring streams. On s110M's fp32 matrices four rows
-# streamed faster than one or two, near numpy's sgemv, and eight no faster than four; with the
-# prefetch below, s15M's short rows (288 floats) are no slower for it (docs/performance.md).
+# streamed faster than one or two, near numpy's sgemv, and eight no faster than four (on the Xeon of
+# 2026-12-01, where s15M's short rows of 288 floats needed a software prefetch to be no slower for it;
+# see below for Zen 5; docs/performance.md).
 ROWS = 4
 
-# Ask for the weights this many bytes ahead of the rows being read (why: kernels/ggml.py's
-# _prefetch_ahead). 1-2 KB ahead of four streams measured best, 4 KB worse (docs/performance.md).
-PREFETCH = 2048
+# No software prefetch here, unlike the quantized kernels (kernels/ggml.py's _prefetch_ahead): four
+# rows of float32 weights are four long streams, which the CPU's own prefetcher follows. With each
+# group's rows asked for 2 KB ahead (the distance that measured best on the Xeon), s110M's decode was
+# ~7% slower on AMD EPYC Zen 5 (non-temporal prefetches; as prefetcht0 slower still), and s15M's no
+# faster (docs/performance.md, 2026-12-06).
 
 
 # fastmath's `reassoc` lets LLVM split the dot product over SIMD lanes and several accumulators
@@ -73,7 +76,6 @@ def rows_into(x, w, out, g, add):
     not divide by ROWS takes its rows one by one. Each row's value depends only on its group, never
     on how the groups are split between threads (the one-call forward splits them its own way)."""
     o = ROWS * g
-    prefetch_bytes(w, o * 4 * w.shape[1] + PREFETCH, ROWS * 4 * w.shape[1])
     if o + ROWS <= w.shape[0]:
         for j in range(x.shape[0]):
             s0, s1, s2, s3 = _dot4(x, j, w, o)
