@@ -52,6 +52,22 @@ def test_a_row_does_not_depend_on_its_batch(qtype):
             assert np.array_equal(alone[j], together[j]), (n, j)
 
 
+@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("qtype", INTEGER_TYPES, ids=lambda t: t.name)
+def test_a_weight_row_does_not_depend_on_where_its_matrix_ends(qtype, n):
+    """The last group of a matrix whose rows do not fill it is read from a padded copy of its rows
+    (ggml._group_rows); every other group from the matrix in place. Rows 0..36 of a 48-row matrix
+    (three whole groups of 16, six of 8) and the same 37 rows as a matrix of their own (its last group
+    short: 5 rows, or 5 of 8) give the same results, bit for bit; so do 5 rows alone (one short group)."""
+    rng = np.random.default_rng(int(qtype) * 10 + n)
+    raw = random_blocks(qtype, 48, 512, rng)
+    x = rng.standard_normal((n, 512)).astype(np.float32)
+    whole = GGMLTensor("w", qtype, (48, 512), raw, exact=False).linear(x)
+    for rows in (37, 5):
+        part = GGMLTensor("w", qtype, (rows, 512), np.ascontiguousarray(raw[:rows]), exact=False).linear(x)
+        assert np.array_equal(part, whole[:, :rows]), rows
+
+
 @pytest.mark.parametrize("qtype", [*K_TYPES, T.Q4_1, T.Q8_0], ids=lambda t: t.name)
 def test_a_long_batch_in_tiles_computes_each_row_as_alone(qtype):
     """A batch longer than a tile of activation rows (ggml.TILE_X_BYTES: 8 rows of 4096 inputs) goes
