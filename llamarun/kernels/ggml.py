@@ -797,38 +797,44 @@ def _prefetch(builder, pointer):
 
 def _group_rows(context, builder, raw_type, raw, o, o_type, n_rows):
     """Where a kernel of n_rows weight rows from row o of the matrix raw reads them -> (first, stride,
-    saved): row o + i at first + i stride (i8*, int64), and the stack pointer to restore (_end_group)
-    once the kernels are done.
+    copy): row o + i at first + i stride (i8*, int64), and where the pointer to the copy below lies (an
+    i8** holding null where there is none), for _end_group to free once the kernels are done.
 
     A group that runs past the matrix's end (its last rows, where the rows are not a multiple of
-    n_rows) reads a copy on the stack: rows o .. the last, then the last again. Why a copy: so that
-    every group's rows are one pointer and one stride apart. Rows clamped one by one to the last were
-    as many unrelated pointers, more than the registers hold: the loops reloaded them from the stack
-    at every block: one core's one-row Q4_1 and Q8_0 products of matrices in L2 took 20-50% longer
-    (docs/performance.md, 2026-12-06)."""
-    i64 = ir.IntType(64)
+    n_rows) reads a copy (malloc'd: rows can be long, a thread's stack small): rows o .. the last, then
+    the last again. Why a copy: so that every group's rows are one pointer and one stride apart. Rows
+    clamped one by one to the last were as many unrelated pointers, more than the registers hold: the
+    loops reloaded them from the stack at every block: one core's one-row Q4_1 and Q8_0 products of
+    matrices in L2 took 20-50% longer (docs/performance.md, 2026-12-06). (The models people run have
+    whole groups throughout: the copy is for the odd shapes.)"""
+    i64, bytes_ = ir.IntType(64), ir.IntType(8).as_pointer()
     matrix = context.make_array(raw_type)(context, builder, value=raw)
     n_weight_rows = cgutils.unpack_tuple(builder, matrix.shape, 2)[0]
     stride = cgutils.unpack_tuple(builder, matrix.strides, 2)[0]
     o = context.cast(builder, o, o_type, types.intp)
-    saved = builder.call(_function(builder, "llvm.stacksave", ir.IntType(8).as_pointer(), []), [])
-    first = cgutils.alloca_once(builder, ir.IntType(8).as_pointer())
+    first = cgutils.alloca_once(builder, bytes_)
     builder.store(_row_pointer(context, builder, raw_type, raw, types.intp, o), first)
+    copy = cgutils.alloca_once_value(builder, ir.Constant(bytes_, None))
     with builder.if_then(builder.icmp_signed(">", builder.add(o, ir.Constant(i64, n_rows)), n_weight_rows), likely=False):
-        copy = builder.alloca(ir.IntType(8), size=builder.mul(stride, ir.Constant(i64, n_rows)))
+        rows = builder.call(_function(builder, "malloc", bytes_, [i64]), [builder.mul(stride, ir.Constant(i64, n_rows))])
+        with builder.if_then(cgutils.is_null(builder, rows), likely=False):
+            builder.call(_function(builder, "abort", ir.VoidType(), []), [])     # out of memory: no wrong results
         last = builder.sub(n_weight_rows, ir.Constant(i64, 1))
         for i in range(n_rows):
             r = builder.add(o, ir.Constant(i64, i))
             r = builder.select(builder.icmp_signed("<", r, n_weight_rows), r, last)
             row = _row_pointer(context, builder, raw_type, raw, types.intp, r)
-            cgutils.raw_memcpy(builder, builder.gep(copy, [builder.mul(stride, ir.Constant(i64, i))]), row, stride, 1)
-        builder.store(copy, first)
-    return builder.load(first), stride, saved
+            cgutils.raw_memcpy(builder, builder.gep(rows, [builder.mul(stride, ir.Constant(i64, i))]), row, stride, 1)
+        builder.store(rows, first)
+        builder.store(rows, copy)
+    return builder.load(first), stride, copy
 
 
-def _end_group(builder, saved):
-    """Give back the stack a group's copy took (_group_rows)."""
-    builder.call(_function(builder, "llvm.stackrestore", ir.VoidType(), [ir.IntType(8).as_pointer()]), [saved])
+def _end_group(builder, copy):
+    """Free a group's copy of its rows, if it had one (_group_rows)."""
+    rows = builder.load(copy)
+    with builder.if_then(cgutils.is_not_null(builder, rows), likely=False):
+        builder.call(_function(builder, "free", ir.VoidType(), [rows.type]), [rows])
 
 
 def _group_arguments(context, builder, sig, args, n_rows, weights):
@@ -1002,8 +1008,8 @@ def _row_groups_intrinsic(qt):
             j = cgutils.alloca_once_value(builder, context.cast(builder, j0_v, sig.args[6], types.intp))
             n_v = context.cast(builder, n_v, sig.args[7], types.intp)
             last = builder.sub(n_v, ir.Constant(n_v.type, 1))
-            first, stride, saved = _group_rows(context, builder, sig.args[0], raw_v, o_v, sig.args[1],
-                                               K_ROWS if make is _k_group_codegen else ROW_GROUP)
+            first, stride, copy = _group_rows(context, builder, sig.args[0], raw_v, o_v, sig.args[1],
+                                              K_ROWS if make is _k_group_codegen else ROW_GROUP)
             for size in sizes:              # while n - j >= FEWEST[size]: rows j .. j + size - 1 (at most the last)
                 check, body, done = (builder.append_basic_block(f"rows{size}.{part}") for part in ("check", "body", "done"))
                 builder.branch(check)
@@ -1018,7 +1024,7 @@ def _row_groups_intrinsic(qt):
                 builder.store(builder.select(builder.icmp_signed("<", after, n_v), after, n_v), j)
                 builder.branch(check)
                 builder.position_at_end(done)
-            _end_group(builder, saved)
+            _end_group(builder, copy)
             return context.get_dummy_value()
         return types.void(raw, o, xq, xd, xsum, xs, j0, n, out), codegen
     return intrinsic(typer)
