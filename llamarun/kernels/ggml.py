@@ -655,7 +655,7 @@ def _multiply_add(builder, a, b, c):
 # each group is two calls of theirs.
 ROW_GROUP = 16 if VNNI512 else 8
 K_ROWS = 8
-PREFETCH_GROUPS = 1     # how many groups of rows ahead the group kernels prefetch (see _prefetch_ahead)
+PREFETCH_GROUPS = 1     # how many groups of rows ahead the group kernels prefetch (why: see PREFETCH_BYTES)
 
 
 def _transposed_dwords(builder, rows, offset):
@@ -907,7 +907,7 @@ def _row_group_codegen(qt, n_rows):
         x_rows = _activation_rows(builder, const, args, j, n_rows)
 
         def prefetch_rows(p):
-            # this block of the rows PREFETCH_GROUPS groups on (see _prefetch_ahead)
+            # this block of the rows PREFETCH_GROUPS groups on (why: see PREFETCH_BYTES)
             for row in rows:
                 _prefetch(builder, builder.gep(row, [builder.add(p, ahead)]))
 
@@ -1304,7 +1304,13 @@ def quantize_into(x, xq, xd, xsum, xs):
             xs[j, g] = xd[j, g] * np.float32(xsum[j, g])
 
 
-# How far ahead of the row being read the kernels ask for the weights (software prefetch, below).
+# Why the kernels prefetch the weights (software prefetch): a decode step reads each weight once, from
+# memory. The hardware prefetcher stops at every 4 KiB boundary, and the rows of a small model (360 bytes
+# of Q4_1 at SmolLM2's 576 inputs) are too short a stream for it to get going: without prefetches the
+# kernels streamed the model at a third of the machine's bandwidth (docs/performance.md). Prefetches are
+# hints: past the end of an array they are dropped, never a fault. (The float32 rows, four long streams,
+# do without: kernels/matvec.py.) The group kernels ask PREFETCH_GROUPS groups of rows ahead; llama2.c's
+# int8 rows (kernels/step.py) this many bytes ahead of the row being read:
 PREFETCH_BYTES = 4096
 
 
@@ -1320,7 +1326,7 @@ def _prefetch_lines(builder, first, count):
 def prefetch_bytes(typingctx, data, start, count):
     """Prefetch the lines of bytes [start, start + count) from the first element of a C-contiguous
     array of any type (they may lie past its end: a prefetch is dropped there, never a fault). Why:
-    _prefetch_ahead."""
+    see PREFETCH_BYTES."""
     if not (isinstance(data, types.Array) and data.layout == "C" and isinstance(start, types.Integer)
             and isinstance(count, types.Integer)):
         return None
@@ -1331,20 +1337,6 @@ def prefetch_bytes(typingctx, data, start, count):
         _prefetch_lines(builder, first, context.cast(builder, args[2], sig.args[2], types.int64))
         return context.get_dummy_value()
     return types.void(data, start, count), codegen
-
-
-@numba.njit(inline="always")
-def _prefetch_ahead(raw, o, distance):
-    """Ask the CPU to bring into cache the bytes [distance, distance + ROW_GROUP rows) past the start
-    of row o of the matrix raw (C-contiguous bytes): one prefetch per 64-byte line.
-
-    Why: the weights are read once per token, from memory. The hardware prefetcher stops at every
-    4 KiB page (the file's memory map has no huge pages), and the rows of a small model (360 bytes of
-    Q4_1 at SmolLM2's 576 inputs) are too short a stream for it to get going: without prefetches the
-    kernels streamed the model at a third of the machine's bandwidth (docs/performance.md).
-    Prefetches are hints: past the end of the matrix
-    they are dropped, never a fault."""
-    prefetch_bytes(raw, o * raw.shape[1] + distance, ROW_GROUP * raw.shape[1])
 
 
 @numba.njit(inline="always")

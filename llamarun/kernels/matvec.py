@@ -30,7 +30,7 @@ from .ggml import _half_to_float, _task_rows, gate
 # see below for Zen 5; docs/performance.md).
 ROWS = 4
 
-# No software prefetch here, unlike the quantized kernels (kernels/ggml.py's _prefetch_ahead): four
+# No software prefetch here, unlike the quantized kernels (kernels/ggml.py's PREFETCH_BYTES): four
 # rows of float32 weights are four long streams, which the CPU's own prefetcher follows. With each
 # group's rows asked for 2 KB ahead (the distance that measured best on the Xeon), s110M's decode was
 # ~7% slower on AMD EPYC Zen 5 (non-temporal prefetches; as prefetcht0 slower still), and s15M's no
