@@ -376,7 +376,7 @@ class CompiledForward:
     are stacked (a few KB).
 
     float32 weights take batches of up to MATVEC_ROWS tokens (the matrix-vector kernels' batches: a
-    longer one goes through BLAS, layer by layer). As one call, with the kernels reading four rows at a
+    longer one goes through BLAS, layer by layer). As one call, with the kernels reading one row at a
     time (kernels/matvec.py), the decode step's products stream faster than with one kernel call per
     product from Python (s110M: docs/performance.md).
     The plan (llamarun/plan.py) says whether a model has one and for how many rows (`rows`, and

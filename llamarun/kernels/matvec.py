@@ -23,18 +23,13 @@ from numba.extending import intrinsic
 from .ggml import _half_to_float, _task_rows, gate
 
 
-# Four weight rows per task, read in lock-step: each load of x serves four rows, and each thread
-# walks its share of the matrix as four neighbouring streams. On s110M's fp32 matrices four rows
-# streamed faster than one or two, near numpy's sgemv, and eight no faster than four (on the Xeon of
-# 2026-12-01, where s15M's short rows of 288 floats needed a software prefetch to be no slower for it;
-# see below for Zen 5; docs/performance.md).
-ROWS = 4
-
-# No software prefetch here, unlike the quantized kernels (kernels/ggml.py's PREFETCH_BYTES): four
-# rows of float32 weights are four long streams, which the CPU's own prefetcher follows. With each
-# group's rows asked for 2 KB ahead (the distance that measured best on the Xeon), s110M's decode was
-# ~7% slower on AMD EPYC Zen 5 (non-temporal prefetches; as prefetcht0 slower still), and s15M's no
-# faster (docs/performance.md, 2026-12-06).
+# One weight row at a time, each thread walking its share of the matrix as one stream (run.c's order):
+# for several rows of x, the row is read from memory once, then from L1 for each. Four rows in lock-step
+# (each load of x serving four rows) measured faster on the Xeon of 2026-12-01, but four interleaved
+# streams a thread read memory at half the rate of one on AMD EPYC Zen 4 (2026-12-06: s15M's decode
+# 1.6-1.9x faster one row at a time, s110M's 1.1-1.2x; docs/performance.md); on Zen 5 the half-precision
+# kernel below measured the same. No software prefetch: one long stream is what the CPU's own
+# prefetcher follows best (on Zen 5, prefetches 2 KB ahead made s110M's decode ~7% slower).
 
 
 # fastmath's `reassoc` lets LLVM split the dot product over SIMD lanes and several accumulators
@@ -50,19 +45,6 @@ def _dot(x, j, w, o):
     return s
 
 
-@numba.njit(fastmath={"reassoc", "contract", "nsz"})
-def _dot4(x, j, w, o):
-    """(x[j] . w[o], x[j] . w[o + 1], x[j] . w[o + 2], x[j] . w[o + 3])"""
-    s0 = s1 = s2 = s3 = np.float32(0.0)
-    for i in range(x.shape[1]):
-        xi = x[j, i]
-        s0 += xi * w[o, i]
-        s1 += xi * w[o + 1, i]
-        s2 += xi * w[o + 2, i]
-        s3 += xi * w[o + 3, i]
-    return s0, s1, s2, s3
-
-
 @numba.njit(inline="always")
 def _put(out, j, o, value, add):
     """out[j, o] = value, or out[j, o] += value (the residual stream)"""
@@ -70,68 +52,50 @@ def _put(out, j, o, value, add):
 
 
 @numba.njit(inline="always")
-def rows_into(x, w, out, g, add):
-    """out[:, o] = x @ w[o] (or += it) for the rows o of group g: rows ROWS*g to ROWS*g + ROWS - 1,
-    read once from memory, then from L1 for every row of x. The last group of a matrix whose rows do
-    not divide by ROWS takes its rows one by one. Each row's value depends only on its group, never
-    on how the groups are split between threads (the one-call forward splits them its own way)."""
-    o = ROWS * g
-    if o + ROWS <= w.shape[0]:
-        for j in range(x.shape[0]):
-            s0, s1, s2, s3 = _dot4(x, j, w, o)
-            _put(out, j, o, s0, add)
-            _put(out, j, o + 1, s1, add)
-            _put(out, j, o + 2, s2, add)
-            _put(out, j, o + 3, s3, add)
-    else:
-        for r in range(o, w.shape[0]):
-            for j in range(x.shape[0]):
-                _put(out, j, r, _dot(x, j, w, r), add)
-
-
-@numba.njit(inline="always")
-def groups(w):
-    """The number of row groups of w."""
-    return (w.shape[0] + ROWS - 1) // ROWS
+def row_into(x, w, out, o, add):
+    """out[:, o] = x @ w[o] (or += it): weight row o times every row of x. Each value depends on its
+    row alone, never on the batch or on how the rows are split between threads (the one-call forward
+    splits them its own way)."""
+    for j in range(x.shape[0]):
+        _put(out, j, o, _dot(x, j, w, o), add)
 
 
 @numba.njit(parallel=True, cache=True)
 def matvec(x, w, out):
     """out = x @ w.T for a few rows of x.   x: (n, in), w: (out_features, in), out: (n, out)"""
-    for g in numba.prange(groups(w)):
-        rows_into(x, w, out, g, False)
+    for o in numba.prange(w.shape[0]):
+        row_into(x, w, out, o, False)
 
 
 @numba.njit(parallel=True, cache=True)
 def matvec3(x, wa, wb, wc, a, b, c):
     """a, b, c = x @ wa.T, x @ wb.T, x @ wc.T in one parallel pass (the q, k, v projections).
 
-    The tasks are the row groups of wa, then of wb, then of wc, split evenly between the threads.
+    The tasks are the rows of wa, then of wb, then of wc, split evenly between the threads.
     """
-    na, nb = groups(wa), groups(wb)
-    for t in numba.prange(na + nb + groups(wc)):
+    na, nb = wa.shape[0], wb.shape[0]
+    for t in numba.prange(na + nb + wc.shape[0]):
         if t < na:
-            rows_into(x, wa, a, t, False)
+            row_into(x, wa, a, t, False)
         elif t < na + nb:
-            rows_into(x, wb, b, t - na, False)
+            row_into(x, wb, b, t - na, False)
         else:
-            rows_into(x, wc, c, t - na - nb, False)
+            row_into(x, wc, c, t - na - nb, False)
 
 
 @numba.njit(inline="always")
 def gated_rows(t, tasks, x, w1, w3, out, up):
-    """Task t of `tasks`' share of out = silu(x @ w1.T) * (x @ w3.T), SwiGLU's gated units: its row
-    groups of w1 into out, then the same groups of w3 into up (scratch, out's shape), then the gate on
-    its own rows. Why one matrix after the other rather than both at once, four rows of each in
-    lock-step: on s110M (AMD EPYC Zen 5, 2 threads) those eight streams a thread read the FFN's two
-    matrices markedly slower than four (docs/performance.md, 2026-12-06). Each value depends on its
-    row group only, never on the split."""
-    start, stop = _task_rows(t, tasks, groups(w1))
-    for g in range(start, stop):
-        rows_into(x, w1, out, g, False)
-    for g in range(start, stop):
-        rows_into(x, w3, up, g, False)
-    gate(out, up, ROWS * start, min(ROWS * stop, w1.shape[0]), False)
+    """Task t of `tasks`' share of out = silu(x @ w1.T) * (x @ w3.T), SwiGLU's gated units: its rows
+    of w1 into out, then the same rows of w3 into up (scratch, out's shape), then the gate on them.
+    Why one matrix after the other rather than both at once: two streams a thread read the FFN's
+    matrices slower than one (AMD EPYC Zen 5 and Zen 4; docs/performance.md, 2026-12-06). Each value
+    depends on its row only, never on the split."""
+    start, stop = _task_rows(t, tasks, w1.shape[0])
+    for o in range(start, stop):
+        row_into(x, w1, out, o, False)
+    for o in range(start, stop):
+        row_into(x, w3, up, o, False)
+    gate(out, up, start, stop, False)
 
 
 @numba.njit(parallel=True, cache=True)

@@ -378,17 +378,17 @@ def forward_int8(x, values, scales, layouts, gs, attention_norm, ffn_norm, norm,
 
 @numba.njit(inline="always")
 def _f32_rows(t, n_threads, x, w, out, add):
-    """This thread's share of out = x @ w.T (or out += it when `add`): whole row groups of w."""
-    start, stop = _task_rows(t, n_threads, matvec.groups(w))
-    for g in range(start, stop):
-        matvec.rows_into(x, w, out, g, add)
+    """This thread's share of out = x @ w.T (or out += it): whole rows of w, one at a time."""
+    start, stop = _task_rows(t, n_threads, w.shape[0])
+    for o in range(start, stop):
+        matvec.row_into(x, w, out, o, add)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, output, eps, cos, sin,
                 k_cache, v_cache, seq_ids, pos, wanted, n_heads, logits, n_threads):
     """forward_fast for float32 weights: the products of the matrix-vector kernels (run.c's model,
-    read four rows at a time), no quantization anywhere; a layer's seven products at one call site,
+    one weight row at a time), no quantization anywhere; a layer's seven products at one call site,
     as forward_fast's.
 
     wq ... w3: typed lists of each layer's (out, in) float32 matrix; output: (vocab, dim) float32. The
@@ -412,8 +412,8 @@ def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, o
                     xm = g
                 _f32_rows(t, n_threads, xm, matrices[m][layer], results[m], LAYER_ADDS[m])
                 if m == 5:                          # the gate, on this thread's units of w1 and w3 (gated_rows')
-                    start, stop = _task_rows(t, n_threads, matvec.groups(w1[layer]))
-                    gate(g, up, matvec.ROWS * start, min(matvec.ROWS * stop, hidden), False)
+                    start, stop = _task_rows(t, n_threads, hidden)
+                    gate(g, up, start, stop, False)
                 if m == 2 or m == 3 or m == 5 or m == 6:
                     barrier(state, n_threads)
 
