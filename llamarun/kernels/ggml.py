@@ -655,7 +655,6 @@ def _multiply_add(builder, a, b, c):
 # each group is two calls of theirs.
 ROW_GROUP = 16 if VNNI512 else 8
 K_ROWS = 8
-PREFETCH_GROUPS = 1     # how many groups of rows ahead the group kernels prefetch (why: see PREFETCH_BYTES)
 
 
 def _transposed_dwords(builder, rows, offset):
@@ -841,9 +840,8 @@ def _group_arguments(context, builder, sig, args, n_rows, weights):
     """The group kernels' arguments (raw, o, xq, xd, xsum, xs, j, out) as IR values, for a kernel of
     n_rows weight rows whose rows lie at weights = (first, stride) (_group_rows) -> (const: int64
     constants, rows: pointers to weight rows o .. o + n_rows - 1, the data pointers of xq, xd, xsum, xs,
-    n_in, groups (activation blocks per row), j, out's data pointer, ahead: the bytes from a row to the
-    same row PREFETCH_GROUPS kernels' rows on, col: o's lane in its group of ROW_GROUP, where the
-    kernel's rows go in out)."""
+    n_in, groups (activation blocks per row), j, out's data pointer, col: o's lane in its group of
+    ROW_GROUP, where the kernel's rows go in out)."""
     i64 = ir.IntType(64)
     const = lambda v: ir.Constant(i64, v)   # noqa: E731
     o = context.cast(builder, args[1], sig.args[1], types.intp)
@@ -854,9 +852,8 @@ def _group_arguments(context, builder, sig, args, n_rows, weights):
     groups = cgutils.unpack_tuple(builder, context.make_array(sig.args[3])(context, builder, value=args[3]).shape, 2)[1]
     j = context.cast(builder, args[6], sig.args[6], types.intp)
     out = _data(context, builder, sig.args[7], args[7])
-    ahead = builder.mul(stride, const(n_rows * PREFETCH_GROUPS))
     col = builder.urem(o, const(ROW_GROUP))
-    return const, rows, xq, xd, xsum, xs, n_in, groups, j, out, ahead, col
+    return const, rows, xq, xd, xsum, xs, n_in, groups, j, out, col
 
 
 def _activation_rows(builder, const, args, j, n_rows):
@@ -896,8 +893,8 @@ def _row_group_codegen(qt, n_rows):
     block_bytes = {Q8_0: Q8_0_BYTES, Q4_0: Q4_0_BYTES, Q4_1: Q4_1_BYTES}[qt]
 
     def codegen(context, builder, sig, args, weights):
-        const, rows, xq, xd, xsum, xs, n_in, groups, j, out, ahead, col = _group_arguments(context, builder, sig, args,
-                                                                                         ROW_GROUP, weights)
+        const, rows, xq, xd, xsum, xs, n_in, groups, j, out, col = _group_arguments(context, builder, sig, args,
+                                                                                  ROW_GROUP, weights)
         lanes = ROW_GROUP
         floats, words = _vector(_F32, lanes), _vector(_I32, lanes)
         zero, izero = ir.Constant(floats, [0.0] * lanes), ir.Constant(words, [0] * lanes)
@@ -906,10 +903,12 @@ def _row_group_codegen(qt, n_rows):
         nibbles, four = (ir.Constant(words, [v] * lanes) for v in (0x0F0F0F0F, 4))
         x_rows = _activation_rows(builder, const, args, j, n_rows)
 
-        def prefetch_rows(p):
-            # this block of the rows PREFETCH_GROUPS groups on (why: see PREFETCH_BYTES)
-            for row in rows:
-                _prefetch(builder, builder.gep(row, [builder.add(p, ahead)]))
+        # the next group's bytes, a slice per step of the loops below: a step is a block (Q8_0) or two
+        # (Q4_0, Q4_1), see _prefetch_next_group
+        steps = groups if qt == Q8_0 else builder.udiv(builder.add(groups, const(1)), const(2))
+
+        def prefetch_slice(step):
+            _prefetch_next_group(builder, weights, ROW_GROUP, step, steps)
 
         def nibble_values(v):   # 4 vectors of a block's 16 quant bytes -> 8 of its 32 nibbles
             return [builder.and_(u, nibbles) for u in v] + [builder.and_(builder.lshr(u, four), nibbles) for u in v]
@@ -950,7 +949,7 @@ def _row_group_codegen(qt, n_rows):
             with cgutils.for_range(builder, builder.udiv(groups, const(2))) as loop:
                 g = builder.mul(loop.index, const(2))
                 p = builder.mul(g, const(block_bytes))
-                prefetch_rows(p)
+                prefetch_slice(loop.index)
                 a, b, c = (transposed(builder, rows, builder.add(p, const(k))) for k in (0, 16, 24))
                 add_block(g, *_halves_of_words(builder, a[0], 2), nibble_values(a[1:] + b[:1]), None)
                 add_block(builder.add(g, const(1)), *_halves_of_words(builder, b[1], 2), nibble_values(c), None)
@@ -958,10 +957,11 @@ def _row_group_codegen(qt, n_rows):
         with cgutils.for_range_slice(builder, first, groups, const(1)) as (g, _):
             p = builder.mul(g, const(block_bytes))
             at = lambda k: builder.add(p, const(k))   # noqa: E731
-            # a prefetch a row per block, or (Q4_0, Q4_1: two blocks are 36 or 40 bytes, under a 64-byte
-            # line) every other block, which leaves the registers and the load ports to the products
-            with builder.if_then(builder.icmp_unsigned("==", builder.and_(g, const(0 if qt == Q8_0 else 1)), const(0))):
-                prefetch_rows(p)
+            if qt == Q8_0:
+                prefetch_slice(g)
+            else:
+                with builder.if_then(builder.icmp_unsigned("==", builder.and_(g, const(1)), const(0))):
+                    prefetch_slice(builder.udiv(g, const(2)))
             if qt == Q8_0:
                 d_w, = _halves_of_rows(builder, rows, p, 1)
                 w, signs = _unsigned_q8_0(builder, transposed(builder, rows, at(2)) + transposed(builder, rows, at(18)))
@@ -1071,8 +1071,8 @@ def _k_group_codegen(qt, n_rows):
     minus_min = qt in (Q4_K, Q5_K)
 
     def codegen(context, builder, sig, args, weights):
-        const, rows, xq, xd, xsum, xs, n_in, groups, j, out, ahead, col = _group_arguments(context, builder, sig, args,
-                                                                                         K_ROWS, weights)
+        const, rows, xq, xd, xsum, xs, n_in, groups, j, out, col = _group_arguments(context, builder, sig, args,
+                                                                                  K_ROWS, weights)
         floats = _vector(_F32, 8)
         zero = ir.Constant(floats, [0.0] * 8)
         lanes = 16 if VNNI512 else 8                    # of the weight bytes' vectors (see _block_isum)
@@ -1090,9 +1090,7 @@ def _k_group_codegen(qt, n_rows):
             b = loop.index
             p = builder.mul(b, const(block_bytes))
             at = lambda k: builder.add(p, const(k))   # noqa: E731
-            for line in range(0, block_bytes, 64):   # this super-block of the rows PREFETCH_GROUPS groups on
-                for row in rows:
-                    _prefetch(builder, builder.gep(row, [builder.add(at(line), ahead)]))
+            _prefetch_next_group(builder, weights, K_ROWS, b, builder.udiv(groups, const(8)))
             if minus_min:
                 d, dmin = _halves_of_rows(builder, rows, p, 2)
                 sc, m = _q4_k_scales(builder, rows, p)
@@ -1308,10 +1306,34 @@ def quantize_into(x, xq, xd, xsum, xs):
 # memory. The hardware prefetcher stops at every 4 KiB boundary, and the rows of a small model (360 bytes
 # of Q4_1 at SmolLM2's 576 inputs) are too short a stream for it to get going: without prefetches the
 # kernels streamed the model at a third of the machine's bandwidth (docs/performance.md). Prefetches are
-# hints: past the end of an array they are dropped, never a fault. (The float32 rows, four long streams,
-# do without: kernels/matvec.py.) The group kernels ask PREFETCH_GROUPS groups of rows ahead; llama2.c's
-# int8 rows (kernels/step.py) this many bytes ahead of the row being read:
+# hints: past the end of an array they are dropped, never a fault. (The float32 rows, one long stream a
+# thread, do without: kernels/matvec.py.)
+#
+# The group kernels ask for the next group's bytes in address order, a slice a step: a group's rows lie
+# next to each other, so that is one stream a thread. Asked for row by row (each row's next bytes, the
+# order the kernel reads them), it was sixteen interleaved streams, which AMD EPYC Zen 4 read at two
+# thirds of the rate of one: SmolLM2's decode was 1.3-1.5x faster in address order (docs/performance.md,
+# 2026-12-06). (On Zen 5, earlier that day, an address-order prefetch had measured 1.03x in a slow stretch
+# and 0.89x in a fast one: the last rows' first lines arrive just before the next group needs them.
+# Further ahead, 1.5 groups, was slower on Zen 4.)
+#
+# llama2.c's int8 rows (kernels/step.py) ask for this many bytes ahead of the row being read:
 PREFETCH_BYTES = 4096
+
+
+def _prefetch_next_group(builder, weights, n_rows, step, steps):
+    """Prefetch slice `step` of `steps` (int64 values) of the n_rows rows after the group's own, in
+    address order (why: see above): weights = (first, stride) as _group_rows gives them; the slices are
+    whole 64-byte lines, the last may run past the rows (a prefetch there is dropped)."""
+    i64 = ir.IntType(64)
+    const = lambda v: ir.Constant(i64, v)   # noqa: E731
+    first, stride = weights
+    size = builder.mul(stride, const(n_rows))
+    lines = builder.udiv(builder.add(size, const(63)), const(64))
+    per_step = builder.udiv(builder.add(lines, builder.sub(steps, const(1))), steps)
+    start = builder.add(size, builder.mul(builder.mul(step, per_step), const(64)))
+    with cgutils.for_range(builder, per_step) as line:
+        _prefetch(builder, builder.gep(first, [builder.add(start, builder.mul(line.index, const(64)))]))
 
 
 def _prefetch_lines(builder, first, count):
