@@ -903,12 +903,13 @@ def _row_group_codegen(qt, n_rows):
         nibbles, four = (ir.Constant(words, [v] * lanes) for v in (0x0F0F0F0F, 4))
         x_rows = _activation_rows(builder, const, args, j, n_rows)
 
-        # the next group's bytes, a slice per step of the loops below: a step is a block (Q8_0) or two
-        # (Q4_0, Q4_1), see _prefetch_next_group
+        # the next group's bytes, at each step of the loops below: a step is a block (Q8_0) or two (Q4_0,
+        # Q4_1; two blocks are 36 or 40 bytes, under a 64-byte line); see _prefetch_next_group
         steps = groups if qt == Q8_0 else builder.udiv(builder.add(groups, const(1)), const(2))
 
-        def prefetch_slice(step):
-            _prefetch_next_group(builder, weights, ROW_GROUP, step, steps)
+        def prefetch_step(step):
+            p = builder.mul(step, const(block_bytes if qt == Q8_0 else 2 * block_bytes))
+            _prefetch_next_group(builder, weights, rows, ROW_GROUP, n_rows, step, steps, [p])
 
         def nibble_values(v):   # 4 vectors of a block's 16 quant bytes -> 8 of its 32 nibbles
             return [builder.and_(u, nibbles) for u in v] + [builder.and_(builder.lshr(u, four), nibbles) for u in v]
@@ -949,7 +950,7 @@ def _row_group_codegen(qt, n_rows):
             with cgutils.for_range(builder, builder.udiv(groups, const(2))) as loop:
                 g = builder.mul(loop.index, const(2))
                 p = builder.mul(g, const(block_bytes))
-                prefetch_slice(loop.index)
+                prefetch_step(loop.index)
                 a, b, c = (transposed(builder, rows, builder.add(p, const(k))) for k in (0, 16, 24))
                 add_block(g, *_halves_of_words(builder, a[0], 2), nibble_values(a[1:] + b[:1]), None)
                 add_block(builder.add(g, const(1)), *_halves_of_words(builder, b[1], 2), nibble_values(c), None)
@@ -958,10 +959,10 @@ def _row_group_codegen(qt, n_rows):
             p = builder.mul(g, const(block_bytes))
             at = lambda k: builder.add(p, const(k))   # noqa: E731
             if qt == Q8_0:
-                prefetch_slice(g)
+                prefetch_step(g)
             else:
                 with builder.if_then(builder.icmp_unsigned("==", builder.and_(g, const(1)), const(0))):
-                    prefetch_slice(builder.udiv(g, const(2)))
+                    prefetch_step(builder.udiv(g, const(2)))
             if qt == Q8_0:
                 d_w, = _halves_of_rows(builder, rows, p, 1)
                 w, signs = _unsigned_q8_0(builder, transposed(builder, rows, at(2)) + transposed(builder, rows, at(18)))
@@ -1090,7 +1091,8 @@ def _k_group_codegen(qt, n_rows):
             b = loop.index
             p = builder.mul(b, const(block_bytes))
             at = lambda k: builder.add(p, const(k))   # noqa: E731
-            _prefetch_next_group(builder, weights, K_ROWS, b, builder.udiv(groups, const(8)))
+            _prefetch_next_group(builder, weights, rows, K_ROWS, n_rows, b, builder.udiv(groups, const(8)),
+                                 [at(line) for line in range(0, block_bytes, 64)])      # the next group's bytes
             if minus_min:
                 d, dmin = _halves_of_rows(builder, rows, p, 2)
                 sc, m = _q4_k_scales(builder, rows, p)
@@ -1309,26 +1311,39 @@ def quantize_into(x, xq, xd, xsum, xs):
 # hints: past the end of an array they are dropped, never a fault. (The float32 rows, one long stream a
 # thread, do without: kernels/matvec.py.)
 #
-# The group kernels ask for the next group's bytes in address order, a slice a step: a group's rows lie
-# next to each other, so that is one stream a thread. Asked for row by row (each row's next bytes, the
-# order the kernel reads them), it was sixteen interleaved streams, which AMD EPYC Zen 4 read at two
-# thirds of the rate of one: SmolLM2's decode was 1.3-1.5x faster in address order (docs/performance.md,
-# 2026-12-06). (On Zen 5, earlier that day, an address-order prefetch had measured 1.03x in a slow stretch
-# and 0.89x in a fast one: the last rows' first lines arrive just before the next group needs them.
-# Further ahead, 1.5 groups, was slower on Zen 4.)
+# The group kernels ask for the next group's rows as they go. A decode step's (one activation row) ask for
+# its bytes in address order, a slice a step: a group's rows lie next to each other, so that is one
+# stream a thread. Asked for row by row (each row's next bytes, the order the kernel reads them), it was
+# sixteen interleaved streams, which AMD EPYC Zen 4 read at two thirds of the rate of one: SmolLM2's
+# decode was 1.3-1.5x faster in address order (docs/performance.md, 2026-12-06). (On Zen 5, earlier that
+# day, an address-order prefetch had measured 1.03x in a slow stretch and 0.89x in a fast one: the last
+# rows' first lines arrive just before the next group needs them. Further ahead, 1.5 groups, was slower
+# on Zen 4; so were half a group and two groups for Q8_0's rows.) A prompt's kernels (several activation
+# rows) ask row by row: see _prefetch_next_group.
 #
 # llama2.c's int8 rows (kernels/step.py) ask for this many bytes ahead of the row being read:
 PREFETCH_BYTES = 4096
 
 
-def _prefetch_next_group(builder, weights, n_rows, step, steps):
-    """Prefetch slice `step` of `steps` (int64 values) of the n_rows rows after the group's own, in
-    address order (why: see above): weights = (first, stride) as _group_rows gives them; the slices are
-    whole 64-byte lines, the last may run past the rows (a prefetch there is dropped)."""
+def _prefetch_next_group(builder, weights, rows, group_rows, n_rows, step, steps, offsets):
+    """A kernel's prefetches at step `step` of `steps` (int64 values) of its loop, of the next group's
+    bytes (the group_rows rows after its own; why: see above): weights = (first, stride) as _group_rows
+    gives them, rows the kernel's row pointers, n_rows its activation rows, offsets the bytes of each
+    row this step reads (int64 values, a line apart).
+
+    One activation row (a decode step, bound by memory): slice `step` of the next group's bytes, in
+    address order, in whole 64-byte lines (the last slice may run past them: dropped there). More rows
+    (a prompt's tiles, whose weights come from L2 after the first tile): the next group's rows at
+    `offsets`, in the kernel's own order; in address order a 512-token prompt was ~4% slower on Zen 4."""
     i64 = ir.IntType(64)
     const = lambda v: ir.Constant(i64, v)   # noqa: E731
     first, stride = weights
-    size = builder.mul(stride, const(n_rows))
+    size = builder.mul(stride, const(group_rows))
+    if n_rows > 1:
+        for p in offsets:
+            for row in rows:
+                _prefetch(builder, builder.gep(row, [builder.add(p, size)]))
+        return
     lines = builder.udiv(builder.add(size, const(63)), const(64))
     per_step = builder.udiv(builder.add(lines, builder.sub(steps, const(1))), steps)
     start = builder.add(size, builder.mul(builder.mul(step, per_step), const(64)))
