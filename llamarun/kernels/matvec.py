@@ -87,9 +87,9 @@ def matvec3(x, wa, wb, wc, a, b, c):
 def gated_rows(t, tasks, x, w1, w3, out, up):
     """Task t of `tasks`' share of out = silu(x @ w1.T) * (x @ w3.T), SwiGLU's gated units: its rows
     of w1 into out, then the same rows of w3 into up (scratch, out's shape), then the gate on them.
-    Why one matrix after the other rather than both at once: two streams a thread read the FFN's
-    matrices slower than one (AMD EPYC Zen 5 and Zen 4; docs/performance.md, 2026-12-06). Each value
-    depends on its row only, never on the split."""
+    Why one matrix after the other rather than both at once: more streams a thread read memory slower
+    (AMD EPYC Zen 5: eight against four; Zen 4: four against one; docs/performance.md, 2026-12-06).
+    Each value depends on its row only, never on the split."""
     start, stop = _task_rows(t, tasks, w1.shape[0])
     for o in range(start, stop):
         row_into(x, w1, out, o, False)
