@@ -1347,8 +1347,7 @@ def _prefetch_next_group(builder, weights, rows, group_rows, n_rows, step, steps
     lines = builder.udiv(builder.add(size, const(63)), const(64))
     per_step = builder.udiv(builder.add(lines, builder.sub(steps, const(1))), steps)
     start = builder.add(size, builder.mul(builder.mul(step, per_step), const(64)))
-    with cgutils.for_range(builder, per_step) as line:
-        _prefetch(builder, builder.gep(first, [builder.add(start, builder.mul(line.index, const(64)))]))
+    _prefetch_lines(builder, builder.add(builder.ptrtoint(first, i64), start), builder.mul(per_step, const(64)))
 
 
 def _prefetch_lines(builder, first, count):
