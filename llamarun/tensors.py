@@ -21,7 +21,9 @@ from gguf import quants as gguf_quants
 
 from .kernels import ggml as ggml_kernels
 from .kernels import int8 as int8_kernels
+from .kernels.ggml import PACKED
 from .kernels.matvec import matvec, matvec_half, widen_rows
+from .packing import PackedMatrices
 from .plan import FAST_KERNEL_ROWS, MATVEC_ROWS, TILE_BYTES
 
 
@@ -197,7 +199,8 @@ class GGMLTensor:
     shape is (out_features, in_features); `raw` is (out_features, bytes_per_row) uint8, one row of
     blocks per output. Never dequantized whole by a product: `linear` reads the blocks directly
     (EXACT_KERNEL_TYPES and F16/BF16, for a few rows of x) or a tile of rows at a time; `rows` for an embedding
-    lookup; `dequantize` when asked for the whole matrix.
+    lookup; `dequantize` when asked for the whole matrix. The int8 kernels of Q8_0, Q4_0 and Q4_1 read
+    the same blocks packed in groups of rows instead (`kernel_bytes`, llamarun/packing.py).
 
     `exact` chooses the arithmetic of the matrix-vector kernels (kernels/ggml.py): True, float32
     activations times the weights as gguf dequantizes them (what the parity tests run); False,
@@ -206,7 +209,8 @@ class GGMLTensor:
     fixed when the tensor is made (the model's plan gives it, llamarun/plan.py): `with_exact` makes another.
     """
 
-    def __init__(self, name: str, qtype, shape: tuple[int, int], raw: np.ndarray, exact: bool = True):
+    def __init__(self, name: str, qtype, shape: tuple[int, int], raw: np.ndarray, exact: bool = True,
+                 packing: tuple[PackedMatrices, int] | None = None):
         self.name = name
         self.qtype = qtype                  # GGMLQuantizationType
         self.shape = shape
@@ -220,6 +224,9 @@ class GGMLTensor:
         self._int8 = not exact and qtype in KERNEL_TYPES
         self._tile_rows = max(16, min(shape[0], TILE_BYTES // (4 * shape[1]) // 16 * 16))
         self._halves = self.raw.view(np.uint16) if qtype in HALF_TYPES else None     # (out, in) bits
+        # where the int8 kernels' packed copy of a PACKED type comes from (llamarun/packing.py): its model
+        # file's, given by the loader, else packed in memory when first asked for
+        self.packing = packing
 
     @property
     def exact(self) -> bool:
@@ -232,7 +239,19 @@ class GGMLTensor:
 
     def with_exact(self, exact: bool) -> GGMLTensor:
         """This tensor (the same bytes, no copy) with the given arithmetic."""
-        return self if exact == self._exact else GGMLTensor(self.name, self.qtype, self.shape, self.raw, exact)
+        return self if exact == self._exact else GGMLTensor(self.name, self.qtype, self.shape, self.raw, exact,
+                                                            self.packing)
+
+    @property
+    def kernel_bytes(self) -> np.ndarray:
+        """The bytes the int8 kernels read: `raw`, or for Q8_0, Q4_0 and Q4_1 the same blocks packed in
+        groups of rows (kernels/ggml.py, PACKED), packed at the first call."""
+        if int(self.qtype) not in PACKED:
+            return self.raw
+        if self.packing is None:
+            self.packing = (PackedMatrices(None, [(int(self.qtype), self.raw)]), 0)
+        matrices, i = self.packing
+        return matrices.packed(i)
 
     @property
     def ggml_type(self) -> str:
@@ -287,8 +306,10 @@ class GGMLTensor:
         if self._halves is not None:
             matvec_half(x, self._halves, self.qtype == _T.BF16, out)
             return out
-        kernel = ggml_kernels.matvec_fast if self._int8 else ggml_kernels.matvec_exact
-        kernel(self._kernel_type, self.raw, x, out)
+        if self._int8:
+            ggml_kernels.matvec_fast(self._kernel_type, self.kernel_bytes, x, out)
+        else:
+            ggml_kernels.matvec_exact(self._kernel_type, self.raw, x, out)
         return out
 
     def on_kernels(self, x: np.ndarray) -> bool:
@@ -342,7 +363,7 @@ def linear3(x: np.ndarray, a, b, c) -> tuple[np.ndarray, ...]:
         int8_kernels.matvec3((a.q, b.q, c.q), (a.scale, b.scale, c.scale), a.group_size, x, *outs)
     else:
         kernel = ggml_kernels.matvec3_fast if a.int8_kernels else ggml_kernels.matvec3_exact
-        kernel((a._kernel_type, b._kernel_type, c._kernel_type), (a.raw, b.raw, c.raw), x, outs)
+        kernel((a._kernel_type, b._kernel_type, c._kernel_type), _kernel_bytes(a, b, c), x, outs)
     return outs
 
 
@@ -354,8 +375,13 @@ def swiglu(x: np.ndarray, w1, w3) -> np.ndarray:
         int8_kernels.swiglu(w1.q, w1.scale, w3.q, w3.scale, w1.group_size, x, out)
     else:
         kernel = ggml_kernels.swiglu_fast if w1.int8_kernels else ggml_kernels.swiglu_exact
-        kernel((w1._kernel_type, w3._kernel_type), (w1.raw, w3.raw), x, out)
+        kernel((w1._kernel_type, w3._kernel_type), _kernel_bytes(w1, w3), x, out)
     return out
+
+
+def _kernel_bytes(*weights: GGMLTensor) -> tuple[np.ndarray, ...]:
+    """The bytes of fusable GGML tensors their kernels read: packed on the int8 kernels, else raw."""
+    return tuple(w.kernel_bytes if w.int8_kernels else w.raw for w in weights)
 
 
 def with_arithmetic(weights: dict, exact: bool) -> dict:

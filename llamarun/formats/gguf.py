@@ -46,6 +46,7 @@ from typing import Callable
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from .. import packing
 from ..config import ModelConfig
 from ..errors import LlamarunError
 from ..tensors import GGML_TYPES, GGMLTensor
@@ -510,6 +511,10 @@ def map_weights(path: str, file: GGUFFile, mapping, config: ModelConfig) -> dict
     check_complete(path, weights, L, GLOBAL_NAMES, LAYER_NAMES, lambda layer, key: f"blk.{layer}.{key}.weight")
     if config.shared_classifier:
         weights["output"] = weights["tok_embeddings"]
+    # the matrices of products (the embedding table's only if it is the classifier too), for the fast kernels
+    products = [t for name, value in weights.items() if name != "tok_embeddings"
+                for t in (value if isinstance(value, list) else [value]) if isinstance(t, GGMLTensor)]
+    packing.attach(path, products)
     return weights
 
 

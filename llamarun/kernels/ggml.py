@@ -1,9 +1,10 @@
-"""Matrix-vector products with ggml's quantized block formats, reading the weights as the file stores them.
+"""Matrix-vector products with ggml's quantized block formats, reading the weights' blocks as they are stored.
 
 out = x @ W.T for a decode-sized x (up to 8 rows) and W in Q8_0, Q4_0, Q4_1, Q4_K, Q5_K or Q6_K (and, on
 the exact arithmetic only, Q2_K or Q3_K): each kernel reads the raw bytes of the matrix (a view of the
-memory-mapped GGUF file) once, in parallel over output rows, and keeps no float32 copy of it. Two
-ways to do the arithmetic:
+memory-mapped GGUF file; for the fast kernels of Q8_0, Q4_0 and Q4_1, the same blocks packed in groups
+of rows, see PACKED) once, in parallel over output rows, and keeps no float32 copy of it. Two ways to do
+the arithmetic:
 
 - exact (`matvec_exact`): every weight is decoded to the float32 value gguf's `dequantize` gives it
   (bit for bit: tests/test_kernels.py, tests/test_q2k_q3k.py), and dotted with the float32
@@ -28,7 +29,7 @@ shapes, are in docs/performance.md):
   gives 32 independent sums, four AVX2 vectors: several times faster.
 - The weights are decoded inside that multiply-add loop, not into a buffer of floats first: through
   a buffer LLVM emitted scalar code, several times slower. With 4+ rows of x, four rows share each decode.
-- Integer dot products (fast) are LLVM vector intrinsics on groups of 8 weight rows (see the fast
+- Integer dot products (fast) are LLVM vector intrinsics on groups of 8 or 16 weight rows (see the fast
   section), several times the exact kernels' rate (see also `_nibbles_block_dot`).
 - Parallel over output rows, in TASKS contiguous ranges, so each thread reads its share of the
   matrix as one sequential stream; a task's scratch is allocated once per call, not per row.
@@ -518,33 +519,30 @@ def matvec_exact(qt, raw, x, out):
 # are written instead as LLVM vector code in small intrinsics.
 #
 # Q8_0, Q4_0 and Q4_1 (the types of the common GGUF files, SmolLM2's among them) have one intrinsic
-# each for a group of ROW_GROUP weight rows (`_row_group_codegen`), written in LLVM IR; on 256-bit
-# vectors (AVX2, AVX-VNNI) a group is 8 rows:
-# - the eight rows' block g is transposed in registers (8 loads, 8 unpacks) so that int32 lane i of
-#   a vector holds four consecutive bytes of row i;
-# - one broadcast of four activation bytes then multiplies all eight rows at once: vpdpbusd where
-#   the CPU has VNNI, else pmaddubsw and pmaddwd (AVX2), else plain vector IR; four bytes summed
-#   into each int32 lane, exact;
-# - after the block's 8 broadcasts each lane holds its row's integer sum, so the scaling (d_w d_x,
-#   a vector of the 8 rows' d_w) and the accumulation stay in the lanes: 8 float lanes, one per
-#   weight row, no horizontal sum anywhere.
-# With several activation rows (sequences decoded together) the transposition and the unpacking of
-# the nibbles are shared by them all. llama.cpp's "8x8" repacked kernels use the same lane layout on
-# weights it copies into that layout at load; here the file's own layout is transposed on the fly,
-# so the weights stay memory-mapped. Against the previous kernels (one weight row at a time, 8
-# lanes of that row's partial sums, a horizontal sum per row) they made a decode step faster, most of
-# all with eight rows (benchmarks/bench_decode_rows.py; docs/performance.md). The K-quants (Q4_K,
-# Q5_K, Q6_K) have group kernels of the same shape, per 256-value super-block (`_k_group_codegen`).
-#
-# Where the CPU has AVX512-VNNI, Q8_0, Q4_0 and Q4_1 take 16 weight rows a group (ROW_GROUP), one int32
-# lane each in a 512-bit vector (`_transposed_dwords16`): one vpdpbusd then does 64 products, its four
-# activation bytes broadcast from memory within the instruction ({1to16}), and a block's integer sums
-# need no adding of lanes. Against the previous 512-bit layout (8 rows, lanes 2i and 2i + 1 holding
-# eight bytes of row i, a broadcast and a pairwise add of lanes per block) a kernel of eight
-# activation rows ran ~20% faster alone (half the instructions per product). The K-quants keep that
-# layout for their 8 rows (`_transposed_qwords`, `_block_isum`): a 16-row group is two calls of theirs.
-# Every layout gives the same integer sums and the same float32 arithmetic per lane, so the same
-# results bit for bit (tests/test_kquant_kernels.py).
+# each for a group of ROW_GROUP weight rows (`_row_group_codegen`), written in LLVM IR. A group is 16
+# rows where the CPU has AVX512-VNNI (one int32 lane each in a 512-bit vector), else 8 (256-bit):
+# - int32 lane i of a vector holds four consecutive quant bytes of row i, so one broadcast of four
+#   activation bytes multiplies every row of the group at once: vpdpbusd where the CPU has VNNI (64
+#   products, the activation bytes broadcast from memory within the instruction, {1to16}), else
+#   pmaddubsw and pmaddwd (AVX2), else plain vector IR; four bytes summed into each int32 lane, exact;
+# - after a block's 8 broadcasts each lane holds its row's integer sum, so the scaling (d_w d_x, a
+#   vector of the rows' d_w) and the accumulation stay in the lanes: one float lane per weight row,
+#   no horizontal sum anywhere.
+# With several activation rows (sequences decoded together) the loading and the unpacking of the
+# nibbles are shared by them all. The kernels read the rows in that lane layout, made once from the
+# file's (`pack_groups`, PACKED; llama.cpp's CPU "repack" does the same at load): a group's block is a
+# vector of its rows' scales, then its quants as vectors of dwords. Transposed in registers from the
+# file's rows at every step instead (16 loads and a dozen shuffles per 16 bytes of the 16 rows, and a
+# gather of the scales), the transposes were most of a kernel's instructions: on AMD EPYC Zen 4 one
+# core's Q4_1 products ran 1.2-2x faster packed, and Q8_0's 1.3-2x (docs/performance.md).
+# llamarun/packing.py keeps the packed matrices of a model file in a cache file of their own, mapped as
+# the model is: the weights stay memory-mapped (and quantized), the file's own map still serves
+# everything else (embedding rows, the exact kernels, a prompt's BLAS tiles).
+# The K-quants (Q4_K, Q5_K, Q6_K) have group kernels of the same shape, per 256-value super-block
+# (`_k_group_codegen`), reading the file's rows (8 a group, lanes 2i and 2i + 1 holding eight bytes
+# of row i with 512-bit vectors: `_transposed_qwords`, `_block_isum`; a 16-row group is two calls of
+# theirs). Every layout gives the same integer sums and the same float32 arithmetic per lane, so the
+# same results bit for bit (tests/test_kquant_kernels.py).
 
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 
@@ -657,6 +655,33 @@ ROW_GROUP = 16 if VNNI512 else 8
 K_ROWS = 8
 
 
+# The types whose group kernels read packed rows, and the bytes of a block's scales: f16 d (and Q4_1's
+# f16 m) for each row of a group side by side, then its quants, each dword of them for the rows side by
+# side (lane i: row i). A group's block takes ROW_GROUP times a block's bytes, as in the file.
+PACKED = {Q8_0: 2, Q4_0: 2, Q4_1: 4}
+BLOCK_BYTES = {Q8_0: Q8_0_BYTES, Q4_0: Q4_0_BYTES, Q4_1: Q4_1_BYTES}
+
+
+def packed_rows(rows: int) -> int:
+    """The rows a packed matrix of `rows` rows takes: whole groups (the last one's missing rows are
+    copies of the last row, which the kernels compute and no one keeps)."""
+    return -(-rows // ROW_GROUP) * ROW_GROUP
+
+
+def pack_groups(qt: int, raw: np.ndarray, out: np.ndarray, start: int = 0) -> None:
+    """out = groups start, start + 1, ... of the matrix raw (type qt in PACKED, (rows, row bytes) uint8)
+    in the group kernels' layout (above), as many as out holds: out (n * ROW_GROUP, row bytes) uint8."""
+    rows, row_bytes = raw.shape
+    block, scales = BLOCK_BYTES[qt], PACKED[qt]
+    n, blocks = out.shape[0] // ROW_GROUP, row_bytes // block
+    ids = np.minimum(np.arange(start * ROW_GROUP, (start + n) * ROW_GROUP), rows - 1)
+    w = raw[ids].reshape(n, ROW_GROUP, blocks, block)                           # (group, row, block, bytes)
+    dest = out.reshape(n, blocks, ROW_GROUP * block)                             # (group, block, bytes)
+    dest[:, :, :ROW_GROUP * scales] = w[..., :scales].transpose(0, 2, 1, 3).reshape(n, blocks, -1)
+    quants = w[..., scales:].reshape(n, ROW_GROUP, blocks, (block - scales) // 4, 4)
+    dest[:, :, ROW_GROUP * scales:] = quants.transpose(0, 2, 3, 1, 4).reshape(n, blocks, -1)
+
+
 def _transposed_dwords(builder, rows, offset):
     """rows: 8 byte pointers. -> 4 vectors <8 x i32>: vector k holds, in lane i, the int32 at byte
     offset + 4k of rows[i] (the 8 x 4 transpose of the 16 bytes at offset of each row): two
@@ -667,27 +692,6 @@ def _transposed_dwords(builder, rows, offset):
     a, b, c, d = (builder.shuffle_vector(q[i], q[i + 4], join) for i in range(4))   # rows i | i + 4
     low32, high32 = mask(0, 8, 1, 9, 4, 12, 5, 13), mask(2, 10, 3, 11, 6, 14, 7, 15)
     low64, high64 = mask(0, 1, 8, 9, 4, 5, 12, 13), mask(2, 3, 10, 11, 6, 7, 14, 15)
-    t0, t1 = builder.shuffle_vector(a, b, low32), builder.shuffle_vector(a, b, high32)
-    t2, t3 = builder.shuffle_vector(c, d, low32), builder.shuffle_vector(c, d, high32)
-    return [builder.shuffle_vector(t0, t2, low64), builder.shuffle_vector(t0, t2, high64),
-            builder.shuffle_vector(t1, t3, low64), builder.shuffle_vector(t1, t3, high64)]
-
-
-def _transposed_dwords16(builder, rows, offset):
-    """rows: 16 byte pointers. -> 4 vectors <16 x i32>: vector k holds, in lane i, the int32 at byte
-    offset + 4k of rows[i] (the 16 x 4 transpose of the 16 bytes at offset of each row): the rows
-    4k + c (k = 0..3) joined into vector c, one per 128-bit chunk, then the 4 x 4 transpose of each chunk
-    (unpacks of 32- and 64-bit pairs), which leaves lane 4k + c holding row 4k + c."""
-    q = [builder.bitcast(_load(builder, row, offset, _vector(_I8, 16)), _vector(_I32, 4)) for row in rows]
-    mask = lambda *m: ir.Constant(_vector(_I32, len(m)), list(m))   # noqa: E731
-    joined = []
-    for c in range(4):
-        low, high = (builder.shuffle_vector(q[h + c], q[h + 4 + c], mask(*range(8))) for h in (0, 8))
-        joined.append(builder.shuffle_vector(low, high, mask(*range(16))))
-    per_chunk = lambda *m: mask(*(4 * k + (i % 4) + 16 * (i // 4) for k in range(4) for i in m))   # noqa: E731
-    low32, high32 = per_chunk(0, 4, 1, 5), per_chunk(2, 6, 3, 7)    # each chunk: a0 b0 a1 b1 | a2 b2 a3 b3
-    low64, high64 = per_chunk(0, 1, 4, 5), per_chunk(2, 3, 6, 7)    # a0 a1 b0 b1 | a2 a3 b2 b3
-    a, b, c, d = joined
     t0, t1 = builder.shuffle_vector(a, b, low32), builder.shuffle_vector(a, b, high32)
     t2, t3 = builder.shuffle_vector(c, d, low32), builder.shuffle_vector(c, d, high32)
     return [builder.shuffle_vector(t0, t2, low64), builder.shuffle_vector(t0, t2, high64),
@@ -794,10 +798,11 @@ def _prefetch(builder, pointer):
     builder.call(prefetch, [pointer, ir.Constant(_I32, 0), ir.Constant(_I32, 0), ir.Constant(_I32, 1)])
 
 
-def _group_rows(context, builder, raw_type, raw, o, o_type, n_rows):
+def _group_rows(context, builder, raw_type, raw, o, o_type, n_rows, packed=False):
     """Where a kernel of n_rows weight rows from row o of the matrix raw reads them -> (first, stride,
     copy): row o + i at first + i stride (i8*, int64), and where the pointer to the copy below lies (an
-    i8** holding null where there is none), for _end_group to free once the kernels are done.
+    i8** holding null where there is none), for _end_group to free once the kernels are done. A packed
+    matrix (PACKED) is read in place: its last group is whole (packed_rows).
 
     A group that runs past the matrix's end (its last rows, where the rows are not a multiple of
     n_rows) reads a copy (malloc'd: rows can be long, a thread's stack small): rows o .. the last, then
@@ -814,7 +819,8 @@ def _group_rows(context, builder, raw_type, raw, o, o_type, n_rows):
     first = cgutils.alloca_once(builder, bytes_)
     builder.store(_row_pointer(context, builder, raw_type, raw, types.intp, o), first)
     copy = cgutils.alloca_once_value(builder, ir.Constant(bytes_, None))
-    with builder.if_then(builder.icmp_signed(">", builder.add(o, ir.Constant(i64, n_rows)), n_weight_rows), likely=False):
+    past_end = builder.icmp_signed(">", builder.add(o, ir.Constant(i64, n_rows)), n_weight_rows)
+    with builder.if_then(ir.Constant(ir.IntType(1), 0) if packed else past_end, likely=False):
         rows = builder.call(_function(builder, "malloc", bytes_, [i64]), [builder.mul(stride, ir.Constant(i64, n_rows))])
         with builder.if_then(cgutils.is_null(builder, rows), likely=False):
             builder.call(_function(builder, "abort", ir.VoidType(), []), [])     # out of memory: no wrong results
@@ -874,8 +880,8 @@ def _store_rows(builder, const, out, row, col, total):
 
 
 def _row_group_codegen(qt, n_rows):
-    """Code for weight rows o .. o + ROW_GROUP - 1 of a matrix of type qt (Q8_0, Q4_0, Q4_1), rows past
-    its end read as its last row, times rows j .. j + n_rows - 1 of the quantized activations; per block g:
+    """Code for weight rows o .. o + ROW_GROUP - 1 of a packed matrix of type qt (Q8_0, Q4_0, Q4_1: see
+    PACKED), times rows j .. j + n_rows - 1 of the quantized activations; per block g:
         Q8_0  d_w d_x[g] sum(q_w q_x)
         Q4_0  d_w d_x[g] (sum(n_w q_x) - 8 sum(q_x))
         Q4_1  d_w d_x[g] sum(n_w q_x) + m_w s_x[g]
@@ -887,10 +893,11 @@ def _row_group_codegen(qt, n_rows):
     (weight row, activation row) gets the same arithmetic whatever n_rows is, whichever group its
     weight row falls in, and whether the vectors hold 8 rows or 16.
 
-    Arguments (raw, o, xq, xd, xsum, xs, j, out): raw (rows, row bytes) uint8; xq (n, in) int8; xd,
+    Arguments (raw, o, xq, xd, xsum, xs, j, out): raw (rows, row bytes) uint8, packed (pack_groups;
+    whole groups, though its shape may give fewer rows: they are read as well); xq (n, in) int8; xd,
     xs (n, in / 32) float32 and xsum int32 (see quantize_activations); out (n, ROW_GROUP) float32 with
     out[j + r, i] = weight row o + i times activation row j + r (all C-contiguous)."""
-    block_bytes = {Q8_0: Q8_0_BYTES, Q4_0: Q4_0_BYTES, Q4_1: Q4_1_BYTES}[qt]
+    block_bytes, scale_bytes = BLOCK_BYTES[qt], PACKED[qt]
 
     def codegen(context, builder, sig, args, weights):
         const, rows, xq, xd, xsum, xs, n_in, groups, j, out, col = _group_arguments(context, builder, sig, args,
@@ -899,17 +906,8 @@ def _row_group_codegen(qt, n_rows):
         floats, words = _vector(_F32, lanes), _vector(_I32, lanes)
         zero, izero = ir.Constant(floats, [0.0] * lanes), ir.Constant(words, [0] * lanes)
         acc = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)]   # registers after mem2reg
-        transposed = _transposed_dwords16 if lanes == 16 else _transposed_dwords
         nibbles, four = (ir.Constant(words, [v] * lanes) for v in (0x0F0F0F0F, 4))
         x_rows = _activation_rows(builder, const, args, j, n_rows)
-
-        # the next group's bytes, at each step of the loops below: a step is a block (Q8_0) or two (Q4_0,
-        # Q4_1; two blocks are 36 or 40 bytes, under a 64-byte line); see _prefetch_next_group
-        steps = groups if qt == Q8_0 else builder.udiv(builder.add(groups, const(1)), const(2))
-
-        def prefetch_step(step):
-            p = builder.mul(step, const(block_bytes if qt == Q8_0 else 2 * block_bytes))
-            _prefetch_next_group(builder, weights, rows, ROW_GROUP, n_rows, step, steps, [p])
 
         def nibble_values(v):   # 4 vectors of a block's 16 quant bytes -> 8 of its 32 nibbles
             return [builder.and_(u, nibbles) for u in v] + [builder.and_(builder.lshr(u, four), nibbles) for u in v]
@@ -940,37 +938,24 @@ def _row_group_codegen(qt, n_rows):
                     total = _multiply_add(builder, m_w, s_x, total)
                 builder.store(total, acc[r])
 
-        first = const(0)
-        if qt == Q4_1 and n_rows == 1:
-            # A decode step's blocks two at a time: their 40 bytes (d m q[16], twice) in three 16 x 4
-            # transposes (bytes 0-15, 16-31 and 24-39 of each row), whose dwords include both blocks'
-            # scales. One block at a time, its scales are a gather of their own: sixteen loads and the
-            # inserts to place them, about a third of the block's instructions, and this kernel is bound
-            # by its instructions where the weights come in fast enough (docs/performance.md).
-            with cgutils.for_range(builder, builder.udiv(groups, const(2))) as loop:
-                g = builder.mul(loop.index, const(2))
-                p = builder.mul(g, const(block_bytes))
-                prefetch_step(loop.index)
-                a, b, c = (transposed(builder, rows, builder.add(p, const(k))) for k in (0, 16, 24))
-                add_block(g, *_halves_of_words(builder, a[0], 2), nibble_values(a[1:] + b[:1]), None)
-                add_block(builder.add(g, const(1)), *_halves_of_words(builder, b[1], 2), nibble_values(c), None)
-            first = builder.mul(builder.udiv(groups, const(2)), const(2))
-        with cgutils.for_range_slice(builder, first, groups, const(1)) as (g, _):
-            p = builder.mul(g, const(block_bytes))
-            at = lambda k: builder.add(p, const(k))   # noqa: E731
-            if qt == Q8_0:
-                prefetch_step(g)
+        # block g of the group as pack_groups lays it out: the rows' scales, then the quants' dwords, one
+        # vector load each; and slice g of the next group's bytes prefetched (_prefetch_next_group), which
+        # packed is its block g: the bytes the kernel reads next, whatever n_rows
+        base, group_bytes = rows[0], block_bytes * lanes
+        with cgutils.for_range(builder, groups) as loop:
+            g = loop.index
+            p = builder.mul(g, const(group_bytes))
+            _prefetch_next_group(builder, weights, rows, ROW_GROUP, 1, g, groups, [])
+            quants = [_load(builder, base, builder.add(p, const(scale_bytes * lanes + 4 * lanes * k)), words)
+                      for k in range(8 if qt == Q8_0 else 4)]
+            if qt == Q4_1:
+                d_w, m_w = _halves_of_words(builder, _load(builder, base, p, words), 2)
             else:
-                with builder.if_then(builder.icmp_unsigned("==", builder.and_(g, const(1)), const(0))):
-                    prefetch_step(builder.udiv(g, const(2)))
+                d_w, m_w = half_to_float(builder, _load(builder, base, p, _vector(_I16, lanes))), None
             if qt == Q8_0:
-                d_w, = _halves_of_rows(builder, rows, p, 1)
-                w, signs = _unsigned_q8_0(builder, transposed(builder, rows, at(2)) + transposed(builder, rows, at(18)))
-                add_block(g, d_w, None, w, signs)
+                add_block(g, d_w, None, *_unsigned_q8_0(builder, quants))
             else:
-                scales = _halves_of_rows(builder, rows, p, 2 if qt == Q4_1 else 1)
-                m_w = scales[1] if qt == Q4_1 else None
-                add_block(g, scales[0], m_w, nibble_values(transposed(builder, rows, at(block_bytes - 16))), None)
+                add_block(g, d_w, m_w, nibble_values(quants), None)
         for r, row in enumerate(x_rows):
             _store_rows(builder, const, out, row, col, builder.load(acc[r]))
         return context.get_dummy_value()
@@ -1010,7 +995,7 @@ def _row_groups_intrinsic(qt):
             n_v = context.cast(builder, n_v, sig.args[7], types.intp)
             last = builder.sub(n_v, ir.Constant(n_v.type, 1))
             first, stride, copy = _group_rows(context, builder, sig.args[0], raw_v, o_v, sig.args[1],
-                                              K_ROWS if make is _k_group_codegen else ROW_GROUP)
+                                              K_ROWS if make is _k_group_codegen else ROW_GROUP, qt in PACKED)
             for size in sizes:              # while n - j >= FEWEST[size]: rows j .. j + size - 1 (at most the last)
                 check, body, done = (builder.append_basic_block(f"rows{size}.{part}") for part in ("check", "body", "done"))
                 builder.branch(check)
@@ -1318,8 +1303,9 @@ def quantize_into(x, xq, xd, xsum, xs):
 # decode was 1.3-1.5x faster in address order (docs/performance.md, 2026-12-06). (On Zen 5, earlier that
 # day, an address-order prefetch had measured 1.03x in a slow stretch and 0.89x in a fast one: the last
 # rows' first lines arrive just before the next group needs them. Further ahead, 1.5 groups, was slower
-# on Zen 4; so were half a group and two groups for Q8_0's rows.) A prompt's kernels (several activation
-# rows) ask row by row: see _prefetch_next_group.
+# on Zen 4; so were half a group and two groups for Q8_0's rows.) The packed groups (PACKED) are read in
+# that order too, whatever the activation rows; the K-quants' kernels with several activation rows (a
+# prompt's) ask row by row: see _prefetch_next_group.
 #
 # llama2.c's int8 rows (kernels/step.py) ask for this many bytes ahead of the row being read:
 PREFETCH_BYTES = 4096
@@ -1331,10 +1317,11 @@ def _prefetch_next_group(builder, weights, rows, group_rows, n_rows, step, steps
     gives them, rows the kernel's row pointers, n_rows its activation rows, offsets the bytes of each
     row this step reads (int64 values, a line apart).
 
-    One activation row (a decode step, bound by memory): slice `step` of the next group's bytes, in
-    address order, in whole 64-byte lines (the last slice may run past them: dropped there). More rows
-    (a prompt's tiles, whose weights come from L2 after the first tile): the next group's rows at
-    `offsets`, in the kernel's own order; in address order a 512-token prompt was ~4% slower on Zen 4."""
+    One activation row (a decode step, bound by memory), or a packed group: slice `step` of the next
+    group's bytes, in address order, in whole 64-byte lines (the last slice may run past them: dropped
+    there). More rows of a K-quant (a prompt's tiles, whose weights come from L2 after the first tile):
+    the next group's rows at `offsets`, in the kernel's own order (in address order, with the file's rows,
+    a 512-token prompt was ~4% slower on Zen 4)."""
     i64 = ir.IntType(64)
     const = lambda v: ir.Constant(i64, v)   # noqa: E731
     first, stride = weights

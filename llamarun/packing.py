@@ -1,0 +1,146 @@
+"""Q8_0, Q4_0 and Q4_1 matrices in the int8 kernels' layout, made once per model file and kept in a cache
+file beside the models, memory-mapped as the model is.
+
+The fast kernels of these types read a group of weight rows with one int32 lane per row
+(kernels/ggml.py, PACKED): the blocks of the group's rows side by side, scales first, then the quants'
+dwords. Transposing the file's rows into that layout at every step was most of the kernels'
+instructions; packed once, a decode step's products stream faster and a batch's multiply faster
+(docs/performance.md). llama.cpp's CPU backend repacks the same types the same way at load, into
+memory it allocates.
+
+Here the packed matrices go into a file of their own, which is memory-mapped as the model file is
+(formats/pages.py: 2 MiB pages where Linux gives them): the weights stay quantized and memory-mapped,
+their pages in the page cache and shared by every process that runs the model, and a later load maps
+them without packing again. The model's own map still serves everything else (embedding rows, the
+exact kernels, a prompt's BLAS tiles); the pages of its packed matrices are then not read by the fast
+path. The file is `$LLAMARUN_HOME/packed/<hash>.bin` (~/.cache/llamarun), the hash of the model file's
+real path, size and modification time and of the layout (ROW_GROUP, LAYOUT): a changed model, or
+another CPU's group size, gets a new file. Removing the folder frees the space; the next load makes the
+file again.
+
+Models with under CACHED_BYTES of such matrices (the tests' tiny models) are packed in memory at
+load, in milliseconds, and so are a model whose cache file cannot be written (a read-only or full
+disk) and matrices that come from no file (a model quantized in memory).
+"""
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import threading
+
+import numpy as np
+
+from .hub import home
+from .kernels.ggml import PACKED, ROW_GROUP, pack_groups, packed_rows
+
+LAYOUT = 1                  # the version of pack_groups's layout: a change must make new cache files
+CACHED_BYTES = 16 << 20     # packed matrices of a model under this many bytes are packed in memory
+ALIGN = 4096                # each matrix's offset in the cache file (a page: its rows' lines are aligned)
+CHUNK_BYTES = 16 << 20      # a matrix is packed and written this much at a time (bounded scratch memory)
+
+
+class PackedMatrices:
+    """The PACKED-type matrices of one model file (path; None: no file), packed the first time one of
+    them is asked for: `packed(i)` is matrix i's, (rows, row bytes) uint8 like its raw bytes, read-only."""
+
+    def __init__(self, path: str | None, matrices: list[tuple[int, np.ndarray]]):
+        self.path = path
+        self.matrices = matrices                  # (ggml type, raw bytes (rows, row bytes)) each
+        self._views: list[np.ndarray] | None = None
+        self._lock = threading.Lock()
+
+    def packed(self, i: int) -> np.ndarray:
+        with self._lock:
+            if self._views is None:
+                self._views = self._make()
+        return self._views[i]
+
+    def _layout(self) -> tuple[list[int], int]:
+        """Each matrix's offset in the packed bytes, and their total."""
+        offsets, total = [], 0
+        for _, raw in self.matrices:
+            total = -(-total // ALIGN) * ALIGN
+            offsets.append(total)
+            total += packed_rows(raw.shape[0]) * raw.shape[1]
+        return offsets, total
+
+    def _make(self) -> list[np.ndarray]:
+        offsets, total = self._layout()
+        buffer = None
+        if self.path is not None and total >= CACHED_BYTES:
+            try:
+                buffer = self._cached(offsets, total)
+            except OSError:
+                buffer = None                     # no cache file: packed in memory below
+        if buffer is None:
+            buffer = np.empty(total, np.uint8)
+            for (qt, raw), offset in zip(self.matrices, offsets):
+                pack_groups(qt, raw, self._matrix(buffer, offset, raw))
+        views = []
+        for (_, raw), offset in zip(self.matrices, offsets):
+            view = self._matrix(buffer, offset, raw)[:raw.shape[0]]
+            view.flags.writeable = False          # as the model's map: one compiled signature for every kernel
+            views.append(view)
+            _unmap(raw)
+        return views
+
+    @staticmethod
+    def _matrix(buffer, offset: int, raw: np.ndarray) -> np.ndarray:
+        return np.ndarray((packed_rows(raw.shape[0]), raw.shape[1]), np.uint8, buffer, offset)
+
+    def _cached(self, offsets: list[int], total: int):
+        """The cache file's read-only map, written first where it is missing or not whole."""
+        from .formats.pages import map_file
+        stat = os.stat(self.path)
+        key = f"{os.path.realpath(self.path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{ROW_GROUP}\0{LAYOUT}"
+        path = home() / "packed" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.bin"
+        if not (path.is_file() and path.stat().st_size == total):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            part = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.part")
+            try:
+                with open(part, "wb") as f:
+                    for (qt, raw), offset in zip(self.matrices, offsets):
+                        self._write(f, offset, qt, raw)
+                    f.truncate(total)
+                os.replace(part, path)            # whole or not there: a reader never maps a part
+            finally:
+                if part.exists():
+                    part.unlink()
+        with open(path, "rb") as f:
+            return map_file(f)
+
+    @staticmethod
+    def _write(f, offset: int, qt: int, raw: np.ndarray) -> None:
+        groups = packed_rows(raw.shape[0]) // ROW_GROUP
+        step = max(1, CHUNK_BYTES // (ROW_GROUP * raw.shape[1]))
+        f.seek(offset)
+        for start in range(0, groups, step):
+            chunk = np.empty((min(step, groups - start) * ROW_GROUP, raw.shape[1]), np.uint8)
+            pack_groups(qt, raw, chunk, start)
+            f.write(chunk.data)
+
+
+def _unmap(raw: np.ndarray) -> None:
+    """Unmap the whole pages of raw's bytes in the model file's map, if it is one: they stay in the page
+    cache, and come back if read (the exact kernels, an embedding row), but a process that runs the
+    packed copy does not count them in its memory twice. (In 2 MiB pages, reading a norm between two
+    matrices maps the whole 2 MiB around it.)"""
+    mapping = raw
+    while isinstance(mapping, np.ndarray):
+        mapping = mapping.base
+    if not isinstance(mapping, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    offset = raw.ctypes.data - np.frombuffer(mapping, np.uint8, count=1).ctypes.data
+    start, stop = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE, (offset + raw.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if stop > start:
+        mapping.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+
+def attach(path: str, tensors) -> None:
+    """Give the GGML tensors of one model file (each once) that the fast kernels read packed their
+    place in one PackedMatrices of that file."""
+    packable = [t for t in tensors if int(t.qtype) in PACKED]
+    matrices = PackedMatrices(path, [(int(t.qtype), t.raw) for t in packable])
+    for i, tensor in enumerate(packable):
+        tensor.packing = (matrices, i)

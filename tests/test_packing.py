@@ -1,0 +1,122 @@
+"""The int8 kernels' packed layout of Q8_0, Q4_0 and Q4_1 (kernels/ggml.py, PACKED) and its cache file
+(llamarun/packing.py): the layout byte by byte as specified, and a model file's packed matrices written
+once, mapped, reused, rewritten when damaged, and in memory where no cache can be written, with the
+same results bit for bit every way. (That the kernels compute llama.cpp's products from the packed
+bytes: tests/test_kernels.py, tests/test_decode_kernels.py, tests/test_step.py.)"""
+import os
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from llamarun import packing
+from llamarun.formats import load_checkpoint
+from llamarun.kernels.ggml import BLOCK_BYTES, PACKED, ROW_GROUP, pack_groups, packed_rows
+from llamarun.model import Batch, Transformer
+from llamarun.tensors import GGMLTensor
+
+from test_gguf_format import write_model
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [ROW_GROUP, 2 * ROW_GROUP + 5, 3])
+def test_the_packed_layout_is_each_groups_scales_then_its_quants_by_the_dword(qtype, rows):
+    raw = np.random.default_rng(rows).integers(0, 256, (rows, 3 * BLOCK_BYTES[qtype]), np.uint8)
+    out = np.empty((packed_rows(rows), raw.shape[1]), np.uint8)
+    pack_groups(int(qtype), raw, out)
+    block, scale = BLOCK_BYTES[qtype], PACKED[qtype]
+    assert out.shape[0] % ROW_GROUP == 0 and out.shape[0] - rows < ROW_GROUP
+    for group in range(out.shape[0] // ROW_GROUP):
+        packed = out[group * ROW_GROUP:(group + 1) * ROW_GROUP].reshape(-1)     # the group's bytes, in order
+        for b in range(3):
+            at = b * ROW_GROUP * block                                         # the group's block b
+            for i in range(ROW_GROUP):
+                row = raw[min(group * ROW_GROUP + i, rows - 1)]                 # past the end: the last row
+                assert bytes(packed[at + i * scale:at + (i + 1) * scale]) == bytes(row[b * block:b * block + scale])
+                for k in range((block - scale) // 4):
+                    lane = at + ROW_GROUP * scale + 4 * ROW_GROUP * k + 4 * i
+                    quant = b * block + scale + 4 * k
+                    assert bytes(packed[lane:lane + 4]) == bytes(row[quant:quant + 4])
+
+
+def test_a_tensor_without_a_file_is_packed_in_memory_and_keeps_its_raw_bytes():
+    rng = np.random.default_rng(0)
+    raw = gguf.quants.quantize(rng.standard_normal((21, 64)).astype(np.float32), T.Q4_1)
+    tensor = GGMLTensor("w", T.Q4_1, (21, 64), raw, exact=False)
+    packed = tensor.kernel_bytes
+    assert packed.shape == raw.shape and not packed.flags.writeable and packed is tensor.kernel_bytes
+    assert np.array_equal(tensor.raw, raw)                    # the rows, the embedding and exact paths read
+    assert tensor.with_exact(True).kernel_bytes is packed     # one packing for the same bytes
+    k_quant = GGMLTensor("w", T.Q4_K, (4, 256), rng.integers(0, 256, (4, 144), np.uint8), exact=False)
+    assert k_quant.kernel_bytes is k_quant.raw                # the K-quants' kernels read the file's rows
+
+
+def _logits(path):
+    """A fast-path model of the file at path, its logits for a few tokens, and the model."""
+    checkpoint = load_checkpoint(str(path))
+    model = Transformer(checkpoint.config, checkpoint.weights)
+    cache = model.new_cache(seq_len=8)
+    return model.forward(Batch.sequence([1, 5, 9, 2], 0, all_logits=True), cache), checkpoint
+
+
+def _cached_files(home):
+    folder = home / "packed"
+    return sorted(folder.iterdir()) if folder.exists() else []
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMARUN_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_a_model_files_packed_matrices_are_written_once_and_mapped(tmp_path, cache_home, monkeypatch):
+    path = tmp_path / "m.gguf"
+    write_model(path, T.Q4_1, quantize=True, types={"output.weight": T.Q8_0}, untied=True)
+    in_memory, _ = _logits(path)                              # a tiny model: under CACHED_BYTES
+    assert _cached_files(cache_home) == []
+
+    monkeypatch.setattr(packing, "CACHED_BYTES", 0)
+    first, checkpoint = _logits(path)
+    files = _cached_files(cache_home)
+    assert len(files) == 1 and files[0].suffix == ".bin"     # one file for the model, no part left
+    assert np.array_equal(first, in_memory)                   # bit for bit the same products
+    wq = checkpoint.weights["wq"][0]
+    base = wq.kernel_bytes
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    assert type(base).__name__ == "mmap"                      # memory-mapped, not a copy in memory
+    assert checkpoint.weights["tok_embeddings"].packing is None   # the embedding rows: the model's own map
+
+    written = files[0].stat().st_mtime_ns
+    again, _ = _logits(path)
+    assert np.array_equal(again, in_memory) and files[0].stat().st_mtime_ns == written   # reused
+
+    with open(files[0], "r+b") as f:                          # cut short (a crash, a full disk): made again
+        f.truncate(100)
+    repaired, _ = _logits(path)
+    assert np.array_equal(repaired, in_memory) and files[0].stat().st_size > 100
+
+
+def test_a_changed_model_file_gets_a_new_cache_file(tmp_path, cache_home, monkeypatch):
+    monkeypatch.setattr(packing, "CACHED_BYTES", 0)
+    path = tmp_path / "m.gguf"
+    write_model(path, T.Q8_0, quantize=True, seed=1)
+    first, _ = _logits(path)
+    write_model(path, T.Q8_0, quantize=True, seed=2)
+    os.utime(path, ns=(1, 1))                                 # even with a clock that did not move on
+    second, _ = _logits(path)
+    assert len(_cached_files(cache_home)) == 2 and not np.array_equal(first, second)
+
+
+def test_no_writable_cache_packs_in_memory(tmp_path, cache_home, monkeypatch):
+    monkeypatch.setattr(packing, "CACHED_BYTES", 0)
+    path = tmp_path / "m.gguf"
+    write_model(path, T.Q4_0, quantize=True)
+    expected, _ = _logits(path)
+    blocked = tmp_path / "a file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("LLAMARUN_HOME", str(blocked))         # mkdir fails
+    logits, _ = _logits(path)
+    assert np.array_equal(logits, expected)
