@@ -52,6 +52,11 @@ def test_a_tensor_without_a_file_is_packed_in_memory_and_keeps_its_raw_bytes():
     assert k_quant.kernel_bytes is k_quant.raw                # the K-quants' kernels read the file's rows
 
 
+def _write(path, seed=0):
+    """SmolLM2's types (Q4_1, a Q8_0 classifier): the one-call forward the compile step compiles for it."""
+    write_model(path, T.Q4_1, quantize=True, types={"output.weight": T.Q8_0}, untied=True, seed=seed)
+
+
 def _logits(path):
     """A fast-path model of the file at path, its logits for a few tokens, and the model."""
     checkpoint = load_checkpoint(str(path))
@@ -73,7 +78,7 @@ def cache_home(tmp_path, monkeypatch):
 
 def test_a_model_files_packed_matrices_are_written_once_and_mapped(tmp_path, cache_home, monkeypatch):
     path = tmp_path / "m.gguf"
-    write_model(path, T.Q4_1, quantize=True, types={"output.weight": T.Q8_0}, untied=True)
+    _write(path)
     in_memory, _ = _logits(path)                              # a tiny model: under CACHED_BYTES
     assert _cached_files(cache_home) == []
 
@@ -102,9 +107,9 @@ def test_a_model_files_packed_matrices_are_written_once_and_mapped(tmp_path, cac
 def test_a_changed_model_file_gets_a_new_cache_file(tmp_path, cache_home, monkeypatch):
     monkeypatch.setattr(packing, "CACHED_BYTES", 0)
     path = tmp_path / "m.gguf"
-    write_model(path, T.Q8_0, quantize=True, seed=1)
+    _write(path, seed=1)
     first, _ = _logits(path)
-    write_model(path, T.Q8_0, quantize=True, seed=2)
+    _write(path, seed=2)
     os.utime(path, ns=(1, 1))                                 # even with a clock that did not move on
     second, _ = _logits(path)
     assert len(_cached_files(cache_home)) == 2 and not np.array_equal(first, second)
@@ -113,7 +118,7 @@ def test_a_changed_model_file_gets_a_new_cache_file(tmp_path, cache_home, monkey
 def test_no_writable_cache_packs_in_memory(tmp_path, cache_home, monkeypatch):
     monkeypatch.setattr(packing, "CACHED_BYTES", 0)
     path = tmp_path / "m.gguf"
-    write_model(path, T.Q4_0, quantize=True)
+    _write(path)
     expected, _ = _logits(path)
     blocked = tmp_path / "a file"
     blocked.write_text("not a folder")
