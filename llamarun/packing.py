@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import sys
 import threading
 
 import numpy as np
@@ -38,6 +39,7 @@ LAYOUT = 1                  # the version of pack_groups's layout: a change must
 CACHED_BYTES = 16 << 20     # packed matrices of a model under this many bytes are packed in memory
 ALIGN = 4096                # each matrix's offset in the cache file (a page: its rows' lines are aligned)
 CHUNK_BYTES = 16 << 20      # a matrix is packed and written this much at a time (bounded scratch memory)
+NOTICE_BYTES = 256 << 20    # a cache file this big takes seconds to write: said on stderr first
 
 
 class PackedMatrices:
@@ -97,6 +99,9 @@ class PackedMatrices:
         path = home() / "packed" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.bin"
         if not (path.is_file() and path.stat().st_size == total):
             path.parent.mkdir(parents=True, exist_ok=True)
+            if total >= NOTICE_BYTES:
+                print(f"llamarun: packing {total >> 20} MiB of {os.path.basename(self.path)} for the int8 kernels "
+                      f"into {path.parent}, once per model file", file=sys.stderr, flush=True)
             part = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.part")
             try:
                 with open(part, "wb") as f:
