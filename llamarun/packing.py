@@ -1,12 +1,12 @@
-"""Q8_0, Q4_0 and Q4_1 matrices in the int8 kernels' layout, made once per model file and kept in a cache
+"""Quantized matrices in the int8 kernels' layout, made once per model file and kept in a cache
 file beside the models, memory-mapped as the model is.
 
-The fast kernels of these types read a group of weight rows with one int32 lane per row
-(kernels/ggml.py, PACKED): the blocks of the group's rows side by side, scales first, then the quants'
-dwords. Transposing the file's rows into that layout at every step was most of the kernels'
-instructions; packed once, a decode step's products stream faster and a batch's multiply faster
-(docs/performance.md). llama.cpp's CPU backend repacks the same types the same way at load, into
-memory it allocates.
+The fast kernels of Q8_0, Q4_0, Q4_1 and the K-quants (Q4_K, Q5_K, Q6_K) read a group of weight rows
+with one int32 lane per row (kernels/ggml.py, PACKED): the blocks of the group's rows side by side,
+their quants by the dword (or 8 bytes) of every row in turn. Transposing the file's rows into that layout
+at every step was most of the kernels' instructions; packed once, a decode step's products stream faster
+and a batch's multiply faster (docs/performance.md). llama.cpp's CPU backend repacks Q4_0, Q4_K and
+others the same way at load, into memory it allocates.
 
 Here the packed matrices go into a file of their own, which is memory-mapped as the model file is
 (formats/pages.py: 2 MiB pages where Linux gives them): the weights stay quantized and memory-mapped,
@@ -15,8 +15,9 @@ them without packing again. The model's own map still serves everything else (em
 exact kernels, a prompt's BLAS tiles); the pages of its packed matrices are then not read by the fast
 path. The file is `$LLAMARUN_HOME/packed/<hash>.bin` (~/.cache/llamarun), the hash of the model file's
 real path, size and modification time and of the layout (ROW_GROUP, LAYOUT): a changed model, or
-another CPU's group size, gets a new file. Removing the folder frees the space; the next load makes the
-file again.
+another CPU's group size, gets a new file. Each load compares a few groups of every matrix with the
+model's own rows, packed again, and writes a file that does not agree (damaged, cut short) again.
+Removing the folder frees the space; the next load makes the file again.
 
 Models with under CACHED_BYTES of such matrices (the tests' tiny models) are packed in memory at
 load, in milliseconds, and so are a model whose cache file cannot be written (a read-only or full
@@ -92,28 +93,49 @@ class PackedMatrices:
         return np.ndarray((packed_rows(raw.shape[0]), raw.shape[1]), np.uint8, buffer, offset)
 
     def _cached(self, offsets: list[int], total: int):
-        """The cache file's read-only map, written first where it is missing or not whole."""
+        """The cache file's read-only map, written first where it is missing, not whole, or does not agree
+        with the model (`_agrees`)."""
         from .formats.pages import map_file
         stat = os.stat(self.path)
         key = f"{os.path.realpath(self.path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{ROW_GROUP}\0{LAYOUT}"
         path = home() / "packed" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.bin"
-        if not (path.is_file() and path.stat().st_size == total):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if total >= NOTICE_BYTES:
-                print(f"llamarun: packing {total >> 20} MiB of {os.path.basename(self.path)} for the int8 kernels "
-                      f"into {path.parent}, once per model file", file=sys.stderr, flush=True)
-            part = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.part")
-            try:
-                with open(part, "wb") as f:
-                    for (qt, raw), offset in zip(self.matrices, offsets):
-                        self._write(f, offset, qt, raw)
-                    f.truncate(total)
-                os.replace(part, path)            # whole or not there: a reader never maps a part
-            finally:
-                if part.exists():
-                    part.unlink()
-        with open(path, "rb") as f:
-            return map_file(f)
+        for attempt in range(2):
+            if attempt or not (path.is_file() and path.stat().st_size == total):
+                self._write_file(path, offsets, total)
+            with open(path, "rb") as f:
+                mapping = map_file(f)
+            if self._agrees(mapping, offsets):
+                return mapping
+        raise OSError(f"{path} does not agree with {self.path} as written")     # packed in memory instead
+
+    def _agrees(self, buffer, offsets: list[int]) -> bool:
+        """Whether the first, middle and last groups of every matrix in buffer are the model's rows packed:
+        a check of a few KB a matrix against a cache file of another layout, damaged, or cut short."""
+        for (qt, raw), offset in zip(self.matrices, offsets):
+            packed, groups = self._matrix(buffer, offset, raw), packed_rows(raw.shape[0]) // ROW_GROUP
+            for group in sorted({0, groups // 2, groups - 1}):
+                rows = slice(group * ROW_GROUP, (group + 1) * ROW_GROUP)
+                expected = np.empty((ROW_GROUP, raw.shape[1]), np.uint8)
+                pack_groups(qt, raw, expected, group * ROW_GROUP)
+                if not np.array_equal(packed[rows], expected):
+                    return False
+        return True
+
+    def _write_file(self, path, offsets: list[int], total: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if total >= NOTICE_BYTES:
+            print(f"llamarun: packing {total >> 20} MiB of {os.path.basename(self.path)} for the int8 kernels "
+                  f"into {path.parent}, once per model file", file=sys.stderr, flush=True)
+        part = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.part")
+        try:
+            with open(part, "wb") as f:
+                for (qt, raw), offset in zip(self.matrices, offsets):
+                    self._write(f, offset, qt, raw)
+                f.truncate(total)
+            os.replace(part, path)                # whole or not there: a reader never maps a part
+        finally:
+            if part.exists():
+                part.unlink()
 
     @staticmethod
     def _write(f, offset: int, qt: int, raw: np.ndarray) -> None:
@@ -122,7 +144,7 @@ class PackedMatrices:
         f.seek(offset)
         for start in range(0, groups, step):
             chunk = np.empty((min(step, groups - start) * ROW_GROUP, raw.shape[1]), np.uint8)
-            pack_groups(qt, raw, chunk, start)
+            pack_groups(qt, raw, chunk, start * ROW_GROUP)
             f.write(chunk.data)
 
 

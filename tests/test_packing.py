@@ -19,25 +19,26 @@ from llamarun.tensors import GGMLTensor
 from test_gguf_format import write_model
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("rows", [ROW_GROUP, 2 * ROW_GROUP + 5, 3])
-def test_the_packed_layout_is_each_groups_scales_then_its_quants_by_the_dword(qtype, rows):
-    raw = np.random.default_rng(rows).integers(0, 256, (rows, 3 * BLOCK_BYTES[qtype]), np.uint8)
+def test_the_packed_layout_puts_each_regions_units_of_a_groups_rows_side_by_side(qtype, rows):
+    block, (group, regions) = BLOCK_BYTES[qtype], PACKED[qtype]
+    assert regions[0][0] == 0 and regions[-1][1] == block
+    assert all(a[1] == b[0] for a, b in zip(regions, regions[1:]))        # the regions cover the block
+    raw = np.random.default_rng(rows).integers(0, 256, (rows, 2 * block), np.uint8)
     out = np.empty((packed_rows(rows), raw.shape[1]), np.uint8)
     pack_groups(int(qtype), raw, out)
-    block, scale = BLOCK_BYTES[qtype], PACKED[qtype]
     assert out.shape[0] % ROW_GROUP == 0 and out.shape[0] - rows < ROW_GROUP
-    for group in range(out.shape[0] // ROW_GROUP):
-        packed = out[group * ROW_GROUP:(group + 1) * ROW_GROUP].reshape(-1)     # the group's bytes, in order
-        for b in range(3):
-            at = b * ROW_GROUP * block                                         # the group's block b
-            for i in range(ROW_GROUP):
-                row = raw[min(group * ROW_GROUP + i, rows - 1)]                 # past the end: the last row
-                assert bytes(packed[at + i * scale:at + (i + 1) * scale]) == bytes(row[b * block:b * block + scale])
-                for k in range((block - scale) // 4):
-                    lane = at + ROW_GROUP * scale + 4 * ROW_GROUP * k + 4 * i
-                    quant = b * block + scale + 4 * k
-                    assert bytes(packed[lane:lane + 4]) == bytes(row[quant:quant + 4])
+    for g in range(out.shape[0] // group):
+        packed = out[g * group:(g + 1) * group].reshape(-1)                 # the group's bytes, in order
+        for b in range(2):
+            for start, stop, unit in regions:
+                for k in range((stop - start) // unit):
+                    for i in range(group):
+                        row = raw[min(g * group + i, rows - 1)]               # past the end: the last row
+                        at = b * group * block + group * start + (k * group + i) * unit
+                        first = b * block + start + k * unit
+                        assert bytes(packed[at:at + unit]) == bytes(row[first:first + unit])
 
 
 def test_a_tensor_without_a_file_is_packed_in_memory_and_keeps_its_raw_bytes():
@@ -48,8 +49,8 @@ def test_a_tensor_without_a_file_is_packed_in_memory_and_keeps_its_raw_bytes():
     assert packed.shape == raw.shape and not packed.flags.writeable and packed is tensor.kernel_bytes
     assert np.array_equal(tensor.raw, raw)                    # the rows, the embedding and exact paths read
     assert tensor.with_exact(True).kernel_bytes is packed     # one packing for the same bytes
-    k_quant = GGMLTensor("w", T.Q4_K, (4, 256), rng.integers(0, 256, (4, 144), np.uint8), exact=False)
-    assert k_quant.kernel_bytes is k_quant.raw                # the K-quants' kernels read the file's rows
+    half = GGMLTensor("w", T.F16, (4, 32), rng.integers(0, 256, (4, 64), np.uint8), exact=False)
+    assert half.kernel_bytes is half.raw                      # a type without int8 kernels reads the file's rows
 
 
 def _write(path, seed=0):
@@ -83,6 +84,7 @@ def test_a_model_files_packed_matrices_are_written_once_and_mapped(tmp_path, cac
     assert _cached_files(cache_home) == []
 
     monkeypatch.setattr(packing, "CACHED_BYTES", 0)
+    monkeypatch.setattr(packing, "CHUNK_BYTES", 1)            # written a group at a time, as a big model's
     first, checkpoint = _logits(path)
     files = _cached_files(cache_home)
     assert len(files) == 1 and files[0].suffix == ".bin"     # one file for the model, no part left
@@ -102,6 +104,13 @@ def test_a_model_files_packed_matrices_are_written_once_and_mapped(tmp_path, cac
         f.truncate(100)
     repaired, _ = _logits(path)
     assert np.array_equal(repaired, in_memory) and files[0].stat().st_size > 100
+
+    size = files[0].stat().st_size
+    with open(files[0], "r+b") as f:                          # whole but wrong: another layout, damage
+        f.seek(size - 64)
+        f.write(bytes(64))
+    repaired, _ = _logits(path)
+    assert np.array_equal(repaired, in_memory) and files[0].stat().st_size == size
 
 
 def test_a_changed_model_file_gets_a_new_cache_file(tmp_path, cache_home, monkeypatch):

@@ -2,8 +2,8 @@
 
 out = x @ W.T for a decode-sized x (up to 8 rows) and W in Q8_0, Q4_0, Q4_1, Q4_K, Q5_K or Q6_K (and, on
 the exact arithmetic only, Q2_K or Q3_K): each kernel reads the raw bytes of the matrix (a view of the
-memory-mapped GGUF file; for the fast kernels of Q8_0, Q4_0 and Q4_1, the same blocks packed in groups
-of rows, see PACKED) once, in parallel over output rows, and keeps no float32 copy of it. Two ways to do
+memory-mapped GGUF file; for the fast kernels, the same blocks packed in groups of rows, see
+PACKED) once, in parallel over output rows, and keeps no float32 copy of it. Two ways to do
 the arithmetic:
 
 - exact (`matvec_exact`): every weight is decoded to the float32 value gguf's `dequantize` gives it
@@ -539,10 +539,10 @@ def matvec_exact(qt, raw, x, out):
 # the model is: the weights stay memory-mapped (and quantized), the file's own map still serves
 # everything else (embedding rows, the exact kernels, a prompt's BLAS tiles).
 # The K-quants (Q4_K, Q5_K, Q6_K) have group kernels of the same shape, per 256-value super-block
-# (`_k_group_codegen`), reading the file's rows (8 a group, lanes 2i and 2i + 1 holding eight bytes
-# of row i with 512-bit vectors: `_transposed_qwords`, `_block_isum`; a 16-row group is two calls of
-# theirs). Every layout gives the same integer sums and the same float32 arithmetic per lane, so the
-# same results bit for bit (tests/test_kquant_kernels.py).
+# (`_k_group_codegen`), packed too (8 rows a group, lanes 2i and 2i + 1 holding eight bytes of row i with
+# 512-bit vectors: `_block_isum`; a 16-row group is two calls of theirs). Every layout gives the same
+# integer sums and the same float32 arithmetic per lane, so the same results bit for bit
+# (tests/test_kquant_kernels.py).
 
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 
@@ -655,82 +655,42 @@ ROW_GROUP = 16 if VNNI512 else 8
 K_ROWS = 8
 
 
-# The types whose group kernels read packed rows, and the bytes of a block's scales: f16 d (and Q4_1's
-# f16 m) for each row of a group side by side, then its quants, each dword of them for the rows side by
-# side (lane i: row i). A group's block takes ROW_GROUP times a block's bytes, as in the file.
-PACKED = {Q8_0: 2, Q4_0: 2, Q4_1: 4}
-BLOCK_BYTES = {Q8_0: Q8_0_BYTES, Q4_0: Q4_0_BYTES, Q4_1: Q4_1_BYTES}
+# How the group kernels read each type, packed (pack_groups): the rows of a group (ROW_GROUP; the K-quants'
+# kernels take K_ROWS), and the regions (start, stop, unit) of a block's bytes: the region's units of the
+# group's rows side by side, unit k of every row, then unit k + 1, ... (lane i: row i). So the bytes at
+# offset `off` of a block start at R * off of the group's block, which takes R times a block's bytes, as in
+# the file. Q8_0, Q4_0 and Q4_1: their scales (f16 d, and Q4_1's m) for the rows side by side, then the
+# quants by the dword (one int32 lane a row). The K-quants: the quants by the dword, or with 512-bit vectors
+# by the 8 bytes (a lane pair a row: _block_isum), and their scales by the dword too (Q4_K and Q5_K: d and
+# dmin, then the 12 bytes of 6-bit scales, first; Q6_K: the 16 int8 scales, then d, last): each a load.
+K_UNIT = 8 if VNNI512 else 4
+PACKED = {Q8_0: (ROW_GROUP, ((0, 2, 2), (2, 34, 4))), Q4_0: (ROW_GROUP, ((0, 2, 2), (2, 18, 4))),
+          Q4_1: (ROW_GROUP, ((0, 4, 4), (4, 20, 4))),
+          Q4_K: (K_ROWS, ((0, 16, 4), (16, 144, K_UNIT))), Q5_K: (K_ROWS, ((0, 16, 4), (16, 176, K_UNIT))),
+          Q6_K: (K_ROWS, ((0, 192, K_UNIT), (192, 208, 4), (208, 210, 2)))}
+BLOCK_BYTES = {Q8_0: Q8_0_BYTES, Q4_0: Q4_0_BYTES, Q4_1: Q4_1_BYTES, Q4_K: Q4_K_BYTES, Q5_K: Q5_K_BYTES,
+               Q6_K: Q6_K_BYTES}
 
 
 def packed_rows(rows: int) -> int:
-    """The rows a packed matrix of `rows` rows takes: whole groups (the last one's missing rows are
-    copies of the last row, which the kernels compute and no one keeps)."""
+    """The rows a packed matrix of `rows` rows takes: whole groups of ROW_GROUP (the last one's missing
+    rows are copies of the last row, which the kernels compute and no one keeps)."""
     return -(-rows // ROW_GROUP) * ROW_GROUP
 
 
-def pack_groups(qt: int, raw: np.ndarray, out: np.ndarray, start: int = 0) -> None:
-    """out = groups start, start + 1, ... of the matrix raw (type qt in PACKED, (rows, row bytes) uint8)
-    in the group kernels' layout (above), as many as out holds: out (n * ROW_GROUP, row bytes) uint8."""
+def pack_groups(qt: int, raw: np.ndarray, out: np.ndarray, first: int = 0) -> None:
+    """out = rows first, first + 1, ... of the matrix raw (type qt in PACKED, (rows, row bytes) uint8; rows
+    past its end: its last row) in the group kernels' layout (PACKED), as many as out holds:
+    out (n * ROW_GROUP, row bytes) uint8, first a multiple of ROW_GROUP."""
     rows, row_bytes = raw.shape
-    block, scales = BLOCK_BYTES[qt], PACKED[qt]
-    n, blocks = out.shape[0] // ROW_GROUP, row_bytes // block
-    ids = np.minimum(np.arange(start * ROW_GROUP, (start + n) * ROW_GROUP), rows - 1)
-    w = raw[ids].reshape(n, ROW_GROUP, blocks, block)                           # (group, row, block, bytes)
-    dest = out.reshape(n, blocks, ROW_GROUP * block)                             # (group, block, bytes)
-    dest[:, :, :ROW_GROUP * scales] = w[..., :scales].transpose(0, 2, 1, 3).reshape(n, blocks, -1)
-    quants = w[..., scales:].reshape(n, ROW_GROUP, blocks, (block - scales) // 4, 4)
-    dest[:, :, ROW_GROUP * scales:] = quants.transpose(0, 2, 3, 1, 4).reshape(n, blocks, -1)
-
-
-def _transposed_dwords(builder, rows, offset):
-    """rows: 8 byte pointers. -> 4 vectors <8 x i32>: vector k holds, in lane i, the int32 at byte
-    offset + 4k of rows[i] (the 8 x 4 transpose of the 16 bytes at offset of each row): two
-    128-bit halves joined, then unpacks of 32- and 64-bit pairs within each half."""
-    q = [builder.bitcast(_load(builder, row, offset, _vector(_I8, 16)), _vector(_I32, 4)) for row in rows]
-    mask = lambda *m: ir.Constant(_vector(_I32, len(m)), list(m))   # noqa: E731
-    join = mask(*range(8))
-    a, b, c, d = (builder.shuffle_vector(q[i], q[i + 4], join) for i in range(4))   # rows i | i + 4
-    low32, high32 = mask(0, 8, 1, 9, 4, 12, 5, 13), mask(2, 10, 3, 11, 6, 14, 7, 15)
-    low64, high64 = mask(0, 1, 8, 9, 4, 5, 12, 13), mask(2, 3, 10, 11, 6, 7, 14, 15)
-    t0, t1 = builder.shuffle_vector(a, b, low32), builder.shuffle_vector(a, b, high32)
-    t2, t3 = builder.shuffle_vector(c, d, low32), builder.shuffle_vector(c, d, high32)
-    return [builder.shuffle_vector(t0, t2, low64), builder.shuffle_vector(t0, t2, high64),
-            builder.shuffle_vector(t1, t3, low64), builder.shuffle_vector(t1, t3, high64)]
-
-
-def _transposed_qwords(builder, rows, offset):
-    """rows: 8 byte pointers. -> 2 vectors <16 x i32>: vector h holds, in lanes 2i and 2i + 1, the two
-    int32 at byte offset + 8h of rows[i] (the 8 x 2 transpose, in 64-bit units, of the 16 bytes at
-    offset of each row): the K-quants' wide layout, _transposed_dwords's four vectors two by two."""
-    mask = lambda *m: ir.Constant(_vector(_I32, len(m)), list(m))   # noqa: E731
-    q = [_load(builder, row, offset, _vector(_I64, 2)) for row in rows]
-    pairs = [builder.shuffle_vector(q[i], q[i + 1], mask(0, 1, 2, 3)) for i in range(0, 8, 2)]
-    low, high = (builder.shuffle_vector(pairs[i], pairs[i + 1], mask(*range(8))) for i in (0, 2))
-    return [builder.bitcast(builder.shuffle_vector(low, high, mask(*range(h, 16, 2))), _vector(_I32, 16)) for h in (0, 1)]
-
-
-def _words_of_rows(builder, rows, offset):
-    """<n x i32>, lane i the int32 at byte offset of rows[i] (n = 8 or 16 byte pointers): put together
-    in quarters of 4 lanes (a load and three inserts each), joined two by two."""
-    parts = []
-    for h in range(0, len(rows), 4):
-        v = ir.Constant(_vector(_I32, 4), ir.Undefined)
-        for i in range(4):
-            v = builder.insert_element(v, _load(builder, rows[h + i], offset, _I32), ir.Constant(_I32, i))
-        parts.append(v)
-    while len(parts) > 1:
-        n = 2 * parts[0].type.count
-        parts = [builder.shuffle_vector(parts[i], parts[i + 1], ir.Constant(_vector(_I32, n), list(range(n))))
-                 for i in range(0, len(parts), 2)]
-    return parts[0]
-
-
-def _halves_of_rows(builder, rows, offset, count):
-    """The f16 value at byte offset of each of the n rows (8 or 16; count 1), and with count 2 the one
-    after it too -> `count` <n x float>, lane i from rows[i]. The rows' 32-bit words are put together
-    (_words_of_rows), then narrowed to the halves wanted and converted at once (vcvtph2ps with F16C):
-    fewer shuffles than inserting the halves one by one."""
-    return _halves_of_words(builder, _words_of_rows(builder, rows, offset), count)
+    group, regions = PACKED[qt]
+    block = BLOCK_BYTES[qt]
+    n, blocks = out.shape[0] // group, row_bytes // block
+    w = raw[np.minimum(np.arange(first, first + n * group), rows - 1)].reshape(n, group, blocks, block)
+    dest = out.reshape(n, blocks, group * block)                                 # (group, block, bytes)
+    for start, stop, unit in regions:
+        part = w[..., start:stop].reshape(n, group, blocks, (stop - start) // unit, unit)
+        dest[:, :, group * start:group * stop] = part.transpose(0, 2, 3, 1, 4).reshape(n, blocks, -1)
 
 
 def _halves_of_words(builder, words, count):
@@ -798,68 +758,36 @@ def _prefetch(builder, pointer):
     builder.call(prefetch, [pointer, ir.Constant(_I32, 0), ir.Constant(_I32, 0), ir.Constant(_I32, 1)])
 
 
-def _group_rows(context, builder, raw_type, raw, o, o_type, n_rows, packed=False):
-    """Where a kernel of n_rows weight rows from row o of the matrix raw reads them -> (first, stride,
-    copy): row o + i at first + i stride (i8*, int64), and where the pointer to the copy below lies (an
-    i8** holding null where there is none), for _end_group to free once the kernels are done. A packed
-    matrix (PACKED) is read in place: its last group is whole (packed_rows).
-
-    A group that runs past the matrix's end (its last rows, where the rows are not a multiple of
-    n_rows) reads a copy (malloc'd: rows can be long, a thread's stack small): rows o .. the last, then
-    the last again. Why a copy: so that every group's rows are one pointer and one stride apart. Rows
-    clamped one by one to the last were as many unrelated pointers, more than the registers hold: the
-    loops reloaded them from the stack at every block: one core's one-row Q4_1 and Q8_0 products of
-    matrices in L2 took 20-50% longer (docs/performance.md, 2026-12-06). (The models people run have
-    whole groups throughout: the copy is for the odd shapes.)"""
-    i64, bytes_ = ir.IntType(64), ir.IntType(8).as_pointer()
+def _group_rows(context, builder, raw_type, raw, o, o_type):
+    """Where a group kernel reads the group of a packed matrix from row o -> (first, stride): its bytes
+    from first (i8*), rows of stride bytes (int64). Every group is whole: the packed matrix's last one has
+    copies of its last row (packed_rows), so the kernels need no check of the matrix's end. (Rows clamped
+    one by one to the last were as many unrelated pointers, more than the registers hold: the loops
+    reloaded them from the stack at every block, and one core's one-row Q4_1 and Q8_0 products of
+    matrices in L2 took 20-50% longer: docs/performance.md, 2026-12-06.)"""
     matrix = context.make_array(raw_type)(context, builder, value=raw)
-    n_weight_rows = cgutils.unpack_tuple(builder, matrix.shape, 2)[0]
     stride = cgutils.unpack_tuple(builder, matrix.strides, 2)[0]
     o = context.cast(builder, o, o_type, types.intp)
-    first = cgutils.alloca_once(builder, bytes_)
-    builder.store(_row_pointer(context, builder, raw_type, raw, types.intp, o), first)
-    copy = cgutils.alloca_once_value(builder, ir.Constant(bytes_, None))
-    past_end = builder.icmp_signed(">", builder.add(o, ir.Constant(i64, n_rows)), n_weight_rows)
-    with builder.if_then(ir.Constant(ir.IntType(1), 0) if packed else past_end, likely=False):
-        rows = builder.call(_function(builder, "malloc", bytes_, [i64]), [builder.mul(stride, ir.Constant(i64, n_rows))])
-        with builder.if_then(cgutils.is_null(builder, rows), likely=False):
-            builder.call(_function(builder, "abort", ir.VoidType(), []), [])     # out of memory: no wrong results
-        last = builder.sub(n_weight_rows, ir.Constant(i64, 1))
-        for i in range(n_rows):
-            r = builder.add(o, ir.Constant(i64, i))
-            r = builder.select(builder.icmp_signed("<", r, n_weight_rows), r, last)
-            row = _row_pointer(context, builder, raw_type, raw, types.intp, r)
-            cgutils.raw_memcpy(builder, builder.gep(rows, [builder.mul(stride, ir.Constant(i64, i))]), row, stride, 1)
-        builder.store(rows, first)
-        builder.store(rows, copy)
-    return builder.load(first), stride, copy
-
-
-def _end_group(builder, copy):
-    """Free a group's copy of its rows, if it had one (_group_rows)."""
-    rows = builder.load(copy)
-    with builder.if_then(cgutils.is_not_null(builder, rows), likely=False):
-        builder.call(_function(builder, "free", ir.VoidType(), [rows.type]), [rows])
+    return _row_pointer(context, builder, raw_type, raw, types.intp, o), stride
 
 
 def _group_arguments(context, builder, sig, args, n_rows, weights):
     """The group kernels' arguments (raw, o, xq, xd, xsum, xs, j, out) as IR values, for a kernel of
     n_rows weight rows whose rows lie at weights = (first, stride) (_group_rows) -> (const: int64
-    constants, rows: pointers to weight rows o .. o + n_rows - 1, the data pointers of xq, xd, xsum, xs,
+    constants, first: the group's first byte, the data pointers of xq, xd, xsum, xs,
     n_in, groups (activation blocks per row), j, out's data pointer, col: o's lane in its group of
     ROW_GROUP, where the kernel's rows go in out)."""
     i64 = ir.IntType(64)
     const = lambda v: ir.Constant(i64, v)   # noqa: E731
     o = context.cast(builder, args[1], sig.args[1], types.intp)
-    first, stride = weights
-    rows = [builder.gep(first, [builder.mul(stride, const(i))]) for i in range(n_rows)]
+    first = weights[0]
     xq, xd, xsum, xs = (_data(context, builder, t, a) for t, a in zip(sig.args[2:6], args[2:6]))
     n_in = cgutils.unpack_tuple(builder, context.make_array(sig.args[2])(context, builder, value=args[2]).shape, 2)[1]
     groups = cgutils.unpack_tuple(builder, context.make_array(sig.args[3])(context, builder, value=args[3]).shape, 2)[1]
     j = context.cast(builder, args[6], sig.args[6], types.intp)
     out = _data(context, builder, sig.args[7], args[7])
     col = builder.urem(o, const(ROW_GROUP))
-    return const, rows, xq, xd, xsum, xs, n_in, groups, j, out, col
+    return const, first, xq, xd, xsum, xs, n_in, groups, j, out, col
 
 
 def _activation_rows(builder, const, args, j, n_rows):
@@ -897,10 +825,10 @@ def _row_group_codegen(qt, n_rows):
     whole groups, though its shape may give fewer rows: they are read as well); xq (n, in) int8; xd,
     xs (n, in / 32) float32 and xsum int32 (see quantize_activations); out (n, ROW_GROUP) float32 with
     out[j + r, i] = weight row o + i times activation row j + r (all C-contiguous)."""
-    block_bytes, scale_bytes = BLOCK_BYTES[qt], PACKED[qt]
+    block_bytes, scale_bytes = BLOCK_BYTES[qt], PACKED[qt][1][0][1]       # the first region: the scales
 
     def codegen(context, builder, sig, args, weights):
-        const, rows, xq, xd, xsum, xs, n_in, groups, j, out, col = _group_arguments(context, builder, sig, args,
+        const, first, xq, xd, xsum, xs, n_in, groups, j, out, col = _group_arguments(context, builder, sig, args,
                                                                                   ROW_GROUP, weights)
         lanes = ROW_GROUP
         floats, words = _vector(_F32, lanes), _vector(_I32, lanes)
@@ -941,17 +869,17 @@ def _row_group_codegen(qt, n_rows):
         # block g of the group as pack_groups lays it out: the rows' scales, then the quants' dwords, one
         # vector load each; and slice g of the next group's bytes prefetched (_prefetch_next_group), which
         # packed is its block g: the bytes the kernel reads next, whatever n_rows
-        base, group_bytes = rows[0], block_bytes * lanes
+        group_bytes = block_bytes * lanes
         with cgutils.for_range(builder, groups) as loop:
             g = loop.index
             p = builder.mul(g, const(group_bytes))
-            _prefetch_next_group(builder, weights, rows, ROW_GROUP, 1, g, groups, [])
-            quants = [_load(builder, base, builder.add(p, const(scale_bytes * lanes + 4 * lanes * k)), words)
+            _prefetch_next_group(builder, weights, ROW_GROUP, g, groups)
+            quants = [_load(builder, first, builder.add(p, const(scale_bytes * lanes + 4 * lanes * k)), words)
                       for k in range(8 if qt == Q8_0 else 4)]
             if qt == Q4_1:
-                d_w, m_w = _halves_of_words(builder, _load(builder, base, p, words), 2)
+                d_w, m_w = _halves_of_words(builder, _load(builder, first, p, words), 2)
             else:
-                d_w, m_w = half_to_float(builder, _load(builder, base, p, _vector(_I16, lanes))), None
+                d_w, m_w = half_to_float(builder, _load(builder, first, p, _vector(_I16, lanes))), None
             if qt == Q8_0:
                 add_block(g, d_w, None, *_unsigned_q8_0(builder, quants))
             else:
@@ -994,8 +922,7 @@ def _row_groups_intrinsic(qt):
             j = cgutils.alloca_once_value(builder, context.cast(builder, j0_v, sig.args[6], types.intp))
             n_v = context.cast(builder, n_v, sig.args[7], types.intp)
             last = builder.sub(n_v, ir.Constant(n_v.type, 1))
-            first, stride, copy = _group_rows(context, builder, sig.args[0], raw_v, o_v, sig.args[1],
-                                              K_ROWS if make is _k_group_codegen else ROW_GROUP, qt in PACKED)
+            first, stride = _group_rows(context, builder, sig.args[0], raw_v, o_v, sig.args[1])
             for size in sizes:              # while n - j >= FEWEST[size]: rows j .. j + size - 1 (at most the last)
                 check, body, done = (builder.append_basic_block(f"rows{size}.{part}") for part in ("check", "body", "done"))
                 builder.branch(check)
@@ -1010,7 +937,6 @@ def _row_groups_intrinsic(qt):
                 builder.store(builder.select(builder.icmp_signed("<", after, n_v), after, n_v), j)
                 builder.branch(check)
                 builder.position_at_end(done)
-            _end_group(builder, copy)
             return context.get_dummy_value()
         return types.void(raw, o, xq, xd, xsum, xs, j0, n, out), codegen
     return intrinsic(typer)
@@ -1025,14 +951,14 @@ def _row_groups_intrinsic(qt):
 # Q6_K's quants are taken unsigned (q6 = q + 32, 0..63, as vpdpbusd and pmaddubsw take them) and
 # 32 times each half's sum of q_x taken off after: exact, and the same integers on every path.
 
-def _q4_k_scales(builder, rows, p):
-    """The 8 rows' 6-bit scales and mins of the Q4_K super-block at byte p -> (sc, m): 8 <8 x i32>
-    each, sub-block s in sc[s] (gguf's get_scale_min, in the lanes: bytes 0-3 of the 12 hold scales
-    0-3, bytes 4-7 mins 0-3, low 6 bits; scales and mins 4-7 have their low 4 bits in bytes 8-11 and
-    their high 2 bits in the top bits of bytes 0-3 and 4-7)."""
+def _q4_k_scales(builder, v0, v1, v2):
+    """The 8 rows' 6-bit scales and mins of a Q4_K super-block, from the dwords of its bytes 4-7, 8-11 and
+    12-15 (v0, v1, v2: <8 x i32>, lane i row i's) -> (sc, m): 8 <8 x i32> each, sub-block s in sc[s]
+    (gguf's get_scale_min, in the lanes: bytes 0-3 of the 12 hold scales 0-3, bytes 4-7 mins 0-3, low 6
+    bits; scales and mins 4-7 have their low 4 bits in bytes 8-11 and their high 2 bits in the top bits of
+    bytes 0-3 and 4-7)."""
     words = _vector(_I32, 8)
     c = lambda v: ir.Constant(words, [v] * 8)   # noqa: E731
-    v0, v1, v2 = (_words_of_rows(builder, rows, builder.add(p, ir.Constant(ir.IntType(64), k))) for k in (4, 8, 12))
     byte = lambda v, b, shift, mask: builder.and_(builder.lshr(v, c(8 * b + shift)), c(mask))   # noqa: E731
     sc = [byte(v0, s, 0, 63) for s in range(4)]
     m = [byte(v1, s, 0, 63) for s in range(4)]
@@ -1042,28 +968,28 @@ def _q4_k_scales(builder, rows, p):
     return sc, m
 
 
-def _q6_k_scales(builder, rows, p):
-    """The 8 rows' 16 int8 scales of the Q6_K super-block at byte p (bytes 192..207) -> 16 <8 x i32>."""
+def _q6_k_scales(builder, v):
+    """The 8 rows' 16 int8 scales of a Q6_K super-block, from the dwords of its bytes 192..207 (v: 4
+    <8 x i32>, lane i row i's) -> 16 <8 x i32>."""
     words = _vector(_I32, 8)
     c = lambda v: ir.Constant(words, [v] * 8)   # noqa: E731
-    v = [_words_of_rows(builder, rows, builder.add(p, ir.Constant(ir.IntType(64), 192 + 4 * k))) for k in range(4)]
     return [builder.ashr(builder.shl(v[k // 4], c(24 - 8 * (k % 4))), c(24)) for k in range(16)]
 
 
 def _k_group_codegen(qt, n_rows):
-    """Code for weight rows o .. o + 7 of a Q4_K, Q5_K or Q6_K matrix times rows j .. j + n_rows - 1 of the
-    quantized activations, as _row_group_codegen (same arguments, same out), per super-block."""
-    block_bytes = {Q4_K: Q4_K_BYTES, Q5_K: Q5_K_BYTES, Q6_K: Q6_K_BYTES}[qt]
+    """Code for weight rows o .. o + 7 of a packed Q4_K, Q5_K or Q6_K matrix (PACKED) times rows j .. j +
+    n_rows - 1 of the quantized activations, as _row_group_codegen (same arguments, same out), per
+    super-block."""
+    block_bytes = BLOCK_BYTES[qt]
     minus_min = qt in (Q4_K, Q5_K)
 
     def codegen(context, builder, sig, args, weights):
-        const, rows, xq, xd, xsum, xs, n_in, groups, j, out, col = _group_arguments(context, builder, sig, args,
+        const, first, xq, xd, xsum, xs, n_in, groups, j, out, col = _group_arguments(context, builder, sig, args,
                                                                                   K_ROWS, weights)
         floats = _vector(_F32, 8)
         zero = ir.Constant(floats, [0.0] * 8)
         lanes = 16 if VNNI512 else 8                    # of the weight bytes' vectors (see _block_isum)
         cw = lambda v: ir.Constant(_vector(_I32, lanes), [v] * lanes)   # noqa: E731
-        transposed = _transposed_qwords if VNNI512 else _transposed_dwords
         # per activation row, float32 sums of the 8 rows (registers after mem2reg): Q4_K and Q5_K the d and
         # the min terms; Q6_K its halves' terms, each half's sub-blocks in a sum of its own (with 512-bit
         # vectors both in one, lanes 8-15 the second half's), the two added at the end
@@ -1074,21 +1000,28 @@ def _k_group_codegen(qt, n_rows):
         x_rows = _activation_rows(builder, const, args, j, n_rows)
         with cgutils.for_range(builder, builder.udiv(groups, const(8))) as loop:
             b = loop.index
-            p = builder.mul(b, const(block_bytes))
-            at = lambda k: builder.add(p, const(k))   # noqa: E731
-            _prefetch_next_group(builder, weights, rows, K_ROWS, n_rows, b, builder.udiv(groups, const(8)),
-                                 [at(line) for line in range(0, block_bytes, 64)])      # the next group's bytes
+            # super-block b of the group as pack_groups lays it out, and slice b of the next group's bytes
+            # prefetched, which packed is its super-block b (_prefetch_next_group; see _row_group_codegen)
+            block = builder.gep(first, [builder.mul(b, const(K_ROWS * block_bytes))])
+            _prefetch_next_group(builder, weights, K_ROWS, b, builder.udiv(groups, const(8)))
+
+            def quants(off):            # the 16 bytes at off of the 8 rows, in `lanes` int32 lanes (PACKED)
+                step = K_ROWS * K_UNIT
+                return [_load(builder, block, const(K_ROWS * off + step * h), _vector(_I32, lanes)) for h in range(16 // K_UNIT)]
+
+            def words(off):             # <8 x i32>: the dword at byte off of each of the 8 rows (PACKED)
+                return _load(builder, block, const(K_ROWS * off), _vector(_I32, 8))
+
             if minus_min:
-                d, dmin = _halves_of_rows(builder, rows, p, 2)
-                sc, m = _q4_k_scales(builder, rows, p)
+                d, dmin = _halves_of_words(builder, words(0), 2)
+                sc, m = _q4_k_scales(builder, words(4), words(8), words(12))
                 ds = [builder.fmul(d, builder.sitofp(v, floats)) for v in sc]
                 ms = [builder.fmul(dmin, builder.sitofp(v, floats)) for v in m]
                 qs = 16 if qt == Q4_K else 48                         # Q5_K: 32 bytes of qh first
-                qh = (transposed(builder, rows, at(16)) + transposed(builder, rows, at(32))
-                      if qt == Q5_K else None)
+                qh = quants(16) + quants(32) if qt == Q5_K else None
                 subs = []       # (sub-block s, its vectors of weight bytes)
                 for k in range(4):
-                    q = transposed(builder, rows, at(qs + 32 * k)) + transposed(builder, rows, at(qs + 16 + 32 * k))
+                    q = quants(qs + 32 * k) + quants(qs + 16 + 32 * k)
                     for s, shift in ((2 * k, 0), (2 * k + 1, 4)):
                         w = [builder.and_(builder.lshr(v, cw(shift)), cw(0x0F0F0F0F)) for v in q]
                         if qh is not None:          # bit s of qh, as bit 4
@@ -1096,15 +1029,16 @@ def _k_group_codegen(qt, n_rows):
                                  for v, h in zip(w, qh)]
                         subs.append((s, w))
             else:
-                d = _halves_of_rows(builder, rows, at(206), 2)[1]     # at 208: read as the high half at 206,
-                scales = [builder.fmul(d, builder.sitofp(v, floats)) for v in _q6_k_scales(builder, rows, p)]
+                d = half_to_float(builder, _load(builder, block, const(K_ROWS * 208), _vector(_I16, 8)))
+                scales = [builder.fmul(d, builder.sitofp(v, floats))
+                          for v in _q6_k_scales(builder, [words(192 + 4 * k) for k in range(4)])]
                 if wide_q6:                 # sub-block s's two scales in one vector, as its two halves' sums
                     scales = [builder.shuffle_vector(scales[2 * k], scales[2 * k + 1], ir.Constant(_vector(_I32, 16), list(range(16))))
                               for k in range(8)]
-                subs = []                                             # not past the matrix's last byte
+                subs = []
                 for h in range(2):
-                    ql = [v for k in range(4) for v in transposed(builder, rows, at(64 * h + 16 * k))]
-                    qh = transposed(builder, rows, at(128 + 32 * h)) + transposed(builder, rows, at(144 + 32 * h))
+                    ql = [v for k in range(4) for v in quants(64 * h + 16 * k)]
+                    qh = quants(128 + 32 * h) + quants(144 + 32 * h)
                     n = len(qh)           # vectors per 32 values
                     for quarter in range(4):      # values 32 quarter .. + 31 of this half: sub-block 4 h + quarter
                         low = [builder.and_(builder.lshr(v, cw(4 * (quarter // 2))), cw(0x0F0F0F0F))
@@ -1159,8 +1093,9 @@ def _k_group_codegen(qt, n_rows):
 def _block_isum(builder, w, xq, base, minus_32_sum_x=False):
     """<8 x i32>, lane i: the exact integer sum over w's bytes of row i's unsigned weight bytes times
     the activation bytes from xq[base] on (4 per int32 of a row), less 32 times the sum of those
-    activation bytes with minus_32_sum_x (Q6_K's offset). w: _transposed_dwords's vectors, or (VNNI512)
-    _transposed_qwords's, whose two lanes per row are added at the end: the same integers."""
+    activation bytes with minus_32_sum_x (Q6_K's offset). w: vectors of a dword of each row (lane i: row
+    i), or (VNNI512) of 8 bytes of each row (lanes 2i and 2i + 1), whose two lanes per row are added at
+    the end: the same integers."""
     if w[0].type.count == 16:
         return _pairwise_add(builder, _wide_sums(builder, w, xq, base, minus_32_sum_x))
     sums = [ir.Constant(_vector(_I32, 8), [0] * 8)] * 2
@@ -1177,7 +1112,7 @@ def _block_isum(builder, w, xq, base, minus_32_sum_x=False):
 
 
 def _wide_sums(builder, w, xq, base, minus_32_sum_x=False):
-    """_block_isum on _transposed_qwords's vectors, before the two lanes of each row are added:
+    """_block_isum on vectors of 8 bytes of each row, before the two lanes of each row are added:
     <16 x i32>, lanes 2i and 2i + 1 summing to row i's integer sum."""
     words = _vector(_I32, 16)
     vpdpbusd = _function(builder, "llvm.x86.avx512.vpdpbusd.512", words, [words] * 3)
@@ -1296,41 +1231,29 @@ def quantize_into(x, xq, xd, xsum, xs):
 # hints: past the end of an array they are dropped, never a fault. (The float32 rows, one long stream a
 # thread, do without: kernels/matvec.py.)
 #
-# The group kernels ask for the next group's rows as they go. A decode step's (one activation row) ask for
-# its bytes in address order, a slice a step: a group's rows lie next to each other, so that is one
-# stream a thread. Asked for row by row (each row's next bytes, the order the kernel reads them), it was
-# sixteen interleaved streams, which AMD EPYC Zen 4 read at two thirds of the rate of one: SmolLM2's
-# decode was 1.3-1.5x faster in address order (docs/performance.md, 2026-12-06). (On Zen 5, earlier that
-# day, an address-order prefetch had measured 1.03x in a slow stretch and 0.89x in a fast one: the last
-# rows' first lines arrive just before the next group needs them. Further ahead, 1.5 groups, was slower
-# on Zen 4; so were half a group and two groups for Q8_0's rows.) The packed groups (PACKED) are read in
-# that order too, whatever the activation rows; the K-quants' kernels with several activation rows (a
-# prompt's) ask row by row: see _prefetch_next_group.
+# The group kernels ask for the next group's bytes as they go, in address order, a slice a block: a
+# group's rows lie next to each other, so that is one stream a thread, and packed (PACKED) the slice is
+# the block the kernel reads next. Asked for row by row (each row's next bytes, the order the kernel read
+# the file's rows in), it was sixteen interleaved streams, which AMD EPYC Zen 4 read at two thirds of the
+# rate of one: SmolLM2's decode was 1.3-1.5x faster in address order (docs/performance.md, 2026-12-06).
+# (On Zen 5, earlier that day, an address-order prefetch had measured 1.03x in a slow stretch and 0.89x in
+# a fast one. Further ahead, 1.5 groups, was slower on Zen 4; so were half a group and two groups for
+# Q8_0's rows.)
 #
 # llama2.c's int8 rows (kernels/step.py) ask for this many bytes ahead of the row being read:
 PREFETCH_BYTES = 4096
 
 
-def _prefetch_next_group(builder, weights, rows, group_rows, n_rows, step, steps, offsets):
-    """A kernel's prefetches at step `step` of `steps` (int64 values) of its loop, of the next group's
-    bytes (the group_rows rows after its own; why: see above): weights = (first, stride) as _group_rows
-    gives them, rows the kernel's row pointers, n_rows its activation rows, offsets the bytes of each
-    row this step reads (int64 values, a line apart).
-
-    One activation row (a decode step, bound by memory), or a packed group: slice `step` of the next
-    group's bytes, in address order, in whole 64-byte lines (the last slice may run past them: dropped
-    there). More rows of a K-quant (a prompt's tiles, whose weights come from L2 after the first tile):
-    the next group's rows at `offsets`, in the kernel's own order (in address order, with the file's rows,
-    a 512-token prompt was ~4% slower on Zen 4)."""
+def _prefetch_next_group(builder, weights, group_rows, step, steps):
+    """A kernel's prefetches at step `step` of `steps` (int64 values) of its loop over a group's blocks:
+    slice `step` of the next group's bytes (the group_rows rows after its own; why: see above), in address
+    order, in whole 64-byte lines (the last slice may run past them: dropped there). weights = (first,
+    stride) as _group_rows gives them. Packed, slice `step` is the next group's block `step`: the bytes
+    the kernel reads next, for one activation row or several."""
     i64 = ir.IntType(64)
     const = lambda v: ir.Constant(i64, v)   # noqa: E731
     first, stride = weights
     size = builder.mul(stride, const(group_rows))
-    if n_rows > 1:
-        for p in offsets:
-            for row in rows:
-                _prefetch(builder, builder.gep(row, [builder.add(p, size)]))
-        return
     lines = builder.udiv(builder.add(size, const(63)), const(64))
     per_step = builder.udiv(builder.add(lines, builder.sub(steps, const(1))), steps)
     start = builder.add(size, builder.mul(builder.mul(step, per_step), const(64)))
