@@ -36,7 +36,7 @@ import numpy as np
 from .hub import home
 from .kernels.ggml import PACKED, ROW_GROUP, pack_groups, packed_rows
 
-LAYOUT = 1                  # the version of pack_groups's layout: a change must make new cache files
+LAYOUT = 2                  # the version of pack_groups's layout (and of its types): a change makes new cache files
 CACHED_BYTES = 16 << 20     # packed matrices of a model under this many bytes are packed in memory
 ALIGN = 4096                # each matrix's offset in the cache file (a page: its rows' lines are aligned)
 CHUNK_BYTES = 16 << 20      # a matrix is packed and written this much at a time (bounded scratch memory)
