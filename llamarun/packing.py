@@ -21,7 +21,9 @@ Removing the folder frees the space; the next load makes the file again.
 
 Models with under CACHED_BYTES of such matrices (the tests' tiny models) are packed in memory at
 load, in milliseconds, and so are a model whose cache file cannot be written (a read-only or full
-disk) and matrices that come from no file (a model quantized in memory).
+disk) and matrices that come from no file. A model quantized in memory at load (--quantize) therefore
+holds its matrices twice in memory, as quantized and as packed: its rows are still read in the file's
+order (embedding rows, the exact kernels, a prompt's BLAS tiles).
 """
 from __future__ import annotations
 
