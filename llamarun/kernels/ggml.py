@@ -657,9 +657,9 @@ K_ROWS = 8
 
 # How the group kernels read each type, packed (pack_groups): the rows of a group (ROW_GROUP; the K-quants'
 # kernels take K_ROWS), and the regions (start, stop, unit) of a block's bytes: the region's units of the
-# group's rows side by side, unit k of every row, then unit k + 1, ... (lane i: row i). So the bytes at
-# offset `off` of a block start at R * off of the group's block, which takes R times a block's bytes, as in
-# the file. Q8_0, Q4_0 and Q4_1: their scales (f16 d, and Q4_1's m) for the rows side by side, then the
+# group's rows side by side, unit k of every row, then unit k + 1, ... (lane i: row i). So with R rows a
+# group, the bytes at offset `off` of a block start at R * off of the group's block, which takes R times a
+# block's bytes, as in the file. Q8_0, Q4_0 and Q4_1: their scales (f16 d, and Q4_1's m) for the rows side by side, then the
 # quants by the dword (one int32 lane a row). The K-quants: the quants by the dword, or with 512-bit vectors
 # by the 8 bytes (a lane pair a row: _block_isum), and their scales by the dword too (Q4_K and Q5_K: d and
 # dmin, then the 12 bytes of 6-bit scales, first; Q6_K: the 16 int8 scales, then d, last): each a load.
@@ -771,9 +771,9 @@ def _group_rows(context, builder, raw_type, raw, o, o_type):
     return _row_pointer(context, builder, raw_type, raw, types.intp, o), stride
 
 
-def _group_arguments(context, builder, sig, args, n_rows, weights):
-    """The group kernels' arguments (raw, o, xq, xd, xsum, xs, j, out) as IR values, for a kernel of
-    n_rows weight rows whose rows lie at weights = (first, stride) (_group_rows) -> (const: int64
+def _group_arguments(context, builder, sig, args, weights):
+    """The group kernels' arguments (raw, o, xq, xd, xsum, xs, j, out) as IR values, for a kernel whose
+    group lies at weights = (first, stride) (_group_rows) -> (const: int64
     constants, first: the group's first byte, the data pointers of xq, xd, xsum, xs,
     n_in, groups (activation blocks per row), j, out's data pointer, col: o's lane in its group of
     ROW_GROUP, where the kernel's rows go in out)."""
@@ -829,7 +829,7 @@ def _row_group_codegen(qt, n_rows):
 
     def codegen(context, builder, sig, args, weights):
         const, first, xq, xd, xsum, xs, n_in, groups, j, out, col = _group_arguments(context, builder, sig, args,
-                                                                                  ROW_GROUP, weights)
+                                                                                  weights)
         lanes = ROW_GROUP
         floats, words = _vector(_F32, lanes), _vector(_I32, lanes)
         zero, izero = ir.Constant(floats, [0.0] * lanes), ir.Constant(words, [0] * lanes)
@@ -985,7 +985,7 @@ def _k_group_codegen(qt, n_rows):
 
     def codegen(context, builder, sig, args, weights):
         const, first, xq, xd, xsum, xs, n_in, groups, j, out, col = _group_arguments(context, builder, sig, args,
-                                                                                  K_ROWS, weights)
+                                                                                  weights)
         floats = _vector(_F32, 8)
         zero = ir.Constant(floats, [0.0] * 8)
         lanes = 16 if VNNI512 else 8                    # of the weight bytes' vectors (see _block_isum)
@@ -1006,8 +1006,8 @@ def _k_group_codegen(qt, n_rows):
             _prefetch_next_group(builder, weights, K_ROWS, b, builder.udiv(groups, const(8)))
 
             def quants(off):            # the 16 bytes at off of the 8 rows, in `lanes` int32 lanes (PACKED)
-                step = K_ROWS * K_UNIT
-                return [_load(builder, block, const(K_ROWS * off + step * h), _vector(_I32, lanes)) for h in range(16 // K_UNIT)]
+                return [_load(builder, block, const(K_ROWS * (off + K_UNIT * h)), _vector(_I32, lanes))
+                        for h in range(16 // K_UNIT)]
 
             def words(off):             # <8 x i32>: the dword at byte off of each of the 8 rows (PACKED)
                 return _load(builder, block, const(K_ROWS * off), _vector(_I32, 8))
