@@ -55,8 +55,8 @@ def test_a_row_does_not_depend_on_its_batch(qtype):
 @pytest.mark.parametrize("n", [1, 3, 8])
 @pytest.mark.parametrize("qtype", INTEGER_TYPES, ids=lambda t: t.name)
 def test_a_weight_row_does_not_depend_on_where_its_matrix_ends(qtype, n):
-    """The last group of a matrix whose rows do not fill it is read from a padded copy of its rows
-    (ggml._group_rows); every other group from the matrix in place. Rows 0..36 of a 48-row matrix
+    """The last group of a matrix whose rows do not fill it is packed with copies of its last row
+    (ggml.pack_groups, packed_rows), which the kernels compute and no one keeps. Rows 0..36 of a 48-row matrix
     (three whole groups of 16, six of 8) and the same 37 rows as a matrix of their own (its last group
     short: 5 rows, or 5 of 8) give the same results, bit for bit; so do 5 rows alone (one short group)."""
     rng = np.random.default_rng(int(qtype) * 10 + n)
