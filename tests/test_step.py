@@ -167,10 +167,12 @@ def test_int8_one_call_forward_equals_the_layer_by_layer_path(threads):
 
 
 def float32_model(seed: int = 0, vocab: int = 301) -> Transformer:
-    """A float32 model (run.c's kind), read-only as a checkpoint's memory map, whose matrices' rows do
-    not all divide by the kernels' groups of four (the classifier's 301, the hidden layer's 170), its
-    embedding table shared with the classifier."""
-    c = ModelConfig(dim=64, hidden_dim=170, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, seq_len=64)
+    """A float32 model (run.c's kind), read-only as a checkpoint's memory map, its embedding table shared
+    with the classifier. The classifier's 301 rows and the hidden layer's 530 are long enough for the
+    one-call forward to deal their last rows out in pieces (step.TAIL_SHARE): one piece of the
+    classifier, two of w1 and w3 with their gate; and 530 rows split between two threads leave each
+    an odd number."""
+    c = ModelConfig(dim=64, hidden_dim=530, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, seq_len=64)
     rng = np.random.default_rng(seed)
     shapes = {"wq": (c.dim, c.dim), "wk": (c.kv_dim, c.dim), "wv": (c.kv_dim, c.dim), "wo": (c.dim, c.dim),
               "w1": (c.hidden_dim, c.dim), "w2": (c.dim, c.hidden_dim), "w3": (c.hidden_dim, c.dim)}

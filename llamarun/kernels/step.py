@@ -376,10 +376,37 @@ def forward_int8(x, values, scales, layouts, gs, attention_norm, ffn_norm, norm,
 # float32 weights (llama2.c's version 0 and 1, float32 GGUF or safetensors): the same walk, the
 # matrix-vector kernels' products (kernels/matvec.py), activations in float32
 
+# How the threads share a float32 product's rows: an even share each of the first rows, then the last
+# 1/TAIL_SHARE in pieces, each taken by whichever thread is free (an atomic counter a product). Why: the
+# threads meet at a barrier after most products, and on a shared machine one of them streams its rows
+# slower for a while (its core or its memory bandwidth taken by others), so with even shares the other
+# waits: s110M's barrier waits were 2-5% of a decode step in a timestamped copy. With the pieces the
+# thread that is ahead takes more of them, and each thread still reads its share as one stream (one
+# stream a thread reads memory fastest: kernels/matvec.py). Measured on s110M's decode, steps alternated
+# in one process (docs/performance.md, 2026-12-06): 2-7% faster than even shares where the machine was
+# uneven; where it was steady, from 0.7% faster to 1.7% slower. Each value is still one row's dot
+# product (matvec.row_into), the same whichever thread computes it.
+TAIL_SHARE = 16
+TAIL_ROWS = 16              # a piece of a layer's product (the classifier's: 4x, a quarter as many pieces)
+
+
 @numba.njit(inline="always")
-def _f32_rows(t, n_threads, x, w, out, add):
-    """This thread's share of out = x @ w.T (or out += it): whole rows of w, one at a time."""
-    start, stop = _task_rows(t, n_threads, w.shape[0])
+def _even_rows(rows):
+    """How many of a product's `rows` (the first) are shared evenly between the threads; the rest go in pieces."""
+    return rows - rows // TAIL_SHARE // TAIL_ROWS * TAIL_ROWS
+
+
+@numba.njit(inline="always")
+def _next_piece(claims, slot, first, rows, size):
+    """The next piece (start, stop), of `size` rows, of rows first .. rows - 1 that no thread has taken
+    (start == stop: none left), claims[slot] counting the rows taken."""
+    start = min(first + _atomic_add(claims, slot, size), rows)
+    return start, min(start + size, rows)
+
+
+@numba.njit(inline="always")
+def _f32_rows(x, w, out, start, stop, add):
+    """out[:, start:stop] = x @ w[start:stop].T (or += it): rows of w, one at a time."""
     for o in range(start, stop):
         matvec.row_into(x, w, out, o, add)
 
@@ -389,7 +416,7 @@ def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, o
                 k_cache, v_cache, seq_ids, pos, wanted, n_heads, logits, n_threads):
     """forward_fast for float32 weights: the products of the matrix-vector kernels (run.c's model,
     one weight row at a time), no quantization anywhere; a layer's seven products at one call site,
-    as forward_fast's.
+    as forward_fast's; each product's rows shared as TAIL_SHARE says.
 
     wq ... w3: typed lists of each layer's (out, in) float32 matrix; output: (vocab, dim) float32. The
     rest as forward_fast."""
@@ -398,6 +425,7 @@ def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, o
     hidden = w1[0].shape[0]
     q, k, v, a, qh, kh, vh, ah, g, up, state = _shared_arrays(n, H, KV, D, hidden)
     matrices, results = (wq, wk, wv, wo, w1, w3, w2), (q, k, v, x, g, up, x)
+    claims = np.zeros(n_layers * 7 + 1, np.int64)  # rows taken in pieces, per product (layer * 7 + m; the classifier last)
     for t in numba.prange(n_threads):
         h = np.empty((n, dim), np.float32)
         for layer in range(n_layers):
@@ -410,11 +438,29 @@ def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, o
                     xm = a
                 elif m == 6:
                     xm = g
-                _f32_rows(t, n_threads, xm, matrices[m][layer], results[m], LAYER_ADDS[m])
+                w = matrices[m][layer]
+                even = _even_rows(w.shape[0])
+                start, stop = _task_rows(t, n_threads, even)
+                _f32_rows(xm, w, results[m], start, stop, LAYER_ADDS[m])
                 if m == 5:                          # the gate, on this thread's units of w1 and w3 (gated_rows')
-                    start, stop = _task_rows(t, n_threads, hidden)
                     gate(g, up, start, stop, False)
+                if m != 4:                          # then pieces of the rest (w1's with w3's: the gate needs both)
+                    start, stop = _next_piece(claims, layer * 7 + m, even, w.shape[0], TAIL_ROWS)
+                    while start < stop:
+                        if m == 5:
+                            _f32_rows(xm, w1[layer], g, start, stop, False)
+                        _f32_rows(xm, w, results[m], start, stop, LAYER_ADDS[m])
+                        if m == 5:
+                            gate(g, up, start, stop, False)
+                        start, stop = _next_piece(claims, layer * 7 + m, even, w.shape[0], TAIL_ROWS)
                 if m == 2 or m == 3 or m == 5 or m == 6:
                     barrier(state, n_threads)
 
-        _f32_rows(t, n_threads, _normalized_rows(x, wanted, norm, eps, False), output, logits, False)
+        xw = _normalized_rows(x, wanted, norm, eps, False)
+        even = _even_rows(output.shape[0])
+        start, stop = _task_rows(t, n_threads, even)
+        _f32_rows(xw, output, logits, start, stop, False)
+        start, stop = _next_piece(claims, n_layers * 7, even, output.shape[0], 4 * TAIL_ROWS)
+        while start < stop:
+            _f32_rows(xw, output, logits, start, stop, False)
+            start, stop = _next_piece(claims, n_layers * 7, even, output.shape[0], 4 * TAIL_ROWS)
