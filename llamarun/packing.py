@@ -17,7 +17,11 @@ path. The file is `$LLAMARUN_HOME/packed/<hash>.bin` (~/.cache/llamarun), the ha
 real path, size and modification time and of the layout (ROW_GROUP, LAYOUT): a changed model, or
 another CPU's group size, gets a new file. Each load compares a few groups of every matrix with the
 model's own rows, packed again, and writes a file that does not agree (damaged, cut short) again.
-Removing the folder frees the space; the next load makes the file again.
+Beside each file, `<hash>.json` records the model file it was made from (its real path, size and
+modification time); whenever a new file is written, the files whose model is gone or changed since are
+removed, so a re-downloaded or rewritten model does not leave its old packing behind. (A file without a
+record, made before records were kept, stays until removed by hand.) Removing the folder frees the
+space; the next load makes the file again.
 
 Models with under CACHED_BYTES of such matrices (the tests' tiny models) are packed in memory at
 load, in milliseconds, and so are a model whose cache file cannot be written (a read-only or full
@@ -28,6 +32,7 @@ order (embedding rows, the exact kernels, a prompt's BLAS tiles).
 from __future__ import annotations
 
 import hashlib
+import json
 import mmap
 import os
 import sys
@@ -98,12 +103,13 @@ class PackedMatrices:
         """The cache file's read-only map, written first where it is missing, not whole, or does not agree
         with the model (`_agrees`)."""
         from .formats.pages import map_file
-        stat = os.stat(self.path)
-        key = f"{os.path.realpath(self.path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{ROW_GROUP}\0{LAYOUT}"
+        source = _source(self.path)
+        key = f"{source['model']}\0{source['size']}\0{source['mtime_ns']}\0{ROW_GROUP}\0{LAYOUT}"
         path = home() / "packed" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.bin"
         for attempt in range(2):
             if attempt or not (path.is_file() and path.stat().st_size == total):
                 self._write_file(path, offsets, total)
+                _record(path, source)
             with open(path, "rb") as f:
                 mapping = map_file(f)
             if self._agrees(mapping, offsets):
@@ -148,6 +154,42 @@ class PackedMatrices:
             chunk = np.empty((min(step, groups - start) * ROW_GROUP, raw.shape[1]), np.uint8)
             pack_groups(qt, raw, chunk, start * ROW_GROUP)
             f.write(chunk.data)
+
+
+def _source(path: str) -> dict:
+    """What a packed file is made from: the model file's real path, size and modification time."""
+    stat = os.stat(path)
+    return {"model": os.path.realpath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _record(path, source: dict) -> None:
+    """Write packed file path's record of its model (`_source`), then remove the stale files beside it.
+    (A record that cannot be written leaves the file without one: kept, as a file made before records.)"""
+    try:
+        path.with_suffix(".json").write_text(json.dumps(source))
+    except OSError:
+        return
+    _remove_stale(path.parent)
+
+
+def _remove_stale(folder) -> None:
+    """Remove the packed files (and their records) in folder whose model file is gone, or is not the one
+    they were made from (another size or modification time). A record that cannot be read, or a model
+    that cannot be looked at (permissions), leaves its file alone."""
+    for record in folder.glob("*.json"):
+        try:
+            made_from = json.loads(record.read_text())
+            if not isinstance(made_from["model"], str):
+                continue
+            stat = os.stat(made_from["model"])
+            if stat.st_size == made_from["size"] and stat.st_mtime_ns == made_from["mtime_ns"]:
+                continue
+        except FileNotFoundError:
+            pass                                  # the model is gone
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        record.with_suffix(".bin").unlink(missing_ok=True)
+        record.unlink(missing_ok=True)
 
 
 def _unmap(raw: np.ndarray) -> None:

@@ -3,6 +3,7 @@
 once, mapped, reused, rewritten when damaged, and in memory where no cache can be written, with the
 same results bit for bit every way. (That the kernels compute llama.cpp's products from the packed
 bytes: tests/test_kernels.py, tests/test_decode_kernels.py, tests/test_step.py.)"""
+import json
 import os
 
 import gguf
@@ -66,9 +67,9 @@ def _logits(path):
     return model.forward(Batch.sequence([1, 5, 9, 2], 0, all_logits=True), cache), checkpoint
 
 
-def _cached_files(home):
+def _cached_files(home, suffix=".bin"):
     folder = home / "packed"
-    return sorted(folder.iterdir()) if folder.exists() else []
+    return sorted(f for f in folder.iterdir() if f.suffix == suffix) if folder.exists() else []
 
 
 @pytest.fixture
@@ -87,7 +88,9 @@ def test_a_model_files_packed_matrices_are_written_once_and_mapped(tmp_path, cac
     monkeypatch.setattr(packing, "CHUNK_BYTES", 1)            # written a group at a time, as a big model's
     first, checkpoint = _logits(path)
     files = _cached_files(cache_home)
-    assert len(files) == 1 and files[0].suffix == ".bin"     # one file for the model, no part left
+    assert len(files) == 1 and len(list((cache_home / "packed").iterdir())) == 2   # and its record; no part left
+    record = json.loads(files[0].with_suffix(".json").read_text())
+    assert record == {"model": os.path.realpath(path), "size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
     assert np.array_equal(first, in_memory)                   # bit for bit the same products
     wq = checkpoint.weights["wq"][0]
     base = wq.kernel_bytes
@@ -113,15 +116,44 @@ def test_a_model_files_packed_matrices_are_written_once_and_mapped(tmp_path, cac
     assert np.array_equal(repaired, in_memory) and files[0].stat().st_size == size
 
 
-def test_a_changed_model_file_gets_a_new_cache_file(tmp_path, cache_home, monkeypatch):
+def test_a_changed_model_file_gets_a_new_cache_file_and_the_old_one_goes(tmp_path, cache_home, monkeypatch):
     monkeypatch.setattr(packing, "CACHED_BYTES", 0)
     path = tmp_path / "m.gguf"
     _write(path, seed=1)
     first, _ = _logits(path)
+    old = _cached_files(cache_home)
     _write(path, seed=2)
     os.utime(path, ns=(1, 1))                                 # even with a clock that did not move on
     second, _ = _logits(path)
-    assert len(_cached_files(cache_home)) == 2 and not np.array_equal(first, second)
+    new = _cached_files(cache_home)
+    assert len(old) == len(new) == 1 and old != new and not np.array_equal(first, second)
+    assert _cached_files(cache_home, ".json") == [new[0].with_suffix(".json")]
+
+
+def test_packed_files_of_models_gone_go_when_another_is_written(tmp_path, cache_home, monkeypatch):
+    """Not at every load: when a new file is written. Files of models still there stay, and so do a file
+    without a record (made before records were kept) and one whose record cannot be read."""
+    monkeypatch.setattr(packing, "CACHED_BYTES", 0)
+    kept, gone = tmp_path / "kept.gguf", tmp_path / "gone.gguf"
+    _write(kept, seed=1)
+    _write(gone, seed=2)
+    _logits(kept)
+    _logits(gone)
+    assert len(_cached_files(cache_home)) == 2
+    folder = cache_home / "packed"
+    (folder / ("0" * 32 + ".bin")).write_bytes(b"an older file")
+    (folder / ("1" * 32 + ".bin")).write_bytes(b"a file whose record is damaged")
+    (folder / ("1" * 32 + ".json")).write_text("{not json")
+    gone.unlink()
+    _logits(kept)                                             # nothing written: nothing removed
+    assert len(_cached_files(cache_home)) == 4
+    third = tmp_path / "third.gguf"
+    _write(third, seed=3)
+    _logits(third)
+    models = {json.loads(r.read_text())["model"] for r in _cached_files(cache_home, ".json") if r.stem != "1" * 32}
+    assert models == {os.path.realpath(kept), os.path.realpath(third)}
+    assert len(_cached_files(cache_home)) == 4                # kept's, third's, and the two left alone
+    assert (folder / ("0" * 32 + ".bin")).exists() and (folder / ("1" * 32 + ".bin")).exists()
 
 
 def test_no_writable_cache_packs_in_memory(tmp_path, cache_home, monkeypatch):
