@@ -411,6 +411,20 @@ def _f32_rows(x, w, out, start, stop, add):
         matvec.row_into(x, w, out, o, add)
 
 
+@numba.njit(inline="always")
+def _f32_pieces(x, w, out, add, claims, slot, first, size, gated, w1, g):
+    """Pieces of `size` rows of w's rows first .. (_next_piece) into out (or added to it) while any are
+    left. gated (SwiGLU: w is w3, out up): w1's same rows into g first, then the gate on them."""
+    start, stop = _next_piece(claims, slot, first, w.shape[0], size)
+    while start < stop:
+        if gated:
+            _f32_rows(x, w1, g, start, stop, False)
+        _f32_rows(x, w, out, start, stop, add)
+        if gated:
+            gate(g, out, start, stop, False)
+        start, stop = _next_piece(claims, slot, first, w.shape[0], size)
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, output, eps, cos, sin,
                 k_cache, v_cache, seq_ids, pos, wanted, n_heads, logits, n_threads):
@@ -445,14 +459,8 @@ def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, o
                 if m == 5:                          # the gate, on this thread's units of w1 and w3 (gated_rows')
                     gate(g, up, start, stop, False)
                 if m != 4:                          # then pieces of the rest (w1's with w3's: the gate needs both)
-                    start, stop = _next_piece(claims, layer * 7 + m, even, w.shape[0], TAIL_ROWS)
-                    while start < stop:
-                        if m == 5:
-                            _f32_rows(xm, w1[layer], g, start, stop, False)
-                        _f32_rows(xm, w, results[m], start, stop, LAYER_ADDS[m])
-                        if m == 5:
-                            gate(g, up, start, stop, False)
-                        start, stop = _next_piece(claims, layer * 7 + m, even, w.shape[0], TAIL_ROWS)
+                    _f32_pieces(xm, w, results[m], LAYER_ADDS[m], claims, layer * 7 + m, even, TAIL_ROWS, m == 5,
+                                w1[layer], g)
                 if m == 2 or m == 3 or m == 5 or m == 6:
                     barrier(state, n_threads)
 
@@ -460,7 +468,4 @@ def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, o
         even = _even_rows(output.shape[0])
         start, stop = _task_rows(t, n_threads, even)
         _f32_rows(xw, output, logits, start, stop, False)
-        start, stop = _next_piece(claims, n_layers * 7, even, output.shape[0], 4 * TAIL_ROWS)
-        while start < stop:
-            _f32_rows(xw, output, logits, start, stop, False)
-            start, stop = _next_piece(claims, n_layers * 7, even, output.shape[0], 4 * TAIL_ROWS)
+        _f32_pieces(xw, output, logits, False, claims, n_layers * 7, even, 4 * TAIL_ROWS, False, output, logits)
