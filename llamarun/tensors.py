@@ -111,6 +111,8 @@ def quantize_groups(x: np.ndarray, group_size: int) -> GroupQuantized:
 _Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", 32)])                       # w = d * qs
 _Q4_0 = np.dtype([("d", "<f2"), ("qs", "u1", 16)])                       # w = d * (nibble - 8)
 _Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])         # w = d * nibble + m
+_Q5_0 = np.dtype([("d", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)])        # w = d * (5 bits - 16)
+_Q5_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)])   # w = d * 5 bits + m
 
 _LOW_NIBBLE, _SHIFT = np.uint8(0x0F), np.uint8(4)
 
@@ -150,6 +152,40 @@ def dequantize_q4_1(raw: np.ndarray) -> np.ndarray:
     return out.reshape(raw.shape[0], blocks.shape[1] * 32)
 
 
+def _five_bit_values(blocks: np.ndarray) -> np.ndarray:
+    """The 32 unsigned 5-bit values of each Q5_0 / Q5_1 block: (rows, nb) -> (rows, nb, 32) uint8.
+
+    Value j's low 4 bits are a nibble of qs as in Q4 (j < 16 low nibbles, else high); its 5th bit is
+    bit j of qh. These types are where K-quant files put rows that are not whole super-blocks (a
+    Q4_K_M of SmolLM2, whose rows are 576 wide), so their prompts' tiles pass through here."""
+    qs = blocks["qs"]                                                   # (rows, nb, 16)
+    qh = np.ascontiguousarray(blocks["qh"]).view(np.uint8).reshape(*blocks.shape, 4)   # little-endian
+    values = np.unpackbits(qh, axis=-1, bitorder="little")              # (rows, nb, 32): bit j of qh
+    values <<= _SHIFT
+    values[..., :16] |= qs & _LOW_NIBBLE
+    values[..., 16:] |= qs >> _SHIFT
+    return values
+
+
+def dequantize_q5_0(raw: np.ndarray) -> np.ndarray:
+    """(rows, n_blocks * 22) uint8 -> (rows, n_blocks * 32) float32, bit for bit as gguf's."""
+    blocks = raw.view(_Q5_0)
+    out = np.empty((*blocks.shape, 32), np.float32)
+    d = blocks["d"].astype(np.float32)[..., None]
+    np.multiply(_five_bit_values(blocks).view(np.int8) - np.int8(16), d, out=out)
+    return out.reshape(raw.shape[0], blocks.shape[1] * 32)
+
+
+def dequantize_q5_1(raw: np.ndarray) -> np.ndarray:
+    """(rows, n_blocks * 24) uint8 -> (rows, n_blocks * 32) float32, bit for bit as gguf's (d * value
+    rounded to float32, then m added, as Q4_1)."""
+    blocks = raw.view(_Q5_1)
+    out = np.empty((*blocks.shape, 32), np.float32)
+    np.multiply(_five_bit_values(blocks), blocks["d"].astype(np.float32)[..., None], out=out)
+    out += blocks["m"].astype(np.float32)[..., None]
+    return out.reshape(raw.shape[0], blocks.shape[1] * 32)
+
+
 def _dequantize_f16(raw: np.ndarray) -> np.ndarray:
     return raw.view(np.float16).astype(np.float32)
 
@@ -164,7 +200,7 @@ def _dequantize_bf16(raw: np.ndarray) -> np.ndarray:
 _T = GGMLQuantizationType
 DEQUANTIZERS = {
     _T.F16: _dequantize_f16, _T.BF16: _dequantize_bf16, _T.Q8_0: dequantize_q8_0, _T.Q4_0: dequantize_q4_0,
-    _T.Q4_1: dequantize_q4_1, _T.Q5_0: None, _T.Q5_1: None,
+    _T.Q4_1: dequantize_q4_1, _T.Q5_0: dequantize_q5_0, _T.Q5_1: dequantize_q5_1,
     _T.Q2_K: None, _T.Q3_K: None, _T.Q4_K: None, _T.Q5_K: None, _T.Q6_K: None,
 }
 GGML_TYPES = (_T.F32, *DEQUANTIZERS)   # the tensor types llamarun reads from GGUF files

@@ -289,7 +289,7 @@ def test_every_type_dequantizes_as_gguf(tmp_path, qtype):
     assert ckpt.description == f"GGUF v3 llama, {qtype.name} ({1 + 7 * LAYERS}), F32 ({1 + 2 * LAYERS})"
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1], ids=lambda t: t.name)
 def test_our_dequantizers_on_random_blocks(qtype):
     """Every bit pattern of the quants (not only those a quantizer writes), against gguf's."""
     rng = np.random.default_rng(int(qtype))
