@@ -115,7 +115,7 @@ def test_prompt_cache_reuses_the_slots_tokens(smol_path):
 
 
 def test_long_prompt_admission_keeps_streams_going(smol_path):
-    """While a 2000-token prompt is admitted, a running stream draws a token at every step: the prompt
+    """While a 1000-token prompt is admitted, a running stream draws a token at every step: the prompt
     goes in chunks that ride along with the stream's decode row, at most the model's kernel-sized
     batch (`matvec_rows`) a step, so the stream draws at least one token per that many prompt tokens.
     (A prompt prefilled in one piece would let it draw one.) How long those steps take, against
@@ -125,8 +125,8 @@ def test_long_prompt_admission_keeps_streams_going(smol_path):
     from llamarun.server.scheduler import Request, Scheduler
 
     llama = llamarun.load(smol_path)
-    scheduler = Scheduler(llama, parallel=2, ctx=2100)
-    prompt = list(range(1000, 3000))
+    scheduler = Scheduler(llama, parallel=2, ctx=1100)
+    prompt = list(range(1000, 2000))
     order, running, admitted = [], threading.Event(), threading.Event()
 
     def stream_event(ev):
@@ -134,7 +134,7 @@ def test_long_prompt_admission_keeps_streams_going(smol_path):
         if len(order) >= 10:            # past the decode-only steps the scheduler times before mixing
             running.set()
     # ignore_eos: the stream must outlast the admission, wherever the model would draw its end token
-    scheduler.submit(Request([1, 500, 600], 2000, Sampler(temperature=0), stream_event, ignore_eos=True))
+    scheduler.submit(Request([1, 500, 600], 1000, Sampler(temperature=0), stream_event, ignore_eos=True))
     scheduler.start()
     try:
         assert running.wait(300), "the stream did not start within 300 s"
