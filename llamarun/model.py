@@ -398,9 +398,9 @@ class CompiledForward:
         self.threads = AdaptiveThreads()
         if isinstance(output, tensors.GGMLTensor):
             self.kind = "ggml"
-            self.qts = np.array([[int(lw[name].qtype) for name in self.MATRICES] for lw in layers], np.int64)
+            self.qts = np.array([[lw[name].kernel_type for name in self.MATRICES] for lw in layers], np.int64)
             self.raws = tuple(typed_list(tuple(lw[name].kernel_bytes for lw in layers)) for name in self.MATRICES)
-            self.output_qt, self.output = int(output.qtype), output.kernel_bytes
+            self.output_qt, self.output = output.kernel_type, output.kernel_bytes
             self.forward_fast = forward_fast_for(kinds_of(self.qts.ravel()), kinds_of([self.output_qt]))
         elif isinstance(output, tensors.GroupQuantized):
             self.kind = "int8"

@@ -3,7 +3,8 @@ file beside the models, memory-mapped as the model is.
 
 The fast kernels of Q8_0, Q4_0, Q4_1 and the K-quants (Q4_K, Q5_K, Q6_K) read a group of weight rows
 with one int32 lane per row (kernels/ggml.py, PACKED): the blocks of the group's rows side by side,
-their quants by the dword (or 8 bytes) of every row in turn. Transposing the file's rows into that layout
+their quants by the dword (or 8 bytes) of every row in turn. (Q5_0's blocks are packed as the Q8_0
+blocks of the same weights, kernels/ggml.py's TRANSCODED: the Q8_0 kernels compute them.) Transposing the file's rows into that layout
 at every step was most of the kernels' instructions; packed once, a decode step's products stream faster
 and a batch's multiply faster (docs/performance.md). llama.cpp's CPU backend repacks Q4_0, Q4_K and
 others the same way at load, into memory it allocates.
@@ -41,9 +42,9 @@ import threading
 import numpy as np
 
 from .hub import home
-from .kernels.ggml import PACKED, ROW_GROUP, pack_groups, packed_rows
+from .kernels.ggml import PACKED, ROW_GROUP, int8_type, pack_groups, packed_row_bytes, packed_rows
 
-LAYOUT = 2                  # the version of pack_groups's layout (and of its types): a change makes new cache files
+LAYOUT = 3                  # the version of pack_groups's layout (and of its types): a change makes new cache files
 CACHED_BYTES = 16 << 20     # packed matrices of a model under this many bytes are packed in memory
 ALIGN = 4096                # each matrix's offset in the cache file (a page: its rows' lines are aligned)
 CHUNK_BYTES = 16 << 20      # a matrix is packed and written this much at a time (bounded scratch memory)
@@ -51,7 +52,7 @@ NOTICE_BYTES = 256 << 20    # a cache file this big takes seconds to write: said
 
 
 class PackedMatrices:
-    """The PACKED-type matrices of one model file (path; None: no file), packed the first time one of
+    """The int8 kernels' matrices (PACKED types, and TRANSCODED ones) of one model file (path; None: no file), packed the first time one of
     them is asked for: `packed(i)` is matrix i's, (rows, row bytes) uint8 like its raw bytes, read-only."""
 
     def __init__(self, path: str | None, matrices: list[tuple[int, np.ndarray]]):
@@ -69,10 +70,10 @@ class PackedMatrices:
     def _layout(self) -> tuple[list[int], int]:
         """Each matrix's offset in the packed bytes, and their total."""
         offsets, total = [], 0
-        for _, raw in self.matrices:
+        for qt, raw in self.matrices:
             total = -(-total // ALIGN) * ALIGN
             offsets.append(total)
-            total += packed_rows(raw.shape[0]) * raw.shape[1]
+            total += packed_rows(raw.shape[0]) * packed_row_bytes(qt, raw.shape[1])
         return offsets, total
 
     def _make(self) -> list[np.ndarray]:
@@ -86,18 +87,18 @@ class PackedMatrices:
         if buffer is None:
             buffer = np.empty(total, np.uint8)
             for (qt, raw), offset in zip(self.matrices, offsets):
-                pack_groups(qt, raw, self._matrix(buffer, offset, raw))
+                pack_groups(qt, raw, self._matrix(buffer, offset, qt, raw))
         views = []
-        for (_, raw), offset in zip(self.matrices, offsets):
-            view = self._matrix(buffer, offset, raw)[:raw.shape[0]]
+        for (qt, raw), offset in zip(self.matrices, offsets):
+            view = self._matrix(buffer, offset, qt, raw)[:raw.shape[0]]
             view.flags.writeable = False          # as the model's map: one compiled signature for every kernel
             views.append(view)
             _unmap(raw)
         return views
 
     @staticmethod
-    def _matrix(buffer, offset: int, raw: np.ndarray) -> np.ndarray:
-        return np.ndarray((packed_rows(raw.shape[0]), raw.shape[1]), np.uint8, buffer, offset)
+    def _matrix(buffer, offset: int, qt: int, raw: np.ndarray) -> np.ndarray:
+        return np.ndarray((packed_rows(raw.shape[0]), packed_row_bytes(qt, raw.shape[1])), np.uint8, buffer, offset)
 
     def _cached(self, offsets: list[int], total: int):
         """The cache file's read-only map, written first where it is missing, not whole, or does not agree
@@ -120,10 +121,10 @@ class PackedMatrices:
         """Whether the first, middle and last groups of every matrix in buffer are the model's rows packed:
         a check of a few KB a matrix against a cache file of another layout, damaged, or cut short."""
         for (qt, raw), offset in zip(self.matrices, offsets):
-            packed, groups = self._matrix(buffer, offset, raw), packed_rows(raw.shape[0]) // ROW_GROUP
+            packed, groups = self._matrix(buffer, offset, qt, raw), packed_rows(raw.shape[0]) // ROW_GROUP
             for group in sorted({0, groups // 2, groups - 1}):
                 rows = slice(group * ROW_GROUP, (group + 1) * ROW_GROUP)
-                expected = np.empty((ROW_GROUP, raw.shape[1]), np.uint8)
+                expected = np.empty((ROW_GROUP, packed.shape[1]), np.uint8)
                 pack_groups(qt, raw, expected, group * ROW_GROUP)
                 if not np.array_equal(packed[rows], expected):
                     return False
@@ -147,11 +148,11 @@ class PackedMatrices:
 
     @staticmethod
     def _write(f, offset: int, qt: int, raw: np.ndarray) -> None:
-        groups = packed_rows(raw.shape[0]) // ROW_GROUP
-        step = max(1, CHUNK_BYTES // (ROW_GROUP * raw.shape[1]))
+        groups, row_bytes = packed_rows(raw.shape[0]) // ROW_GROUP, packed_row_bytes(qt, raw.shape[1])
+        step = max(1, CHUNK_BYTES // (ROW_GROUP * row_bytes))
         f.seek(offset)
         for start in range(0, groups, step):
-            chunk = np.empty((min(step, groups - start) * ROW_GROUP, raw.shape[1]), np.uint8)
+            chunk = np.empty((min(step, groups - start) * ROW_GROUP, row_bytes), np.uint8)
             pack_groups(qt, raw, chunk, start * ROW_GROUP)
             f.write(chunk.data)
 
@@ -211,7 +212,7 @@ def _unmap(raw: np.ndarray) -> None:
 def attach(path: str, tensors) -> None:
     """Give the GGML tensors of one model file (each once) that the fast kernels read packed their
     place in one PackedMatrices of that file."""
-    packable = [t for t in tensors if int(t.qtype) in PACKED]
+    packable = [t for t in tensors if int8_type(int(t.qtype)) in PACKED]
     matrices = PackedMatrices(path, [(int(t.qtype), t.raw) for t in packable])
     for i, tensor in enumerate(packable):
         tensor.packing = (matrices, i)

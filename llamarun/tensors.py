@@ -21,7 +21,7 @@ from gguf import quants as gguf_quants
 
 from .kernels import ggml as ggml_kernels
 from .kernels import int8 as int8_kernels
-from .kernels.ggml import PACKED
+from .kernels.ggml import PACKED, int8_type
 from .kernels.matvec import matvec, matvec_half, widen_rows
 from .packing import PackedMatrices
 from .plan import FAST_KERNEL_ROWS, MATVEC_ROWS, TILE_BYTES
@@ -208,12 +208,13 @@ GGML_TYPES = (_T.F32, *DEQUANTIZERS)   # the tensor types llamarun reads from GG
 
 # The types with native kernels of both arithmetics (kernels/ggml.py): matrix-vector products that read
 # the blocks as stored, exact and fast (int8), and a decoder for the tiles of the prefill's BLAS products.
-KERNEL_TYPES = frozenset({_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q4_K, _T.Q5_K, _T.Q6_K})
+# (Q5_0's int8 kernels are Q8_0's, reading its blocks rewritten as Q8_0 ones: kernels/ggml.py, TRANSCODED.)
+KERNEL_TYPES = frozenset({_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q4_K, _T.Q5_K, _T.Q6_K, _T.Q5_0})
 # Those whose fast kernels take 8 weight rows at once, each block shared by every row of x.
 GROUP_KERNEL_TYPES = KERNEL_TYPES
-# The types with the exact kernels and the tile decoder: those, and Q2_K and Q3_K, which have no fast
-# (int8) kernel, so no place in the one-call forward (which computes with the fast kernels only).
-EXACT_KERNEL_TYPES = KERNEL_TYPES | {_T.Q2_K, _T.Q3_K}
+# The types with the exact kernels and the tile decoder: those, and Q2_K, Q3_K and Q5_1, which have no
+# fast (int8) kernel, so no place in the one-call forward (which computes with the fast kernels only).
+EXACT_KERNEL_TYPES = KERNEL_TYPES | {_T.Q2_K, _T.Q3_K, _T.Q5_1}
 # Half-precision matrices: 2 bytes a weight as stored, with matrix-vector kernels of their own
 # (kernels/matvec.py, matvec_half) for a decode step; a prompt's products widen a tile at a time for BLAS.
 HALF_TYPES = frozenset({_T.F16, _T.BF16})
@@ -241,7 +242,7 @@ class GGMLTensor:
     `exact` chooses the arithmetic of the matrix-vector kernels (kernels/ggml.py): True, float32
     activations times the weights as gguf dequantizes them (what the parity tests run); False,
     activations quantized to int8 blocks and integer dot products, as llama.cpp does, where the type
-    has such kernels (KERNEL_TYPES; Q2_K and Q3_K take the exact kernels on either arithmetic). It is
+    has such kernels (KERNEL_TYPES; Q2_K, Q3_K and Q5_1 take the exact kernels on either arithmetic). It is
     fixed when the tensor is made (the model's plan gives it, llamarun/plan.py): `with_exact` makes another.
     """
 
@@ -255,7 +256,7 @@ class GGMLTensor:
         self._exact = exact
         self._dequantize_rows = DEQUANTIZERS[qtype] or (lambda raw: gguf_quants.dequantize(raw, qtype))
         self._kernel_type = int(qtype) if qtype in EXACT_KERNEL_TYPES else None
-        # the fast (int8) kernels where asked for and the type has them. Q2_K and Q3_K have none: on the
+        # the fast (int8) kernels where asked for and the type has them. Q2_K, Q3_K and Q5_1 have none: on the
         # fast path too their products take the exact kernels (decode) and the tile decoder (prompts)
         self._int8 = not exact and qtype in KERNEL_TYPES
         self._tile_rows = max(16, min(shape[0], TILE_BYTES // (4 * shape[1]) // 16 * 16))
@@ -273,6 +274,12 @@ class GGMLTensor:
         """Whether the products take the fast (int8) kernels: the fast arithmetic, and a type with them."""
         return self._int8
 
+    @property
+    def kernel_type(self) -> int | None:
+        """The ggml type the kernels are given for this matrix, on its arithmetic: its own, or on the int8
+        kernels the type of its packed blocks (Q5_0's are Q8_0 blocks); None: no kernel."""
+        return int8_type(self._kernel_type) if self._int8 else self._kernel_type
+
     def with_exact(self, exact: bool) -> GGMLTensor:
         """This tensor (the same bytes, no copy) with the given arithmetic."""
         return self if exact == self._exact else GGMLTensor(self.name, self.qtype, self.shape, self.raw, exact,
@@ -282,7 +289,7 @@ class GGMLTensor:
     def kernel_bytes(self) -> np.ndarray:
         """The bytes the int8 kernels read: `raw`, or for the types with int8 kernels the same blocks
         packed in groups of rows (kernels/ggml.py, PACKED), packed at the first call."""
-        if int(self.qtype) not in PACKED:
+        if int8_type(int(self.qtype)) not in PACKED:
             return self.raw
         if self.packing is None:
             self.packing = (PackedMatrices(None, [(int(self.qtype), self.raw)]), 0)
@@ -343,7 +350,7 @@ class GGMLTensor:
             matvec_half(x, self._halves, self.qtype == _T.BF16, out)
             return out
         if self._int8:
-            ggml_kernels.matvec_fast(self._kernel_type, self.kernel_bytes, x, out)
+            ggml_kernels.matvec_fast(self.kernel_type, self.kernel_bytes, x, out)
         else:
             ggml_kernels.matvec_exact(self._kernel_type, self.raw, x, out)
         return out
@@ -399,7 +406,7 @@ def linear3(x: np.ndarray, a, b, c) -> tuple[np.ndarray, ...]:
         int8_kernels.matvec3((a.q, b.q, c.q), (a.scale, b.scale, c.scale), a.group_size, x, *outs)
     else:
         kernel = ggml_kernels.matvec3_fast if a.int8_kernels else ggml_kernels.matvec3_exact
-        kernel((a._kernel_type, b._kernel_type, c._kernel_type), _kernel_bytes(a, b, c), x, outs)
+        kernel((a.kernel_type, b.kernel_type, c.kernel_type), _kernel_bytes(a, b, c), x, outs)
     return outs
 
 
@@ -411,7 +418,7 @@ def swiglu(x: np.ndarray, w1, w3) -> np.ndarray:
         int8_kernels.swiglu(w1.q, w1.scale, w3.q, w3.scale, w1.group_size, x, out)
     else:
         kernel = ggml_kernels.swiglu_fast if w1.int8_kernels else ggml_kernels.swiglu_exact
-        kernel((w1._kernel_type, w3._kernel_type), _kernel_bytes(w1, w3), x, out)
+        kernel((w1.kernel_type, w3.kernel_type), _kernel_bytes(w1, w3), x, out)
     return out
 
 

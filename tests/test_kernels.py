@@ -23,7 +23,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants
 
 from llamarun.kernels import ggml as kernels
-from llamarun.tensors import GGMLTensor, KERNEL_TYPES
+from llamarun.tensors import GGMLTensor
 
 U = 2.0 ** -24          # float32 unit roundoff
 
@@ -37,10 +37,12 @@ LAYOUTS = {
     T.Q6_K: (256, 210, [208]),       # 128 bytes ql, 64 qh, 16 int8 scales, then d
     T.Q2_K: (256, 84, [80, 82]),     # 16 bytes of 4-bit scales and mins, 64 of 2-bit quants, d, dmin
     T.Q3_K: (256, 110, [108]),       # 32 bytes hmask, 64 of 2-bit quants, 12 of 6-bit scales, then d
-    T.Q5_0: (32, 22, [0]),
+    T.Q5_0: (32, 22, [0]),           # d, 4 bytes of fifth bits, 16 of nibbles
+    T.Q5_1: (32, 24, [0, 2]),        # d, m, then as Q5_0
     T.F16: (1, 2, []),
 }
-KERNELS = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K]
+KERNELS = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q5_0]      # Q5_0's int8 kernels: Q8_0's (TRANSCODED)
+EXACT_ONLY = [T.Q5_1]          # exact kernels and the tile decoder, no int8 kernels (Q2_K, Q3_K: test_q2k_q3k.py)
 
 
 def random_blocks(qtype, rows: int, n_in: int, rng, scale: float = 0.01) -> np.ndarray:
@@ -80,7 +82,7 @@ def fast_bound(x, w, magnitudes):
     return xd @ w_block.T * (0.5 + 1e-4) + 2 * n_in * U * magnitudes
 
 
-@pytest.mark.parametrize("qtype", KERNELS, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", KERNELS + EXACT_ONLY, ids=lambda t: t.name)
 def test_dequantize_rows_bit_for_bit(qtype):
     rng = np.random.default_rng(1)
     raw = random_blocks(qtype, 19, 512, rng)
@@ -91,7 +93,7 @@ def test_dequantize_rows_bit_for_bit(qtype):
 
 
 @pytest.mark.parametrize("n", [1, 3, 8, 40])
-@pytest.mark.parametrize("qtype", KERNELS, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", KERNELS + EXACT_ONLY, ids=lambda t: t.name)
 def test_exact_equals_dequantize_then_matmul(qtype, n):
     rng = np.random.default_rng(int(qtype) * 100 + n)
     raw = random_blocks(qtype, 37, 512, rng)                 # an odd row count: uneven tasks
@@ -164,6 +166,22 @@ def test_fast_bound_is_reached_by_adversarial_activations(qtype):
     assert abs(out[0, 0] - ref[0, 0]) >= 0.9 * bound[0, 0]
 
 
+def test_q5_0_packs_as_the_q8_0_blocks_of_the_same_weights():
+    """TRANSCODED: Q5_0's blocks rewritten as Q8_0 ones hold the same weights, bit for bit as gguf
+    dequantizes each (every bit pattern of the quants and of qh), and pack as those Q8_0 blocks do."""
+    rng = np.random.default_rng(11)
+    raw = random_blocks(T.Q5_0, 21, 512, rng)
+    as_q8_0 = kernels._q5_0_as_q8_0(raw)
+    assert as_q8_0.shape == (21, 16 * 34)
+    assert np.array_equal(quants.dequantize(as_q8_0, T.Q8_0).view(np.uint32), quants.dequantize(raw, T.Q5_0).view(np.uint32))
+    rows = kernels.packed_rows(21)
+    packed, expected = (np.empty((rows, kernels.packed_row_bytes(int(T.Q5_0), raw.shape[1])), np.uint8),
+                        np.empty((rows, as_q8_0.shape[1]), np.uint8))
+    kernels.pack_groups(int(T.Q5_0), raw, packed)
+    kernels.pack_groups(int(T.Q8_0), as_q8_0, expected)
+    assert np.array_equal(packed, expected)
+
+
 def test_quantize_activations_as_llama_cpp():
     """d = max|x| / 127, q = roundf(x * (1 / d)), halves away from zero; a zero block stays zero."""
     rng = np.random.default_rng(3)
@@ -182,27 +200,28 @@ def test_quantize_activations_as_llama_cpp():
 
 
 @pytest.mark.parametrize("n", [1, 40])
-@pytest.mark.parametrize("qtype", [T.Q5_0, T.F16, T.Q4_1], ids=lambda t: t.name)
-def test_tiled_products_never_dequantize_the_whole_matrix(qtype, n):
-    """Types without a kernel (and any type beyond MATVEC_ROWS rows) go through BLAS or the float
-    matvec one tile of rows at a time: never the whole matrix as float32. (F16 has a decode kernel.)"""
+@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q5_1, T.F16, T.Q4_1], ids=lambda t: t.name)
+def test_products_never_dequantize_the_whole_matrix(qtype, n, monkeypatch):
+    """A decode-sized x goes to the kernels, which read the blocks; a longer one through BLAS, one tile
+    of rows at a time decoded by numba's decoders (F16: matvec.widen_rows): never the whole matrix as
+    float32, and never numpy's dequantizer."""
     rng = np.random.default_rng(5)
     rows = 1000                                 # several tiles of 448 rows (1 MiB at 576), and a rest
     raw = random_blocks(qtype, rows, 576, rng)
     tensor = GGMLTensor("w", qtype, (rows, 576), raw)
     assert tensor._tile_rows < rows
-    asked = []
-    inner = tensor._dequantize_rows
-    tensor._dequantize_rows = lambda r: asked.append(len(r)) or inner(r)
-    tensor.dequantize = None                    # a call would fail
+    decoded = []
+    tile_decoder = kernels.dequantize_rows
+    monkeypatch.setattr(kernels, "dequantize_rows", lambda qt, r, out: decoded.append(len(r)) or tile_decoder(qt, r, out))
+    tensor._dequantize_rows = tensor.dequantize = None       # a call would fail
     x = rng.standard_normal((n, 576)).astype(np.float32)
     ref, magnitudes, _ = reference(qtype, raw, x)
     out = tensor.linear(x)
     assert np.all(np.abs(out - ref) <= 576 * U * magnitudes)
-    if qtype in KERNEL_TYPES or qtype == T.F16:
-        assert asked == []                      # numba's tile decoders (F16: matvec.widen_rows, or matvec_half)
+    if n == 1 or qtype == T.F16:
+        assert decoded == []
     else:
-        assert asked and max(asked) <= tensor._tile_rows
+        assert len(decoded) > 2 and max(decoded) <= tensor._tile_rows
 
 
 def test_smollm2_tensors(smol_checkpoint):

@@ -166,7 +166,7 @@ def test_smol_q4_k_m_fast_path_stays_near_its_exact_path(smol_q4_k_m):
     exact, fast = llamarun.load(smol_q4_k_m, exact=True), llamarun.load(smol_q4_k_m)
     ids = exact.tokenizer.encode(require(GOLDEN / "smollm2" / "ppl_text.txt").read_text(), bos=False)
     # fed 128 tokens a forward: still the kernels' batches on the fast path (up to 128 rows), and few
-    # forwards on the exact one, each of which dequantizes the Q5_0 fallbacks anew
+    # forwards on the exact one
     (ppl_exact, top_exact) = perplexity_and_top1(teacher_forced_logits(exact, ids, step=128))
     (ppl_fast, top_fast) = perplexity_and_top1(teacher_forced_logits(fast, ids, step=128))
     assert ppl_fast == pytest.approx(ppl_exact, rel=0.02)

@@ -1,7 +1,7 @@
 """Matrix-vector products with ggml's quantized block formats, reading the weights' blocks as they are stored.
 
 out = x @ W.T for a decode-sized x (up to 8 rows) and W in Q8_0, Q4_0, Q4_1, Q4_K, Q5_K or Q6_K (and, on
-the exact arithmetic only, Q2_K or Q3_K): each kernel reads the raw bytes of the matrix (a view of the
+the exact arithmetic only, Q2_K, Q3_K, Q5_0 or Q5_1): each kernel reads the raw bytes of the matrix (a view of the
 memory-mapped GGUF file; for the fast kernels, the same blocks packed in groups of rows, see
 PACKED) once, in parallel over output rows, and keeps no float32 copy of it. Two ways to do
 the arithmetic:
@@ -58,6 +58,8 @@ QK_K = 256          # values per super-block (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
 Q8_0_BYTES = 34     # f16 d, int8 qs[32]                           w = d * q
 Q4_0_BYTES = 18     # f16 d, u8 qs[16]                             w = d * (nibble - 8)
 Q4_1_BYTES = 20     # f16 d, f16 m, u8 qs[16]                      w = d * nibble + m
+Q5_0_BYTES = 22     # f16 d, u8 qh[4], u8 qs[16]                   w = d * (v - 16), v = nibble + 16 * (bit of qh)
+Q5_1_BYTES = 24     # f16 d, f16 m, u8 qh[4], u8 qs[16]            w = d * v + m
 Q4_K_BYTES = 144    # f16 d, f16 dmin, u8 scales[12], u8 qs[128]   w = (d sc_s) nibble - (dmin m_s)
 Q5_K_BYTES = 176    # as Q4_K, u8 qh[32] before qs: bit s of qh[i] is bit 4 of value i of sub-block s
 Q6_K_BYTES = 210    # u8 ql[128], u8 qh[64], i8 scales[16], f16 d  w = (d sc_s) (q6 - 32)
@@ -185,6 +187,61 @@ def _q4_1_params(row, g):
     """(byte offset of the nibbles, offset, a, b): w = d * (nibble - 0) + m."""
     p = g * Q4_1_BYTES
     return p + 4, np.float32(0.0), _f16(row, p), _f16(row, p + 2)
+
+
+# Q5_0 and Q5_1: Q4_0 and Q4_1 with a fifth bit per value, bit i of the block's 32-bit qh for value i.
+# They are where llama.cpp's K-quant mixes put the matrices whose rows are not whole super-blocks (Q4_K
+# falls back to Q5_0, Q5_K to Q5_1): most of a Q4_K_M SmolLM2, whose rows are 576 wide. Exact kernels
+# only: w = a * (v - off) + b as the Q4 loop, v of 5 bits.
+
+@numba.njit(inline="always")
+def _fives(row, q, h, i):
+    """Values i and 16 + i (i < 16) of a Q5_0 / Q5_1 block, 0..31: the low and the high nibble of byte
+    q + i, each with its fifth bit from h, the block's qh as one 32-bit number (bits i and 16 + i).
+    (Shifts of one number by each lane's constant vectorize; a byte of qh picked per lane did not:
+    4x slower.)"""
+    lo = _bits(row, q + i, 0, 15) | (((h >> np.uint32(i)) & np.uint32(1)) << np.uint32(4))
+    hi = _bits(row, q + i, 4, 15) | (((h >> np.uint32(i + 16)) & np.uint32(1)) << np.uint32(4))
+    return np.float32(lo), np.float32(hi)
+
+
+@numba.njit(inline="always")
+def _u32(row, p):
+    """The little-endian 32-bit number at byte p of a row."""
+    return (np.uint32(row[p]) | (np.uint32(row[p + 1]) << np.uint32(8)) | (np.uint32(row[p + 2]) << np.uint32(16))
+            | (np.uint32(row[p + 3]) << np.uint32(24)))
+
+
+@numba.njit(inline="always")
+def _q5_0_params(row, g):
+    """(byte offset of qs, qh, offset, a, b): w = d * (v - 16) (+ -0.0)."""
+    p = g * Q5_0_BYTES
+    return p + 6, _u32(row, p + 2), np.float32(16.0), _f16(row, p), np.float32(-0.0)
+
+
+@numba.njit(inline="always")
+def _q5_1_params(row, g):
+    """(byte offset of qs, qh, offset, a, b): w = d * (v - 0) + m."""
+    p = g * Q5_1_BYTES
+    return p + 8, _u32(row, p + 4), np.float32(0.0), _f16(row, p), _f16(row, p + 2)
+
+
+@numba.njit(inline="always")
+def _fives_dot(row, q, h, off, a, b, x, j, c, acc):
+    """_nibbles_dot for a Q5_0 / Q5_1 block."""
+    for i in range(16):
+        lo, hi = _fives(row, q, h, i)
+        acc[i] += (a * (lo - off) + b) * x[j, c + i]
+        acc[i + 16] += (a * (hi - off) + b) * x[j, c + 16 + i]
+
+
+@numba.njit(inline="always")
+def _fives_dot4(row, q, h, off, a, b, x, j, c, acc):
+    """_fives_dot for rows j..j+3 of x into acc[0..3]."""
+    for i in range(16):
+        lo, hi = _fives(row, q, h, i)
+        _add4(acc, i, a * (lo - off) + b, x, j, c + i)
+        _add4(acc, i + 16, a * (hi - off) + b, x, j, c + 16 + i)
 
 
 @numba.njit(inline="always")
@@ -366,7 +423,7 @@ def _q23_values(qt, row, groups, w):
 
 
 # ggml type ids (GGMLQuantizationType's values)
-Q4_0, Q4_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 2, 3, 8, 10, 11, 12, 13, 14
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 10, 11, 12, 13, 14
 
 # The types a compiled product takes, one bit each (`kinds`): a one-call forward is compiled for its
 # model's types only (step.forward_fast_for). Why: each type's group kernels are long vector code, and
@@ -415,6 +472,10 @@ def _row_dot(qt, row, groups, x, j, acc):
                 _q5_k_dot(row, p, s, d, dmin, x, j, (8 * b + s) * QK, acc)
     elif qt == Q2_K or qt == Q3_K:
         _q23_row_dot(qt, row, groups, x, j, acc)
+    elif qt == Q5_0 or qt == Q5_1:
+        for g in range(groups):
+            q, h, off, a, b = _q5_0_params(row, g) if qt == Q5_0 else _q5_1_params(row, g)
+            _fives_dot(row, q, h, off, a, b, x, j, g * QK, acc)
     else:
         for b in range(groups // 8):
             p = b * Q6_K_BYTES
@@ -451,6 +512,10 @@ def _row_dot4(qt, row, groups, x, j, acc):
                 _q5_k_dot4(row, p, s, d, dmin, x, j, (8 * b + s) * QK, acc)
     elif qt == Q2_K or qt == Q3_K:
         _q23_row_dot4(qt, row, groups, x, j, acc)
+    elif qt == Q5_0 or qt == Q5_1:
+        for g in range(groups):
+            q, h, off, a, b = _q5_0_params(row, g) if qt == Q5_0 else _q5_1_params(row, g)
+            _fives_dot4(row, q, h, off, a, b, x, j, g * QK, acc)
     else:
         for b in range(groups // 8):
             p = b * Q6_K_BYTES
@@ -484,7 +549,8 @@ def _task_rows(t, tasks, rows):
 
 @numba.njit(parallel=True, cache=True)
 def matvec_exact(qt, raw, x, out):
-    """out = x @ W.T, W of ggml type qt (Q8_0, Q4_0, Q4_1, Q2_K, Q3_K, Q4_K, Q5_K or Q6_K) given as its raw bytes.
+    """out = x @ W.T, W of ggml type qt (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K or Q6_K) given as
+    its raw bytes.
 
     raw: (out_features, row bytes) uint8; x: (n, in_features) float32, C-contiguous; out: (n,
     out_features) float32.
@@ -669,7 +735,38 @@ PACKED = {Q8_0: (ROW_GROUP, ((0, 2, 2), (2, 34, 4))), Q4_0: (ROW_GROUP, ((0, 2, 
           Q4_K: (K_ROWS, ((0, 16, 4), (16, 144, K_UNIT))), Q5_K: (K_ROWS, ((0, 16, 4), (16, 176, K_UNIT))),
           Q6_K: (K_ROWS, ((0, 192, K_UNIT), (192, 208, 4), (208, 210, 2)))}
 BLOCK_BYTES = {Q8_0: Q8_0_BYTES, Q4_0: Q4_0_BYTES, Q4_1: Q4_1_BYTES, Q4_K: Q4_K_BYTES, Q5_K: Q5_K_BYTES,
-               Q6_K: Q6_K_BYTES}
+               Q6_K: Q6_K_BYTES, Q5_0: Q5_0_BYTES}
+
+# Types whose int8 kernels are another type's, their blocks rewritten into it as they are packed. A Q5_0
+# weight d * (v - 16) is the Q8_0 weight of the same d and q = v - 16: the Q8_0 kernels compute its
+# products as a Q5_0 kernel would (d_w d_x sum((v - 16) q_x), llama.cpp's), reading 34 bytes a block
+# for 22. Q5_0 is where llama.cpp's K-quant mixes put the matrices whose rows are not whole super-blocks
+# (Q4_K's fallback: most of a Q4_K_M SmolLM2, whose rows are 576 wide); on the exact kernels only, its
+# decode steps were a tenth of the int8 kernels' speed.
+TRANSCODED = {Q5_0: Q8_0}
+
+
+def int8_type(qt: int) -> int:
+    """The type whose int8 kernels compute a matrix of type qt (PACKED), as packed: its own, or TRANSCODED's."""
+    return TRANSCODED.get(qt, qt)
+
+
+def packed_row_bytes(qt: int, row_bytes: int) -> int:
+    """The bytes of a packed row of a type-qt matrix whose rows take row_bytes as stored."""
+    return row_bytes // BLOCK_BYTES[qt] * BLOCK_BYTES[int8_type(qt)]
+
+
+def _q5_0_as_q8_0(rows: np.ndarray) -> np.ndarray:
+    """Q5_0 rows (n, blocks * 22) uint8 -> the same weights in Q8_0 blocks (n, blocks * 34) uint8."""
+    blocks = rows.reshape(rows.shape[0], -1, Q5_0_BYTES)
+    fifth = np.unpackbits(np.ascontiguousarray(blocks[..., 2:6]), axis=-1, bitorder="little")  # bit i of qh
+    values = fifth << np.uint8(4)                                               # (n, blocks, 32): v 0..31
+    values[..., :16] |= blocks[..., 6:] & np.uint8(15)
+    values[..., 16:] |= blocks[..., 6:] >> np.uint8(4)
+    out = np.empty((*blocks.shape[:2], Q8_0_BYTES), np.uint8)
+    out[..., :2] = blocks[..., :2]                                              # d
+    out[..., 2:] = (values.view(np.int8) - np.int8(16)).view(np.uint8)
+    return out.reshape(rows.shape[0], -1)
 
 
 def packed_rows(rows: int) -> int:
@@ -679,14 +776,17 @@ def packed_rows(rows: int) -> int:
 
 
 def pack_groups(qt: int, raw: np.ndarray, out: np.ndarray, first: int = 0) -> None:
-    """out = rows first, first + 1, ... of the matrix raw (type qt in PACKED, (rows, row bytes) uint8; rows
-    past its end: its last row) in the group kernels' layout (PACKED), as many as out holds:
-    out (n * ROW_GROUP, row bytes) uint8, first a multiple of ROW_GROUP."""
-    rows, row_bytes = raw.shape
-    group, regions = PACKED[qt]
-    block = BLOCK_BYTES[qt]
-    n, blocks = out.shape[0] // group, row_bytes // block
-    w = raw[np.minimum(np.arange(first, first + n * group), rows - 1)].reshape(n, group, blocks, block)
+    """out = rows first, first + 1, ... of the matrix raw (type qt in PACKED or TRANSCODED, (rows, row bytes)
+    uint8; rows past its end: its last row) in the group kernels' layout (PACKED) of int8_type(qt), as many
+    as out holds: out (n * ROW_GROUP, packed_row_bytes) uint8, first a multiple of ROW_GROUP."""
+    group, regions = PACKED[int8_type(qt)]
+    n = out.shape[0] // group
+    w = raw[np.minimum(np.arange(first, first + n * group), raw.shape[0] - 1)]
+    if qt in TRANSCODED:
+        w = _q5_0_as_q8_0(w)
+    block = BLOCK_BYTES[int8_type(qt)]
+    blocks = w.shape[1] // block
+    w = w.reshape(n, group, blocks, block)
     dest = out.reshape(n, blocks, group * block)                                 # (group, block, bytes)
     for start, stop, unit in regions:
         part = w[..., start:stop].reshape(n, group, blocks, (stop - start) // unit, unit)
@@ -1611,6 +1711,12 @@ def _group_values(qt, row, g, w):
     elif qt == Q4_0:
         q, off, a, b = _q4_0_params(row, g)
         _nibbles_values(row, q, off, a, b, w, k)
+    elif qt == Q5_0 or qt == Q5_1:
+        q, h, off, a, b = _q5_0_params(row, g) if qt == Q5_0 else _q5_1_params(row, g)
+        for i in range(16):
+            lo, hi = _fives(row, q, h, i)
+            w[k + i] = a * (lo - off) + b
+            w[k + i + 16] = a * (hi - off) + b
     elif qt == Q4_K:
         p = (g // 8) * Q4_K_BYTES
         q, shift, ds, ms = _q4_k_params(row, p, g % 8, _f16(row, p), _f16(row, p + 2))
