@@ -19,8 +19,9 @@ real path, size and modification time and of the layout (ROW_GROUP, LAYOUT): a c
 another CPU's group size, gets a new file. Each load compares a few groups of every matrix with the
 model's own rows, packed again, and writes a file that does not agree (damaged, cut short) again.
 Beside each file, `<hash>.json` records the model file it was made from (its real path, size and
-modification time); whenever a new file is written, the files whose model is gone or changed since are
-removed, so a re-downloaded or rewritten model does not leave its old packing behind. (A file without a
+modification time) and its LAYOUT; whenever a new file is written, the files whose model is gone or
+changed since, or of an older layout, are removed, so a re-downloaded or rewritten model, or an upgrade,
+does not leave an old packing behind. (A file without a
 record, made before records were kept, stays until removed by hand.) Removing the folder frees the
 space; the next load makes the file again.
 
@@ -164,10 +165,11 @@ def _source(path: str) -> dict:
 
 
 def _record(path, source: dict) -> None:
-    """Write packed file path's record of its model (`_source`), then remove the stale files beside it.
-    (A record that cannot be written leaves the file without one: kept, as a file made before records.)"""
+    """Write packed file path's record of its model (`_source`) and layout, then remove the stale files
+    beside it. (A record that cannot be written leaves the file without one: kept, as a file made before
+    records.)"""
     try:
-        path.with_suffix(".json").write_text(json.dumps(source))
+        path.with_suffix(".json").write_text(json.dumps(dict(source, layout=LAYOUT)))
     except OSError:
         return
     _remove_stale(path.parent)
@@ -175,7 +177,8 @@ def _record(path, source: dict) -> None:
 
 def _remove_stale(folder) -> None:
     """Remove the packed files (and their records) in folder whose model file is gone, or is not the one
-    they were made from (another size or modification time). A record that cannot be read, or a model
+    they were made from (another size or modification time), or that an older LAYOUT made (records
+    without one: LAYOUT 2's), which this version never reads. A record that cannot be read, or a model
     that cannot be looked at (permissions), leaves its file alone."""
     for record in folder.glob("*.json"):
         try:
@@ -183,7 +186,8 @@ def _remove_stale(folder) -> None:
             if not isinstance(made_from["model"], str):
                 continue
             stat = os.stat(made_from["model"])
-            if stat.st_size == made_from["size"] and stat.st_mtime_ns == made_from["mtime_ns"]:
+            if (stat.st_size == made_from["size"] and stat.st_mtime_ns == made_from["mtime_ns"]
+                    and made_from.get("layout", 2) >= LAYOUT):
                 continue
         except FileNotFoundError:
             pass                                  # the model is gone

@@ -90,7 +90,8 @@ def test_a_model_files_packed_matrices_are_written_once_and_mapped(tmp_path, cac
     files = _cached_files(cache_home)
     assert len(files) == 1 and len(list((cache_home / "packed").iterdir())) == 2   # and its record; no part left
     record = json.loads(files[0].with_suffix(".json").read_text())
-    assert record == {"model": os.path.realpath(path), "size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
+    assert record == {"model": os.path.realpath(path), "size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns,
+                      "layout": packing.LAYOUT}
     assert np.array_equal(first, in_memory)                   # bit for bit the same products
     wq = checkpoint.weights["wq"][0]
     base = wq.kernel_bytes
@@ -131,8 +132,9 @@ def test_a_changed_model_file_gets_a_new_cache_file_and_the_old_one_goes(tmp_pat
 
 
 def test_packed_files_of_models_gone_go_when_another_is_written(tmp_path, cache_home, monkeypatch):
-    """Not at every load: when a new file is written. Files of models still there stay, and so do a file
-    without a record (made before records were kept) and one whose record cannot be read."""
+    """Not at every load: when a new file is written. Files of models still there stay (not those of an
+    older layout), and so do a file without a record (made before records were kept) and one whose
+    record cannot be read."""
     monkeypatch.setattr(packing, "CACHED_BYTES", 0)
     kept, gone = tmp_path / "kept.gguf", tmp_path / "gone.gguf"
     _write(kept, seed=1)
@@ -144,9 +146,13 @@ def test_packed_files_of_models_gone_go_when_another_is_written(tmp_path, cache_
     (folder / ("0" * 32 + ".bin")).write_bytes(b"an older file")
     (folder / ("1" * 32 + ".bin")).write_bytes(b"a file whose record is damaged")
     (folder / ("1" * 32 + ".json")).write_text("{not json")
+    older = folder / ("2" * 32 + ".json")               # kept's packing in an older layout (its record has none)
+    older.write_text(json.dumps({"model": os.path.realpath(kept), "size": kept.stat().st_size,
+                                 "mtime_ns": kept.stat().st_mtime_ns}))
+    older.with_suffix(".bin").write_bytes(b"an older layout")
     gone.unlink()
     _logits(kept)                                             # nothing written: nothing removed
-    assert len(_cached_files(cache_home)) == 4
+    assert len(_cached_files(cache_home)) == 5
     third = tmp_path / "third.gguf"
     _write(third, seed=3)
     _logits(third)
@@ -154,6 +160,7 @@ def test_packed_files_of_models_gone_go_when_another_is_written(tmp_path, cache_
     assert models == {os.path.realpath(kept), os.path.realpath(third)}
     assert len(_cached_files(cache_home)) == 4                # kept's, third's, and the two left alone
     assert (folder / ("0" * 32 + ".bin")).exists() and (folder / ("1" * 32 + ".bin")).exists()
+    assert not older.exists() and not older.with_suffix(".bin").exists()
 
 
 def test_no_writable_cache_packs_in_memory(tmp_path, cache_home, monkeypatch):
