@@ -62,6 +62,16 @@ def golden_tolerance(case: dict) -> float:
     return 1e-4 if case["model"].endswith(".v2.bin") else 2e-5
 
 
+@pytest.fixture(autouse=True)
+def no_compile_notice(monkeypatch):
+    """The command line's compile notice (llamarun/compiling.py) only after a minute, in the tests that run
+    `main` in this process: a compile that runs past the notice's half second on a busy machine (numba's
+    typed-list methods compile in every process) put a line into stderr where a test counts one.
+    tests/test_threads.py sets it back to test the notice itself."""
+    from llamarun import compiling
+    monkeypatch.setattr(compiling, "NOTICE_AFTER", 60.0)
+
+
 @pytest.fixture(scope="session")
 def smol_path() -> Path:
     """The default model, SmolLM2-135M-Instruct Q4_1, where `llamarun pull` puts it ($LLAMARUN_HOME)."""
