@@ -208,13 +208,13 @@ GGML_TYPES = (_T.F32, *DEQUANTIZERS)   # the tensor types llamarun reads from GG
 
 # The types with native kernels of both arithmetics (kernels/ggml.py): matrix-vector products that read
 # the blocks as stored, exact and fast (int8), and a decoder for the tiles of the prefill's BLAS products.
-# (Q5_0's int8 kernels are Q8_0's, reading its blocks rewritten as Q8_0 ones: kernels/ggml.py, TRANSCODED.)
-KERNEL_TYPES = frozenset({_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q4_K, _T.Q5_K, _T.Q6_K, _T.Q5_0})
+# (Q5_0's and Q5_1's int8 kernels read their blocks rewritten as they are packed: kernels/ggml.py, TRANSCODED.)
+KERNEL_TYPES = frozenset({_T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q4_K, _T.Q5_K, _T.Q6_K})
 # Those whose fast kernels take 8 weight rows at once, each block shared by every row of x.
 GROUP_KERNEL_TYPES = KERNEL_TYPES
-# The types with the exact kernels and the tile decoder: those, and Q2_K, Q3_K and Q5_1, which have no
-# fast (int8) kernel, so no place in the one-call forward (which computes with the fast kernels only).
-EXACT_KERNEL_TYPES = KERNEL_TYPES | {_T.Q2_K, _T.Q3_K, _T.Q5_1}
+# The types with the exact kernels and the tile decoder: those, and Q2_K and Q3_K, which have no fast
+# (int8) kernel, so no place in the one-call forward (which computes with the fast kernels only).
+EXACT_KERNEL_TYPES = KERNEL_TYPES | {_T.Q2_K, _T.Q3_K}
 # Half-precision matrices: 2 bytes a weight as stored, with matrix-vector kernels of their own
 # (kernels/matvec.py, matvec_half) for a decode step; a prompt's products widen a tile at a time for BLAS.
 HALF_TYPES = frozenset({_T.F16, _T.BF16})
@@ -236,13 +236,13 @@ class GGMLTensor:
     shape is (out_features, in_features); `raw` is (out_features, bytes_per_row) uint8, one row of
     blocks per output. Never dequantized whole by a product: `linear` reads the blocks directly
     (EXACT_KERNEL_TYPES and F16/BF16, for a few rows of x) or a tile of rows at a time; `rows` for an embedding
-    lookup; `dequantize` when asked for the whole matrix. The int8 kernels (Q8_0, Q4_0, Q4_1 and the
+    lookup; `dequantize` when asked for the whole matrix. The int8 kernels (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the
     K-quants Q4_K, Q5_K, Q6_K) read the same blocks packed in groups of rows instead (`kernel_bytes`, llamarun/packing.py).
 
     `exact` chooses the arithmetic of the matrix-vector kernels (kernels/ggml.py): True, float32
     activations times the weights as gguf dequantizes them (what the parity tests run); False,
     activations quantized to int8 blocks and integer dot products, as llama.cpp does, where the type
-    has such kernels (KERNEL_TYPES; Q2_K, Q3_K and Q5_1 take the exact kernels on either arithmetic). It is
+    has such kernels (KERNEL_TYPES; Q2_K and Q3_K take the exact kernels on either arithmetic). It is
     fixed when the tensor is made (the model's plan gives it, llamarun/plan.py): `with_exact` makes another.
     """
 
@@ -256,7 +256,7 @@ class GGMLTensor:
         self._exact = exact
         self._dequantize_rows = DEQUANTIZERS[qtype] or (lambda raw: gguf_quants.dequantize(raw, qtype))
         self._kernel_type = int(qtype) if qtype in EXACT_KERNEL_TYPES else None
-        # the fast (int8) kernels where asked for and the type has them. Q2_K, Q3_K and Q5_1 have none: on the
+        # the fast (int8) kernels where asked for and the type has them. Q2_K and Q3_K have none: on the
         # fast path too their products take the exact kernels (decode) and the tile decoder (prompts)
         self._int8 = not exact and qtype in KERNEL_TYPES
         self._tile_rows = max(16, min(shape[0], TILE_BYTES // (4 * shape[1]) // 16 * 16))

@@ -41,8 +41,7 @@ LAYOUTS = {
     T.Q5_1: (32, 24, [0, 2]),        # d, m, then as Q5_0
     T.F16: (1, 2, []),
 }
-KERNELS = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q5_0]      # Q5_0's int8 kernels: Q8_0's (TRANSCODED)
-EXACT_ONLY = [T.Q5_1]          # exact kernels and the tile decoder, no int8 kernels (Q2_K, Q3_K: test_q2k_q3k.py)
+KERNELS = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q5_0, T.Q5_1]   # Q5_0's, Q5_1's repacked (TRANSCODED)
 
 
 def random_blocks(qtype, rows: int, n_in: int, rng, scale: float = 0.01) -> np.ndarray:
@@ -82,7 +81,7 @@ def fast_bound(x, w, magnitudes):
     return xd @ w_block.T * (0.5 + 1e-4) + 2 * n_in * U * magnitudes
 
 
-@pytest.mark.parametrize("qtype", KERNELS + EXACT_ONLY, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", KERNELS, ids=lambda t: t.name)
 def test_dequantize_rows_bit_for_bit(qtype):
     rng = np.random.default_rng(1)
     raw = random_blocks(qtype, 19, 512, rng)
@@ -93,7 +92,7 @@ def test_dequantize_rows_bit_for_bit(qtype):
 
 
 @pytest.mark.parametrize("n", [1, 3, 8, 40])
-@pytest.mark.parametrize("qtype", KERNELS + EXACT_ONLY, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", KERNELS, ids=lambda t: t.name)
 def test_exact_equals_dequantize_then_matmul(qtype, n):
     rng = np.random.default_rng(int(qtype) * 100 + n)
     raw = random_blocks(qtype, 37, 512, rng)                 # an odd row count: uneven tasks
@@ -164,6 +163,18 @@ def test_fast_bound_is_reached_by_adversarial_activations(qtype):
     bound = fast_bound(x[None], w, magnitudes)
     assert abs(out[0, 0] - ref[0, 0]) <= bound[0, 0]
     assert abs(out[0, 0] - ref[0, 0]) >= 0.9 * bound[0, 0]
+
+
+def test_q5_1_packs_its_values_a_byte_each():
+    """TRANSCODED: Q5_1's blocks rewritten as d, m and the 32 values a byte each: d * v + m gives gguf's
+    weights, bit for bit (the product rounded to float32, then m added)."""
+    rng = np.random.default_rng(12)
+    raw = random_blocks(T.Q5_1, 21, 512, rng)
+    blocks = kernels._q5_1_as_bytes(raw).reshape(21, 16, 36)
+    d, m = (blocks[..., k:k + 2].copy().view(np.float16)[..., 0].astype(np.float32) for k in (0, 2))
+    weights = (blocks[..., 4:].astype(np.float32) * d[..., None] + m[..., None]).reshape(21, 512)
+    assert np.array_equal(weights.view(np.uint32), quants.dequantize(raw, T.Q5_1).view(np.uint32))
+    assert blocks[..., 4:].max() <= 31
 
 
 def test_q5_0_packs_as_the_q8_0_blocks_of_the_same_weights():

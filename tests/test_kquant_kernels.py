@@ -21,7 +21,7 @@ from test_portability import run_generic
 
 ROOT = Path(__file__).resolve().parents[1]
 K_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K]
-INTEGER_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, *K_TYPES]     # the fast kernels' types: int8 products throughout
+INTEGER_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_1, *K_TYPES]     # the fast kernels' types: int8 products throughout
 
 
 @pytest.mark.parametrize("rows", [8, 13, 64])
@@ -85,8 +85,8 @@ def test_a_long_batch_in_tiles_computes_each_row_as_alone(qtype):
 
 
 def fast_kernel_outputs() -> str:
-    """Code printing (as JSON) the fast products of fixed random matrices of each fast-kernel type
-    (Q8_0, Q4_0, Q4_1 and the K-quants), as float32 bits."""
+    """Code printing (as JSON) the fast products of fixed random matrices of each of INTEGER_TYPES, as
+    float32 bits."""
     return f"""
         import json, sys
         sys.path.insert(0, {str(ROOT / "tests")!r})
@@ -96,7 +96,7 @@ def fast_kernel_outputs() -> str:
         from llamarun.tensors import GGMLTensor
         from test_kernels import random_blocks
         out = {{"vnni": ggml.VNNI, "vnni512": ggml.VNNI512, "avx2": ggml.AVX2}}
-        for qtype in (T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K):
+        for qtype in ({", ".join(f"T.{t.name}" for t in INTEGER_TYPES)}):
             rng = np.random.default_rng(5)
             raw = random_blocks(qtype, 19, 512, rng)
             x = rng.standard_normal((9, 512)).astype(np.float32)

@@ -41,9 +41,9 @@ def random_model(types: dict, seed: int = 0, **plan) -> Transformer:
     return Transformer(c, weights, dataclasses.replace(choose_plan(c, weights, exact=False), **plan))
 
 
-# every type with a group kernel in one model (Q5_0 on Q8_0's, TRANSCODED), and a Q4_K classifier (python -m
-# llamarun.kernels compiles its forward ahead: kernels/compile.py)
-MIXED = {"wq": T.Q8_0, "wk": T.Q4_0, "wv": T.Q6_K, "wo": T.Q5_K, "w1": T.Q4_K, "w2": T.Q5_0, "w3": T.Q4_1,
+# every group kernel in one model (Q5_0's is Q8_0's: TRANSCODED; Q8_0's own is the default classifier's), and
+# a Q4_K classifier (python -m llamarun.kernels compiles its forward ahead: kernels/compile.py)
+MIXED = {"wq": T.Q5_0, "wk": T.Q4_0, "wv": T.Q6_K, "wo": T.Q5_K, "w1": T.Q4_K, "w2": T.Q5_1, "w3": T.Q4_1,
          "output": T.Q4_K}
 
 BATCHES = [

@@ -1,7 +1,7 @@
 """Matrix-vector products with ggml's quantized block formats, reading the weights' blocks as they are stored.
 
-out = x @ W.T for a decode-sized x (up to 8 rows) and W in Q8_0, Q4_0, Q4_1, Q4_K, Q5_K or Q6_K (and, on
-the exact arithmetic only, Q2_K, Q3_K, Q5_0 or Q5_1): each kernel reads the raw bytes of the matrix (a view of the
+out = x @ W.T for a decode-sized x (up to 8 rows) and W in Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K
+(and, on the exact arithmetic only, Q2_K or Q3_K): each kernel reads the raw bytes of the matrix (a view of the
 memory-mapped GGUF file; for the fast kernels, the same blocks packed in groups of rows, see
 PACKED) once, in parallel over output rows, and keeps no float32 copy of it. Two ways to do
 the arithmetic:
@@ -16,7 +16,8 @@ the arithmetic:
       Q8_0  d_w d_x sum(q_w q_x)                 Q4_0  d_w d_x sum((n_w - 8) q_x)
       Q4_1  d_w d_x sum(n_w q_x) + m_w s_x       Q4_K  (d sc) d_x sum(n_w q_x) - (dmin m) s_x
       Q5_K  as Q4_K, n_w of 5 bits               Q6_K  d_x (d sc_a sum_a(q_w q_x) + d sc_b sum_b(q_w q_x))
-                                                       (its two 16-value sub-blocks)
+      Q5_0  as Q8_0, q_w = v - 16                      (its two 16-value sub-blocks)
+      Q5_1  as Q4_1, n_w of 5 bits               (Q5_0 and Q5_1 repacked for it: TRANSCODED)
   The K-quants take the same 32-value activation blocks as the others (llama.cpp gives them 256-value
   Q8_K super-blocks, a float scale and integer sums per 16): one quantization of x serves every
   type, and a Q4_K / Q5_K sub-block (32 values, one scale and min) lines up with one activation block.
@@ -424,14 +425,17 @@ def _q23_values(qt, row, groups, w):
 
 # ggml type ids (GGMLQuantizationType's values)
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 10, 11, 12, 13, 14
+# Q5_1's blocks as the int8 kernels read them (TRANSCODED): no ggml type of its own, an id past ggml's
+Q5_1_BYTES_T = 107
 
 # The types a compiled product takes, one bit each (`kinds`): a one-call forward is compiled for its
 # model's types only (step.forward_fast_for). Why: each type's group kernels are long vector code, and
 # the branches of the types a model lacks were most of its first compile (docs/performance.md). numba
 # prunes a branch on `kinds & BIT` before typing when kinds is a constant of the caller.
-Q4_1_BIT, Q8_0_BIT, Q4_0_BIT, Q4_K_BIT, Q5_K_BIT, Q6_K_BIT = 1, 2, 4, 8, 16, 32
-ALL_KINDS = 63
-KIND_BITS = {Q4_1: Q4_1_BIT, Q8_0: Q8_0_BIT, Q4_0: Q4_0_BIT, Q4_K: Q4_K_BIT, Q5_K: Q5_K_BIT, Q6_K: Q6_K_BIT}
+Q4_1_BIT, Q8_0_BIT, Q4_0_BIT, Q4_K_BIT, Q5_K_BIT, Q6_K_BIT, Q5_1_BIT = 1, 2, 4, 8, 16, 32, 64
+ALL_KINDS = 127
+KIND_BITS = {Q4_1: Q4_1_BIT, Q8_0: Q8_0_BIT, Q4_0: Q4_0_BIT, Q4_K: Q4_K_BIT, Q5_K: Q5_K_BIT, Q6_K: Q6_K_BIT,
+             Q5_1_BYTES_T: Q5_1_BIT}
 
 
 def kinds_of(qtypes) -> int:
@@ -661,7 +665,8 @@ def _pairwise_add(builder, v):
 def _dot8_unsigned(builder, w, x):
     """<32 x i8> w (unsigned) times <32 x i8> x (signed, |x| <= 127) -> <8 x i32>, lane i the sum of
     products 4i..4i+3. AVX2: pmaddubsw (products summed in pairs to int16, saturating: exact here, as
-    the callers' w are nibbles (<= 15) or magnitudes <= 128, so a pair is at most 2 * 128 * 127 < 2^15),
+    the callers' w are nibbles (<= 15), Q5_1's values (<= 31) or magnitudes <= 128, so a pair is at most
+    2 * 128 * 127 < 2^15),
     then pmaddwd by ones (pairs of those to int32)."""
     if VNNI:
         # vpdpbusd: the same four products per int32 lane, summed in one instruction (exact, no
@@ -731,19 +736,21 @@ K_ROWS = 8
 # dmin, then the 12 bytes of 6-bit scales, first; Q6_K: the 16 int8 scales, then d, last): each a load.
 K_UNIT = 8 if VNNI512 else 4
 PACKED = {Q8_0: (ROW_GROUP, ((0, 2, 2), (2, 34, 4))), Q4_0: (ROW_GROUP, ((0, 2, 2), (2, 18, 4))),
-          Q4_1: (ROW_GROUP, ((0, 4, 4), (4, 20, 4))),
+          Q4_1: (ROW_GROUP, ((0, 4, 4), (4, 20, 4))), Q5_1_BYTES_T: (ROW_GROUP, ((0, 4, 4), (4, 36, 4))),
           Q4_K: (K_ROWS, ((0, 16, 4), (16, 144, K_UNIT))), Q5_K: (K_ROWS, ((0, 16, 4), (16, 176, K_UNIT))),
           Q6_K: (K_ROWS, ((0, 192, K_UNIT), (192, 208, 4), (208, 210, 2)))}
 BLOCK_BYTES = {Q8_0: Q8_0_BYTES, Q4_0: Q4_0_BYTES, Q4_1: Q4_1_BYTES, Q4_K: Q4_K_BYTES, Q5_K: Q5_K_BYTES,
-               Q6_K: Q6_K_BYTES, Q5_0: Q5_0_BYTES}
+               Q6_K: Q6_K_BYTES, Q5_0: Q5_0_BYTES, Q5_1: Q5_1_BYTES, Q5_1_BYTES_T: 36}
 
-# Types whose int8 kernels are another type's, their blocks rewritten into it as they are packed. A Q5_0
+# Types whose int8 kernels read their blocks rewritten, as they are packed, into another form. A Q5_0
 # weight d * (v - 16) is the Q8_0 weight of the same d and q = v - 16: the Q8_0 kernels compute its
 # products as a Q5_0 kernel would (d_w d_x sum((v - 16) q_x), llama.cpp's), reading 34 bytes a block
-# for 22. Q5_0 is where llama.cpp's K-quant mixes put the matrices whose rows are not whole super-blocks
-# (Q4_K's fallback: most of a Q4_K_M SmolLM2, whose rows are 576 wide); on the exact kernels only, its
-# decode steps were a tenth of the int8 kernels' speed.
-TRANSCODED = {Q5_0: Q8_0}
+# for 22. A Q5_1 weight d * v + m keeps d and m and its values a byte each (Q5_1_BYTES_T, 36 bytes a
+# block for 24), computed as Q4_1's with 5-bit values (d_w d_x sum(v q_x) + m_w s_x, llama.cpp's Q5_1).
+# Q5_0 and Q5_1 are where llama.cpp's K-quant mixes put the matrices whose rows are not whole
+# super-blocks (Q4_K's fallback and Q5_K's: most of a Q4_K_M or Q5_K_M SmolLM2, whose rows are 576 wide);
+# on the exact kernels only, their decode steps were a tenth of the int8 kernels' speed.
+TRANSCODED = {Q5_0: Q8_0, Q5_1: Q5_1_BYTES_T}
 
 
 def int8_type(qt: int) -> int:
@@ -756,17 +763,35 @@ def packed_row_bytes(qt: int, row_bytes: int) -> int:
     return row_bytes // BLOCK_BYTES[qt] * BLOCK_BYTES[int8_type(qt)]
 
 
+def _five_bit_values(blocks: np.ndarray, qh: int) -> np.ndarray:
+    """The 32 values (0..31) of each Q5_0 / Q5_1 block (n, blocks, block bytes), whose 4 bytes of qh start
+    at byte qh and 16 of nibbles follow: (n, blocks, 32) uint8."""
+    fifth = np.unpackbits(np.ascontiguousarray(blocks[..., qh:qh + 4]), axis=-1, bitorder="little")  # bit i of qh
+    values = fifth << np.uint8(4)
+    values[..., :16] |= blocks[..., qh + 4:] & np.uint8(15)
+    values[..., 16:] |= blocks[..., qh + 4:] >> np.uint8(4)
+    return values
+
+
 def _q5_0_as_q8_0(rows: np.ndarray) -> np.ndarray:
     """Q5_0 rows (n, blocks * 22) uint8 -> the same weights in Q8_0 blocks (n, blocks * 34) uint8."""
     blocks = rows.reshape(rows.shape[0], -1, Q5_0_BYTES)
-    fifth = np.unpackbits(np.ascontiguousarray(blocks[..., 2:6]), axis=-1, bitorder="little")  # bit i of qh
-    values = fifth << np.uint8(4)                                               # (n, blocks, 32): v 0..31
-    values[..., :16] |= blocks[..., 6:] & np.uint8(15)
-    values[..., 16:] |= blocks[..., 6:] >> np.uint8(4)
     out = np.empty((*blocks.shape[:2], Q8_0_BYTES), np.uint8)
     out[..., :2] = blocks[..., :2]                                              # d
-    out[..., 2:] = (values.view(np.int8) - np.int8(16)).view(np.uint8)
+    out[..., 2:] = (_five_bit_values(blocks, 2).view(np.int8) - np.int8(16)).view(np.uint8)
     return out.reshape(rows.shape[0], -1)
+
+
+def _q5_1_as_bytes(rows: np.ndarray) -> np.ndarray:
+    """Q5_1 rows (n, blocks * 24) uint8 -> Q5_1_BYTES_T blocks (n, blocks * 36): d, m, the 32 values."""
+    blocks = rows.reshape(rows.shape[0], -1, Q5_1_BYTES)
+    out = np.empty((*blocks.shape[:2], 36), np.uint8)
+    out[..., :4] = blocks[..., :4]                                              # d, m
+    out[..., 4:] = _five_bit_values(blocks, 4)
+    return out.reshape(rows.shape[0], -1)
+
+
+_TRANSCODERS = {Q5_0: _q5_0_as_q8_0, Q5_1: _q5_1_as_bytes}
 
 
 def packed_rows(rows: int) -> int:
@@ -783,7 +808,7 @@ def pack_groups(qt: int, raw: np.ndarray, out: np.ndarray, first: int = 0) -> No
     n = out.shape[0] // group
     w = raw[np.minimum(np.arange(first, first + n * group), raw.shape[0] - 1)]
     if qt in TRANSCODED:
-        w = _q5_0_as_q8_0(w)
+        w = _TRANSCODERS[qt](w)
     block = BLOCK_BYTES[int8_type(qt)]
     blocks = w.shape[1] // block
     w = w.reshape(n, group, blocks, block)
@@ -908,11 +933,12 @@ def _store_rows(builder, const, out, row, col, total):
 
 
 def _row_group_codegen(qt, n_rows):
-    """Code for weight rows o .. o + ROW_GROUP - 1 of a packed matrix of type qt (Q8_0, Q4_0, Q4_1: see
-    PACKED), times rows j .. j + n_rows - 1 of the quantized activations; per block g:
+    """Code for weight rows o .. o + ROW_GROUP - 1 of a packed matrix of type qt (Q8_0, Q4_0, Q4_1,
+    Q5_1_BYTES_T: see PACKED), times rows j .. j + n_rows - 1 of the quantized activations; per block g:
         Q8_0  d_w d_x[g] sum(q_w q_x)
         Q4_0  d_w d_x[g] (sum(n_w q_x) - 8 sum(q_x))
         Q4_1  d_w d_x[g] sum(n_w q_x) + m_w s_x[g]
+        Q5_1  d_w d_x[g] sum(v_w q_x) + m_w s_x[g]     (its 5-bit values a byte each: TRANSCODED)
     the integer sums exact in int32 (Q8_0 with VNNI: sum((q_w + 128) q_x) - 128 sum(q_x), as
     vpdpbusd takes unsigned weights; without it, |q_w| times q_x with q_w's sign, llama.cpp's trick);
     each block's terms added in turn (Q4_1: the d term, then the m term) to one float32 vector of the
@@ -947,7 +973,7 @@ def _row_group_codegen(qt, n_rows):
                 base = builder.add(builder.mul(row, n_in), builder.mul(g, const(QK)))
                 xs_k = [_splat(builder, _load(builder, xq, builder.add(base, const(4 * k)), _I32), lanes)
                         for k in range(8)]
-                if qt != Q8_0 and AVX2 and not VNNI:
+                if (qt == Q4_0 or qt == Q4_1) and AVX2 and not VNNI:
                     isum = _nibbles_block_dot(builder, w, xs_k)
                 else:
                     sums = [izero, izero]                      # two chains of vpdpbusd, added at the end
@@ -961,7 +987,7 @@ def _row_group_codegen(qt, n_rows):
                     isum = builder.sub(isum, _splat(builder, builder.shl(total, ir.Constant(_I32, shift)), lanes))
                 scale = builder.fmul(d_w, _splat(builder, builder.load(builder.gep(xd, [block])), lanes))
                 total = _multiply_add(builder, builder.sitofp(isum, floats), scale, builder.load(acc[r]))
-                if qt == Q4_1:
+                if qt == Q4_1 or qt == Q5_1_BYTES_T:
                     s_x = _splat(builder, builder.load(builder.gep(xs, [block])), lanes)
                     total = _multiply_add(builder, m_w, s_x, total)
                 builder.store(total, acc[r])
@@ -975,13 +1001,15 @@ def _row_group_codegen(qt, n_rows):
             p = builder.mul(g, const(group_bytes))
             _prefetch_next_group(builder, weights, ROW_GROUP, g, groups)
             quants = [_load(builder, first, builder.add(p, const(scale_bytes * lanes + 4 * lanes * k)), words)
-                      for k in range(8 if qt == Q8_0 else 4)]
-            if qt == Q4_1:
+                      for k in range(4 if qt == Q4_0 or qt == Q4_1 else 8)]
+            if qt == Q4_1 or qt == Q5_1_BYTES_T:
                 d_w, m_w = _halves_of_words(builder, _load(builder, first, p, words), 2)
             else:
                 d_w, m_w = half_to_float(builder, _load(builder, first, p, _vector(_I16, lanes))), None
             if qt == Q8_0:
                 add_block(g, d_w, None, *_unsigned_q8_0(builder, quants))
+            elif qt == Q5_1_BYTES_T:
+                add_block(g, d_w, m_w, quants, None)                # unsigned bytes <= 31, as they are
             else:
                 add_block(g, d_w, m_w, nibble_values(quants), None)
         for r, row in enumerate(x_rows):
@@ -1243,7 +1271,8 @@ def _bytes_matrix(t) -> bool:
 
 
 # each type's group kernels, over a range of activation rows
-_row_groups_q8_0, _row_groups_q4_0, _row_groups_q4_1 = (_row_groups_intrinsic(qt) for qt in (Q8_0, Q4_0, Q4_1))
+_row_groups_q8_0, _row_groups_q4_0, _row_groups_q4_1, _row_groups_q5_1 = (_row_groups_intrinsic(qt)
+                                                                          for qt in (Q8_0, Q4_0, Q4_1, Q5_1_BYTES_T))
 _row_groups_q4_k, _row_groups_q5_k, _row_groups_q6_k = (_row_groups_intrinsic(qt) for qt in (Q4_K, Q5_K, Q6_K))
 
 
@@ -1410,6 +1439,8 @@ def _row_group_fast(kinds, qt, raw, o, xq, xd, xsum, xs, out, j0, n):
         _row_groups_q8_0(raw, o, xq, xd, xsum, xs, j0, n, out)
     elif kinds & Q4_0_BIT and qt == Q4_0:
         _row_groups_q4_0(raw, o, xq, xd, xsum, xs, j0, n, out)
+    elif kinds & Q5_1_BIT and qt == Q5_1_BYTES_T:
+        _row_groups_q5_1(raw, o, xq, xd, xsum, xs, j0, n, out)
     else:
         for k in range(o, o + ROW_GROUP, K_ROWS):     # the K-quants' kernels: K_ROWS weight rows at a time
             if kinds & Q4_K_BIT and qt == Q4_K:
@@ -1422,7 +1453,7 @@ def _row_group_fast(kinds, qt, raw, o, xq, xd, xsum, xs, out, j0, n):
 
 # _row_group_fast as a function of its own, called rather than inlined, for the fused products of the
 # layer-by-layer path below (matvec3_fast, swiglu_fast: inspection and the per-kernel tests, never the
-# one-call forward). They take every type, and each inlined copy compiled the group kernels of all six
+# one-call forward). They take every type, and each inlined copy compiled the group kernels of all seven
 # again; one called copy serves both. (The one-call forward inlines _row_group_fast for its own types
 # only, kernels/step.py; called there it made a decode step slower.)
 _row_group_called = numba.njit(_row_group_fast.py_func)
