@@ -192,15 +192,15 @@ def _q4_1_params(row, g):
 
 # Q5_0 and Q5_1: Q4_0 and Q4_1 with a fifth bit per value, bit i of the block's 32-bit qh for value i.
 # They are where llama.cpp's K-quant mixes put the matrices whose rows are not whole super-blocks (Q4_K
-# falls back to Q5_0, Q5_K to Q5_1): most of a Q4_K_M SmolLM2, whose rows are 576 wide. Exact kernels
-# only: w = a * (v - off) + b as the Q4 loop, v of 5 bits.
+# falls back to Q5_0, Q5_K to Q5_1): most of a Q4_K_M SmolLM2, whose rows are 576 wide. Their exact
+# kernels: w = a * (v - off) + b as the Q4 loop, v of 5 bits (the int8 kernels read them repacked:
+# TRANSCODED).
 
 @numba.njit(inline="always")
 def _fives(row, q, h, i):
     """Values i and 16 + i (i < 16) of a Q5_0 / Q5_1 block, 0..31: the low and the high nibble of byte
     q + i, each with its fifth bit from h, the block's qh as one 32-bit number (bits i and 16 + i).
-    (Shifts of one number by each lane's constant vectorize; a byte of qh picked per lane did not:
-    4x slower.)"""
+    (A byte of qh picked per value instead: a third slower, docs/performance.md.)"""
     lo = _bits(row, q + i, 0, 15) | (((h >> np.uint32(i)) & np.uint32(1)) << np.uint32(4))
     hi = _bits(row, q + i, 4, 15) | (((h >> np.uint32(i + 16)) & np.uint32(1)) << np.uint32(4))
     return np.float32(lo), np.float32(hi)
