@@ -21,7 +21,7 @@ from gguf import quants as gguf_quants
 
 from .kernels import ggml as ggml_kernels
 from .kernels import int8 as int8_kernels
-from .kernels.ggml import PACKED, int8_type
+from .kernels.ggml import PACKED, five_bit_values, int8_type
 from .kernels.matvec import matvec, matvec_half, widen_rows
 from .packing import PackedMatrices
 from .plan import FAST_KERNEL_ROWS, MATVEC_ROWS, TILE_BYTES
@@ -111,8 +111,6 @@ def quantize_groups(x: np.ndarray, group_size: int) -> GroupQuantized:
 _Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", 32)])                       # w = d * qs
 _Q4_0 = np.dtype([("d", "<f2"), ("qs", "u1", 16)])                       # w = d * (nibble - 8)
 _Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])         # w = d * nibble + m
-_Q5_0 = np.dtype([("d", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)])        # w = d * (5 bits - 16)
-_Q5_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)])   # w = d * 5 bits + m
 
 _LOW_NIBBLE, _SHIFT = np.uint8(0x0F), np.uint8(4)
 
@@ -152,38 +150,23 @@ def dequantize_q4_1(raw: np.ndarray) -> np.ndarray:
     return out.reshape(raw.shape[0], blocks.shape[1] * 32)
 
 
-def _five_bit_values(blocks: np.ndarray) -> np.ndarray:
-    """The 32 unsigned 5-bit values of each Q5_0 / Q5_1 block: (rows, nb) -> (rows, nb, 32) uint8.
-
-    Value j's low 4 bits are a nibble of qs as in Q4 (j < 16 low nibbles, else high); its 5th bit is
-    bit j of qh. These types are where K-quant files put rows that are not whole super-blocks (a
-    Q4_K_M of SmolLM2, whose rows are 576 wide), so their prompts' tiles pass through here."""
-    qs = blocks["qs"]                                                   # (rows, nb, 16)
-    qh = np.ascontiguousarray(blocks["qh"]).view(np.uint8).reshape(*blocks.shape, 4)   # little-endian
-    values = np.unpackbits(qh, axis=-1, bitorder="little")              # (rows, nb, 32): bit j of qh
-    values <<= _SHIFT
-    values[..., :16] |= qs & _LOW_NIBBLE
-    values[..., 16:] |= qs >> _SHIFT
-    return values
-
-
 def dequantize_q5_0(raw: np.ndarray) -> np.ndarray:
-    """(rows, n_blocks * 22) uint8 -> (rows, n_blocks * 32) float32, bit for bit as gguf's."""
-    blocks = raw.view(_Q5_0)
-    out = np.empty((*blocks.shape, 32), np.float32)
-    d = blocks["d"].astype(np.float32)[..., None]
-    np.multiply(_five_bit_values(blocks).view(np.int8) - np.int8(16), d, out=out)
-    return out.reshape(raw.shape[0], blocks.shape[1] * 32)
+    """(rows, n_blocks * 22) uint8 -> (rows, n_blocks * 32) float32, bit for bit as gguf's:
+    w = d * (v - 16), v of 5 bits (kernels/ggml.py's five_bit_values)."""
+    blocks = raw.reshape(raw.shape[0], -1, 22)                         # f16 d, u8 qh[4], u8 qs[16]
+    d = np.ascontiguousarray(blocks[..., :2]).view(np.float16).astype(np.float32)          # (rows, nb, 1)
+    out = np.multiply(five_bit_values(blocks, 2).view(np.int8) - np.int8(16), d, dtype=np.float32)
+    return out.reshape(raw.shape[0], -1)
 
 
 def dequantize_q5_1(raw: np.ndarray) -> np.ndarray:
-    """(rows, n_blocks * 24) uint8 -> (rows, n_blocks * 32) float32, bit for bit as gguf's (d * value
-    rounded to float32, then m added, as Q4_1)."""
-    blocks = raw.view(_Q5_1)
-    out = np.empty((*blocks.shape, 32), np.float32)
-    np.multiply(_five_bit_values(blocks), blocks["d"].astype(np.float32)[..., None], out=out)
-    out += blocks["m"].astype(np.float32)[..., None]
-    return out.reshape(raw.shape[0], blocks.shape[1] * 32)
+    """(rows, n_blocks * 24) uint8 -> (rows, n_blocks * 32) float32, bit for bit as gguf's: w = d * v
+    + m, the product rounded to float32 before m is added (as Q4_1)."""
+    blocks = raw.reshape(raw.shape[0], -1, 24)                         # f16 d, f16 m, u8 qh[4], u8 qs[16]
+    d, m = (np.ascontiguousarray(blocks[..., k:k + 2]).view(np.float16).astype(np.float32) for k in (0, 2))
+    out = np.multiply(five_bit_values(blocks, 4), d, dtype=np.float32)
+    out += m
+    return out.reshape(raw.shape[0], -1)
 
 
 def _dequantize_f16(raw: np.ndarray) -> np.ndarray:

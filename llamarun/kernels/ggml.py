@@ -763,9 +763,10 @@ def packed_row_bytes(qt: int, row_bytes: int) -> int:
     return row_bytes // BLOCK_BYTES[qt] * BLOCK_BYTES[int8_type(qt)]
 
 
-def _five_bit_values(blocks: np.ndarray, qh: int) -> np.ndarray:
-    """The 32 values (0..31) of each Q5_0 / Q5_1 block (n, blocks, block bytes), whose 4 bytes of qh start
-    at byte qh and 16 of nibbles follow: (n, blocks, 32) uint8."""
+def five_bit_values(blocks: np.ndarray, qh: int) -> np.ndarray:
+    """The 32 values (0..31) of each Q5_0 / Q5_1 block (..., block bytes) uint8, whose 4 bytes of qh start
+    at byte qh and its 16 of nibbles follow: (..., 32) uint8. Value i: nibble i of the 16 bytes (the low
+    nibbles first, then the high ones, as Q4's), and bit i of qh (little-endian) as its fifth bit."""
     fifth = np.unpackbits(np.ascontiguousarray(blocks[..., qh:qh + 4]), axis=-1, bitorder="little")  # bit i of qh
     values = fifth << np.uint8(4)
     values[..., :16] |= blocks[..., qh + 4:] & np.uint8(15)
@@ -778,7 +779,7 @@ def _q5_0_as_q8_0(rows: np.ndarray) -> np.ndarray:
     blocks = rows.reshape(rows.shape[0], -1, Q5_0_BYTES)
     out = np.empty((*blocks.shape[:2], Q8_0_BYTES), np.uint8)
     out[..., :2] = blocks[..., :2]                                              # d
-    out[..., 2:] = (_five_bit_values(blocks, 2).view(np.int8) - np.int8(16)).view(np.uint8)
+    out[..., 2:] = (five_bit_values(blocks, 2).view(np.int8) - np.int8(16)).view(np.uint8)
     return out.reshape(rows.shape[0], -1)
 
 
@@ -787,7 +788,7 @@ def _q5_1_as_bytes(rows: np.ndarray) -> np.ndarray:
     blocks = rows.reshape(rows.shape[0], -1, Q5_1_BYTES)
     out = np.empty((*blocks.shape[:2], 36), np.uint8)
     out[..., :4] = blocks[..., :4]                                              # d, m
-    out[..., 4:] = _five_bit_values(blocks, 4)
+    out[..., 4:] = five_bit_values(blocks, 4)
     return out.reshape(rows.shape[0], -1)
 
 
