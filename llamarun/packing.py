@@ -4,8 +4,8 @@ file beside the models, memory-mapped as the model is.
 The fast kernels of Q8_0, Q4_0, Q4_1 and the K-quants (Q4_K, Q5_K, Q6_K) read a group of weight rows
 with one int32 lane per row (kernels/ggml.py, PACKED): the blocks of the group's rows side by side,
 their quants by the dword (or 8 bytes) of every row in turn. (Q5_0's and Q5_1's blocks are rewritten
-as they are packed, their values a byte each: kernels/ggml.py's TRANSCODED.) Transposing the file's rows into that layout
-at every step was most of the kernels' instructions; packed once, a decode step's products stream faster
+as they are packed, their values a byte each: kernels/ggml.py's TRANSCODED.) Transposing the file's
+rows into that layout at every step was most of the kernels' instructions; packed once, a decode step's products stream faster
 and a batch's multiply faster (docs/performance.md). llama.cpp's CPU backend repacks Q4_0, Q4_K and
 others the same way at load, into memory it allocates.
 
@@ -53,8 +53,9 @@ NOTICE_BYTES = 256 << 20    # a cache file this big takes seconds to write: said
 
 
 class PackedMatrices:
-    """The int8 kernels' matrices (PACKED types, and TRANSCODED ones) of one model file (path; None: no file), packed the first time one of
-    them is asked for: `packed(i)` is matrix i's, (rows, row bytes) uint8 like its raw bytes, read-only."""
+    """The int8 kernels' matrices (PACKED types, and TRANSCODED ones) of one model file (path; None: no
+    file), packed the first time one of them is asked for: `packed(i)` is matrix i's, (rows, packed row
+    bytes) uint8, read-only."""
 
     def __init__(self, path: str | None, matrices: list[tuple[int, np.ndarray]]):
         self.path = path

@@ -219,8 +219,8 @@ class GGMLTensor:
     shape is (out_features, in_features); `raw` is (out_features, bytes_per_row) uint8, one row of
     blocks per output. Never dequantized whole by a product: `linear` reads the blocks directly
     (EXACT_KERNEL_TYPES and F16/BF16, for a few rows of x) or a tile of rows at a time; `rows` for an embedding
-    lookup; `dequantize` when asked for the whole matrix. The int8 kernels (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the
-    K-quants Q4_K, Q5_K, Q6_K) read the same blocks packed in groups of rows instead (`kernel_bytes`, llamarun/packing.py).
+    lookup; `dequantize` when asked for the whole matrix. The int8 kernels (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1
+    and the K-quants Q4_K, Q5_K, Q6_K) read the same blocks packed in groups of rows instead (`kernel_bytes`, llamarun/packing.py).
 
     `exact` chooses the arithmetic of the matrix-vector kernels (kernels/ggml.py): True, float32
     activations times the weights as gguf dequantizes them (what the parity tests run); False,
