@@ -35,6 +35,7 @@ class _CompileWatch(event.Listener):
         self.depth = 0
         self.started = 0.0
         self.total = 0.0
+        self.started_count = 0      # outermost compiles started (read without the lock: see started())
         self.stream = None          # where the notice goes (None: no notice)
         self.announced = False
         self.ticker: threading.Thread | None = None
@@ -45,6 +46,7 @@ class _CompileWatch(event.Listener):
             if self.depth > 1:
                 return
             self.started = time.perf_counter()
+            self.started_count += 1
             if self.stream is not None and (self.ticker is None or not self.ticker.is_alive()):
                 self._notice()
 
@@ -108,6 +110,13 @@ event.register("numba:compile", _watch)
 def seconds() -> float:
     """Seconds this process has spent compiling kernels so far (including a compile under way)."""
     return _watch.seconds()
+
+
+def started() -> int:
+    """How many compiles have started in this process so far: a number that changes if any starts
+    between two reads. Without the lock (an int attribute reads whole): it is read around every
+    one-call forward (threads.py), where a lock taken with cold caches costs microseconds."""
+    return _watch.started_count
 
 
 def announce(stream=sys.stderr) -> None:

@@ -17,7 +17,6 @@ that measure a fixed count.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import time
@@ -139,30 +138,52 @@ class AdaptiveThreads:
         self.choices: dict[tuple[int, int], ThreadChoice] = {}
         self.chosen: dict[int, int] = {}          # numba's thread count -> the count experienced sizes chose last
 
-    @contextlib.contextmanager
-    def count(self, rows: int):
-        """A block that runs one forward of `rows` tokens: yields its thread count, with numba's count
-        (per calling thread) set to it meanwhile, and records the time it took. A forward that compiled
-        a kernel is not recorded."""
-        most = numba.get_num_threads()
-        if not ADAPT or most == 1:
-            yield most
-            return
-        choice = self.choices.get((rows, most)) or self.choices.setdefault((rows, most),
-                                                                          ThreadChoice(most, others_running))
+    def count(self, rows: int) -> _Forward:
+        """A block (`with`) that runs one forward of `rows` tokens: yields its thread count, with numba's
+        count (per calling thread) set to it meanwhile, and records the time it took. A forward during
+        which a kernel compiled is not recorded."""
+        return _Forward(self, rows)
+
+    def choice_for(self, rows: int, most: int) -> ThreadChoice:
+        """The ThreadChoice of `rows`-token forwards with numba's `most` threads, made at the first."""
+        choice = self.choices.get((rows, most))
+        if choice is None:
+            choice = self.choices[rows, most] = ThreadChoice(most, others_running)
         if not choice.experienced:
             choice.follow(self.chosen.get(most, most))
-        threads = choice.next()
+        return choice
+
+
+class _Forward:
+    """AdaptiveThreads.count's block. A class rather than a generator under contextlib: it runs around every
+    decode step, right after the step has streamed the weights through the caches, and each object and
+    call it makes then costs a cache miss or several (docs/performance.md, 2026-12-06 19:40)."""
+    __slots__ = ("adaptive", "rows", "most", "threads", "choice", "compiles", "start")
+
+    def __init__(self, adaptive: AdaptiveThreads, rows: int):
+        self.adaptive, self.rows = adaptive, rows
+
+    def __enter__(self) -> int:
+        self.most = most = numba.get_num_threads()
+        if not ADAPT or most == 1:
+            self.choice = None
+            self.threads = most
+            return most
+        self.choice = choice = self.adaptive.choice_for(self.rows, most)
+        self.threads = threads = choice.next()
         if threads != most:
             numba.set_num_threads(threads)
-        compiled, start = compiling.seconds(), time.perf_counter()
-        try:
-            yield threads
-        finally:
-            seconds = time.perf_counter() - start
-            if threads != most:
-                numba.set_num_threads(most)
-        if compiling.seconds() == compiled:
-            choice.record(threads, seconds)
+        self.compiles, self.start = compiling.started(), time.perf_counter()
+        return threads
+
+    def __exit__(self, *exception) -> None:
+        choice = self.choice
+        if choice is None:
+            return
+        seconds = time.perf_counter() - self.start
+        if self.threads != self.most:
+            numba.set_num_threads(self.most)
+        if exception[0] is None and compiling.started() == self.compiles:
+            choice.record(self.threads, seconds)
             if choice.experienced:
-                self.chosen[most] = choice.counts[choice.current]
+                self.adaptive.chosen[self.most] = choice.counts[choice.current]
