@@ -50,7 +50,7 @@ class Batch:
     def sequence(cls, tokens, start_pos: int = 0, seq_id: int = 0, all_logits: bool = False) -> Batch:
         """Consecutive tokens of one sequence; logits for the last one (or for all of them)."""
         n = len(tokens)
-        want = np.ones(n, bool) if all_logits else np.arange(n) == n - 1
+        want = np.ones(n, bool) if all_logits or n == 1 else np.arange(n) == n - 1
         return cls(np.asarray(tokens, np.int64), np.arange(start_pos, start_pos + n, dtype=np.int64),
                    np.full(n, seq_id, np.int64), want)
 
@@ -486,16 +486,18 @@ class Transformer:
     def rope_sin(self) -> np.ndarray:
         return self._rope[1]
 
-    def rope_rows(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """cos and sin of these positions' rotations.   pos: (n,) -> (n, D/2) each
+    def rope_rows(self, pos: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin of these positions' rotations.   pos: n ints -> (n, D/2) each
 
         The tables cover the positions used so far, doubling when a later one comes (up to the
         context), so a model whose header claims a huge context costs nothing for it until it is used.
         Swapped as one tuple: another thread reading them sees the old tables or the new, whole."""
-        need = max(pos.tolist(), default=-1) + 1                 # Python's max: see forward
+        need = max(pos, default=-1) + 1
         if need > len(self._rope[0]):
             self._rope = rope_tables(self.config, min(max(need, 2 * len(self._rope[0])), self.config.seq_len))
         cos, sin = self._rope
+        if len(pos) == 1:                     # a decode step: views, not copies (fewer cache misses after a step)
+            return cos[pos[0]:need], sin[pos[0]:need]
         return cos[pos], sin[pos]
 
     @property
@@ -528,7 +530,7 @@ class Transformer:
         positions = batch.pos.tolist()
         if positions and (max(positions) >= cache.seq_len or min(positions) < 0):
             raise ValueError(f"positions must lie in [0, {cache.seq_len})")
-        cos, sin = self.rope_rows(batch.pos)                                     # (n, D/2)
+        cos, sin = self.rope_rows(positions)                                     # (n, D/2)
         x = embed(w["tok_embeddings"], batch.tokens)                            # (n, dim)
         compiled = self.compiled_forward()
         if compiled is not None and probe is None:
