@@ -19,6 +19,7 @@ import weakref
 import numpy as np
 
 from .errors import LlamarunError
+from .kernels.select import top_k_positions
 
 _U64 = (1 << 64) - 1
 
@@ -507,14 +508,13 @@ class Sampler:
         c.keep(np.flatnonzero(z >= z.max() - self.top_n_sigma * z.std()))
 
     def _top_k(self, c):
-        """argpartition is linear; a full sort of the vocabulary would cost milliseconds. The banned
-        tokens (-inf: a grammar's mask) go first: argpartition over a row that is mostly -inf took
-        1.4 ms against 0.1 (tokens of probability 0 were never drawn either way)."""
+        """The k largest logits (of equal ones, the lower ids), in one pass over the row
+        (kernels/select.py); a full sort of the vocabulary would cost milliseconds. Banned tokens (-inf:
+        a grammar's mask, an ignored end token) rank last, and are dropped after: so k counts tokens
+        that can be drawn, without a pass over the whole row to drop them first."""
         if 0 < self.top_k < c.size:
+            c.keep(np.sort(top_k_positions(c.z, self.top_k)))     # in id order, as the row was
             c.drop_banned()
-        n = c.size
-        if 0 < self.top_k < n:
-            c.keep(np.argpartition(c.z, n - self.top_k)[n - self.top_k:])
 
     def _typical(self, c):
         if self.typical_p >= 1:
@@ -532,8 +532,8 @@ class Sampler:
     def _top_p(self, c):
         """The smallest set of the most probable candidates whose mass is >= top_p.
 
-        Only that set needs sorting, so partition off the m heaviest (m = 64, 512, ...) until they
-        hold enough mass, then sort just those (ties in token order).
+        Only that set needs sorting, so take the m heaviest (m = 64, 512, ...; kernels/select.py) until
+        they hold enough mass, then sort just those (ties in token order).
         """
         if self.top_p >= 1.0:
             return
@@ -542,7 +542,7 @@ class Sampler:
         heaviest = np.arange(weights.size)
         m = 64
         while m < weights.size:
-            top = np.argpartition(weights, weights.size - m)[weights.size - m:]
+            top = top_k_positions(weights, m)
             if weights[top].sum(dtype=np.float64) >= needed:
                 heaviest = top
                 break

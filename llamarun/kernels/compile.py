@@ -25,9 +25,9 @@ import numpy as np
 from numba.core.caching import NullCache
 from numba.core.registry import CPUDispatcher
 
-from . import CACHE_DIR, attention, cpu, ggml, int8, matvec, norm, step
+from . import CACHE_DIR, attention, cpu, ggml, int8, matvec, norm, select, step
 
-MODULES = (attention, ggml, int8, matvec, norm, step)
+MODULES = (attention, ggml, int8, matvec, norm, select, step)
 
 
 def dispatchers() -> list[CPUDispatcher]:
@@ -110,6 +110,17 @@ def run_half_precision(path):
             model.forward(Batch.sequence(ids[n:n + 1], n), cache)
 
 
+def run_samplers():
+    """The sampler chain's top-k and top-p (kernels/select.py) on a float32 row of logits, as a model gives
+    them, and a float64 one, as penalties leave them."""
+    from llamarun.sampling import Sampler
+
+    logits = np.random.default_rng(0).standard_normal(4096).astype(np.float32)
+    for row in (logits, logits.astype(np.float64)):
+        Sampler(seed=0).sample(row)
+        Sampler(top_k=0, seed=0).sample(row)
+
+
 def compile_forward_for_types(path, kinds: int, output_kinds: int):
     """The one-call forward for models of these ggml types (step.forward_fast_for), compiled for the
     argument types that the forward of the model at `path` (a GGUF file) takes: those of every GGUF
@@ -152,7 +163,8 @@ def warm_ups(folder: Path, default_model: Path | None) -> list[tuple[str, str, t
                   ("default model, exact path", "run_model", (default_model, True, (1, 5, 40)))]
     return parts + [("llama2.c int8 (runq.c's arithmetic)", "run_model", (int8, True)),
                     ("bfloat16 matrices (Hugging Face, Meta)", "run_half_precision", (f32,)),
-                    ("llama2.c float32 (run.c's)", "run_model", (f32, True))]
+                    ("llama2.c float32 (run.c's)", "run_model", (f32, True)),
+                    ("samplers' top-k", "run_samplers", ())]
 
 
 def quantize_to(src: Path, dst: Path) -> Path:
