@@ -18,6 +18,8 @@ from typing import Callable
 
 import numpy as np
 
+from .kernels.select import top_k_positions
+
 
 @dataclass
 class Alternative:
@@ -83,7 +85,7 @@ def entropy(logp: np.ndarray) -> float:
 def top_ids(values: np.ndarray, k: int) -> np.ndarray:
     """The ids of the k largest values, largest first (ties: lower id first)."""
     k = min(k, values.size)
-    ids = np.argpartition(-values, k - 1)[:k] if k < values.size else np.arange(values.size)
+    ids = top_k_positions(values, k) if k < values.size else np.arange(values.size)
     return ids[np.lexsort((ids, -values[ids]))]
 
 
@@ -96,7 +98,7 @@ def measure(logits: np.ndarray, token: int, sampled: np.ndarray, top: int = 5,
     """
     logits = np.asarray(logits)
     logp = log_softmax(logits)                                            # (vocab,)
-    best = np.sort(np.partition(logits, logits.size - 3)[-3:].astype(np.float64))[::-1]   # 1st, 2nd, 3rd
+    best = np.sort(logits[top_k_positions(logits, 3)].astype(np.float64))[::-1]          # 1st, 2nd, 3rd
     alternatives = [Alternative(int(t), text_of(int(t)), float(np.exp(logp[t])), float(sampled[t]))
                     for t in top_ids(logp, top)]
     return TokenConfidence(token=int(token), text=text_of(int(token)), prob=float(np.exp(logp[token])),

@@ -671,7 +671,7 @@ class Sampler:
         else:
             k = self._mirostat1_k(p, mu, logits.size)
             if k < p.size:
-                c.keep(np.argpartition(-p, k - 1)[:k])
+                c.keep(top_k_positions(p, k))
         order = np.argsort(c.token_ids(), kind="stable")
         ids, c.z = c.token_ids()[order], c.z[order]
         return ids, (c.probabilities() if c.size > 1 else np.ones(1))
@@ -679,7 +679,7 @@ class Sampler:
     @staticmethod
     def _mirostat1_k(p, mu, n_vocab, m=100) -> int:
         """Mirostat 1: top-k with k from the Zipf exponent s estimated on the m most probable tokens."""
-        top = -np.sort(-(p[np.argpartition(-p, m - 1)[:m]] if p.size > m else p))   # descending
+        top = -np.sort(-(p[top_k_positions(p, m)] if p.size > m else p))   # descending
         pairs = min(m - 1, top.size - 1)
         if pairs < 1:
             return 1
