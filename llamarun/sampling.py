@@ -454,6 +454,12 @@ class Sampler:
     def _dry_active(self) -> bool:
         return self.dry_multiplier != 0 and self.dry_penalty_last_n > 0
 
+    def _reshapes_argmax(self, history) -> bool:
+        """Whether a step of the chain may move a greedy draw off the logits' argmax: the penalties (with
+        a history), DRY, typical-p and XTC (the truncations keep the argmax)."""
+        return ((self._penalties_active() and len(history) > 0) or self._dry_active() or self.typical_p < 1
+                or self._xtc_active())
+
     def _xtc_active(self) -> bool:
         return self.xtc_probability > 0 and self.xtc_threshold <= 0.5 and "xtc" in self.samplers
 
@@ -642,6 +648,8 @@ class Sampler:
 
     def sample(self, logits_row, history=()) -> int:
         """Draw the next token; one uniform number per draw unless greedy."""
+        if self.greedy and not self._reshapes_argmax(history):
+            return argmax_first(_as_logits(logits_row))     # what the chain keeps, without its steps' arrays
         if self.mirostat:
             self._last_draw = (logits_row, len(history), self.mu)
         ids, probs = self.candidates(logits_row, history)
