@@ -4,7 +4,7 @@ Why a kernel: numpy's argpartition, which the samplers used, reads and copies th
 an introselect over it; on SmolLM2's 49152 logits it took as long as a tenth of a decode step, paid by
 every sampled token in top-k, and in top-p as well when top-k was off. Here one pass keeps the k best
 values seen so far in a heap whose root is the worst of them: a value that does not beat the root,
-nearly every value, costs one comparison (docs/performance.md, 2026-12-06 19:40).
+nearly every value, costs one comparison (docs/performance.md, 2026-12-06 20:05).
 """
 import numba
 import numpy as np
