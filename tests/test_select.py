@@ -46,3 +46,15 @@ def test_a_vocabulary_sized_row():
     z = (rng.standard_normal(49152) * 3).astype(np.float32)
     for k in (40, 64, 512, 4096):
         assert set(top_k_positions(z, k).tolist()) == reference(z, k)
+
+
+def test_top_logprobs_are_largest_first_ties_to_the_lower_id():
+    """logprobs.top_ids (the top alternatives of logprobs and of the confidence records) as its docstring
+    says, on rows of many ties: a stable sort by descending value. (Its argpartition, before, kept an
+    arbitrary one of the tokens tied at the k-th place in most such rows.)"""
+    from llamarun.logprobs import top_ids
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        values = np.round(rng.standard_normal(int(rng.integers(2, 80))), 0)
+        k = int(rng.integers(1, values.size + 1))
+        assert top_ids(values, k).tolist() == np.argsort(-values, kind="stable")[:k].tolist()
