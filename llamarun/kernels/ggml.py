@@ -742,26 +742,6 @@ PACKED = {Q8_0: (ROW_GROUP, ((0, 2, 2), (2, 34, 4))), Q4_0: (ROW_GROUP, ((0, 2, 
 BLOCK_BYTES = {Q8_0: Q8_0_BYTES, Q4_0: Q4_0_BYTES, Q4_1: Q4_1_BYTES, Q4_K: Q4_K_BYTES, Q5_K: Q5_K_BYTES,
                Q6_K: Q6_K_BYTES, Q5_0: Q5_0_BYTES, Q5_1: Q5_1_BYTES, Q5_1_BYTES_T: 36}
 
-# Types whose int8 kernels read their blocks rewritten, as they are packed, into another form. A Q5_0
-# weight d * (v - 16) is the Q8_0 weight of the same d and q = v - 16: the Q8_0 kernels compute its
-# products as a Q5_0 kernel would (d_w d_x sum((v - 16) q_x), llama.cpp's), reading 34 bytes a block
-# for 22. A Q5_1 weight d * v + m keeps d and m and its values a byte each (Q5_1_BYTES_T, 36 bytes a
-# block for 24), computed as Q4_1's with 5-bit values (d_w d_x sum(v q_x) + m_w s_x, llama.cpp's Q5_1).
-# Q5_0 and Q5_1 are where llama.cpp's K-quant mixes put the matrices whose rows are not whole
-# super-blocks (Q4_K's fallback and Q5_K's: most of a Q4_K_M or Q5_K_M SmolLM2, whose rows are 576 wide);
-# on the exact kernels only, their decode steps were a tenth of the int8 kernels' speed.
-TRANSCODED = {Q5_0: Q8_0, Q5_1: Q5_1_BYTES_T}
-
-
-def int8_type(qt: int) -> int:
-    """The type whose int8 kernels compute a matrix of type qt (PACKED), as packed: its own, or TRANSCODED's."""
-    return TRANSCODED.get(qt, qt)
-
-
-def packed_row_bytes(qt: int, row_bytes: int) -> int:
-    """The bytes of a packed row of a type-qt matrix whose rows take row_bytes as stored."""
-    return row_bytes // BLOCK_BYTES[qt] * BLOCK_BYTES[int8_type(qt)]
-
 
 def five_bit_values(blocks: np.ndarray, qh: int) -> np.ndarray:
     """The 32 values (0..31) of each Q5_0 / Q5_1 block (..., block bytes) uint8, whose 4 bytes of qh start
@@ -792,7 +772,26 @@ def _q5_1_as_bytes(rows: np.ndarray) -> np.ndarray:
     return out.reshape(rows.shape[0], -1)
 
 
-_TRANSCODERS = {Q5_0: _q5_0_as_q8_0, Q5_1: _q5_1_as_bytes}
+# Types whose int8 kernels read their blocks rewritten, as they are packed, into another form. A Q5_0
+# weight d * (v - 16) is the Q8_0 weight of the same d and q = v - 16: the Q8_0 kernels compute its
+# products as a Q5_0 kernel would (d_w d_x sum((v - 16) q_x), llama.cpp's), reading 34 bytes a block
+# for 22. A Q5_1 weight d * v + m keeps d and m and its values a byte each (Q5_1_BYTES_T, 36 bytes a
+# block for 24), computed as Q4_1's with 5-bit values (d_w d_x sum(v q_x) + m_w s_x, llama.cpp's Q5_1).
+# Q5_0 and Q5_1 are where llama.cpp's K-quant mixes put the matrices whose rows are not whole
+# super-blocks (Q4_K's fallback and Q5_K's: most of a Q4_K_M or Q5_K_M SmolLM2, whose rows are 576 wide);
+# on the exact kernels only, their decode steps were a tenth of the int8 kernels' speed.
+# Each: the type its int8 kernels read, and the function that rewrites its rows (n, bytes) into it.
+TRANSCODED = {Q5_0: (Q8_0, _q5_0_as_q8_0), Q5_1: (Q5_1_BYTES_T, _q5_1_as_bytes)}
+
+
+def int8_type(qt: int) -> int:
+    """The type whose int8 kernels compute a matrix of type qt (PACKED), as packed: its own, or TRANSCODED's."""
+    return TRANSCODED[qt][0] if qt in TRANSCODED else qt
+
+
+def packed_row_bytes(qt: int, row_bytes: int) -> int:
+    """The bytes of a packed row of a type-qt matrix whose rows take row_bytes as stored."""
+    return row_bytes // BLOCK_BYTES[qt] * BLOCK_BYTES[int8_type(qt)]
 
 
 def packed_rows(rows: int) -> int:
@@ -809,7 +808,7 @@ def pack_groups(qt: int, raw: np.ndarray, out: np.ndarray, first: int = 0) -> No
     n = out.shape[0] // group
     w = raw[np.minimum(np.arange(first, first + n * group), raw.shape[0] - 1)]
     if qt in TRANSCODED:
-        w = _TRANSCODERS[qt](w)
+        w = TRANSCODED[qt][1](w)
     block = BLOCK_BYTES[int8_type(qt)]
     blocks = w.shape[1] // block
     w = w.reshape(n, group, blocks, block)
