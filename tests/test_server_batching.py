@@ -148,3 +148,38 @@ def test_long_prompt_admission_keeps_streams_going(smol_path):
     during = order[order.index("submitted"):order.index("admitted")].count("stream")
     assert during >= len(prompt) / llama.model.matvec_rows, (
         f"the stream drew {during} tokens while {len(prompt)} prompt tokens went in")
+
+
+def test_choices_of_one_prompt_each_draw_from_their_own_row(smol_path):
+    """A request's choices (n > 1) share the prompt's logits row, and a decoder's processors change the
+    row it draws from in place: each choice must see its logit bias once, as `Llama.generate` does."""
+    import llamarun
+    from llamarun.chat import chat_format_for
+    from llamarun.decoding import LogitBias
+    from llamarun.sampling import Sampler
+    from llamarun.server.scheduler import Request, Scheduler
+
+    llama = llamarun.load(smol_path)
+    ids = chat_format_for(llama).encode([{"role": "user", "content": "Name a colour."}], llama.tokenizer)
+    first = llama.generate(ids, 1, temperature=0).tokens[0]
+    bias = {first: 2.5}                      # the greedy choice, made likelier: its logprob shows the bias
+    alone = llama.generate(ids, 3, temperature=0, logit_bias=bias, logprobs=2).logprobs
+    events = [[], []]
+    done = [threading.Event(), threading.Event()]
+
+    def request(i):
+        return Request(ids, 3, Sampler(temperature=0), logprobs=2, processors=(LogitBias(bias),),
+                       emit=lambda ev: (events[i].append(ev), ev.finish_reason and done[i].set()))
+    leader = request(0)
+    leader.followers = [request(1)]
+    scheduler = Scheduler(llama, parallel=2, ctx=256)
+    scheduler.start()
+    try:
+        scheduler.submit(leader)
+        assert all(d.wait(300) for d in done), "a choice did not finish within 300 s"
+    finally:
+        scheduler.stop()
+    for choice in events:
+        drawn = [ev.logprob for ev in choice if ev.logprob is not None]
+        assert [lp.token for lp in drawn] == [lp.token for lp in alone]
+        assert [lp.logprob for lp in drawn] == pytest.approx([lp.logprob for lp in alone], abs=1e-4)

@@ -340,7 +340,8 @@ class Scheduler:
                 self.fork(seq)
             for s in [seq] + seq.followers:
                 try:
-                    self.advance(s, logits[i:i + 1])
+                    # a decoder's processors change the row it draws from: one copy for each choice
+                    self.advance(s, logits[i:i + 1].copy() if seq.followers else logits[i:i + 1])
                 except Exception:       # one request's draw (its sampler, its processors) ends only that request
                     log.exception("drawing a token failed")
                     self.finish(s, "error")
