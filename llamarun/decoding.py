@@ -278,10 +278,10 @@ class Decoder:
         The processors change the row in place: the drivers hand over rows of a forward's output that
         nothing reads afterwards (a row two choices draw from is copied for each: server/scheduler.py),
         as llama.cpp's samplers and Hugging Face's logits processors change theirs. A copy of a
-        vocabulary-sized row, made for every drawn token, cost ~40 us right after a forward, whose
-        weight stream has left the copy's destination out of the caches: ~4% of 8 served streams'
-        step with `ignore_eos`, the end tokens' ban. A read-only row, or one not of float32, is
-        copied."""
+        vocabulary-sized row for every drawn token was a measurable part of a served step with
+        `ignore_eos` (the end tokens' ban): right after a forward, whose weight stream has left the
+        copy's destination out of the caches (docs/performance.md, 2026-12-06 21:50). A read-only row,
+        or one not of float32, is copied."""
         row = logits
         if self.processors:
             if row.dtype != np.float32 or not row.flags.writeable:
