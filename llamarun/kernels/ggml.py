@@ -872,15 +872,19 @@ def _unsigned_q8_0(builder, w):
 
 
 def _prefetch(builder, pointer):
-    """Ask for the 64-byte line at pointer (i8*), for reading, as non-temporal data (prefetchnta on x86).
+    """Ask for the 64-byte line at pointer (i8*), for reading, into L2 (prefetcht1 on x86).
 
-    Why non-temporal: every prefetch here is of weights, which a decode step reads once. Prefetched as
-    data to keep (prefetcht0), they pushed out of the caches what the next steps do reuse: the KV cache,
-    the activations, and the interpreter's own data between two steps. Measured on AMD EPYC Zen 5: the
-    decode steps a little faster, and the Python around each step faster by more (a prompt's part of
-    64 rows about as fast; docs/performance.md, 2026-12-06)."""
+    Why L2: every prefetch here is of weights, which a decode step reads once, ahead of use by up to a
+    group's bytes (tens of KB for a 1B model's rows). Into L1 as well (prefetcht0), they pushed out what
+    the next steps reuse (the KV cache, the activations, the interpreter's own data between two steps:
+    measured on AMD EPYC Zen 5). As non-temporal data (prefetchnta, which on AMD fills L1 only) the lines
+    of a long group left L1 before the kernel came to them and were read from memory again: on Zen 4 a
+    1B model's Q4_K and Q6_K products streamed at ~60% of the rate they reach with prefetcht1, and its
+    decode ran ~1.6x faster with it; SmolLM2's small groups a little faster too (docs/performance.md,
+    2026-12-06 23:00)."""
     prefetch = _function(builder, "llvm.prefetch.p0i8", ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
-    builder.call(prefetch, [pointer, ir.Constant(_I32, 0), ir.Constant(_I32, 0), ir.Constant(_I32, 1)])
+    # llvm.prefetch(address, read, locality 2 = the second cache level (t1), data)
+    builder.call(prefetch, [pointer, ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
 
 
 def _group_rows(context, builder, raw_type, raw, o, o_type):
@@ -1390,7 +1394,7 @@ def _prefetch_next_group(builder, weights, group_rows, step, steps):
 
 
 def _prefetch_lines(builder, first, count):
-    """Prefetch (for reading, non-temporal: _prefetch) each 64-byte line of the bytes [first, first +
+    """Prefetch (for reading, into L2: _prefetch) each 64-byte line of the bytes [first, first +
     count): first an int64 address, count an int64."""
     line = ir.Constant(ir.IntType(64), 64)
     with cgutils.for_range(builder, builder.udiv(builder.add(count, ir.Constant(ir.IntType(64), 63)), line)) as loop:
