@@ -874,14 +874,13 @@ def _unsigned_q8_0(builder, w):
 def _prefetch(builder, pointer):
     """Ask for the 64-byte line at pointer (i8*), for reading, into L2 (prefetcht1 on x86).
 
-    Why L2: every prefetch here is of weights, which a decode step reads once, ahead of use by up to a
-    group's bytes (tens of KB for a 1B model's rows). Into L1 as well (prefetcht0), they pushed out what
+    Why L2: every prefetch here is of weights, which a decode step reads once, and the group kernels ask
+    a group ahead: tens of KB for a 1B model's rows. Into L1 as well (prefetcht0), they pushed out what
     the next steps reuse (the KV cache, the activations, the interpreter's own data between two steps:
-    measured on AMD EPYC Zen 5). As non-temporal data (prefetchnta, which on AMD fills L1 only) the lines
-    of a long group left L1 before the kernel came to them and were read from memory again: on Zen 4 a
-    1B model's Q4_K and Q6_K products streamed at ~60% of the rate they reach with prefetcht1, and its
-    decode ran ~1.6x faster with it; SmolLM2's small groups a little faster too (docs/performance.md,
-    2026-12-06 23:00)."""
+    measured on AMD EPYC Zen 5). As non-temporal data (prefetchnta), which skips L2, the lines of a long
+    group seem to leave L1 before the kernel comes to them: on Zen 4 a 1B model's K-quant and Q8_0 decode
+    ran 1.2-1.5x faster with prefetcht1; SmolLM2's decode, its served batches and llama2.c's int8 rows as
+    fast as before (docs/performance.md, 2026-12-06 23:00)."""
     prefetch = _function(builder, "llvm.prefetch.p0i8", ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
     # llvm.prefetch(address, read, locality 2 = the second cache level (t1), data)
     builder.call(prefetch, [pointer, ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
