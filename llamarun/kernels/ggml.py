@@ -879,8 +879,8 @@ def _prefetch(builder, pointer):
     the next steps reuse (the KV cache, the activations, the interpreter's own data between two steps:
     measured on AMD EPYC Zen 5). As non-temporal data (prefetchnta), which skips L2, the lines of a long
     group seem to leave L1 before the kernel comes to them: on Zen 4 a 1B model's K-quant and Q8_0 decode
-    ran 1.2-1.5x faster with prefetcht1; SmolLM2's decode, its served batches and llama2.c's int8 rows as
-    fast as before (docs/performance.md, 2026-12-06 23:00)."""
+    ran markedly faster with prefetcht1, and SmolLM2's decode, its served batches and llama2.c's int8 rows
+    as fast as before (docs/performance.md, 2026-12-06 23:00)."""
     prefetch = _function(builder, "llvm.prefetch.p0i8", ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
     # llvm.prefetch(address, read, locality 2 = the second cache level (t1), data)
     builder.call(prefetch, [pointer, ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
@@ -1370,7 +1370,8 @@ def quantize_into(x, xq, xd, xsum, xs):
 # rate of one: SmolLM2's decode was 1.3-1.5x faster in address order (docs/performance.md, 2026-12-06).
 # (On Zen 5, earlier that day, an address-order prefetch had measured 1.03x in a slow stretch and 0.89x in
 # a fast one. Further ahead, 1.5 groups, was slower on Zen 4; so were half a group and two groups for
-# Q8_0's rows.)
+# Q8_0's rows, as non-temporal prefetches. Into L2, as they are now, half a group and two groups ahead
+# were no different from one: 2026-12-06 23:00.)
 #
 # llama2.c's int8 rows (kernels/step.py) ask for this many bytes ahead of the row being read:
 PREFETCH_BYTES = 4096
