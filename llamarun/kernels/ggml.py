@@ -381,12 +381,11 @@ def _q23(row, q, shift, h, s, hm, off, i):
 
 
 # _q23_row_dot and _q23_values are called, not inlined as the other types' code is: numba types an
-# inlined function anew at every call site, and the one-row dot has several (swiglu_exact reads two
-# matrices, each of any type); called, each is compiled once. Measured: all inlined, Q2_K and Q3_K made
-# the exact kernels' compilation 80% longer; this way, 20%. A call per weight row costs nothing
-# measurable beside its work. _q23_row_dot4 has one call site (matvec_exact) and
-# stays inlined: called, LLVM left its loop scalar (it cannot tell the four accumulator rows from x),
-# twice as slow.
+# inlined function anew at every call site. Measured: all inlined, Q2_K and Q3_K made the exact kernels'
+# compilation 80% longer; this way, 20%. A call per weight row costs nothing measurable beside its work.
+# (_row_dot, which calls _q23_row_dot, is now called too: see there.) _q23_row_dot4 has one call site
+# (matvec_exact) and stays inlined: called, LLVM left its loop scalar (it cannot tell the four
+# accumulator rows from x), twice as slow.
 
 @numba.njit
 def _q23_row_dot(qt, row, groups, x, j, acc):
@@ -446,11 +445,16 @@ def kinds_of(qtypes) -> int:
     return kinds
 
 
-@numba.njit(inline="always")
+@numba.njit
 def _row_dot(qt, row, groups, x, j, acc):
     """acc[i] += sum over groups g of w[32 g + i] * x[j, 32 g + i]: a weight row of type qt, one row
     of x. (The branch on the type is taken once per row: inside the loop over groups it cost a
-    third of the speed.)"""
+    third of the speed.)
+
+    Called, not inlined: it has four call sites in the exact kernels (matvec_exact's last rows,
+    matvec3_exact, swiglu_exact's two matrices), and numba typed and lowered the code of all ten types
+    anew at each; called, it is compiled once a process. The three kernels compiled in less than half
+    the time, and their products were as fast (docs/performance.md, 2026-12-07)."""
     if qt == Q4_1:
         for g in range(groups):
             q, off, a, b = _q4_1_params(row, g)
