@@ -1,11 +1,13 @@
 """The kernels on the most generic CPU numba compiles for (NUMBA_CPU_NAME=generic: on x86-64, SSE2 and
 nothing after it), as on an x86 CPU without AVX2 or F16C, or a CPU that is not x86 at all: every
 x86-only instruction has a portable path (kernels/cpu.py says which), and it must compute the same
-numbers. Each test runs in a subprocess (a target is chosen once per process) with a numba cache that
-starts the session empty (the cached code of the host's target must not answer for it) and that the
-session's other-CPU runs share, so a kernel compiles once per target: the checks use the fewest,
-smallest kernels that reach each portable path.
+numbers. Each test runs in a subprocess (a target is chosen once per process) with a numba cache of
+its own (targets_cache: the cached code of the host's target must not answer for it) that the other-CPU
+runs share, so a kernel compiles once per target: the checks use the fewest, smallest kernels that reach
+each portable path.
 """
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -32,6 +34,17 @@ def targets_cache() -> str:
     return str(folder)
 
 
+@contextlib.contextmanager
+def one_run_at_a_time():
+    """Hold the other-CPU cache's lock for one run. Why: two test sessions at once (.ci/run warms this
+    cache in a session beside the suite's) would otherwise compile the same kernels for the same target
+    side by side, each on a core; with the lock, the second run waits and loads what the first
+    compiled."""
+    with open(Path(targets_cache()) / "runs.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def run_generic(tmp_path, code: str, cpu=("generic", "")) -> dict:
     """Run `code` (which prints one JSON object last) compiled for the CPU named (NUMBA_CPU_NAME, with
     the features NUMBA_CPU_FEATURES; generic with none: the baseline), with the other CPUs' numba cache
@@ -39,8 +52,9 @@ def run_generic(tmp_path, code: str, cpu=("generic", "")) -> dict:
     env = {**os.environ, "NUMBA_CPU_NAME": cpu[0], "NUMBA_CPU_FEATURES": cpu[1],
            "NUMBA_CACHE_DIR": targets_cache(),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    with one_run_at_a_time():
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
