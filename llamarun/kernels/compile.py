@@ -63,16 +63,18 @@ def write_llama2c(path: Path, dim=64, hidden=192, layers=2, heads=4, kv_heads=2,
     return path
 
 
-def run_model(path, exact: bool, prompt_lengths=(1, 5, 12)):
+def run_model(path, exact: bool, prompt_lengths=(1, 5, 12), paths=("plan", "layers")):
     """Teacher-forced logits of prompts of these lengths, then one decode step after each: through the
-    plan's forwards, then layer by layer (the path of inspection, and of the tests that compare it)."""
+    plan's forwards ("plan"), and layer by layer ("layers": the path of inspection, and of the tests
+    that compare it)."""
     import llamarun
     from llamarun.model import Batch, Probe
 
     llama = llamarun.load(path, exact=exact)
     model = llama.model
     ids = [(7 * i + 3) % model.config.vocab_size for i in range(max(prompt_lengths) + 1)]
-    for probe in (None, Probe(residual=lambda layer, x: None)):
+    probes = {"plan": None, "layers": Probe(residual=lambda layer, x: None)}
+    for probe in (probes[p] for p in paths):
         for n in prompt_lengths:
             n = min(n, model.config.seq_len - 1)
             cache = model.new_cache(seq_len=n + 1)
@@ -156,10 +158,14 @@ def warm_ups(folder: Path, default_model: Path | None) -> list[tuple[str, str, t
     int8 = quantize_to(f32, folder / "tiny-int8.bin")
     parts = []
     if default_model is not None:
-        # the tests' model of every type with a group kernel (tests/test_step.py's MIXED), first: the longest
+        # the tests' model of every type with a group kernel (tests/test_step.py's MIXED), first: the longest.
+        # The fast path's two ways are two parts, each about as long as the others: the compile step ends
+        # when its longest part does.
         parts += [("every ggml type, a Q4_K classifier (tests)", "compile_forward_for_types",
                    (default_model, ggml.ALL_KINDS, ggml.Q4_K_BIT)),
-                  ("default model, fast path", "run_model", (default_model, False, (1, 5, 200))),
+                  ("default model, fast path", "run_model", (default_model, False, (1, 5, 200), ("plan",))),
+                  ("default model, fast path, layer by layer", "run_model",
+                   (default_model, False, (1, 5, 200), ("layers",))),
                   ("default model, exact path", "run_model", (default_model, True, (1, 5, 40)))]
     return parts + [("llama2.c int8 (runq.c's arithmetic)", "run_model", (int8, True)),
                     ("bfloat16 matrices (Hugging Face, Meta)", "run_half_precision", (f32,)),
