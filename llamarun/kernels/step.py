@@ -194,8 +194,8 @@ def _shared_arrays(n, H, KV, D, hidden):
 # the first product sets it again: a variable first set in some branches of the parallel loop's body
 # looks to numba as if it came from outside the body, a parameter of the loop, and numba then searches
 # the body for reductions into it, deep-copying each statement that sets it with the whole function's
-# variable table. Set before the loop, it is the body's own: forward_fast compiled ~10% faster.
-# (_BODY_LOCALS is this comment's name.)
+# variable table. Set before the loop, it is the body's own, and forward_fast compiles faster
+# (docs/performance.md, 2026-12-07). (_BODY_LOCALS is this comment's name.)
 
 @numba.njit(inline="always")
 def _product(kinds, t, n_threads, qt, raw, xq, xd, xsum, xs, out, block, add):
