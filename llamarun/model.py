@@ -414,6 +414,15 @@ class CompiledForward:
             self.kind = "f32"
             self.matrices = tuple(typed_list(tuple(lw[name] for lw in layers)) for name in self.MATRICES)
             self.output = output
+        # greedy steps (kernels/step.py, GREEDY_STEPS): float32 weights with a float32 embedding table,
+        # of the classifier's array type (one compiled signature); the other kinds run one step a call
+        table = weights["tok_embeddings"]
+        self.takes_steps = (self.kind == "f32" and isinstance(table, np.ndarray) and table.dtype == np.float32
+                            and table.ndim == 2 and table.flags.c_contiguous
+                            and table.flags.writeable == output.flags.writeable)
+        self.table = table if self.takes_steps else None
+        # tokens of a forward of one step (never written), no end tokens; the one row wanted of a step
+        self._one_step, self._no_ends, self._first_row = np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64)
 
     @staticmethod
     def supports(weights: dict, layers: list[dict]) -> bool:
@@ -446,10 +455,26 @@ class CompiledForward:
                 forward_int8(x, self.values, self.scales, self.layouts, self.group_size, *self.norms, *self.output,
                              self.eps, *rest)
             elif self.kind == "f32":
-                forward_f32(x, *self.matrices, *self.norms, self.output, self.eps, *rest)
+                forward_f32(x, *self.matrices, *self.norms, self.output, self.eps, *rest,
+                            self.table if self.takes_steps else self.output, self._one_step, self._no_ends)
             else:
                 self.forward_fast(x, self.qts, *self.raws, *self.norms, self.output_qt, self.output, self.eps, *rest)
         return logits
+
+    def greedy(self, x: np.ndarray, tokens: np.ndarray, pos: np.ndarray, seq_id: int, cache: KVCache, cos: np.ndarray,
+               sin: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """len(tokens) greedy decode steps of one sequence in one call (`takes_steps` only): step i runs
+        tokens[i] at pos[i], the first from x (1, dim), each later one the argmax of the logits before it
+        (written into tokens), until one of `ends`. cos, sin: every step's rows.
+        -> (the tokens run, their logits rows (steps run, vocab))"""
+        logits = np.empty((len(tokens), self.config.vocab_size), np.float32)
+        block = self.threads.count(1)
+        with block as n_threads:
+            ran = forward_f32(x, *self.matrices, *self.norms, self.output, self.eps, cos, sin, cache.k, cache.v,
+                              np.full(1, seq_id, np.int64), pos, self._first_row, self.config.n_heads, logits,
+                              n_threads, self.table, tokens, ends)
+            block.steps = ran       # the thread count's times are per step
+        return tokens[:ran], logits[:ran]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -552,6 +577,37 @@ class Transformer:
                 probe.residual(layer, x)                                         # x: (n, dim) residual stream
         x = rmsnorm(x[batch.logits], w["norm"], c.norm_eps, not self.exact)      # (n_wanted, dim)
         return linear(x, w["output"])                                            # (n_wanted, vocab)
+
+    @property
+    def greedy_steps(self) -> bool:
+        """Whether `greedy` runs its steps in one compiled call (float32 weights; kernels/step.py), rather
+        than one forward a step."""
+        return self._compiled is not None and self._compiled.takes_steps
+
+    def greedy(self, token: int, pos: int, cache: KVCache, steps: int, ends=(), seq_id: int = 0
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Up to `steps` greedy decode steps of one sequence: `token` at `pos`, then at each next position
+        the argmax of the logits before it, stopping after an argmax in `ends`. The same logits, bit for
+        bit, as one forward a step. -> (the tokens run (n,), their logits (n, vocab)); the argmax of
+        the last row is the caller's to take (it is not run)."""
+        if not 1 <= steps <= cache.seq_len - pos or pos < 0:
+            raise ValueError(f"{steps} steps from position {pos} do not fit the cache's {cache.seq_len}")
+        if not self.greedy_steps:
+            tokens, rows = [token], []
+            for i in range(steps):
+                rows.append(self.forward(Batch.sequence([tokens[-1]], pos + i, seq_id), cache)[0])
+                if i + 1 < steps:
+                    tokens.append(int(np.argmax(rows[-1])))
+                    if tokens[-1] in ends:
+                        break
+            return np.array(tokens[:len(rows)], np.int64), np.stack(rows)
+        positions = list(range(pos, pos + steps))
+        cos, sin = self.rope_rows(positions)                                      # (steps, D/2)
+        x = embed(self.w["tok_embeddings"], [token])                              # (1, dim)
+        tokens = np.zeros(steps, np.int64)
+        tokens[0] = token
+        return self._compiled.greedy(x, tokens, np.array(positions, np.int64), seq_id, cache, cos, sin,
+                                     np.array(sorted(ends), np.int64))
 
     def compiled_forward(self) -> CompiledForward | None:
         """The one-call forward for kernel-sized batches, where the plan has one (else None): made with the

@@ -158,10 +158,11 @@ class _Forward:
     """AdaptiveThreads.count's block. A class rather than a generator under contextlib: it runs around every
     decode step, right after the step has streamed the weights through the caches, and each object and
     call it makes then costs a cache miss or several (docs/performance.md, 2026-12-06 19:40)."""
-    __slots__ = ("adaptive", "rows", "most", "threads", "choice", "compiles", "start")
+    __slots__ = ("adaptive", "rows", "most", "threads", "choice", "compiles", "start", "steps")
 
     def __init__(self, adaptive: AdaptiveThreads, rows: int):
         self.adaptive, self.rows = adaptive, rows
+        self.steps = 1          # forwards the block ran (greedy steps: kernels/step.py), set before it ends
 
     def __enter__(self) -> int:
         self.most = most = numba.get_num_threads()
@@ -180,7 +181,7 @@ class _Forward:
         choice = self.choice
         if choice is None:
             return
-        seconds = time.perf_counter() - self.start
+        seconds = (time.perf_counter() - self.start) / max(self.steps, 1)
         if self.threads != self.most:
             numba.set_num_threads(self.most)
         if exception[0] is None and compiling.started() == self.compiles:

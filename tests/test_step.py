@@ -205,6 +205,61 @@ def test_float32_one_call_forward_equals_the_layer_by_layer_path(threads):
         numba.set_num_threads(before)
 
 
+def one_step_at_a_time(model: Transformer, prompt: Batch, steps: int, cache: KVCache):
+    """The prompt, then `steps` greedy decode steps of one forward each: -> (tokens run, their logits)."""
+    row = model.forward(prompt, cache)[0]
+    tokens, rows = [int(np.argmax(row))], []
+    for i in range(steps):
+        rows.append(model.forward(Batch.sequence([tokens[-1]], len(prompt) + i), cache)[0])
+        tokens.append(int(np.argmax(rows[-1])))
+    return tokens[:steps], np.stack(rows)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_greedy_steps_in_one_call_equal_one_forward_a_step(threads):
+    """Transformer.greedy on float32 weights runs several decode steps in one compiled call, each step's
+    token the argmax of the logits before it: every row, the tokens and the cache are what one forward
+    a step gives (the layer-by-layer path here), bit for bit; an argmax in `ends` is the last step."""
+    model = float32_model()
+    compiled = model.compiled_forward()
+    assert model.greedy_steps
+    prompt = Batch.sequence([5, 6, 7], 0, 0)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        model._compiled = None
+        expected_cache = KVCache(model.config, 1, 64, half=False)
+        tokens, rows = one_step_at_a_time(model, prompt, 12, expected_cache)
+        model._compiled = compiled
+        cache = KVCache(model.config, 1, 64, half=False)
+        model.forward(prompt, cache)
+        ran, got = model.greedy(tokens[0], 3, cache, 12)
+        assert ran.tolist() == tokens and np.array_equal(got, rows)
+        assert np.array_equal(cache.k, expected_cache.k) and np.array_equal(cache.v, expected_cache.v)
+        # an end token: the step whose argmax it is is the last one run
+        last = max(i for i in range(1, 12) if tokens[i] not in tokens[1:i])
+        ran, got = model.greedy(tokens[0], 3, cache, 12, ends={tokens[last], 10 ** 6})
+        assert ran.tolist() == tokens[:last] and np.array_equal(got, rows[:last])
+    finally:
+        numba.set_num_threads(before)
+        model._compiled = compiled
+
+
+def test_greedy_steps_without_the_compiled_call_run_one_forward_a_step():
+    """A model whose one-call forward takes no steps (here: ggml weights) runs the same steps one forward
+    each: same tokens, same rows."""
+    model = random_model({})
+    assert not model.greedy_steps
+    prompt = Batch.sequence([5, 6, 7], 0, 0)
+    tokens, rows = one_step_at_a_time(model, prompt, 6, model.new_cache())
+    cache = model.new_cache()
+    model.forward(prompt, cache)
+    ran, got = model.greedy(tokens[0], 3, cache, 6)
+    assert ran.tolist() == tokens and np.array_equal(got, rows)
+    with pytest.raises(ValueError, match="do not fit"):
+        model.greedy(tokens[0], 60, cache, 6)
+
+
 def sequence_zero(batches) -> list[int]:
     """Sequence 0's tokens over the batches, in position order (they must cover 0 .. n-1)."""
     rows = sorted((p, t) for b in batches for t, p, s in zip(b.tokens, b.pos, b.seq_ids) if s == 0)

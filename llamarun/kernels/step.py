@@ -294,6 +294,41 @@ def _forward_fast_closure(kinds, output_kinds):
     return forward_fast
 
 
+# Greedy steps: a one-call forward may run several decode steps of one sequence, each step's token the
+# argmax of the logits before it, with no return to Python between them. Why: between two calls a
+# decode step pays Python's own work (the batch, the call, the argmax, the sampler), and pays it in
+# cache misses, as the step's weight stream has left none of the interpreter's data in the caches;
+# a step after the first also starts on cold caches. On s110M that was ~4% of a step, as many tokens
+# in one call ran 1.04x the rate of one call a token (median of 10 rounds; docs/performance.md,
+# 2026-12-07). The generation loop asks for them where its draw is the argmax (generation.py), and
+# checks every step's logits as it checks a draft's. (GREEDY_STEPS is this comment's name.)
+
+@numba.njit(inline="always")
+def _argmax(row):
+    """The first index of the largest value of row (np.argmax's, but for NaN, which it never picks)."""
+    best, at = row[0], 0
+    for i in range(1, row.shape[0]):
+        if row[i] > best:
+            best, at = row[i], i
+    return at
+
+
+@numba.njit(inline="always")
+def _next_greedy(t, n_threads, state, logits, tokens, step, ends, ran):
+    """After step `step`'s logits (1, vocab) are written by every thread: the next step's token, their
+    argmax, into tokens[step + 1] (every thread finds the same one). -> whether it is one of `ends`
+    (the last step then), counting the steps run in ran[0]."""
+    barrier(state, n_threads)
+    token = _argmax(logits[0])
+    end = False
+    for e in ends:
+        end = end or token == e
+    if t == 0:
+        tokens[step + 1] = token
+        ran[0] = step + 2 - end
+    return end
+
+
 @numba.njit(inline="always")
 def _normalized_rows(x, wanted, norm, eps, fast):
     """rmsnorm (llama.cpp's where fast, else run.c's) of the rows `wanted` of x (the tokens whose logits
@@ -436,46 +471,64 @@ def _f32_pieces(x, w, out, add, claims, slot, first, size, gated, w1, g):
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, output, eps, cos, sin,
-                k_cache, v_cache, seq_ids, pos, wanted, n_heads, logits, n_threads):
+                k_cache, v_cache, seq_ids, pos, wanted, n_heads, logits, n_threads, table, tokens, ends):
     """forward_fast for float32 weights: the products of the matrix-vector kernels (run.c's model,
     one weight row at a time), no quantization anywhere; a layer's seven products at one call site,
     as forward_fast's; each product's rows shared as TAIL_SHARE says.
 
     wq ... w3: typed lists of each layer's (out, in) float32 matrix; output: (vocab, dim) float32. The
-    rest as forward_fast."""
+    rest as forward_fast, and greedy steps (see GREEDY_STEPS): tokens (steps,) int64, whose first is
+    x's token; with more than one, cos, sin and pos hold every step's rows one after the other, logits
+    every step's, and each step after the first runs the token the last one's logits put first (its
+    embedding a row of table (vocab, dim) float32), written into tokens, until one of `ends` comes.
+    -> the number of steps run"""
     n, dim, H, KV, D = _sizes(x, cos, k_cache, n_heads)
     n_layers = attention_norm.shape[0]
     hidden = w1[0].shape[0]
+    steps, m_rows, slots = tokens.shape[0], wanted.shape[0], n_layers * 7 + 1
     q, k, v, a, qh, kh, vh, ah, g, up, state = _shared_arrays(n, H, KV, D, hidden)
     matrices, results = (wq, wk, wv, wo, w1, w3, w2), (q, k, v, x, g, up, x)
-    claims = np.zeros(n_layers * 7 + 1, np.int64)  # rows taken in pieces, per product (layer * 7 + m; the classifier last)
+    # rows taken in pieces, per step and product (layer * 7 + m; the classifier last)
+    claims = np.zeros(steps * slots, np.int64)
+    ran = np.ones(1, np.int64)
     for t in numba.prange(n_threads):
         h = np.empty((n, dim), np.float32)
         xm = h                                      # each product's input (see _BODY_LOCALS)
-        for layer in range(n_layers):
-            for m in range(7):                      # the walk of forward_fast's layer loop
-                if m == 0 or m == 4:
-                    rmsnorm_layer(x, attention_norm if m == 0 else ffn_norm, layer, eps, h, False)
-                    xm = h
-                elif m == 3:
-                    _attention(t, n_threads, state, qh, kh, vh, cos, sin, k_cache, v_cache, layer, seq_ids, pos, ah)
-                    xm = a
-                elif m == 6:
-                    xm = g
-                w = matrices[m][layer]
-                even = _even_rows(w.shape[0])
-                start, stop = _task_rows(t, n_threads, even)
-                _f32_rows(xm, w, results[m], start, stop, LAYER_ADDS[m])
-                if m == 5:                          # the gate, on this thread's units of w1 and w3 (gated_rows')
-                    gate(g, up, start, stop, False)
-                if m != 4:                          # then pieces of the rest (w1's with w3's: the gate needs both)
-                    _f32_pieces(xm, w, results[m], LAYER_ADDS[m], claims, layer * 7 + m, even, TAIL_ROWS, m == 5,
-                                w1[layer], g)
-                if m == 2 or m == 3 or m == 5 or m == 6:
-                    barrier(state, n_threads)
+        for step in range(steps):
+            cs, sn, ps = cos[step * n:(step + 1) * n], sin[step * n:(step + 1) * n], pos[step * n:(step + 1) * n]
+            out = logits[step * m_rows:(step + 1) * m_rows]
+            base = step * slots
+            for layer in range(n_layers):
+                for m in range(7):                      # the walk of forward_fast's layer loop
+                    if m == 0 or m == 4:
+                        rmsnorm_layer(x, attention_norm if m == 0 else ffn_norm, layer, eps, h, False)
+                        xm = h
+                    elif m == 3:
+                        _attention(t, n_threads, state, qh, kh, vh, cs, sn, k_cache, v_cache, layer, seq_ids, ps, ah)
+                        xm = a
+                    elif m == 6:
+                        xm = g
+                    w = matrices[m][layer]
+                    even = _even_rows(w.shape[0])
+                    start, stop = _task_rows(t, n_threads, even)
+                    _f32_rows(xm, w, results[m], start, stop, LAYER_ADDS[m])
+                    if m == 5:                          # the gate, on this thread's units of w1 and w3 (gated_rows')
+                        gate(g, up, start, stop, False)
+                    if m != 4:                          # then pieces of the rest (w1's with w3's: the gate needs both)
+                        _f32_pieces(xm, w, results[m], LAYER_ADDS[m], claims, base + layer * 7 + m, even, TAIL_ROWS,
+                                    m == 5, w1[layer], g)
+                    if m == 2 or m == 3 or m == 5 or m == 6:
+                        barrier(state, n_threads)
 
-        xw = _normalized_rows(x, wanted, norm, eps, False)
-        even = _even_rows(output.shape[0])
-        start, stop = _task_rows(t, n_threads, even)
-        _f32_rows(xw, output, logits, start, stop, False)
-        _f32_pieces(xw, output, logits, False, claims, n_layers * 7, even, 4 * TAIL_ROWS, False, output, logits)
+            xw = _normalized_rows(x, wanted, norm, eps, False)
+            even = _even_rows(output.shape[0])
+            start, stop = _task_rows(t, n_threads, even)
+            _f32_rows(xw, output, out, start, stop, False)
+            _f32_pieces(xw, output, out, False, claims, base + slots - 1, even, 4 * TAIL_ROWS, False, output, out)
+            if step + 1 < steps and _next_greedy(t, n_threads, state, out, tokens, step, ends, ran):
+                break
+            if step + 1 < steps:                        # the next token's embedding, in x
+                if t == 0:
+                    x[0, :] = table[tokens[step + 1]]
+                barrier(state, n_threads)
+    return ran[0]
