@@ -625,23 +625,29 @@ class ChatSession:
         return Stream(self._active, result)
 
     def _turn(self, events, messages, ids, result: Completion) -> Iterator[TokenEvent]:
-        finished = False
+        finished, shown = False, 0
         try:
-            yield from events
+            for event in events:
+                shown += event.token is not None
+                yield event
             finished = True
         finally:
             # runs when the reply ends, and also when it is closed or interrupted part way
-            self._record_turn(messages, ids, result, finished)
+            self._record_turn(messages, ids, result, finished, shown)
 
-    def _record_turn(self, messages, ids, result: Completion, finished: bool) -> None:
-        drawn = result.tokens + ([result.end_token] if result.end_token is not None else [])
+    def _record_turn(self, messages, ids, result: Completion, finished: bool, shown: int) -> None:
+        tokens = result.tokens
+        if not finished:
+            # Cut part way: the reply is what the stream had shown. The generation loop may have drawn
+            # more (a draft's tokens, greedy steps run ahead: generation.py), which the user never saw.
+            tokens = tokens[:shown]
+        drawn = tokens + ([result.end_token] if result.end_token is not None and finished else [])
         if drawn or finished:
             # The prompt ran through, and every drawn token but the last was fed back to draw the
             # next one; the last (often the end token) never ran, and the next turn prefills it.
             self.cached_ids = ids + drawn[:-1]
         # else: interrupted inside the prefill; the cache holds ids[:start] as send() recorded
-        reply = {"role": "assistant", "content": self.reply_text(result.tokens, prev=ids[-1]),
-                 "tokens": list(result.tokens)}
+        reply = {"role": "assistant", "content": self.reply_text(tokens, prev=ids[-1]), "tokens": list(tokens)}
         self.messages = messages + [reply]
         self._active = None
 

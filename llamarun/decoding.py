@@ -294,6 +294,13 @@ class Decoder:
             row = apply_mask(row, self.grammar.allowed())
         return row
 
+    def draws_argmax(self) -> bool:
+        """Whether the next draw is the argmax of the model's own logits row: a greedy sampler whose
+        chain cannot move it, no processors, no grammar. A driver may then run several greedy steps in
+        one call (model.Transformer.greedy) and hand their rows to `accept`."""
+        draws = getattr(self.sampler, "draws_argmax", None)
+        return not self.processors and self.grammar is None and draws is not None and draws(self.history)
+
     def _draw(self, logits: np.ndarray) -> int:
         return int(self.sampler.sample(logits, self.history))
 
@@ -375,7 +382,7 @@ class Decoder:
 
     # -- several tokens at once (speculative verification) ----------------------------------------
 
-    def accept(self, rows: np.ndarray, draft: Sequence[int]) -> list[TokenEvent]:
+    def accept(self, rows: np.ndarray, draft: Sequence[int], drafted: bool = True) -> list[TokenEvent]:
         """Verify a draft: rows[i] are the logits after the sequence's last drawn token and draft[:i]
         ((len(draft) + 1, vocab), one forward over [last token] + draft). Draws from each row in turn
         and keeps going while the drawn token is the draft's: each kept token is drawn from the
@@ -385,9 +392,11 @@ class Decoder:
         first token drawn where the draft went wrong, or one past a fully accepted draft), fewer if
         the sequence ends. The driver then runs the last event's token at `pos - 1`, as after
         `next_token`: that rolls its KV cache back, the rejected draft tokens' keys and values
-        being written over."""
+        being written over. drafted=False: the tokens are not a draft but greedy steps run ahead (no
+        draft counts)."""
         events = []
-        self.completion.drafted += len(draft)
+        if drafted:
+            self.completion.drafted += len(draft)
         for i, row in enumerate(rows[:len(draft) + 1]):
             if self.done:
                 break
@@ -396,5 +405,6 @@ class Decoder:
             events.append(self._take(token, logits))
             if i == len(draft) or token != draft[i]:
                 break
-            self.completion.accepted += 1
+            if drafted:
+                self.completion.accepted += 1
         return events

@@ -67,6 +67,7 @@ def _generate(model: Transformer, decoder: Decoder, prompt_ids: list[int], cache
     # the ids the next forward runs, from position `at`: the prompt, then each drawn token; either
     # followed by the tokens a grammar forces after it, which run in the same forward
     pending, at = list(prompt_ids), start_pos
+    pace = GreedyPace()
     while True:
         forced = decoder.take_forced(decoder.forced())
         for event in forced:
@@ -83,11 +84,17 @@ def _generate(model: Transformer, decoder: Decoder, prompt_ids: list[int], cache
                 with ctrl_c_never_lost():
                     model.forward(Batch.sequence(ran, at, seq_id), cache, probe)
             break
-        draft = _draft(speculation, decoder, model, pending, at, cache, earlier) if t1 is not None else []
-        batch = Batch.sequence(pending + draft, at, seq_id)
-        batch.logits[len(pending) - 1:] = True          # the rows that verify the draft and draw past it
-        with ctrl_c_never_lost():   # a Ctrl-C raises after the native call it lands in, never inside numba
-            rows = model.forward(batch, cache, probe)
+        steps = pace.steps(decoder, model, pending, at, cache) if t1 is not None and speculation is None \
+            and probe is None else 1
+        if steps > 1:               # greedy steps run ahead in one call, their rows checked as a draft's
+            with ctrl_c_never_lost():
+                ran, rows = pace.run(model, pending[0], at, cache, steps, decoder.end, seq_id)
+        else:
+            draft = _draft(speculation, decoder, model, pending, at, cache, earlier) if t1 is not None else []
+            batch = Batch.sequence(pending + draft, at, seq_id)
+            batch.logits[len(pending) - 1:] = True          # the rows that verify the draft and draw past it
+            with ctrl_c_never_lost():   # a Ctrl-C raises after the native call it lands in, never inside numba
+                rows = model.forward(batch, cache, probe)
         if t1 is None:
             c1, t1 = compiling.seconds(), time.perf_counter()
             result.prefill_seconds = t1 - t0 - (c1 - c0)
@@ -95,7 +102,10 @@ def _generate(model: Transformer, decoder: Decoder, prompt_ids: list[int], cache
             result.decode_seconds = time.perf_counter() - t1 - (compiling.seconds() - c1)
         if decoder.done:            # max_tokens=0: the prompt ran, nothing is drawn
             break
-        events, _ = verify(decoder, rows, draft, speculation)   # one draw per row while they agree with the draft
+        if steps > 1:
+            events = decoder.accept(rows, ran[1:].tolist(), drafted=False)
+        else:
+            events, _ = verify(decoder, rows, draft, speculation)   # one draw per row while they agree with the draft
         for event in events:
             if event.token is not None or event.text:     # an end token that releases no text is not shown
                 yield event
@@ -123,3 +133,33 @@ def _draft(speculation: Speculation | None, decoder: Decoder, model: Transformer
     # the sequence from position 0 when it is known; else from the prompt (n-gram drafts still work)
     tokens = decoder.history if earlier is None else earlier + decoder.history
     return speculation.draft(tokens, room, decoder.end, ahead=len(pending))
+
+
+# Greedy steps a call (model.Transformer.greedy), where the decoder's draw is the argmax: about
+# GREEDY_SECONDS of them (two at least), so that streamed text still comes in small bursts, and
+# GREEDY_MAX_STEPS at most.
+GREEDY_SECONDS = 0.1
+GREEDY_MAX_STEPS = 16
+
+
+class GreedyPace:
+    """How many greedy steps the next call runs, from the time a step took in the last one."""
+
+    def __init__(self):
+        self.step_seconds = None
+
+    def steps(self, decoder: Decoder, model: Transformer, pending: list[int], at: int, cache: KVCache) -> int:
+        """Steps for the next call: 1 (one forward, as without them) unless the model runs greedy steps in
+        one call, the decoder's draw is the argmax, and two steps or more fit the context and max_tokens."""
+        if len(pending) != 1 or not model.greedy_steps or decoder.done or not decoder.draws_argmax():
+            return 1
+        room = min(cache.seq_len - at, decoder.max_tokens - len(decoder.completion.tokens))
+        want = 2 if self.step_seconds is None else int(GREEDY_SECONDS / max(self.step_seconds, 1e-6))
+        return max(1, min(room, max(2, want), GREEDY_MAX_STEPS))
+
+    def run(self, model: Transformer, token: int, at: int, cache: KVCache, steps: int, end, seq_id: int):
+        """model.greedy, timed (a compile of the kernels left out)."""
+        compiled, start = compiling.seconds(), time.perf_counter()
+        ran, rows = model.greedy(token, at, cache, steps, end, seq_id)
+        self.step_seconds = (time.perf_counter() - start - (compiling.seconds() - compiled)) / len(ran)
+        return ran, rows

@@ -188,6 +188,10 @@ class Llama2cSampler:
     def _probabilities(self, logits):
         return softmax_f32(logits.astype(np.float32) / self._temperature32)
 
+    def draws_argmax(self, history=()) -> bool:
+        """Whether the next draw is the logits' argmax, whatever they are (temperature 0)."""
+        return self._temperature32 == 0
+
     def sample(self, logits_row, history=()) -> int:
         """Draw the next token as run.c's sample() does (history is ignored, as in run.c)."""
         logits = _as_logits(logits_row)
@@ -646,9 +650,14 @@ class Sampler:
         dist[ids] = probs
         return dist
 
+    def draws_argmax(self, history=()) -> bool:
+        """Whether the next draw is the logits' argmax, whatever they are: greedy, with no step of the
+        chain that may move it."""
+        return self.greedy and not self._reshapes_argmax(history)
+
     def sample(self, logits_row, history=()) -> int:
         """Draw the next token; one uniform number per draw unless greedy."""
-        if self.greedy and not self._reshapes_argmax(history):
+        if self.draws_argmax(history):
             return argmax_first(_as_logits(logits_row))     # what the chain keeps, without its steps' arrays
         if self.mirostat:
             self._last_draw = (logits_row, len(history), self.mu)

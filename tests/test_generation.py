@@ -5,6 +5,7 @@ import pytest
 import llamarun
 from llamarun.errors import LlamarunError
 from llamarun.decoding import Completion, TextAssembler
+from llamarun import generation
 from llamarun.generation import generate_stream
 
 from conftest import MODELS, require
@@ -102,6 +103,51 @@ def test_a_full_context_ends_with_length_and_says_so(llama):
     out = llama.generate(prompt, 50, temperature=0)
     assert out.finish_reason == "length" and out.context_full
     assert len(prompt) + len(out.tokens) == 128 + 1  # the last token is drawn from position 127's logits
+
+
+def one_forward_a_step(monkeypatch):
+    """The generation loop with no greedy steps run ahead (one forward a token)."""
+    monkeypatch.setattr(generation.GreedyPace, "steps", lambda self, *args: 1)
+
+
+@pytest.mark.parametrize("options", [dict(max_tokens=37), dict(max_tokens=60, stop=None), dict(max_tokens=300)],
+                         ids=["max_tokens", "stop string", "full context"])
+def test_greedy_generation_runs_steps_ahead_and_gives_what_one_step_at_a_time_gives(llama, monkeypatch, options):
+    """Greedy decoding of a float32 model runs several steps a call (Transformer.greedy) and hands their
+    rows to the decoder as a draft's: the events, text and finish are those of one forward a token, also
+    where a stop string, max_tokens or the context ends the run inside a call's steps."""
+    calls = []
+    greedy = llama.model.greedy
+    monkeypatch.setattr(llama.model, "greedy", lambda *a, **k: calls.append(a[3]) or greedy(*a, **k))
+    prompt = "Once upon a time, there was"
+    with monkeypatch.context() as m:
+        one_forward_a_step(m)
+        plain = llama.stream(prompt, options["max_tokens"], temperature=0)
+        plain_events = [(e.token, e.text, e.finish_reason) for e in plain]
+    assert not calls
+    stop = ()
+    if "stop" in options:            # a stop string from the middle of the text, ending inside some call's steps
+        text = plain.completion.text
+        stop = [text[len(text) // 2:len(text) // 2 + 6]]
+        with monkeypatch.context() as m:
+            one_forward_a_step(m)
+            plain = llama.stream(prompt, options["max_tokens"], temperature=0, stop=stop)
+            plain_events = [(e.token, e.text, e.finish_reason) for e in plain]
+    ahead = llama.stream(prompt, options["max_tokens"], temperature=0, stop=stop)
+    assert [(e.token, e.text, e.finish_reason) for e in ahead] == plain_events
+    a, b = ahead.completion, plain.completion
+    assert (a.text, a.tokens, a.finish_reason, a.context_full) == (b.text, b.tokens, b.finish_reason, b.context_full)
+    assert calls and max(calls) > 2 and a.drafted == a.accepted == 0
+    assert b.context_full == (options["max_tokens"] == 300)
+
+
+def test_greedy_steps_only_where_the_draw_is_the_argmax(llama, monkeypatch):
+    calls = []
+    monkeypatch.setattr(llama.model, "greedy", lambda *a, **k: calls.append(a) or pytest.fail("not greedy"))
+    llama.generate("Once upon a time", 8, temperature=0.9, seed=1)
+    llama.generate("Once upon a time", 8, temperature=0, repeat_penalty=1.3)
+    llama.generate("Once upon a time", 8, temperature=0, ignore_eos=True)
+    assert not calls
 
 
 def test_a_prompt_longer_than_the_context_is_an_error(llama):
