@@ -14,7 +14,10 @@ What is measured, per shape (medians of `--runs` runs, min and max beside, after
 that pays for numba's compilation and for paging the memory-mapped weights in):
 - prefill: one batched forward of a prompt of half the context (at most 256 random token ids) from
   an empty cache, logits for the last token only;
-- decode: 128 tokens, one forward per token, greedy (argmax), after a short prompt, fresh cache.
+- decode: 128 tokens, greedy, after a short prompt, fresh cache, through the generation loop that
+  `llamarun generate` runs (common.generate_rate: run.c's sampler at temperature 0, the text of each
+  token from tokenizer.bin where ../shared has it; float32 models run greedy steps several a call),
+  as run.c's figure is its own generation loop's.
 
 And the bounds, measured in the same process between the runs of the model (one bound
 measurement before each run, medians of both), so a machine that is busier for a while (this one
@@ -71,7 +74,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from llamarun.formats import llama2c  # noqa: E402
 from llamarun.model import Transformer  # noqa: E402
-from common import MatvecBound, SgemmBound, decode_rate, interleaved, prefill_rate, stats  # noqa: E402
+from common import MatvecBound, SgemmBound, generate_rate, interleaved, prefill_rate, stats  # noqa: E402
+from llamarun.tokenizers import load_tokenizer  # noqa: E402
 
 SHARED = os.environ.get("LLAMARUN_SHARED") or os.path.join(REPO, "..", "shared")   # as tests/conftest.py
 MKMODEL = os.path.join(SHARED, "tools", "mkmodel.py")
@@ -153,6 +157,7 @@ def main():
         ck = llama2c.load(paths[name])
         c, w = ck.config, ck.weights
         model = Transformer(c, w)
+        tokenizer = load_tokenizer(TOKENIZER, vocab_size=c.vocab_size) if os.path.exists(TOKENIZER) else None
         n = min(c.seq_len // 2, MAX_PREFILL)
         sgemm = SgemmBound(w, n)
         gflops, pre = interleaved(lambda: prefill_rate(model, n), sgemm.measure, runs)
@@ -161,9 +166,9 @@ def main():
             def bound_and_runc():                      # run.c alternates with our runs too
                 runc.append(runc_decode(paths[name]))
                 return matvec.measure()
-            gbps, dec = interleaved(lambda: decode_rate(model, DECODE_TOKENS), bound_and_runc, runs)
+            gbps, dec = interleaved(lambda: generate_rate(model, tokenizer, DECODE_TOKENS), bound_and_runc, runs)
         else:
-            gbps, dec = interleaved(lambda: decode_rate(model, DECODE_TOKENS), matvec.measure, runs)
+            gbps, dec = interleaved(lambda: generate_rate(model, tokenizer, DECODE_TOKENS), matvec.measure, runs)
         runc = runc[1:]                                # the first ran beside the warm-up
         # each run beside the measurement just before it (this machine's bandwidth moves by a third from one
         # minute to the next, and the medians of both sides may come from different minutes)

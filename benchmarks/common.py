@@ -36,6 +36,22 @@ def prefill_rate(model: Transformer, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def generate_rate(model: Transformer, tokenizer, tokens: int) -> float:
+    """tok/s of `tokens` greedy decode steps through the generation loop (generation.generate_stream, what
+    `llamarun generate` and the Python API run: the decoder's draw and text each token, and greedy steps
+    run several a call where the model has them), after a short prompt (fresh cache). run.c's sampler at
+    temperature 0, which ends only at BOS, as run.c's loop does."""
+    from llamarun.decoding import Completion, end_tokens
+    from llamarun.generation import generate_stream
+    from llamarun.sampling import Llama2cSampler
+    prompt = np.random.default_rng(2).integers(3, model.config.vocab_size, DECODE_PROMPT).tolist()
+    sampler, result = Llama2cSampler(temperature=0), Completion("", [])
+    for _ in generate_stream(model, tokenizer, prompt, sampler, max_tokens=tokens + 1,
+                             end=end_tokens(tokenizer, sampler), result=result):
+        pass
+    return result.decode_tok_s
+
+
 def decode_rate(model: Transformer, tokens: int, probe=None) -> float:
     """tok/s of `tokens` greedy steps, one forward each, after a short prompt (fresh cache); probe:
     what each forward is asked to show (llamarun.model.Probe), if anything."""
