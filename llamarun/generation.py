@@ -84,8 +84,9 @@ def _generate(model: Transformer, decoder: Decoder, prompt_ids: list[int], cache
                 with ctrl_c_never_lost():
                     model.forward(Batch.sequence(ran, at, seq_id), cache, probe)
             break
-        steps = pace.steps(decoder, model, pending, at, cache) if t1 is not None and speculation is None \
-            and probe is None else 1
+        # after the prompt, with no draft to verify and no probe to show each step: greedy steps may run ahead
+        ahead = t1 is not None and speculation is None and probe is None
+        steps = pace.steps(decoder, model, pending, at, cache) if ahead else 1
         if steps > 1:               # greedy steps run ahead in one call, their rows checked as a draft's
             with ctrl_c_never_lost():
                 ran, rows = pace.run(model, pending[0], at, cache, steps, decoder.end, seq_id)

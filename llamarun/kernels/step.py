@@ -325,7 +325,7 @@ def _next_greedy(t, n_threads, state, logits, tokens, step, ends, ran):
         end = end or token == e
     if t == 0:
         tokens[step + 1] = token
-        ran[0] = step + 2 - end
+        ran[0] = step + 1 if end else step + 2
     return end
 
 
