@@ -168,10 +168,10 @@ def test_int8_one_call_forward_equals_the_layer_by_layer_path(threads):
 
 def float32_model(seed: int = 0, vocab: int = 301) -> Transformer:
     """A float32 model (run.c's kind), read-only as a checkpoint's memory map, its embedding table shared
-    with the classifier. The classifier's 301 rows and the hidden layer's 530 are long enough for the
-    one-call forward to deal their last rows out in pieces (step.TAIL_SHARE): one piece of the
-    classifier, two of w1 and w3 with their gate; and 530 rows split between two threads leave each
-    an odd number."""
+    with the classifier. Its products cut into pieces (step.PIECE_ROWS) as the one-call forward shares
+    them between threads, with a short last piece: the classifier's 301 rows in 3 (1 a thread's share, 2
+    the other's), the hidden layer's 530 in 17, the 32 rows of wk and wv in one (a thread with no share of
+    its own takes it from the other's back, if it is first)."""
     c = ModelConfig(dim=64, hidden_dim=530, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, seq_len=64)
     rng = np.random.default_rng(seed)
     shapes = {"wq": (c.dim, c.dim), "wk": (c.kv_dim, c.dim), "wv": (c.kv_dim, c.dim), "wo": (c.dim, c.dim),
@@ -240,6 +240,32 @@ def test_greedy_steps_in_one_call_equal_one_forward_a_step(threads):
         last = max(i for i in range(1, 12) if tokens[i] not in tokens[1:i])
         ran, got = model.greedy(tokens[0], 3, cache, 12, ends={tokens[last], 10 ** 6})
         assert ran.tolist() == tokens[:last] and np.array_equal(got, rows[:last])
+    finally:
+        numba.set_num_threads(before)
+        model._compiled = compiled
+
+
+def test_float32_pieces_are_each_computed_once_whichever_thread_takes_them():
+    """The threads of the one-call forward claim a float32 product's pieces as they go (step._f32_shared:
+    a thread done with its own share takes pieces from the back of the other's), so which thread computes
+    which rows changes from run to run. Every run of many steps on two threads still gives what one
+    forward a step gives, bit for bit: no row skipped, none added to the residual stream twice."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one thread: nothing is shared")
+    model = float32_model(seed=1)
+    compiled = model.compiled_forward()
+    prompt = Batch.sequence([5, 6, 7], 0, 0)
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        model._compiled = None
+        tokens, rows = one_step_at_a_time(model, prompt, 40, KVCache(model.config, 1, 64, half=False))
+        model._compiled = compiled
+        for _ in range(8):
+            cache = KVCache(model.config, 1, 64, half=False)
+            model.forward(prompt, cache)
+            ran, got = model.greedy(tokens[0], 3, cache, 40)
+            assert ran.tolist() == tokens and np.array_equal(got, rows)
     finally:
         numba.set_num_threads(before)
         model._compiled = compiled

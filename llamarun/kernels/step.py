@@ -420,32 +420,20 @@ def forward_int8(x, values, scales, layouts, gs, attention_norm, ffn_norm, norm,
 # float32 weights (llama2.c's version 0 and 1, float32 GGUF or safetensors): the same walk, the
 # matrix-vector kernels' products (kernels/matvec.py), activations in float32
 
-# How the threads share a float32 product's rows: an even share each of the first rows, then the last
-# 1/TAIL_SHARE in pieces, each taken by whichever thread is free (an atomic counter a product). Why: the
-# threads meet at a barrier after most products, and on a shared machine one of them streams its rows
-# slower for a while (its core or its memory bandwidth taken by others), so with even shares the other
-# waits: s110M's barrier waits were 2-5% of a decode step in a timestamped copy. With the pieces the
-# thread that is ahead takes more of them, and each thread still reads its share as one stream (one
-# stream a thread reads memory fastest: kernels/matvec.py). Measured on s110M's decode, steps alternated
-# in one process (docs/performance.md, 2026-12-06): 2-7% faster than even shares where the machine was
-# uneven; where it was steady, from 0.7% faster to 1.7% slower. Each value is still one row's dot
-# product (matvec.row_into), the same whichever thread computes it.
-TAIL_SHARE = 16
-TAIL_ROWS = 16              # a piece of a layer's product (the classifier's: 4x, a quarter as many pieces)
-
-
-@numba.njit(inline="always")
-def _even_rows(rows):
-    """How many of a product's `rows` (the first) are shared evenly between the threads; the rest go in pieces."""
-    return rows - rows // TAIL_SHARE // TAIL_ROWS * TAIL_ROWS
-
-
-@numba.njit(inline="always")
-def _next_piece(claims, slot, first, rows, size):
-    """The next piece (start, stop), of `size` rows, of rows first .. rows - 1 that no thread has taken
-    (start == stop: none left), claims[slot] counting the rows taken."""
-    start = min(first + _atomic_add(claims, slot, size), rows)
-    return start, min(start + size, rows)
+# How the threads share a float32 product's rows: each thread owns an even share of the product's pieces
+# (PIECE_ROWS rows each) and claims them front to back, half of what it has left at a time; a thread done
+# with its own takes the pieces nobody has claimed yet from the back of another's share, one at a time.
+# Why: the threads meet at a barrier after most products, and on a shared machine one of them streams
+# its rows slower for a while (its core or its memory bandwidth taken by others), so with fixed shares the
+# other waits (s110M's barrier waits were 2-5% of a decode step in a timestamped copy). And why this way
+# round: every new stream of rows costs its first lines' latency before the CPU's prefetcher follows it
+# (kernels/matvec.py), so a thread's own pieces are one stream, front to back, and only a thread that is
+# ahead starts new ones. Measured on s110M's decode with the variants' steps alternated in one process
+# (docs/performance.md, 2026-12-07 04:45): 1.017-1.035x the way before, where the last 1/16 of the rows went
+# in pieces of 16 to whichever thread was free (fixed even shares were 0.96x of that, and the last half in
+# pieces 0.88x). Each value is still one row's dot product (matvec.row_into), the same whichever thread
+# computes it.
+PIECE_ROWS = 32             # a piece of a layer's product (the classifier's: 4x)
 
 
 @numba.njit(inline="always")
@@ -456,17 +444,49 @@ def _f32_rows(x, w, out, start, stop, add):
 
 
 @numba.njit(inline="always")
-def _f32_pieces(x, w, out, add, claims, slot, first, size, gated, w1, g):
-    """Pieces of `size` rows of w's rows first .. (_next_piece) into out (or added to it) while any are
-    left. gated (SwiGLU: w is w3, out up): w1's same rows into g first, then the gate on them."""
-    start, stop = _next_piece(claims, slot, first, w.shape[0], size)
-    while start < stop:
-        if gated:
-            _f32_rows(x, w1, g, start, stop, False)
-        _f32_rows(x, w, out, start, stop, add)
-        if gated:
-            gate(g, out, start, stop, False)
-        start, stop = _next_piece(claims, slot, first, w.shape[0], size)
+def _f32_rows_gated(x, w, out, add, start, stop, gated, w1, g):
+    """Rows start .. stop - 1 of w into out (or added to it). gated (SwiGLU: w is w3, out up): w1's same
+    rows into g first, then the gate on them."""
+    if gated:
+        _f32_rows(x, w1, g, start, stop, False)
+    _f32_rows(x, w, out, start, stop, add)
+    if gated:
+        gate(g, out, start, stop, False)
+
+
+@numba.njit(inline="always")
+def _next_pieces(t, n_threads, claims, slot, pieces, done, k):
+    """Thread t's next run of a product's pieces, shared as the comment above says: claims[slot + 2 * u]
+    counts the pieces claimed of thread u's share (by anyone), claims[slot + 2 * u + 1] those taken from
+    its back. done: how many of its own pieces t has run; k: 0 while on its own, else the share it takes
+    from, t + k's. -> (first piece, end piece (equal: none left), done, k)"""
+    while k < n_threads:
+        u = (t + k) % n_threads
+        first, last = _task_rows(u, n_threads, pieces)
+        if k == 0:                                  # its own, front to back: one stream
+            mine = last - first
+            if done < mine:
+                want = max(1, (mine - done) // 2)
+                got = min(want, mine - _atomic_add(claims, slot + 2 * t, want))
+                if got > 0:
+                    return first + done, first + done + got, done + got, k
+        elif _atomic_add(claims, slot + 2 * u, 1) < last - first:      # another's, from its back
+            piece = last - 1 - _atomic_add(claims, slot + 2 * u + 1, 1)
+            return piece, piece + 1, done, k
+        k += 1
+    return 0, 0, done, k
+
+
+@numba.njit(inline="always")
+def _f32_shared(t, n_threads, x, w, out, add, claims, slot, size, gated, w1, g):
+    """Thread t's part of a product of w's rows (_f32_rows_gated), in pieces of `size` rows (_next_pieces)."""
+    rows = w.shape[0]
+    pieces, done, k = (rows + size - 1) // size, 0, 0
+    while True:
+        first, end, done, k = _next_pieces(t, n_threads, claims, slot, pieces, done, k)
+        if first == end:
+            return
+        _f32_rows_gated(x, w, out, add, first * size, min(end * size, rows), gated, w1, g)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -474,7 +494,7 @@ def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, o
                 k_cache, v_cache, seq_ids, pos, wanted, n_heads, logits, n_threads, table, tokens, ends):
     """forward_fast for float32 weights: the products of the matrix-vector kernels (run.c's model,
     one weight row at a time), no quantization anywhere; a layer's seven products at one call site,
-    as forward_fast's; each product's rows shared as TAIL_SHARE says.
+    as forward_fast's; each product's rows shared as _f32_shared shares them.
 
     wq ... w3: typed lists of each layer's (out, in) float32 matrix; output: (vocab, dim) float32. The
     rest as forward_fast, and greedy steps (see GREEDY_STEPS): tokens (steps,) int64, whose first is
@@ -488,8 +508,8 @@ def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, o
     steps, m_rows, slots = tokens.shape[0], wanted.shape[0], n_layers * 7 + 1
     q, k, v, a, qh, kh, vh, ah, g, up, state = _shared_arrays(n, H, KV, D, hidden)
     matrices, results = (wq, wk, wv, wo, w1, w3, w2), (q, k, v, x, g, up, x)
-    # rows taken in pieces, per step and product (layer * 7 + m; the classifier last)
-    claims = np.zeros(steps * slots, np.int64)
+    # pieces claimed, per step, product (layer * 7 + m; the classifier last) and thread (_f32_shared)
+    claims = np.zeros(steps * slots * 2 * n_threads, np.int64)
     ran = np.ones(1, np.int64)
     for t in numba.prange(n_threads):
         h = np.empty((n, dim), np.float32)
@@ -508,23 +528,15 @@ def forward_f32(x, wq, wk, wv, wo, w1, w2, w3, attention_norm, ffn_norm, norm, o
                         xm = a
                     elif m == 6:
                         xm = g
-                    w = matrices[m][layer]
-                    even = _even_rows(w.shape[0])
-                    start, stop = _task_rows(t, n_threads, even)
-                    _f32_rows(xm, w, results[m], start, stop, LAYER_ADDS[m])
-                    if m == 5:                          # the gate, on this thread's units of w1 and w3 (gated_rows')
-                        gate(g, up, start, stop, False)
-                    if m != 4:                          # then pieces of the rest (w1's with w3's: the gate needs both)
-                        _f32_pieces(xm, w, results[m], LAYER_ADDS[m], claims, base + layer * 7 + m, even, TAIL_ROWS,
-                                    m == 5, w1[layer], g)
+                    if m != 4:                          # w1's rows go with w3's (m == 5): the gate needs both
+                        _f32_shared(t, n_threads, xm, matrices[m][layer], results[m], LAYER_ADDS[m], claims,
+                                    (base + layer * 7 + m) * 2 * n_threads, PIECE_ROWS, m == 5, w1[layer], g)
                     if m == 2 or m == 3 or m == 5 or m == 6:
                         barrier(state, n_threads)
 
             xw = _normalized_rows(x, wanted, norm, eps, False)
-            even = _even_rows(output.shape[0])
-            start, stop = _task_rows(t, n_threads, even)
-            _f32_rows(xw, output, out, start, stop, False)
-            _f32_pieces(xw, output, out, False, claims, base + slots - 1, even, 4 * TAIL_ROWS, False, output, out)
+            _f32_shared(t, n_threads, xw, output, out, False, claims, (base + slots - 1) * 2 * n_threads,
+                        4 * PIECE_ROWS, False, output, out)
             if step + 1 < steps and _next_greedy(t, n_threads, state, out, tokens, step, ends, ran):
                 break
             if step + 1 < steps:                        # the next token's embedding, in x
