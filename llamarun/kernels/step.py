@@ -429,10 +429,10 @@ def forward_int8(x, values, scales, layouts, gs, attention_norm, ffn_norm, norm,
 # round: every new stream of rows costs its first lines' latency before the CPU's prefetcher follows it
 # (kernels/matvec.py), so a thread's own pieces are one stream, front to back, and only a thread that is
 # ahead starts new ones. Measured on s110M's decode with the variants' steps alternated in one process
-# (docs/performance.md, 2026-12-07 04:45): 1.017-1.035x the way before, where the last 1/16 of the rows went
-# in pieces of 16 to whichever thread was free (fixed even shares were 0.96x of that, and the last half in
-# pieces 0.88x). Each value is still one row's dot product (matvec.row_into), the same whichever thread
-# computes it.
+# (docs/performance.md, 2026-12-07 04:45): 1.003-1.035x the way before (medians of eleven runs, pieces of 8
+# to 64 rows), where the last 1/16 of the rows went in pieces of 16 to whichever thread was free (fixed even
+# shares were 0.96x of that, and the last half in pieces 0.88x). Each value is still one row's dot product
+# (matvec.row_into), the same whichever thread computes it.
 PIECE_ROWS = 32             # a piece of a layer's product (the classifier's: 4x)
 
 
